@@ -1,0 +1,162 @@
+"""Redis clients from a URL or a ready instance: safe defaults, and who closes what.
+
+``redis=`` everywhere in the library accepts either
+
+* a URL: ``redis://``, ``rediss://``, ``unix://`` (redis-py's own parser), or
+  ``memory://[name]`` for an in-process fakeredis server shared by every client
+  in this process that names the same ``name``; or
+* a ready ``redis.asyncio.Redis`` or ``redis.asyncio.RedisCluster``.
+
+A client made from a URL belongs to us: it gets short timeouts, keepalive,
+health checks, a bounded blocking pool and one quick retry, and we close it on
+ASGI lifespan shutdown or ``aclose()``. A client passed in stays the caller's:
+we never change its settings and never close it, but every call we make through
+:meth:`Backend.call` is still bounded by our own deadline.
+
+Redis failures are translated here, in one place, into
+:class:`~asgi_redis_kit.errors.BackendUnavailable`; callers decide whether that
+means fail closed (sessions) or fail open (cache).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeAlias
+from urllib.parse import urlsplit
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import BackendUnavailable
+
+RedisClient: TypeAlias = Redis | RedisCluster
+RedisLike: TypeAlias = str | Redis | RedisCluster
+
+DEFAULT_TIMEOUT = 1.0
+DEFAULT_MAX_CONNECTIONS = 64
+# Keys of in-process fakeredis servers, created on first use (never at import).
+_memory_servers: dict[str, Any] = {}
+_memory_lock = threading.Lock()
+
+
+def _memory_client(name: str) -> Redis:
+    try:
+        import fakeredis
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ValueError(
+            "redis='memory://' needs fakeredis; install it with "
+            "`pip install 'asgi-redis-kit[memory]'`"
+        ) from exc
+    with _memory_lock:
+        server = _memory_servers.setdefault(name, fakeredis.FakeServer())
+    client: Redis = fakeredis.FakeAsyncRedis(server=server)
+    return client
+
+
+def _url_client(url: str, timeout: float, max_connections: int) -> Redis:
+    scheme = urlsplit(url).scheme
+    if scheme == "memory":
+        parts = urlsplit(url)
+        return _memory_client(parts.netloc + parts.path)
+    if scheme not in {"redis", "rediss", "unix"}:
+        raise ValueError(
+            f"redis={url!r} is not a URL we can connect to; use redis://host:port/db, "
+            "rediss:// for TLS, unix:///path/to/socket, or memory:// for an in-process server"
+        )
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        # Waiting for a free connection is bounded like any other call.
+        timeout=timeout,
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout,
+        socket_keepalive=True,
+        health_check_interval=15,
+        retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
+    )
+    return Redis.from_pool(pool)
+
+
+class Backend:
+    """One Redis client and the knowledge of whether we must close it.
+
+    Parameters:
+        redis: a URL or a ready client (see the module docstring).
+        timeout: the deadline, in seconds, for any single call made through
+            :meth:`call`; also the connect/socket timeout of URL clients.
+        max_connections: pool size of URL clients. Callers past it wait up to
+            ``timeout`` for a connection, then fail like any other timeout.
+    """
+
+    def __init__(
+        self,
+        redis: RedisLike,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ) -> None:
+        if not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self.timeout = timeout
+        self.client: RedisClient
+        if isinstance(redis, str):
+            self.client = _url_client(redis, timeout, max_connections)
+            self.owned = True
+        elif isinstance(redis, Redis | RedisCluster):
+            self.client = redis
+            self.owned = False
+        else:
+            raise TypeError(
+                "redis= takes a URL string or a redis.asyncio.Redis / RedisCluster client, "
+                f"got {type(redis).__name__}"
+            )
+
+    def __repr__(self) -> str:
+        # Never show the URL: it may carry a password.
+        return f"<Backend {type(self.client).__name__} owned={self.owned}>"
+
+    @asynccontextmanager
+    async def call(self) -> AsyncIterator[RedisClient]:
+        """Bound the enclosed Redis work by ``timeout`` and translate its failures.
+
+        redis-py drops a connection whose command was cancelled mid-reply
+        (CVE-2023-28859), so cancelling on the deadline cannot desync the pool.
+        """
+        try:
+            async with asyncio.timeout(self.timeout):
+                yield self.client
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise BackendUnavailable(f"Redis did not answer: {type(exc).__name__}") from exc
+
+    async def aclose(self) -> None:
+        """Close the client if we created it; a caller's client is left alone."""
+        if self.owned:
+            await self.client.aclose()
+
+
+async def serve_with_lifespan_close(
+    app: ASGIApp,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    close: Callable[[], Awaitable[None]],
+) -> None:
+    """Run a lifespan scope through ``app`` and call ``close`` at shutdown.
+
+    ``close`` runs after the inner app has finished its own shutdown and before
+    the server hears about it, so nothing of ours outlives the event loop.
+    """
+
+    async def send_then_close(message: Message) -> None:
+        if message["type"] in {"lifespan.shutdown.complete", "lifespan.shutdown.failed"}:
+            await close()
+        await send(message)
+
+    await app(scope, receive, send_then_close)

@@ -1,0 +1,55 @@
+"""Errors raised by asgi_redis_kit.
+
+Every error the library raises on purpose derives from one base, so
+``except AsgiRedisKitError`` catches all of them::
+
+    AsgiRedisKitError
+    ├── BackendUnavailable        Redis did not answer in time or refused the command
+    ├── SessionError
+    │   ├── SessionNotLoaded      ``request.session`` used without SessionMiddleware
+    │   └── CookieTooLarge        the Set-Cookie header would exceed 4096 bytes
+    └── CacheError
+        ├── CacheNotConfigured    ``@cached`` used without CacheMiddleware
+        └── DuplicateMiddleware   the same middleware applied twice to one app
+
+Configuration mistakes are plain ``ValueError``/``TypeError`` raised from
+``__init__``, as Python users expect.
+"""
+
+from __future__ import annotations
+
+
+class AsgiRedisKitError(Exception):
+    """Base class of every error raised by asgi_redis_kit."""
+
+
+class BackendUnavailable(AsgiRedisKitError):
+    """Redis could not be reached or did not answer within the deadline.
+
+    Sessions turn it into a 503 with ``Retry-After`` (fail closed); the cache
+    runs the handler as if nothing were cached (fail open).
+    """
+
+
+class SessionError(AsgiRedisKitError):
+    """Base class of session errors."""
+
+
+class SessionNotLoaded(SessionError):
+    """The session was used on a request that SessionMiddleware did not handle."""
+
+
+class CookieTooLarge(SessionError):
+    """The session cookie would not fit in the 4096 bytes browsers accept."""
+
+
+class CacheError(AsgiRedisKitError):
+    """Base class of response-cache errors."""
+
+
+class CacheNotConfigured(CacheError):
+    """``@cached`` ran on a request that CacheMiddleware did not handle."""
+
+
+class DuplicateMiddleware(AsgiRedisKitError):
+    """A middleware of this library was added twice around the same app."""

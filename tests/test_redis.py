@@ -1,0 +1,124 @@
+"""The client factory: URLs, ownership, deadlines and error translation."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from redis.asyncio import Redis
+from starlette.types import Message, Receive, Scope, Send
+
+from asgi_redis_kit._redis import Backend, serve_with_lifespan_close
+from asgi_redis_kit.errors import BackendUnavailable
+from tests.support import RedisProcess
+
+
+async def test_memory_urls_share_a_server_by_name() -> None:
+    a, b, other = Backend("memory://shared-a"), Backend("memory://shared-a"), Backend("memory://b")
+    try:
+        await a.client.set("k", "v")
+        assert await b.client.get("k") == b"v"
+        assert await other.client.get("k") is None
+    finally:
+        for backend in (a, b, other):
+            await backend.aclose()
+
+
+@pytest.mark.parametrize("url", ["http://localhost", "localhost:6379", "mysql://x"])
+def test_unknown_url_scheme_is_a_clear_error(url: str) -> None:
+    with pytest.raises(ValueError, match="redis://host:port/db"):
+        Backend(url)
+
+
+def test_wrong_type_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="URL string or a redis.asyncio.Redis"):
+        Backend(6379)  # type: ignore[arg-type]
+
+
+def test_timeout_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        Backend("memory://", timeout=0)
+
+
+def test_repr_hides_the_url() -> None:
+    backend = Backend("redis://:hunter2@127.0.0.1:1/0")
+    assert "hunter2" not in repr(backend)
+
+
+async def test_url_client_is_closed_but_a_callers_client_is_not(redis_url: str) -> None:
+    ours = Backend(redis_url)
+    assert await ours.client.ping()
+    await ours.aclose()
+    assert ours.owned
+
+    theirs_client = Redis.from_url(redis_url)
+    theirs = Backend(theirs_client)
+    await theirs.aclose()
+    assert await theirs_client.ping()  # still usable: not ours to close
+    await theirs_client.aclose()
+
+
+async def test_lifespan_shutdown_closes_before_the_server_hears() -> None:
+    events: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        await send({"type": "lifespan.shutdown.complete"})
+
+    inbox = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+
+    async def receive() -> Message:
+        return next(inbox)
+
+    async def send(message: Message) -> None:
+        events.append(message["type"])
+
+    async def close() -> None:
+        events.append("closed")
+
+    await serve_with_lifespan_close(app, {"type": "lifespan"}, receive, send, close)
+    assert events == ["lifespan.startup.complete", "closed", "lifespan.shutdown.complete"]
+
+
+@pytest.mark.real_redis
+async def test_stopped_server_fails_fast_with_backend_unavailable(
+    own_redis: RedisProcess,
+) -> None:
+    backend = Backend(own_redis.url, timeout=0.5)
+    try:
+        assert await backend.client.ping()
+        own_redis.stop()
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable):
+            async with backend.call() as client:
+                await client.get("k")
+        # Generous bound: this checks "no hang", not speed.
+        assert time.monotonic() - started < 5 * 0.5
+        own_redis.start()
+        async with backend.call() as client:  # recovers without a restart
+            assert await client.ping()
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.real_redis
+async def test_paused_server_hits_the_deadline_and_the_pool_recovers(
+    own_redis: RedisProcess,
+) -> None:
+    backend = Backend(own_redis.url, timeout=0.3)
+    try:
+        await backend.client.set("k", "before")
+        own_redis.pause()
+        with pytest.raises(BackendUnavailable):
+            async with backend.call() as client:
+                await client.get("k")
+        own_redis.resume()
+        async with backend.call() as client:
+            # The cancelled reply must not be read by the next command (CVE-2023-28859).
+            await client.set("k2", "after")
+            assert await client.get("k") == b"before"
+            assert await client.get("k2") == b"after"
+    finally:
+        await backend.aclose()
