@@ -31,7 +31,7 @@ def test_unknown_url_scheme_is_a_clear_error(url: str) -> None:
 
 
 def test_wrong_type_is_a_type_error() -> None:
-    with pytest.raises(TypeError, match="URL string or a redis.asyncio.Redis"):
+    with pytest.raises(TypeError, match=r"URL string or a redis\.asyncio\.Redis"):
         Backend(6379)  # type: ignore[arg-type]
 
 
