@@ -1,0 +1,140 @@
+"""The FastAPI twin of ``starlette_app``: the same routes, cookie and pages.
+
+It shares the cookie name, path and secret with the Starlette app, so a
+session started on one is continued on the other when both use one Redis.
+Form posts are guarded by a dependency and the cached report is a path
+operation with ``@cached`` under the route decorator, as a FastAPI user
+would write them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+from starlette.middleware import Middleware
+
+from asgi_redis_kit import CacheMiddleware, SessionMiddleware, cached, get_cache
+
+from . import pages, web
+from .settings import COOKIE_NAME, COOKIE_PATH, REPORT_TAG, REPORT_TTL, Settings
+
+FRAMEWORK = "FastAPI"
+
+
+def same_origin(request: Request) -> None:
+    if not web.is_same_origin(request):
+        raise HTTPException(status_code=403, detail="Cross-site form posts are refused.")
+
+
+async def login_name(request: Request) -> str | None:
+    return web.clean_user_name(await web.form_field(request, "name"))
+
+
+SameOrigin = Depends(same_origin)
+
+
+def _back(path: str = "/") -> RedirectResponse:
+    # 303: the browser follows a POST with a GET, so reloading never re-posts.
+    return RedirectResponse(path, status_code=303)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The FastAPI example app; ``settings`` defaults to the environment's."""
+    settings = settings or Settings.from_env()
+    # Listed outermost first, exactly as in the Starlette app: the cache wraps
+    # the sessions so a HIT is answered without loading a session.
+    app = FastAPI(
+        title="asgi_redis_kit example",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        middleware=[
+            Middleware(web.ExposeCacheStatus, instance=settings.instance),
+            Middleware(CacheMiddleware, redis=settings.redis_url),
+            Middleware(
+                SessionMiddleware,
+                secret_key=settings.secret_key,
+                redis=settings.redis_url,
+                cookie_name=COOKIE_NAME,
+                cookie_path=COOKIE_PATH,
+            ),
+        ],
+    )
+    app.state.settings = settings
+    app.state.framework = FRAMEWORK
+
+    @app.get("/", response_class=HTMLResponse)
+    async def home(request: Request) -> HTMLResponse:
+        session = request.session
+        visits = await session.incr("visits")
+        user = session.user_id
+        count = len(await session.store.user_sessions(user)) if user else 0
+        html = pages.home_page(
+            visits=visits,
+            user=user,
+            user_sessions=count,
+            fingerprint=web.cookie_fingerprint(request),
+            status=web.status_of(request),
+        )
+        return HTMLResponse(html)
+
+    @app.post("/reset", dependencies=[SameOrigin])
+    async def reset(request: Request) -> RedirectResponse:
+        request.session.pop("visits", None)
+        return _back()
+
+    @app.post("/login", dependencies=[SameOrigin])
+    async def login(
+        request: Request, name: Annotated[str | None, Depends(login_name)]
+    ) -> RedirectResponse:
+        if name is None:
+            return _back()
+        # A new id on every privilege change defeats session fixation; the data
+        # (the visit counter) comes along.
+        request.session.regenerate()
+        request.session.bind_user(name)
+        return _back()
+
+    @app.post("/logout", dependencies=[SameOrigin])
+    async def logout(request: Request) -> RedirectResponse:
+        request.session.clear()
+        return _back()
+
+    @app.post("/logout-everywhere", dependencies=[SameOrigin])
+    async def logout_everywhere(request: Request) -> RedirectResponse:
+        user = request.session.user_id
+        if user is not None:
+            await request.session.store.revoke_user(user)
+        # Revoking deleted this session's record too; clear() also expires the cookie.
+        request.session.clear()
+        return _back()
+
+    @app.get("/report", response_class=HTMLResponse)
+    @cached(ttl=REPORT_TTL, tags=[REPORT_TAG])
+    async def report(request: Request) -> HTMLResponse:
+        # Never touch request.session here: the page is shared by every visitor.
+        delay = web.settings_of(request).report_delay
+        built_at, rows = await web.build_report(delay)
+        html = pages.report_page(
+            built_at=built_at, build_seconds=delay, rows=rows, status=web.status_of(request)
+        )
+        return HTMLResponse(html)
+
+    @app.post("/report/invalidate", dependencies=[SameOrigin])
+    async def invalidate_report(request: Request) -> RedirectResponse:
+        await get_cache(request).invalidate_tags(REPORT_TAG)
+        return _back("/report")
+
+    @app.get("/healthz")
+    async def healthz(request: Request) -> dict[str, str]:
+        return {
+            "status": "ok",
+            "app": "asgi_redis_kit example",
+            "framework": FRAMEWORK,
+            "instance": settings.instance,
+            "redis": settings.redis_label,
+        }
+
+    return app

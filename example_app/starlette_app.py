@@ -1,0 +1,155 @@
+"""The example app on plain Starlette.
+
+Routes (the FastAPI twin in ``fastapi_app`` serves the same ones):
+
+    GET  /                    the visit counter ("Número de visitas: N"), login form
+    POST /reset               forget the counter
+    POST /login               log in as a name: rotate the session id, bind the user
+    POST /logout              end this session (record deleted, cookie expired)
+    POST /logout-everywhere   revoke every session of the logged-in user
+    GET  /report              a slow page cached in Redis under the tag "report"
+    POST /report/invalidate   drop the cached report by tag
+    GET  /healthz             JSON: who is answering and which Redis it uses
+"""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
+from starlette.routing import Route
+
+from asgi_redis_kit import CacheMiddleware, SessionMiddleware, cached, get_cache
+
+from . import pages, web
+from .settings import COOKIE_NAME, COOKIE_PATH, REPORT_TAG, REPORT_TTL, Settings
+
+FRAMEWORK = "Starlette"
+
+
+def _forbidden() -> PlainTextResponse:
+    return PlainTextResponse("Cross-site form posts are refused.", status_code=403)
+
+
+def _back(path: str = "/") -> RedirectResponse:
+    # 303: the browser follows a POST with a GET, so reloading never re-posts.
+    return RedirectResponse(path, status_code=303)
+
+
+async def home(request: Request) -> HTMLResponse:
+    session = request.session
+    visits = await session.incr("visits")
+    user = session.user_id
+    count = len(await session.store.user_sessions(user)) if user else 0
+    html = pages.home_page(
+        visits=visits,
+        user=user,
+        user_sessions=count,
+        fingerprint=web.cookie_fingerprint(request),
+        status=web.status_of(request),
+    )
+    return HTMLResponse(html)
+
+
+async def reset(request: Request) -> RedirectResponse | PlainTextResponse:
+    if not web.is_same_origin(request):
+        return _forbidden()
+    request.session.pop("visits", None)
+    return _back()
+
+
+async def login(request: Request) -> RedirectResponse | PlainTextResponse:
+    if not web.is_same_origin(request):
+        return _forbidden()
+    name = web.clean_user_name(await web.form_field(request, "name"))
+    if name is None:
+        return _back()
+    # A new id on every privilege change defeats session fixation; the data
+    # (the visit counter) comes along.
+    request.session.regenerate()
+    request.session.bind_user(name)
+    return _back()
+
+
+async def logout(request: Request) -> RedirectResponse | PlainTextResponse:
+    if not web.is_same_origin(request):
+        return _forbidden()
+    request.session.clear()
+    return _back()
+
+
+async def logout_everywhere(request: Request) -> RedirectResponse | PlainTextResponse:
+    if not web.is_same_origin(request):
+        return _forbidden()
+    user = request.session.user_id
+    if user is not None:
+        await request.session.store.revoke_user(user)
+    # Revoking deleted this session's record too; clear() also expires the cookie.
+    request.session.clear()
+    return _back()
+
+
+@cached(ttl=REPORT_TTL, tags=[REPORT_TAG])
+async def report(request: Request) -> HTMLResponse:
+    # Never touch request.session here: the page is shared by every visitor.
+    built_at, rows = await web.build_report(web.settings_of(request).report_delay)
+    html = pages.report_page(
+        built_at=built_at,
+        build_seconds=web.settings_of(request).report_delay,
+        rows=rows,
+        status=web.status_of(request),
+    )
+    return HTMLResponse(html)
+
+
+async def invalidate_report(request: Request) -> RedirectResponse | PlainTextResponse:
+    if not web.is_same_origin(request):
+        return _forbidden()
+    await get_cache(request).invalidate_tags(REPORT_TAG)
+    return _back("/report")
+
+
+async def healthz(request: Request) -> JSONResponse:
+    settings = web.settings_of(request)
+    return JSONResponse(
+        {
+            "status": "ok",
+            "app": "asgi_redis_kit example",
+            "framework": FRAMEWORK,
+            "instance": settings.instance,
+            "redis": settings.redis_label,
+        }
+    )
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """The Starlette example app; ``settings`` defaults to the environment's."""
+    settings = settings or Settings.from_env()
+    routes = [
+        Route("/", home, methods=["GET"]),
+        Route("/reset", reset, methods=["POST"]),
+        Route("/login", login, methods=["POST"]),
+        Route("/logout", logout, methods=["POST"]),
+        Route("/logout-everywhere", logout_everywhere, methods=["POST"]),
+        Route("/report", report, methods=["GET"]),
+        Route("/report/invalidate", invalidate_report, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+    ]
+    # Listed outermost first. The cache must wrap the sessions so a HIT is
+    # answered without loading a session at all.
+    middleware = [
+        Middleware(web.ExposeCacheStatus, instance=settings.instance),
+        Middleware(CacheMiddleware, redis=settings.redis_url),
+        Middleware(
+            SessionMiddleware,
+            secret_key=settings.secret_key,
+            redis=settings.redis_url,
+            cookie_name=COOKIE_NAME,
+            cookie_path=COOKIE_PATH,
+        ),
+    ]
+    app = Starlette(routes=routes, middleware=middleware)
+    app.state.settings = settings
+    app.state.framework = FRAMEWORK
+    return app

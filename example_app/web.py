@@ -1,0 +1,134 @@
+"""Request helpers shared by the Starlette app and its FastAPI twin.
+
+Both apps call these so that their behaviour cannot drift apart: only routing
+and the framework's own idioms differ between ``starlette_app`` and
+``fastapi_app``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from datetime import UTC, datetime
+from urllib.parse import parse_qs, urlsplit
+
+from starlette.datastructures import MutableHeaders
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .pages import Status
+from .settings import COOKIE_NAME, Settings
+
+MAX_FORM_BYTES = 4096
+MAX_NAME_LENGTH = 40
+
+
+def settings_of(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def status_of(request: Request) -> Status:
+    settings = settings_of(request)
+    return Status(
+        instance=settings.instance,
+        framework=request.app.state.framework,
+        redis=settings.redis_label,
+    )
+
+
+def cookie_fingerprint(request: Request) -> str | None:
+    """A short hash of the session cookie this request carried.
+
+    Showing it makes id rotation visible on the page without ever putting the
+    cookie itself (a bearer credential) into HTML a script could read.
+    """
+    cookie = request.cookies.get(COOKIE_NAME)
+    if not cookie:
+        return None
+    return hashlib.sha256(cookie.encode()).hexdigest()[:12]
+
+
+def is_same_origin(request: Request) -> bool:
+    """CSRF sanity check for the POST forms.
+
+    The session cookie is SameSite=Lax, which already keeps it off cross-site
+    POSTs in every current browser; this is the second layer for browsers that
+    send Fetch Metadata or Origin: a request that says it is cross-site, or
+    whose Origin is not this host, is refused. Requests without either header
+    (curl, old clients) are let through because SameSite covers browsers.
+    """
+    site = request.headers.get("sec-fetch-site")
+    if site is not None and site not in {"same-origin", "none"}:
+        return False
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    parts = urlsplit(origin)
+    return parts.scheme == request.url.scheme and parts.netloc == request.headers.get("host")
+
+
+async def form_field(request: Request, name: str) -> str:
+    """One field of an ``application/x-www-form-urlencoded`` body.
+
+    Parsed by hand so the demo needs no python-multipart, which Starlette's
+    ``request.form()`` and FastAPI's ``Form()`` would pull in for this one field.
+    """
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            return ""
+    values = parse_qs(body.decode("utf-8", errors="replace"), max_num_fields=10)
+    return values.get(name, [""])[0]
+
+
+def clean_user_name(raw: str) -> str | None:
+    name = " ".join(raw.split())[:MAX_NAME_LENGTH]
+    return name or None
+
+
+async def build_report(delay: float) -> tuple[str, list[tuple[str, int]]]:
+    """The slow part of the report page: about ``delay`` seconds of waiting."""
+    await asyncio.sleep(delay)
+    built = datetime.now(UTC)
+    seed = int(built.timestamp())
+    rows = [
+        (region, 10_000 + (seed * (i + 7) * 7919) % 90_000)
+        for i, region in enumerate(["Madrid", "Lisboa", "Berlin", "Paris", "Milano"])
+    ]
+    stamp = built.strftime("%Y-%m-%d %H:%M:%S.") + f"{built.microsecond // 1000:03d} UTC"
+    return stamp, rows
+
+
+class ExposeCacheStatus:
+    """Outermost middleware: tell the browser which instance answered and whether
+    the response cache hit, in ``Server-Timing`` (which page scripts can read for
+    their own navigation) as well as the library's ``X-Cache`` header.
+
+    It sits outside ``CacheMiddleware`` so what it adds is never stored in a
+    cache entry: a HIT served by instance B must not claim instance A answered.
+    """
+
+    def __init__(self, app: ASGIApp, *, instance: str) -> None:
+        self.app = app
+        # Header values are latin-1 on the wire; keep any name presentable.
+        self.instance = instance.encode("ascii", "replace").decode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        quoted = self.instance.replace("\\", "\\\\").replace('"', '\\"')
+
+        async def send_with_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers.append("X-Served-By", self.instance)
+                headers.append("Server-Timing", f'served-by;desc="{quoted}"')
+                verdict = headers.get("x-cache")
+                if verdict:
+                    headers.append("Server-Timing", f'cache;desc="{verdict}"')
+            await send(message)
+
+        await self.app(scope, receive, send_with_status)
