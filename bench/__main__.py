@@ -1,0 +1,96 @@
+"""``python -m bench [--quick] [--only sessions|cache] [-n N] [--rounds R] [--out PATH]``"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+
+from . import _report
+from ._measure import Plan
+from ._server import BenchRedis
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="fewer rounds and requests (~1 min)")
+    p.add_argument("--only", choices=["sessions", "cache"], help="run one family of scenarios")
+    p.add_argument("-n", type=int, help="requests per tool per round")
+    p.add_argument("--rounds", type=int, help="rounds per scenario (tools interleaved)")
+    p.add_argument("--out", type=Path, help="markdown output (default: bench/results/latest.md)")
+    p.add_argument("--no-e2e", action="store_true", help="skip the uvicorn end-to-end run")
+    return p.parse_args(argv)
+
+
+async def _main(args: argparse.Namespace, url: str) -> str:
+    plan = Plan(
+        rounds=args.rounds or (3 if args.quick else 8),
+        per_round=args.n or (100 if args.quick else 400),
+    )
+    if plan.rounds < 1 or plan.per_round < 1 or plan.rounds * plan.per_round > 200_000:
+        raise SystemExit("bench: need 1 <= rounds, 1 <= n and rounds * n <= 200000")
+    admin = Redis.from_url(url)
+    index = [0]
+    scenarios: list[Any] = []
+    notes: list[str] = []
+    started = time.monotonic()
+    try:
+        if args.only in (None, "sessions"):
+            from . import sessions
+
+            found, problems = await sessions.run(url, admin, plan, index)
+            scenarios += found
+            notes += [f"sessions: could not set up {p}" for p in problems]
+            print(f"bench: sessions done in {time.monotonic() - started:.0f}s", file=sys.stderr)
+        if args.only in (None, "cache"):
+            from . import cache
+
+            found, problems = await cache.run(url, admin, plan, index)
+            scenarios += found
+            notes += problems
+            print(f"bench: cache done in {time.monotonic() - started:.0f}s", file=sys.stderr)
+        if not args.quick and not args.no_e2e:
+            from . import e2e
+
+            found, problems = await e2e.run(url, admin, args.only)
+            scenarios += found
+            notes += problems
+    finally:
+        await admin.aclose()
+    settings = (
+        f"{'--quick, ' if args.quick else ''}{plan.rounds} rounds x {plan.per_round} "
+        f"requests per tool (interleaved), {plan.warmup} warm-up and {plan.counted} counted "
+        f"requests per tool; total run {time.monotonic() - started:.0f}s"
+    )
+    return _report.render(
+        "asgi_redis_kit vs peers: latest results", scenarios, settings=settings, notes=notes
+    )
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    out: Path = args.out or RESULTS / ("quick.md" if args.quick else "latest.md")
+    with BenchRedis() as server:
+        text = asyncio.run(_main(args, server.url))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    print(text)
+    print(f"\nbench: wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

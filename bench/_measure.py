@@ -1,0 +1,135 @@
+"""Timing and counting for one scenario.
+
+Every tool of a scenario runs in the same process against the same Redis server.
+Rounds interleave the tools round-robin (the starting tool rotates each round) so
+slow drifts of a noisy machine spread over all tools instead of landing on one.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+
+from ._asgi import Reply
+from ._traffic import Traffic
+
+Send = Callable[[int], Awaitable[Reply]]
+Check = Callable[[Reply], str | None]
+
+
+@dataclass
+class Case:
+    """One tool in one scenario. ``send(i)`` performs request number ``i``; ``check``
+    returns an error text when a reply is not what the scenario expects (a hit that
+    was a miss, a 200 that should be a 304), so wrong work is never timed as right."""
+
+    tool: str
+    send: Send
+    check: Check | None = None
+    ours: bool = False
+    reference: bool = False
+    note: str = ""
+
+
+@dataclass
+class Row:
+    tool: str
+    ours: bool = False
+    reference: bool = False
+    median_us: float | None = None
+    p95_us: float | None = None
+    rps: float | None = None
+    cmds: float | None = None
+    round_trips: float | None = None
+    breakdown: str = ""
+    correctness: str = ""
+    note: str = ""
+    error: str = ""
+    latencies: list[float] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class Plan:
+    rounds: int
+    per_round: int
+    warmup: int = 30
+    counted: int = 20
+
+
+def _breakdown(commands: Counter[str], n: int) -> str:
+    parts = []
+    for name, calls in sorted(commands.items(), key=lambda kv: (-kv[1], kv[0])):
+        per = calls / n
+        parts.append(f"{name} {per:g}" if per != 1 else name)
+    return ", ".join(parts) if parts else "-"
+
+
+async def _checked(case: Case, i: int) -> str | None:
+    reply = await case.send(i)
+    if case.check is not None:
+        return case.check(reply)
+    if reply.status >= 400:
+        return f"HTTP {reply.status}"
+    return None
+
+
+async def measure(cases: list[Case], admin: Redis, plan: Plan, index: list[int]) -> list[Row]:
+    """``index`` is a shared request counter so that scenarios needing fresh keys
+    (misses) never repeat one."""
+    rows = {c.tool: Row(c.tool, ours=c.ours, reference=c.reference, note=c.note) for c in cases}
+    live: list[Case] = []
+    for case in cases:
+        row = rows[case.tool]
+        try:
+            for _ in range(plan.warmup):
+                index[0] += 1
+                problem = await _checked(case, index[0])
+                if problem:
+                    row.error = problem
+                    break
+            if row.error:
+                continue
+            async with Traffic(admin) as traffic:
+                for _ in range(plan.counted):
+                    index[0] += 1
+                    await case.send(index[0])
+            row.cmds = traffic.total / plan.counted
+            row.round_trips = traffic.round_trips / plan.counted
+            row.breakdown = _breakdown(traffic.commands, plan.counted)
+            live.append(case)
+        except Exception as exc:  # a peer that breaks is reported, not fatal
+            row.error = f"{type(exc).__name__}: {exc}"[:160]
+
+    throughput: dict[str, list[float]] = {c.tool: [] for c in live}
+    for r in range(plan.rounds):
+        order = live[r % len(live) :] + live[: r % len(live)] if live else []
+        for case in order:
+            lat = rows[case.tool].latencies
+            gc.collect()
+            start = time.perf_counter_ns()
+            for _ in range(plan.per_round):
+                index[0] += 1
+                t0 = time.perf_counter_ns()
+                await case.send(index[0])
+                lat.append((time.perf_counter_ns() - t0) / 1000)
+            elapsed = (time.perf_counter_ns() - start) / 1e9
+            throughput[case.tool].append(plan.per_round / elapsed)
+
+    for case in live:
+        row = rows[case.tool]
+        # Re-check after timing: a cache that stopped hitting must not pass silently.
+        index[0] += 1
+        problem = await _checked(case, index[0])
+        if problem:
+            row.error = f"after timing: {problem}"
+        lat = sorted(row.latencies)
+        row.median_us = statistics.median(lat)
+        row.p95_us = lat[min(len(lat) - 1, int(len(lat) * 0.95))]
+        row.rps = statistics.median(throughput[case.tool])
+    return [rows[c.tool] for c in cases]

@@ -1,0 +1,73 @@
+"""Counting what each tool asks of Redis.
+
+- Commands: the bench server's ``INFO commandstats`` before and after, so every
+  command is counted whoever sent it (MULTI/EXEC included, and commands run inside a
+  Lua script, since Redis counts those too). Handshake and the bench's own INFO calls
+  are left out.
+- Round trips: every peer (and we) talk to Redis through redis-py's asyncio client,
+  so for the length of a counting window ``AbstractConnection.send_packed_command``
+  is wrapped with a counter. A pipeline or a transaction is one round trip however
+  many commands it carries. Timed rounds never run with the wrapper in place.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from types import TracebackType
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
+
+_IGNORED = {"info", "client|setinfo", "hello", "client|setname", "select"}
+
+
+async def commandstats(admin: Redis) -> Counter[str]:
+    raw: dict[str, Any] = await admin.info("commandstats")
+    stats: Counter[str] = Counter()
+    for key, value in raw.items():
+        name = key.removeprefix("cmdstat_")
+        if name not in _IGNORED:
+            stats[name.upper()] = int(value["calls"])
+    return stats
+
+
+class Traffic:
+    """``async with Traffic(admin) as t: ...`` then ``t.commands``, ``t.round_trips``."""
+
+    def __init__(self, admin: Redis) -> None:
+        self.admin = admin
+        self.commands: Counter[str] = Counter()
+        self.round_trips = 0
+        self._before: Counter[str] = Counter()
+        self._original: Any = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.commands.values())
+
+    async def __aenter__(self) -> Traffic:
+        self._before = await commandstats(self.admin)
+        original = AbstractConnection.send_packed_command
+        traffic = self
+
+        async def counting(
+            self: AbstractConnection, command: Any, check_health: bool = True
+        ) -> None:
+            traffic.round_trips += 1
+            await original(self, command, check_health)
+
+        self._original = original
+        AbstractConnection.send_packed_command = counting  # type: ignore[method-assign]
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        AbstractConnection.send_packed_command = self._original  # type: ignore[method-assign]
+        after = await commandstats(self.admin)
+        after.subtract(self._before)
+        self.commands = Counter({k: v for k, v in after.items() if v > 0})
