@@ -1,0 +1,450 @@
+"""Real Redis Cluster and Sentinel deployments on loopback, for the scale-out tests.
+
+Everything here is synchronous and bounded: each server gets its own temp dir,
+no persistence (``--save "" --appendonly no``), loopback only, and every wait
+has a deadline after which a :class:`ServerStartError` says what went wrong
+(with the tail of the server's log). Failing to start is a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+from redis.asyncio.connection import Connection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from tests.support import free_port
+
+HOST = "127.0.0.1"
+START_TIMEOUT = 10.0
+
+
+class ServerStartError(RuntimeError):
+    """A server of the scale-out deployment did not come up in time."""
+
+
+def _binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise ServerStartError(
+            f"{name} is not installed; the scale-out tests need real Redis Cluster and "
+            "Sentinel servers (apt-get install redis-server, or ./dev test)"
+        )
+    return path
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float, interval: float = 0.05) -> None:
+    """Poll ``check`` until it is true, or fail with ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except (OSError, redis.RedisError) as exc:
+            last = exc
+        time.sleep(interval)
+    detail = f" (last error: {last!r})" if last is not None else ""
+    raise ServerStartError(f"timed out after {timeout:.0f}s waiting for {what}{detail}")
+
+
+def sync_client(port: int) -> redis.Redis:
+    client: redis.Redis = redis.Redis(
+        host=HOST, port=port, socket_timeout=5, socket_connect_timeout=5, decode_responses=True
+    )
+    return client
+
+
+class ServerProcess:
+    """One ``redis-server`` (or ``redis-server --sentinel``) process on loopback."""
+
+    def __init__(self, root: Path, name: str, args: list[str], *, sentinel: bool = False) -> None:
+        self.name = name
+        self.port = free_port()
+        self.dir = root / name
+        self.dir.mkdir()
+        self.log = self.dir / "server.log"
+        self.sentinel = sentinel
+        self.extra = args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        common = [
+            "--port", str(self.port),
+            "--bind", HOST,
+            "--protected-mode", "no",
+            "--dir", str(self.dir),
+            "--logfile", str(self.log),
+        ]  # fmt: skip
+        if self.sentinel:
+            # Sentinel rewrites its config file, so it needs one of its own.
+            conf = self.dir / "sentinel.conf"
+            conf.write_text("\n".join(self.extra) + "\n")
+            return [_binary("redis-server"), str(conf), "--sentinel", *common]
+        persistence = ["--save", "", "--appendonly", "no"]
+        return [_binary("redis-server"), *common, *persistence, *self.extra]
+
+    def start(self) -> ServerProcess:
+        self.proc = subprocess.Popen(
+            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerStartError(
+                    f"{self.name} (port {self.port}) exited with {self.proc.returncode}: "
+                    f"{self.log_tail()}"
+                )
+            try:
+                with socket.create_connection((HOST, self.port), timeout=0.2) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                time.sleep(0.02)
+        raise ServerStartError(
+            f"{self.name} did not answer PING on port {self.port}: {self.log_tail()}"
+        )
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+
+    def client(self) -> redis.Redis:
+        return sync_client(self.port)
+
+
+class _Deployment:
+    def __init__(self, prefix: str) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix=prefix))
+        self.servers: list[ServerProcess] = []
+
+    def _add(self, name: str, args: list[str], *, sentinel: bool = False) -> ServerProcess:
+        server = ServerProcess(self.root, name, args, sentinel=sentinel)
+        self.servers.append(server)
+        return server.start()
+
+    def close(self) -> None:
+        for server in reversed(self.servers):
+            server.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class ClusterDeployment(_Deployment):
+    """``masters`` cluster-enabled masters, joined by ``redis-cli --cluster create``."""
+
+    def __init__(self, masters: int = 3) -> None:
+        super().__init__("ark-cluster-")
+        self.masters: list[ServerProcess] = []
+        for index in range(masters):
+            # cluster-port is explicit: port + 10000 may not exist or be free.
+            args = [
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf",
+                "--cluster-port", str(free_port()),
+                "--cluster-node-timeout", "3000",
+            ]  # fmt: skip
+            self.masters.append(self._add(f"master{index}", args))
+        create = [
+            _binary("redis-cli"), "--cluster", "create",
+            *(f"{HOST}:{m.port}" for m in self.masters),
+            "--cluster-replicas", "0", "--cluster-yes",
+        ]  # fmt: skip
+        try:
+            done = subprocess.run(create, capture_output=True, timeout=30, check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise ServerStartError("redis-cli --cluster create did not finish in 30s") from exc
+        if done.returncode != 0:
+            raise ServerStartError(
+                f"redis-cli --cluster create failed ({done.returncode}): "
+                f"{done.stdout.decode(errors='replace')[-800:]}"
+                f"{done.stderr.decode(errors='replace')[-800:]}"
+            )
+        for master in self.masters:
+            wait_for(
+                f"cluster_state:ok on {master.name}",
+                lambda m=master: self._state_ok(m),  # type: ignore[misc]
+                timeout=20,
+            )
+
+    @staticmethod
+    def _state_ok(master: ServerProcess) -> bool:
+        with master.client() as client:
+            info = client.execute_command("CLUSTER", "INFO")
+            text = info if isinstance(info, str) else str(info)
+            return "cluster_state:ok" in text and "cluster_slots_assigned:16384" in text
+
+    @property
+    def ports(self) -> list[int]:
+        return [m.port for m in self.masters]
+
+    def node_id(self, port: int) -> str:
+        with sync_client(port) as client:
+            node: str = client.execute_command("CLUSTER", "MYID")
+            return node
+
+    def owner_of(self, slot: int) -> int:
+        """The port of the master serving ``slot``, according to the first node."""
+        with sync_client(self.ports[0]) as client:
+            for start, end, *nodes in client.execute_command("CLUSTER", "SLOTS"):
+                if int(start) <= slot <= int(end):
+                    return int(nodes[0][1])
+        raise AssertionError(f"slot {slot} is not served by any node")
+
+    def keyslot(self, key: str | bytes) -> int:
+        with sync_client(self.ports[0]) as client:
+            slot: int = client.execute_command("CLUSTER", "KEYSLOT", key)
+            return slot
+
+    def all_keys(self) -> list[str]:
+        """Every key on every master (test-only SCAN; the library never scans)."""
+        keys: list[str] = []
+        for port in self.ports:
+            with sync_client(port) as client:
+                keys.extend(client.scan_iter(count=1000))
+        return keys
+
+    def flushall(self) -> None:
+        for port in self.ports:
+            with sync_client(port) as client:
+                client.flushall()
+
+    def migrate_slot(
+        self, slot: int, target: int, *, between: Callable[[], None] | None = None
+    ) -> int:
+        """Move ``slot`` and its keys to the master on port ``target`` the way
+        ``redis-cli --cluster reshard`` does: IMPORTING/MIGRATING, MIGRATE the
+        keys, then SETSLOT NODE on every master. ``between`` runs while the slot
+        is half-migrated (ASK redirections). Returns the source port."""
+        source = self.owner_of(slot)
+        if source == target:
+            raise ValueError(f"slot {slot} is already on port {target}")
+        source_id, target_id = self.node_id(source), self.node_id(target)
+        with sync_client(source) as src, sync_client(target) as dst:
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+            if between is not None:
+                between()
+            while True:
+                keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+                if not keys:
+                    break
+                src.execute_command("MIGRATE", HOST, target, "", 0, 5000, "KEYS", *keys)
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        for port in self.ports:
+            if port not in (source, target):
+                with sync_client(port) as other:
+                    other.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        wait_for(
+            f"every master to agree that slot {slot} is on {target}",
+            lambda: all(self._owner_seen_by(p, slot) == target for p in self.ports),
+            timeout=10,
+        )
+        return source
+
+    @staticmethod
+    def _owner_seen_by(port: int, slot: int) -> int | None:
+        with sync_client(port) as client:
+            for start, end, *nodes in client.execute_command("CLUSTER", "SLOTS"):
+                if int(start) <= slot <= int(end):
+                    return int(nodes[0][1])
+        return None
+
+
+class SentinelDeployment(_Deployment):
+    """One master, one replica and ``sentinels`` Sentinels watching ``service``."""
+
+    def __init__(self, service: str = "mymaster", sentinels: int = 1) -> None:
+        super().__init__("ark-sentinel-")
+        self.service = service
+        # No 5 s diskless-sync delay: the replica syncs as soon as it connects.
+        fast_sync = ["--repl-diskless-sync-delay", "0"]
+        self.master = self._add("master", fast_sync)
+        self.replica = self._add(
+            "replica", [*fast_sync, "--replicaof", HOST, str(self.master.port)]
+        )
+        wait_for(
+            "the replica to finish its first sync",
+            lambda: self.replica_caught_up(self.replica.port, self.master.port),
+            timeout=15,
+        )
+        self.sentinels: list[ServerProcess] = []
+        for index in range(sentinels):
+            conf = [
+                f"sentinel monitor {service} {HOST} {self.master.port} 1",
+                f"sentinel down-after-milliseconds {service} 1000",
+                f"sentinel failover-timeout {service} 5000",
+                f"sentinel parallel-syncs {service} 1",
+            ]
+            self.sentinels.append(self._add(f"sentinel{index}", conf, sentinel=True))
+        wait_for(
+            "every sentinel to see the master and a healthy replica",
+            self._sentinels_ready,
+            timeout=20,
+            interval=0.1,
+        )
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        return [(HOST, s.port) for s in self.sentinels]
+
+    def _sentinels_ready(self) -> bool:
+        for sentinel in self.sentinels:
+            with sentinel.client() as client:
+                replicas = client.execute_command("SENTINEL", "REPLICAS", self.service)
+                good = [
+                    r
+                    for r in map(_pairs, replicas)
+                    if r.get("flags") == "slave" and r.get("master-link-status") == "ok"
+                ]
+                if not good:
+                    return False
+        return True
+
+    def master_port(self) -> int:
+        with self.sentinels[0].client() as client:
+            addr = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+            return int(addr[1])
+
+    def server(self, port: int) -> ServerProcess:
+        return next(s for s in (self.master, self.replica) if s.port == port)
+
+    @staticmethod
+    def replica_caught_up(replica: int, master: int) -> bool:
+        """The replica on ``replica`` is linked and has every byte ``master`` has sent."""
+        with sync_client(master) as m, sync_client(replica) as r:
+            want = int(m.info("replication")["master_repl_offset"])
+            info = r.info("replication")
+            return (
+                info.get("role") == "slave"
+                and info.get("master_link_status") == "up"
+                and int(info.get("slave_repl_offset", -1)) >= want
+            )
+
+    def failover(self) -> tuple[int, int]:
+        """Ask Sentinel to fail over now; wait until it names a new, writable
+        master. Returns (old master port, new master port)."""
+        old = self.master_port()
+        other = self.replica.port if old == self.master.port else self.master.port
+
+        def ask() -> bool:
+            with self.sentinels[0].client() as client:
+                try:
+                    client.execute_command("SENTINEL", "FAILOVER", self.service)
+                except ResponseError as exc:
+                    # NOGOODSLAVE / INPROG: not ready yet, ask again.
+                    if "NOGOODSLAVE" in str(exc) or "INPROG" in str(exc):
+                        return False
+                    raise
+                return True
+
+        wait_for("Sentinel to accept SENTINEL FAILOVER", ask, timeout=15, interval=0.2)
+        wait_for(
+            "Sentinel to name the promoted replica as master",
+            lambda: self.master_port() == other,
+            timeout=15,
+            interval=0.1,
+        )
+        wait_for(
+            "the promoted replica to accept writes",
+            lambda: sync_client(other).info("replication")["role"] == "master",
+            timeout=15,
+        )
+        return old, other
+
+
+def _pairs(flat: Any) -> dict[str, str]:
+    if isinstance(flat, dict):
+        return {str(k): str(v) for k, v in flat.items()}
+    items = list(flat)
+    return {str(items[i]): str(items[i + 1]) for i in range(0, len(items) - 1, 2)}
+
+
+@dataclass
+class CommandLog:
+    """What a client sent to which node, and every error reply it got back.
+
+    Attach with ``connection_class=log.connection_class()`` so cluster nodes and
+    sentinel-managed pools are recorded alike; a pipeline's commands are
+    recorded one by one.
+    """
+
+    commands: list[tuple[int, tuple[str, ...]]] = field(default_factory=list)
+    errors: list[tuple[int, str]] = field(default_factory=list)
+
+    def clear(self) -> None:
+        self.commands.clear()
+        self.errors.clear()
+
+    def names(self) -> set[str]:
+        return {args[0].upper() for _, args in self.commands if args}
+
+    def error_kinds(self) -> set[str]:
+        """``MovedError``, ``AskError``, ``ReadOnlyError``, ``CROSSSLOT``, ``CONNECTION``..."""
+        return {message.split(" ", 1)[0] for _, message in self.errors}
+
+    def bad_errors(self) -> list[tuple[int, str]]:
+        """Errors a correct cluster-aware library never provokes: everything
+        except redirections during resharding and the handshake of redis-py 8
+        against Redis 7.0 (CLIENT SETINFO / MAINT_NOTIFICATIONS are newer)."""
+        expected = {"MovedError", "AskError", "TryAgainError"}
+        return [
+            (port, message)
+            for port, message in self.errors
+            if message.split(" ", 1)[0] not in expected and "unknown subcommand" not in message
+        ]
+
+    def connection_class(self, base: type[Connection] = Connection) -> type[Connection]:
+        log = self
+
+        class RecordingConnection(base):  # type: ignore[valid-type,misc]
+            def pack_command(self, *args: Any) -> list[bytes]:
+                words = tuple(
+                    a.decode(errors="replace") if isinstance(a, bytes) else str(a) for a in args
+                )
+                log.commands.append((int(self.port), words))
+                packed: list[bytes] = super().pack_command(*args)
+                return packed
+
+            async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+                try:
+                    return await super().read_response(*args, **kwargs)
+                except ResponseError as exc:
+                    kind = type(exc).__name__
+                    if type(exc) is ResponseError:
+                        kind = str(exc).split(" ", 1)[0]  # CROSSSLOT, WRONGTYPE, ...
+                    log.errors.append((int(self.port), f"{kind} {exc}"))
+                    raise
+                except RedisConnectionError as exc:
+                    # A sentinel-managed connection turns READONLY into this.
+                    log.errors.append((int(self.port), f"CONNECTION {exc}"))
+                    raise
+
+        return RecordingConnection
