@@ -31,6 +31,7 @@ h1 { font-size:30px; margin:0 0 4px; }
 h2 { font-size:18px; margin:0 0 12px; }
 .count { color:var(--brand); font-variant-numeric:tabular-nums; }
 .muted { color:var(--muted); font-size:14px; }
+.lead { font-size:18px; margin:4px 0 6px; }
 .row { display:flex; flex-wrap:wrap; gap:10px; margin-top:16px; align-items:center; }
 form { margin:0; display:inline; }
 button, .button { font:inherit; font-size:15px; border-radius:8px; padding:8px 16px;
@@ -136,8 +137,9 @@ def home_page(
     body = f"""
 <section class="card wide">
   <h1>Número de visitas: <span class="count" id="visits">{visits}</span></h1>
-  <p>Number of visits: {visits}. Each page load adds one with an atomic
-  <code>await request.session.incr("visits")</code>.</p>
+  <p class="lead">Number of visits: {visits}. Every page load adds one.</p>
+  <p class="muted">Counted with <code>await request.session.incr("visits")</code>, one
+  atomic increment in Redis, so tabs loading at once never lose a visit.</p>
   <div class="row">
     <a class="button primary" href="/" id="reload">Reload</a>
     <form method="post" action="/reset"><button type="submit" id="reset">Reset</button></form>

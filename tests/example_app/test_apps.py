@@ -1,0 +1,216 @@
+"""Both example apps in process, through httpx.ASGITransport, on a fresh
+embedded Redis per test: the counter, login/logout, and the cached report."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+import pytest
+from starlette.types import ASGIApp
+
+from example_app import fastapi_app, starlette_app
+from example_app.settings import COOKIE_NAME, Settings
+from tests.example_app.helpers import by_id, lifespan, visits
+
+AppFactory = Callable[[Settings], ASGIApp]
+FACTORIES: dict[str, AppFactory] = {
+    "starlette": starlette_app.create_app,
+    "fastapi": fastapi_app.create_app,
+}
+BASE_URL = "http://testserver"
+
+
+@pytest.fixture(params=sorted(FACTORIES))
+async def app(request: pytest.FixtureRequest) -> AsyncIterator[ASGIApp]:
+    # A memory:// name of its own gives every test an empty Redis.
+    settings = Settings(
+        redis_url=f"memory://example-test-{uuid.uuid4().hex}",
+        instance=f"unit-{request.param}",
+        report_delay=0.05,
+    )
+    application = FACTORIES[request.param](settings)
+    async with lifespan(application):
+        yield application
+
+
+def make_client(app: ASGIApp) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE_URL)
+
+
+@pytest.fixture
+async def client(app: ASGIApp) -> AsyncIterator[httpx.AsyncClient]:
+    async with make_client(app) as http:
+        yield http
+
+
+async def login(http: httpx.AsyncClient, name: str) -> httpx.Response:
+    response = await http.post("/login", data={"name": name})
+    assert response.status_code == 303, response.text
+    assert response.headers["location"] == "/"
+    return response
+
+
+async def test_counter_increments(client: httpx.AsyncClient) -> None:
+    seen = []
+    for _ in range(3):
+        response = await client.get("/")
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/html")
+        seen.append(visits(response.text))
+    assert seen == [1, 2, 3]
+    assert "Número de visitas: <span" in response.text
+
+
+async def test_reset_starts_the_counter_again(client: httpx.AsyncClient) -> None:
+    for _ in range(3):
+        await client.get("/")
+    response = await client.post("/reset")
+    assert response.status_code == 303
+    assert visits((await client.get("/")).text) == 1
+
+
+async def test_login_rotates_the_cookie_and_keeps_the_data(
+    app: ASGIApp, client: httpx.AsyncClient
+) -> None:
+    await client.get("/")
+    before = client.cookies[COOKIE_NAME]
+
+    response = await login(client, "Ada Lovelace")
+    after = response.cookies.get(COOKIE_NAME)
+    assert after is not None
+    assert after != before, "login must rotate the session id"
+
+    page = (await client.get("/")).text
+    assert by_id(page, "user") == "Ada Lovelace"
+    assert by_id(page, "session-count") == "1"
+    assert visits(page) == 2, "regenerate() keeps the session data"
+
+    # The pre-login cookie is dead: replaying it gets a fresh, anonymous session.
+    async with make_client(app) as replay:
+        replay.cookies.set(COOKIE_NAME, before)
+        replayed = (await replay.get("/")).text
+    assert by_id(replayed, "user") is None
+    assert visits(replayed) == 1
+
+
+async def test_logout_ends_the_session(client: httpx.AsyncClient) -> None:
+    await client.get("/")
+    await login(client, "grace")
+    logged_in_cookie = client.cookies[COOKIE_NAME]
+
+    response = await client.post("/logout")
+    assert response.status_code == 303
+    expired = response.headers["set-cookie"].lower()
+    assert expired.startswith(f"{COOKIE_NAME}=")
+    assert "max-age=0" in expired or "expires=thu, 01 jan 1970" in expired, expired
+
+    page = (await client.get("/")).text
+    assert by_id(page, "user") is None
+    assert visits(page) == 1
+
+    client.cookies.clear()
+    client.cookies.set(COOKIE_NAME, logged_in_cookie)
+    assert by_id((await client.get("/")).text, "user") is None
+
+
+async def test_log_out_everywhere(app: ASGIApp) -> None:
+    async with make_client(app) as laptop, make_client(app) as phone:
+        await login(laptop, "linus")
+        await login(phone, "linus")
+        page = (await laptop.get("/")).text
+        assert by_id(page, "session-count") == "2"
+
+        response = await laptop.post("/logout-everywhere")
+        assert response.status_code == 303
+
+        for device in (laptop, phone):
+            page = (await device.get("/")).text
+            assert by_id(page, "user") is None
+            assert visits(page) == 1
+
+
+async def test_report_miss_hit_and_invalidate(client: httpx.AsyncClient) -> None:
+    first = await client.get("/report")
+    assert first.status_code == 200
+    assert first.headers["x-cache"] == "MISS"
+    built = by_id(first.text, "built-at")
+    assert built
+
+    second = await client.get("/report")
+    assert second.headers["x-cache"] == "HIT"
+    assert by_id(second.text, "built-at") == built
+    # What the browser script reads to show HIT/MISS for its own navigation.
+    assert 'cache;desc="HIT"' in second.headers.get_list("server-timing")
+
+    response = await client.post("/report/invalidate")
+    assert response.status_code == 303
+    assert response.headers["location"] == "/report"
+
+    third = await client.get("/report")
+    assert third.headers["x-cache"] == "MISS"
+    assert by_id(third.text, "built-at") != built
+
+
+async def test_report_is_shared_between_visitors(app: ASGIApp) -> None:
+    async with make_client(app) as one, make_client(app) as two:
+        await one.get("/")  # a session cookie must not split the cached page
+        first = await one.get("/report")
+        second = await two.get("/report")
+    assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
+    assert by_id(first.text, "built-at") == by_id(second.text, "built-at")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"origin": "http://evil.example"},
+        {"sec-fetch-site": "cross-site"},
+        {"origin": "null"},
+    ],
+)
+async def test_cross_site_form_posts_are_refused(
+    client: httpx.AsyncClient, headers: dict[str, str]
+) -> None:
+    await client.get("/")
+    await login(client, "mallory-target")
+    for path in ("/logout", "/reset", "/logout-everywhere", "/report/invalidate"):
+        response = await client.post(path, headers=headers)
+        assert response.status_code == 403, path
+    assert by_id((await client.get("/")).text, "user") == "mallory-target"
+
+
+async def test_same_origin_form_posts_are_accepted(client: httpx.AsyncClient) -> None:
+    headers = {"origin": BASE_URL, "sec-fetch-site": "same-origin"}
+    response = await client.post("/login", data={"name": "eve"}, headers=headers)
+    assert response.status_code == 303
+    assert by_id((await client.get("/")).text, "user") == "eve"
+
+
+async def test_blank_login_name_is_ignored(client: httpx.AsyncClient) -> None:
+    response = await client.post("/login", data={"name": "   "})
+    assert response.status_code == 303
+    assert by_id((await client.get("/")).text, "user") is None
+
+
+async def test_user_input_is_escaped(client: httpx.AsyncClient) -> None:
+    await login(client, "<script>alert(1)</script>")
+    page = (await client.get("/")).text
+    assert "<script>alert(1)" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+async def test_healthz_and_status_area(app: ASGIApp, client: httpx.AsyncClient) -> None:
+    health = await client.get("/healthz")
+    assert health.status_code == 200
+    body = health.json()
+    assert body["status"] == "ok"
+    assert body["redis"] == "embedded in-process Redis"
+    assert body["framework"] in {"Starlette", "FastAPI"}
+    assert health.headers["x-served-by"] == body["instance"]
+
+    page = (await client.get("/")).text
+    assert by_id(page, "instance") == body["instance"]
+    assert by_id(page, "framework") == body["framework"]
+    assert by_id(page, "redis") == "embedded in-process Redis"

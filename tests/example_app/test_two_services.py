@@ -1,0 +1,128 @@
+"""The library's main promise, end to end: one user, two services, one Redis.
+
+The Starlette app and its FastAPI twin run as real uvicorn processes on two
+loopback ports against the same real Redis, and a plain HTTP client with one
+cookie jar moves between them. Cookies are not isolated by port, so the jar
+sends the same session cookie to both, just as a browser would behind a load
+balancer.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from example_app.settings import COOKIE_NAME
+from tests.example_app.helpers import by_id, visits
+from tests.example_app.servers import AppServer
+
+pytestmark = pytest.mark.real_redis
+
+
+@pytest.fixture(scope="module")
+def services(redis_url: str) -> Iterator[tuple[AppServer, AppServer]]:
+    secret = secrets.token_urlsafe(32)  # shared by both, as the README tells users
+    with (
+        AppServer(name="alpha", redis_url=redis_url, secret=secret) as alpha,
+        AppServer(name="beta", fastapi=True, redis_url=redis_url, secret=secret) as beta,
+    ):
+        yield alpha, beta
+
+
+def page(http: httpx.Client, server: AppServer, path: str = "/") -> str:
+    response = http.get(f"{server.url}{path}")
+    assert response.status_code == 200, response.text
+    assert by_id(response.text, "instance") == server.name
+    return response.text
+
+
+def post(http: httpx.Client, server: AppServer, path: str, **data: str) -> None:
+    response = http.post(f"{server.url}{path}", data=data)
+    assert response.status_code == 303, response.text
+
+
+def test_both_services_use_the_one_redis(services: tuple[AppServer, AppServer]) -> None:
+    for server, framework in zip(services, ("Starlette", "FastAPI"), strict=True):
+        health = httpx.get(f"{server.url}/healthz", timeout=5).json()
+        assert health["framework"] == framework
+        assert health["redis"].startswith("redis://127.0.0.1:")
+        assert "embedded" not in server.log()
+
+
+def test_counter_continues_across_services(services: tuple[AppServer, AppServer]) -> None:
+    alpha, beta = services
+    with httpx.Client(timeout=10) as http:
+        counts = [visits(page(http, server)) for server in (alpha, beta, alpha, beta)]
+    assert counts == [1, 2, 3, 4]
+
+
+def test_login_on_one_is_seen_on_the_other(services: tuple[AppServer, AppServer]) -> None:
+    alpha, beta = services
+    user = f"ada-{uuid.uuid4().hex[:8]}"
+    with httpx.Client(timeout=10) as http:
+        page(http, alpha)
+        anonymous_cookie = http.cookies[COOKIE_NAME]
+        post(http, beta, "/login", name=user)
+        assert http.cookies[COOKIE_NAME] != anonymous_cookie, "login must rotate the id"
+
+        on_alpha = page(http, alpha)
+        assert by_id(on_alpha, "user") == user
+        assert by_id(on_alpha, "session-count") == "1"
+        assert visits(on_alpha) == 2
+        assert by_id(page(http, beta), "user") == user
+
+
+def test_logout_on_one_ends_the_session_on_both(services: tuple[AppServer, AppServer]) -> None:
+    alpha, beta = services
+    user = f"grace-{uuid.uuid4().hex[:8]}"
+    with httpx.Client(timeout=10) as http:
+        post(http, alpha, "/login", name=user)
+        logged_in = http.cookies[COOKIE_NAME]
+        assert by_id(page(http, beta), "user") == user
+
+        post(http, alpha, "/logout")
+        for server in (beta, alpha):
+            after = page(http, server)
+            assert by_id(after, "user") is None
+            assert visits(after) == 1
+            http.cookies.clear()
+
+        # Replaying the logged-in cookie on the other service does not revive it.
+        http.cookies.set(COOKIE_NAME, logged_in)
+        assert by_id(page(http, beta), "user") is None
+
+
+def test_log_out_everywhere_reaches_the_other_service(
+    services: tuple[AppServer, AppServer],
+) -> None:
+    alpha, beta = services
+    user = f"linus-{uuid.uuid4().hex[:8]}"
+    with httpx.Client(timeout=10) as laptop, httpx.Client(timeout=10) as phone:
+        post(laptop, alpha, "/login", name=user)
+        post(phone, beta, "/login", name=user)
+        assert by_id(page(phone, alpha), "session-count") == "2"
+
+        post(laptop, beta, "/logout-everywhere")
+        assert by_id(page(phone, alpha), "user") is None
+        assert by_id(page(laptop, alpha), "user") is None
+
+
+def test_cached_report_is_shared_by_both_services(
+    services: tuple[AppServer, AppServer],
+) -> None:
+    alpha, beta = services
+    with httpx.Client(timeout=10) as http:
+        # Start from a known state: the module's Redis may hold an older copy.
+        post(http, beta, "/report/invalidate")
+        first = http.get(f"{alpha.url}/report")
+        second = http.get(f"{beta.url}/report")
+    assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
+    assert by_id(first.text, "built-at") == by_id(second.text, "built-at")
+    # Built by alpha, answered by beta: the cached HTML is alpha's, the
+    # header added outside the cache says who actually served it.
+    assert by_id(second.text, "built-by") == "alpha"
+    assert second.headers["x-served-by"] == "beta"
