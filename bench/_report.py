@@ -122,14 +122,17 @@ def _timing_table(rows: list[Row]) -> list[str]:
 
 def _correctness_table(rows: list[Row]) -> list[str]:
     out = [
-        "| tool | result | Redis cmds/req | notes |",
-        "|---|---|---:|---|",
+        "| tool | result | Redis cmds/req | round trips/req | commands (total) | notes |",
+        "|---|---|---:|---:|---|---|",
     ]
     for row in rows:
         note = row.note
         if row.error:
             note = f"NOT MEASURED: {row.error}"
-        out.append(f"| {_label(row)} | {row.correctness or '-'} | {_num(row.cmds, 2)} | {note} |")
+        out.append(
+            f"| {_label(row)} | {row.correctness or '-'} | {_num(row.cmds, 2)} "
+            f"| {_num(row.round_trips, 2)} | {row.breakdown or '-'} | {note} |"
+        )
     return out
 
 

@@ -39,6 +39,7 @@ class Traffic:
         self.admin = admin
         self.commands: Counter[str] = Counter()
         self.round_trips = 0
+        self.connections = 0
         self._before: Counter[str] = Counter()
         self._original: Any = None
 
@@ -49,16 +50,28 @@ class Traffic:
     async def __aenter__(self) -> Traffic:
         self._before = await commandstats(self.admin)
         original = AbstractConnection.send_packed_command
+        original_handshake = AbstractConnection.on_connect_check_health
         traffic = self
 
         async def counting(
             self: AbstractConnection, command: Any, check_health: bool = True
         ) -> None:
-            traffic.round_trips += 1
+            if not getattr(self, "_bench_handshake", False):
+                traffic.round_trips += 1
             await original(self, command, check_health)
 
-        self._original = original
+        async def handshake(self: AbstractConnection, check_health: bool = True) -> None:
+            # A new connection's CLIENT SETINFO/HELLO is counted apart, not as a round trip.
+            traffic.connections += 1
+            self._bench_handshake = True  # type: ignore[attr-defined]
+            try:
+                await original_handshake(self, check_health=check_health)
+            finally:
+                self._bench_handshake = False  # type: ignore[attr-defined]
+
+        self._original = (original, original_handshake)
         AbstractConnection.send_packed_command = counting  # type: ignore[method-assign]
+        AbstractConnection.on_connect_check_health = handshake  # type: ignore[method-assign]
         return self
 
     async def __aexit__(
@@ -67,7 +80,9 @@ class Traffic:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        AbstractConnection.send_packed_command = self._original  # type: ignore[method-assign]
+        original, original_handshake = self._original
+        AbstractConnection.send_packed_command = original  # type: ignore[method-assign]
+        AbstractConnection.on_connect_check_health = original_handshake  # type: ignore[method-assign]
         after = await commandstats(self.admin)
         after.subtract(self._before)
         self.commands = Counter({k: v for k, v in after.items() if v > 0})

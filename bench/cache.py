@@ -1,0 +1,574 @@
+"""Response-cache scenarios: ours vs fastapi-cache2, cashews, aiocache (asgi-caches when
+it can run), plus a no-cache reference line.
+
+Every tool serves the same FastAPI app shape (the peers are FastAPI-first) with the same
+handler work, configured the way its README shows, with its Redis backend on the bench's
+server. A handler-call counter per tool and route proves hits are hits and misses misses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+from fastapi import FastAPI
+from fastapi.responses import HTMLResponse
+from redis.asyncio import Redis
+from starlette.types import ASGIApp
+
+from ._asgi import Lifespan, Reply, call
+from ._measure import Case, Plan, Row, measure
+from ._traffic import Traffic
+
+TTL = 600
+SLOW_SECONDS = 0.05
+STAMPEDE = 100
+
+JSON_PAYLOAD: dict[str, Any] = {
+    "id": 1,
+    "name": "widget",
+    "price": 9.99,
+    "stock": 42,
+    "tags": ["blue", "small", "sale"],
+    "description": "A small JSON document, the typical API answer.",
+}
+
+
+def _html_page(size: int = 20 * 1024) -> str:
+    row = "<tr><td>item {i}</td><td>description of item {i}</td><td>{p:.2f}</td></tr>\n"
+    head = "<!doctype html><html><head><title>catalogue</title></head><body><table>\n"
+    parts = [head]
+    total, i = len(head), 0
+    while total < size - 30:
+        part = row.format(i=i, p=i * 1.5)
+        parts.append(part)
+        total += len(part)
+        i += 1
+    parts.append("</table></body></html>")
+    return "".join(parts)[:size]
+
+
+HTML_PAGE = _html_page()
+
+
+@dataclass
+class Tool:
+    name: str
+    app: ASGIApp
+    calls: Counter[str]
+    ours: bool = False
+    reference: bool = False
+    note: str = ""
+    closers: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
+    routes: set[str] = field(default_factory=lambda: {"json", "html", "miss", "slow"})
+
+
+def _client(url: str) -> Redis:
+    return Redis.from_url(url)
+
+
+# ---------------------------------------------------------------- the tools
+
+
+def _baseline(url: str) -> Tool:
+    calls: Counter[str] = Counter()
+    app = FastAPI()
+
+    @app.get("/json")
+    async def json_route() -> dict[str, Any]:
+        calls["json"] += 1
+        return JSON_PAYLOAD
+
+    @app.get("/html", response_class=HTMLResponse)
+    async def html_route() -> str:
+        calls["html"] += 1
+        return HTML_PAGE
+
+    @app.get("/miss")
+    async def miss_route(q: int) -> dict[str, Any]:
+        calls["miss"] += 1
+        return {"q": q, **JSON_PAYLOAD}
+
+    return Tool(
+        "no cache (FastAPI handler every time)",
+        app,
+        calls,
+        reference=True,
+        note="reference: the handler runs every time",
+        routes={"json", "html", "miss"},
+    )
+
+
+def _ours(url: str) -> Tool:
+    from asgi_redis_kit import CacheMiddleware, cached
+
+    calls: Counter[str] = Counter()
+    client = _client(url)
+    app = FastAPI()
+    app.add_middleware(CacheMiddleware, redis=client)
+
+    @app.get("/json")
+    @cached(ttl=TTL)
+    async def json_route() -> dict[str, Any]:
+        calls["json"] += 1
+        return JSON_PAYLOAD
+
+    @app.get("/html", response_class=HTMLResponse)
+    @cached(ttl=TTL)
+    async def html_route() -> str:
+        calls["html"] += 1
+        return HTML_PAGE
+
+    @app.get("/miss")
+    @cached(ttl=TTL)
+    async def miss_route(q: int) -> dict[str, Any]:
+        calls["miss"] += 1
+        return {"q": q, **JSON_PAYLOAD}
+
+    @app.get("/slow")
+    @cached(ttl=TTL)
+    async def slow_route() -> dict[str, Any]:
+        calls["slow"] += 1
+        await asyncio.sleep(SLOW_SECONDS)
+        return JSON_PAYLOAD
+
+    return Tool("asgi_redis_kit", app, calls, ours=True, closers=[client.aclose])
+
+
+def _fastapi_cache2(url: str) -> Tool:
+    from fastapi_cache import FastAPICache
+    from fastapi_cache.backends.redis import RedisBackend
+    from fastapi_cache.decorator import cache
+
+    calls: Counter[str] = Counter()
+    client = _client(url)
+    # Its README: FastAPICache.init(RedisBackend(redis), prefix=...) at startup.
+    FastAPICache.init(RedisBackend(client), prefix="fastapi-cache")
+    app = FastAPI()
+
+    @app.get("/json")
+    @cache(expire=TTL)
+    async def json_route() -> dict[str, Any]:
+        calls["json"] += 1
+        return JSON_PAYLOAD
+
+    @app.get("/html", response_class=HTMLResponse)
+    @cache(expire=TTL)
+    async def html_route() -> str:
+        calls["html"] += 1
+        return HTML_PAGE
+
+    @app.get("/miss")
+    @cache(expire=TTL)
+    async def miss_route(q: int) -> dict[str, Any]:
+        calls["miss"] += 1
+        return {"q": q, **JSON_PAYLOAD}
+
+    @app.get("/slow")
+    @cache(expire=TTL)
+    async def slow_route() -> dict[str, Any]:
+        calls["slow"] += 1
+        await asyncio.sleep(SLOW_SECONDS)
+        return JSON_PAYLOAD
+
+    return Tool(
+        "fastapi-cache2 0.2 (RedisBackend)",
+        app,
+        calls,
+        note="caches the return value (JSON-coded), FastAPI re-serializes on a hit",
+        closers=[client.aclose],
+    )
+
+
+def _cashews_cache(url: str) -> Any:
+    from cashews import Cache
+
+    cache = Cache()
+    cache.setup(url)  # its README: cache.setup("redis://...") then @cache(ttl=...)
+    return cache
+
+
+def _cashews(url: str, *, etag: bool = False) -> Tool:
+    calls: Counter[str] = Counter()
+    cache = _cashews_cache(url)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        await cache.init()
+        yield
+        await cache.close()
+
+    app = FastAPI(lifespan=lifespan)
+    if etag:
+        from cashews.contrib.fastapi import CacheEtagMiddleware
+
+        app.add_middleware(CacheEtagMiddleware, cache_instance=cache)
+
+    @app.get("/json")
+    @cache(ttl=TTL)
+    async def json_route() -> dict[str, Any]:
+        calls["json"] += 1
+        return JSON_PAYLOAD
+
+    @app.get("/html", response_class=HTMLResponse)
+    @cache(ttl=TTL)
+    async def html_route() -> str:
+        calls["html"] += 1
+        return HTML_PAGE
+
+    @app.get("/miss")
+    @cache(ttl=TTL)
+    async def miss_route(q: int) -> dict[str, Any]:
+        calls["miss"] += 1
+        return {"q": q, **JSON_PAYLOAD}
+
+    @app.get("/slow")
+    @cache(ttl=TTL)
+    async def slow_route() -> dict[str, Any]:
+        calls["slow"] += 1
+        await asyncio.sleep(SLOW_SECONDS)
+        return JSON_PAYLOAD
+
+    @app.get("/slow-lock")
+    @cache(ttl=TTL, lock=True)
+    async def slow_lock_route() -> dict[str, Any]:
+        calls["slow-lock"] += 1
+        await asyncio.sleep(SLOW_SECONDS)
+        return JSON_PAYLOAD
+
+    if etag:
+        return Tool(
+            "cashews 7.6 + CacheEtagMiddleware",
+            app,
+            calls,
+            note="ETag middleware from cashews.contrib.fastapi (a BaseHTTPMiddleware)",
+            routes={"json"},
+        )
+    return Tool(
+        "cashews 7.6 (redis)",
+        app,
+        calls,
+        note="caches the return value (pickled), FastAPI re-serializes on a hit",
+        routes={"json", "html", "miss", "slow", "slow-lock"},
+    )
+
+
+def _aiocache(url: str) -> Tool:
+    from aiocache import Cache, cached, cached_stampede
+    from aiocache.serializers import PickleSerializer
+
+    calls: Counter[str] = Counter()
+    parsed = urlparse(url)
+    # Its README: @cached(ttl=..., cache=Cache.REDIS, serializer=PickleSerializer(), ...) on a
+    # coroutine. It caches that function's return value, not the HTTP response.
+    options: dict[str, Any] = {
+        "ttl": TTL,
+        "cache": Cache.REDIS,
+        "endpoint": parsed.hostname,
+        "port": parsed.port,
+        "namespace": "aiocache",
+        "serializer": PickleSerializer(),
+    }
+
+    @cached(**options)
+    async def get_json() -> dict[str, Any]:
+        calls["json"] += 1
+        return JSON_PAYLOAD
+
+    @cached(**options)
+    async def get_html() -> str:
+        calls["html"] += 1
+        return HTML_PAGE
+
+    @cached(**options)
+    async def get_miss(q: int) -> dict[str, Any]:
+        calls["miss"] += 1
+        return {"q": q, **JSON_PAYLOAD}
+
+    @cached(**options)
+    async def get_slow() -> dict[str, Any]:
+        calls["slow"] += 1
+        await asyncio.sleep(SLOW_SECONDS)
+        return JSON_PAYLOAD
+
+    @cached_stampede(lease=2, **options)
+    async def get_slow_lock() -> dict[str, Any]:
+        calls["slow-lock"] += 1
+        await asyncio.sleep(SLOW_SECONDS)
+        return JSON_PAYLOAD
+
+    app = FastAPI()
+
+    @app.get("/json")
+    async def json_route() -> dict[str, Any]:
+        return await get_json()  # type: ignore[no-any-return]
+
+    @app.get("/html", response_class=HTMLResponse)
+    async def html_route() -> str:
+        return await get_html()  # type: ignore[no-any-return]
+
+    @app.get("/miss")
+    async def miss_route(q: int) -> dict[str, Any]:
+        return await get_miss(q)  # type: ignore[no-any-return]
+
+    @app.get("/slow")
+    async def slow_route() -> dict[str, Any]:
+        return await get_slow()  # type: ignore[no-any-return]
+
+    @app.get("/slow-lock")
+    async def slow_lock_route() -> dict[str, Any]:
+        return await get_slow_lock()  # type: ignore[no-any-return]
+
+    closers = [f.cache.close for f in (get_json, get_html, get_miss, get_slow, get_slow_lock)]  # type: ignore[attr-defined]
+    return Tool(
+        "aiocache 0.12 (RedisCache)",
+        app,
+        calls,
+        note="caches the handler's return value, not the HTTP response; FastAPI re-serializes",
+        closers=closers,
+        routes={"json", "html", "miss", "slow", "slow-lock"},
+    )
+
+
+def _asgi_caches(url: str) -> Tool:
+    import asgi_caches  # noqa: F401  # not installable alongside starlette 1.x, see run()
+
+    raise RuntimeError("unreachable")
+
+
+ASGI_CACHES_NOTE = (
+    "asgi-caches 0.3.1: not measured. It pins starlette==0.* (we run starlette 1.10) and its "
+    "backend (async-caches -> aioredis 2.0.1) fails to import on Python 3.11 "
+    "(`TypeError: duplicate base class TimeoutError`)."
+)
+
+
+def build_tools(url: str) -> tuple[list[Tool], list[str]]:
+    tools: list[Tool] = []
+    problems: list[str] = []
+    factories: list[tuple[str, Callable[[], Tool]]] = [
+        ("asgi_redis_kit", lambda: _ours(url)),
+        ("fastapi-cache2", lambda: _fastapi_cache2(url)),
+        ("cashews", lambda: _cashews(url)),
+        ("cashews+etag", lambda: _cashews(url, etag=True)),
+        ("aiocache", lambda: _aiocache(url)),
+        ("no cache", lambda: _baseline(url)),
+    ]
+    for name, factory in factories:
+        try:
+            tools.append(factory())
+        except Exception as exc:
+            problems.append(f"cache: could not set up {name}: {type(exc).__name__}: {exc}")
+    try:
+        _asgi_caches(url)
+    except Exception:
+        problems.append(ASGI_CACHES_NOTE)
+    return tools, problems
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+@dataclass
+class Scenario:
+    key: str
+    title: str
+    what: str
+    rows: list[Row]
+
+
+def _hit_case(tool: Tool, route: str) -> Case:
+    path = f"/{route}"
+
+    async def send(i: int) -> Reply:
+        return await call(tool.app, path)
+
+    def check(reply: Reply) -> str | None:
+        if reply.status != 200:
+            return f"HTTP {reply.status}: {reply.body[:80]!r}"
+        if not tool.reference and tool.calls[route] != 1:
+            return f"not a hit: handler ran {tool.calls[route]} times"
+        return None
+
+    return Case(tool.name, send, check, ours=tool.ours, reference=tool.reference, note=tool.note)
+
+
+def _miss_case(tool: Tool) -> Case:
+    sent = [0]
+    base = tool.calls["miss"]
+
+    async def send(i: int) -> Reply:
+        sent[0] += 1
+        return await call(tool.app, "/miss", query=f"q={i}")
+
+    def check(reply: Reply) -> str | None:
+        if reply.status != 200:
+            return f"HTTP {reply.status}: {reply.body[:80]!r}"
+        if tool.calls["miss"] - base != sent[0]:
+            ran = tool.calls["miss"] - base
+            return f"not a miss: {sent[0]} requests, handler ran {ran} times"
+        return None
+
+    return Case(tool.name, send, check, ours=tool.ours, reference=tool.reference, note=tool.note)
+
+
+async def _stores(tool: Tool) -> str | None:
+    """A miss must also store: the same request again may not run the handler."""
+    before = tool.calls["miss"]
+    await call(tool.app, "/miss", query="q=-1")
+    await call(tool.app, "/miss", query="q=-1")
+    if not tool.reference and tool.calls["miss"] != before + 1:
+        return "a repeated request ran the handler again (nothing stored)"
+    return None
+
+
+async def _etag_case(tool: Tool) -> Case | Row:
+    first = await call(tool.app, "/json")
+    second = await call(tool.app, "/json")
+    etag = second.header("etag") or first.header("etag")
+    if etag is None:
+        return Row(tool.name, reference=tool.reference, note="no ETag / If-None-Match support")
+    headers = [(b"if-none-match", etag.encode())]
+
+    async def send(i: int) -> Reply:
+        return await call(tool.app, "/json", headers=headers)
+
+    def check(reply: Reply) -> str | None:
+        if reply.status != 304:
+            return f"If-None-Match {etag!r} answered {reply.status}, not 304"
+        return None
+
+    return Case(tool.name, send, check, ours=tool.ours, note=tool.note)
+
+
+async def _stampede(tool: Tool, admin: Redis, route: str, label: str) -> Row:
+    row = Row(label, ours=tool.ours and route == "slow")
+    tool.calls[route] = 0
+    replies: list[Reply] = []
+
+    async def one() -> None:
+        replies.append(await call(tool.app, f"/{route}"))
+
+    try:
+        async with Traffic(admin) as traffic:
+            start = time.perf_counter()
+            await asyncio.wait_for(asyncio.gather(*(one() for _ in range(STAMPEDE))), 60)
+            elapsed = time.perf_counter() - start
+        bad = Counter(r.status for r in replies if r.status != 200)
+        row.correctness = f"handler ran {tool.calls[route]}x for {STAMPEDE} requests"
+        if bad:
+            row.correctness += f"; errors {dict(bad)}"
+        row.cmds = traffic.total / STAMPEDE
+        row.round_trips = traffic.round_trips / STAMPEDE
+        row.breakdown = ", ".join(f"{k} {v}" for k, v in traffic.commands.most_common())
+        row.note = (
+            f"burst took {elapsed * 1000:.0f} ms (handler sleeps {SLOW_SECONDS * 1000:.0f} ms); "
+            f"{traffic.connections} new Redis connections"
+        )
+    except Exception as exc:
+        row.error = f"{type(exc).__name__}: {exc}"[:160]
+    return row
+
+
+async def run(
+    url: str, admin: Redis, plan: Plan, index: list[int]
+) -> tuple[list[Scenario], list[str]]:
+    tools, problems = build_tools(url)
+    lifespans = [Lifespan(t.app) for t in tools]
+    scenarios: list[Scenario] = []
+    for lifespan in lifespans:
+        await lifespan.__aenter__()
+    try:
+        await admin.flushdb()
+        main = [t for t in tools if t.name != "cashews 7.6 + CacheEtagMiddleware"]
+        for route, key, title, what in (
+            (
+                "json",
+                "cache-a",
+                "Cache (a): hit on a small JSON route",
+                f"GET /json, entry already stored ({len(str(JSON_PAYLOAD))}-byte dict).",
+            ),
+            (
+                "html",
+                "cache-b",
+                "Cache (b): hit on a 20 KB HTML route",
+                f"GET /html ({len(HTML_PAGE)} bytes, `response_class=HTMLResponse`), stored.",
+            ),
+        ):
+            for tool in main:
+                tool.calls[route] = 0
+                await call(tool.app, f"/{route}")  # store the entry
+            cases = [_hit_case(t, route) for t in main if route in t.routes]
+            scenarios.append(Scenario(key, title, what, await measure(cases, admin, plan, index)))
+
+        cases, early = [], []
+        for tool in main:
+            problem = await _stores(tool)
+            if problem:
+                early.append(Row(tool.name, ours=tool.ours, error=problem))
+            else:
+                cases.append(_miss_case(tool))
+        rows = await measure(cases, admin, plan, index) + early
+        scenarios.append(
+            Scenario(
+                "cache-c",
+                "Cache (c): miss + store",
+                "GET /miss?q=<never seen before>: key lookup, handler, store.",
+                rows,
+            )
+        )
+
+        etag_rows: list[Row] = []
+        etag_cases: list[Case] = []
+        for tool in tools:
+            if tool.name == "cashews 7.6 (redis)" or tool.reference:
+                continue
+            found = await _etag_case(tool)
+            if isinstance(found, Row):
+                etag_rows.append(found)
+            else:
+                etag_cases.append(found)
+        scenarios.append(
+            Scenario(
+                "cache-d",
+                "Cache (d): conditional request, If-None-Match -> 304",
+                "GET /json with the ETag the tool sent before; expect 304 without running "
+                "the handler.",
+                await measure(etag_cases, admin, plan, index) + etag_rows,
+            )
+        )
+
+        stampede_rows: list[Row] = []
+        for tool in main:
+            if "slow" in tool.routes:
+                stampede_rows.append(await _stampede(tool, admin, "slow", tool.name))
+            if "slow-lock" in tool.routes:
+                label = (
+                    "cashews (lock=True)" if "cashews" in tool.name else "aiocache cached_stampede"
+                )
+                stampede_rows.append(await _stampede(tool, admin, "slow-lock", label))
+        scenarios.append(
+            Scenario(
+                "cache-e",
+                f"Cache (e): stampede, {STAMPEDE} concurrent cold requests",
+                f"{STAMPEDE} concurrent GET /slow on an empty cache; the handler sleeps "
+                f"{SLOW_SECONDS * 1000:.0f} ms. Ideal: it runs once. Commands and round trips "
+                "are per request, over the whole burst.",
+                stampede_rows,
+            )
+        )
+    finally:
+        for lifespan in reversed(lifespans):
+            await lifespan.__aexit__(None, None, None)
+        for tool in tools:
+            for close in tool.closers:
+                with contextlib.suppress(Exception):  # best effort at shutdown
+                    await close()
+    return scenarios, problems
