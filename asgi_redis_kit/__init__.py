@@ -12,6 +12,7 @@ from .errors import (
     SessionError,
     SessionNotLoaded,
 )
+from .sessions import Session, SessionInfo, SessionMiddleware, SessionStore
 
 __version__ = "0.1.0"
 
@@ -22,7 +23,11 @@ __all__ = [
     "CacheNotConfigured",
     "CookieTooLarge",
     "DuplicateMiddleware",
+    "Session",
     "SessionError",
+    "SessionInfo",
+    "SessionMiddleware",
     "SessionNotLoaded",
+    "SessionStore",
     "__version__",
 ]

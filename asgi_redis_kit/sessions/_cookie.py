@@ -1,0 +1,181 @@
+"""The session cookie: signing the id, reading it back, building ``Set-Cookie``.
+
+The cookie carries nothing but the session id signed with itsdangerous (HMAC-SHA256,
+a salt of our own so a token signed for another purpose with the same secret is
+rejected). There is no timestamp in it: expiry is decided by Redis and the
+server-side creation time, so clock skew between app servers cannot reject a
+valid cookie (itsdangerous issue #400 does not apply).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from typing import Literal
+
+from itsdangerous import BadData, Signer
+from starlette.datastructures import Secret
+from starlette.types import Scope
+
+from ..errors import CookieTooLarge
+
+SALT = "asgi_redis_kit.session"
+# secrets.token_urlsafe(32): 32 random bytes, 43 url-safe base64 characters.
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{43}")
+# id (43) + "." + base64 HMAC-SHA256 (43); anything much longer is not ours, so we
+# do not even spend an HMAC on it.
+_MAX_COOKIE_VALUE = 128
+# RFC 6265 cookie-name is an RFC 7230 token.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Path and Domain must not smuggle another attribute or header.
+_ATTRIBUTE_VALUE = re.compile(r"[\x21-\x3a\x3c-\x7e]+")
+MAX_SET_COOKIE = 4096
+# Used to size the longest header we could ever emit.
+_LONGEST_VALUE = "x" * 87
+_LONGEST_MAX_AGE = 10**10
+
+SameSite = Literal["lax", "strict", "none"]
+
+
+class CookieSigner:
+    """Signs session ids and verifies them with any of the configured keys.
+
+    Parameters:
+        secret_key: one key, or a list from oldest to newest (itsdangerous'
+            order). The newest signs; all verify, so keys can be rotated without
+            logging everyone out.
+    """
+
+    def __init__(self, secret_key: str | Secret | Sequence[str]) -> None:
+        if isinstance(secret_key, Secret):
+            secret_key = str(secret_key)
+        keys = [secret_key] if isinstance(secret_key, str) else list(secret_key)
+        if not keys or not all(isinstance(key, str) and key for key in keys):
+            raise ValueError(
+                "secret_key must be a non-empty string or a list of them (oldest first, "
+                "newest last); generate one with `python -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))'`"
+            )
+        self._newest = Signer(keys[-1], salt=SALT, digest_method=hashlib.sha256)
+        # Only built when rotating: verifying an old-key cookie costs one more HMAC.
+        self._older = (
+            Signer(keys[:-1], salt=SALT, digest_method=hashlib.sha256) if len(keys) > 1 else None
+        )
+
+    def __repr__(self) -> str:
+        return "<CookieSigner keys=hidden>"
+
+    def sign(self, session_id: str) -> str:
+        return self._newest.sign(session_id).decode("ascii")
+
+    def unsign(self, value: str) -> tuple[str, bool] | None:
+        """The session id in ``value`` and whether it must be re-signed with the
+        newest key, or ``None`` when the value is not a valid cookie of ours."""
+        if len(value) > _MAX_COOKIE_VALUE or not value.isascii():
+            return None
+        resign = False
+        try:
+            raw = self._newest.unsign(value)
+        except BadData:
+            if self._older is None:
+                return None
+            try:
+                raw = self._older.unsign(value)
+            except BadData:
+                return None
+            resign = True
+        session_id = raw.decode("ascii")
+        if _SESSION_ID.fullmatch(session_id) is None:
+            return None
+        return session_id, resign
+
+
+def cookie_values(scope: Scope, name: str) -> list[str]:
+    """Every value the client sent for cookie ``name``, in order.
+
+    Browsers may send one name twice (a host-only and a domain cookie, or two
+    paths); the caller tries them in order and uses the first that verifies.
+    Bytes are decoded as latin-1 so any input decodes; non-ASCII never verifies.
+    """
+    found: list[str] = []
+    for key, raw in scope.get("headers", ()):
+        if key != b"cookie":
+            continue
+        for part in raw.decode("latin-1").split(";"):
+            cookie_name, sep, value = part.strip().partition("=")
+            if sep and cookie_name.strip() == name:
+                found.append(value.strip().strip('"'))
+    return found
+
+
+class CookieSettings:
+    """The attributes of the session cookie, validated once at startup."""
+
+    def __init__(
+        self,
+        *,
+        cookie_name: str,
+        same_site: SameSite,
+        secure: bool | Literal["auto"],
+        path: str,
+        domain: str | None,
+        partitioned: bool,
+        host_prefix: bool,
+    ) -> None:
+        if not isinstance(cookie_name, str) or _TOKEN.fullmatch(cookie_name) is None:
+            raise ValueError(f"cookie_name={cookie_name!r} is not a valid cookie name")
+        if same_site not in ("lax", "strict", "none"):
+            raise ValueError(f"same_site must be 'lax', 'strict' or 'none', got {same_site!r}")
+        if secure not in (True, False, "auto"):
+            raise ValueError(f"secure must be True, False or 'auto', got {secure!r}")
+        if not path.startswith("/") or _ATTRIBUTE_VALUE.fullmatch(path) is None:
+            raise ValueError(f"path={path!r} must start with '/' and contain no ';' or spaces")
+        if domain is not None and _ATTRIBUTE_VALUE.fullmatch(domain) is None:
+            raise ValueError(f"domain={domain!r} is not a valid cookie domain")
+        if host_prefix:
+            # Browsers drop __Host- cookies that are not Secure, have a Domain or
+            # another Path; refuse such a config rather than fail silently in the field.
+            if secure is False:
+                raise ValueError("host_prefix=True needs a Secure cookie; drop secure=False")
+            if domain is not None:
+                raise ValueError(f"host_prefix=True forbids a Domain; drop domain={domain!r}")
+            if path != "/":
+                raise ValueError(f"host_prefix=True needs path='/', got path={path!r}")
+            # A __Host- cookie is always Secure (browsers accept that on localhost too).
+            secure = True
+        if same_site == "none" and secure is False:
+            raise ValueError("same_site='none' needs a Secure cookie; drop secure=False")
+        if partitioned and secure is False:
+            raise ValueError("partitioned=True needs a Secure cookie; drop secure=False")
+        self.name = f"__Host-{cookie_name}" if host_prefix else cookie_name
+        self.secure = secure
+        attributes = [f"Path={path}"]
+        if domain is not None:
+            attributes.append(f"Domain={domain}")
+        attributes += ["HttpOnly", f"SameSite={same_site.capitalize()}"]
+        self._attributes = "; ".join(attributes)
+        self._partitioned = partitioned
+        longest = self.set_cookie(_LONGEST_VALUE, _LONGEST_MAX_AGE, scheme="https")
+        if len(longest) > MAX_SET_COOKIE:
+            raise CookieTooLarge(
+                f"the session Set-Cookie header would be {len(longest)} bytes, over the "
+                f"{MAX_SET_COOKIE} browsers accept; shorten cookie_name, path or domain"
+            )
+
+    def _tail(self, scheme: str) -> str:
+        tail = self._attributes
+        if self.secure is True or (self.secure == "auto" and scheme in ("https", "wss")):
+            tail += "; Secure"
+        if self._partitioned:
+            tail += "; Partitioned"
+        return tail
+
+    def set_cookie(self, value: str, max_age: int, *, scheme: str) -> str:
+        return f"{self.name}={value}; Max-Age={max_age}; {self._tail(scheme)}"
+
+    def expire_cookie(self, *, scheme: str) -> str:
+        # Expires as well as Max-Age=0 for clients that only know Expires.
+        return (
+            f"{self.name}=; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT; {self._tail(scheme)}"
+        )

@@ -1,0 +1,262 @@
+"""SessionMiddleware: load before the handler, save before the response headers.
+
+Session access is synchronous (``request.session["x"]``) but Redis is not, so a
+request that presents a valid cookie has its session loaded up front (one round
+trip). A request without a usable cookie costs nothing until the handler stores
+something. Changes are saved when the response starts -- the last moment a
+``Set-Cookie`` can still be added -- and only for statuses below 500.
+
+Sessions fail closed: when Redis does not answer, a request that needs the session
+(it brings a cookie, or its handler stored something) gets a 503 with
+``Retry-After`` and no ``Set-Cookie``, instead of an anonymous session that would
+overwrite or fork the real one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Literal
+
+from starlette.datastructures import MutableHeaders, Secret
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .._redis import DEFAULT_MAX_CONNECTIONS, Backend, RedisLike, serve_with_lifespan_close
+from ..errors import BackendUnavailable, DuplicateMiddleware
+from ._cookie import CookieSettings, CookieSigner, SameSite, cookie_values
+from ._session import CookieAction, Session
+from ._store import SessionStore
+
+logger = logging.getLogger("asgi_redis_kit.sessions")
+
+_MARK = "asgi_redis_kit.sessions"
+_UNAVAILABLE_BODY = b"Service unavailable: the session store did not answer. Retry shortly.\n"
+
+
+class SessionMiddleware:
+    """Redis-backed server-side sessions in ``scope["session"]`` (``request.session``).
+
+    Parameters:
+        app: the ASGI app to wrap.
+        secret_key: signs the cookie; a list (oldest first, newest last) rotates keys.
+        redis: a URL (``redis://``, ``rediss://``, ``unix://``, ``memory://``) or a
+            ready ``Redis``/``RedisCluster`` client (never closed by us).
+        cookie_name: the cookie's name (``__Host-`` is prepended with ``host_prefix``).
+        key_prefix: prefix of every Redis key; share it with :class:`SessionStore`.
+        idle_timeout: seconds of inactivity after which a session ends.
+        absolute_lifetime: seconds after creation when a session ends anyway;
+            ``None`` for no limit.
+        same_site, secure, path, domain, partitioned: cookie attributes.
+            ``secure="auto"`` sets Secure on https only, so ``http://localhost`` works.
+        host_prefix: name the cookie ``__Host-<cookie_name>`` (needs Secure, path
+            ``/`` and no domain).
+        timeout: deadline in seconds of every Redis call.
+        max_connections: pool size of a client made from a URL.
+        retry_after: the ``Retry-After`` seconds sent with a 503.
+        store: a ready :class:`SessionStore`, instead of ``redis``/``key_prefix``/
+            timeouts.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        secret_key: str | Secret | Sequence[str],
+        redis: RedisLike = "redis://localhost:6379/0",
+        cookie_name: str = "session",
+        key_prefix: str = "ark:s:",
+        idle_timeout: float = 14 * 24 * 3600,
+        absolute_lifetime: float | None = 30 * 24 * 3600,
+        same_site: SameSite = "lax",
+        secure: bool | Literal["auto"] = "auto",
+        path: str = "/",
+        domain: str | None = None,
+        partitioned: bool = False,
+        host_prefix: bool = False,
+        timeout: float = 1.0,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        retry_after: int = 5,
+        store: SessionStore | None = None,
+    ) -> None:
+        self.app = app
+        self.signer = CookieSigner(secret_key)
+        self.cookie = CookieSettings(
+            cookie_name=cookie_name,
+            same_site=same_site,
+            secure=secure,
+            path=path,
+            domain=domain,
+            partitioned=partitioned,
+            host_prefix=host_prefix,
+        )
+        if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0:
+            raise ValueError(f"retry_after must be a whole number of seconds, got {retry_after!r}")
+        self.retry_after = retry_after
+        self.store = store or SessionStore(
+            Backend(redis, timeout=timeout, max_connections=max_connections),
+            key_prefix=key_prefix,
+            idle_timeout=idle_timeout,
+            absolute_lifetime=absolute_lifetime,
+        )
+
+    def __repr__(self) -> str:
+        return f"<SessionMiddleware cookie={self.cookie.name!r} {self.store!r}>"
+
+    async def aclose(self) -> None:
+        """Close the Redis client if it was made from a URL (lifespan does this too)."""
+        await self.store.aclose()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind not in ("http", "websocket", "lifespan"):
+            await self.app(scope, receive, send)
+            return
+        self._mark(scope)
+        if kind == "lifespan":
+            await serve_with_lifespan_close(self.app, scope, receive, send, self.aclose)
+            return
+        try:
+            session = await self._load(scope)
+        except BackendUnavailable:
+            logger.warning("session store unavailable while loading a session")
+            await self._unavailable(scope, send)
+            return
+        scope["session"] = session
+        if kind == "websocket":
+            # Websockets read the session; there is no response to carry a cookie,
+            # so changes made there are not saved.
+            await self.app(scope, receive, send)
+            return
+        responder = _Responder(self, scope, session, send)
+        try:
+            await self.app(scope, receive, responder.send)
+        except BackendUnavailable:
+            # session.incr() in the handler could not reach Redis.
+            if responder.started:
+                raise
+            logger.warning("session store unavailable during the request")
+            await self._unavailable(scope, send)
+
+    def _mark(self, scope: Scope) -> None:
+        if _MARK in scope:
+            raise DuplicateMiddleware(
+                "SessionMiddleware runs twice on the same request. It is probably added "
+                "both with app.add_middleware(SessionMiddleware, ...) and in "
+                "middleware=[Middleware(SessionMiddleware, ...)], or by a mounted "
+                "sub-application as well; keep one."
+            )
+        if "session" in scope:
+            raise DuplicateMiddleware(
+                "another session middleware already set scope['session'] (for example "
+                "starlette.middleware.sessions.SessionMiddleware); use only one"
+            )
+        scope[_MARK] = True
+
+    async def _load(self, scope: Scope) -> Session:
+        """The request's session; touches Redis only for a correctly signed id."""
+        for value in cookie_values(scope, self.cookie.name):
+            verified = self.signer.unsign(value)
+            if verified is None:
+                continue
+            session_id, resign = verified
+            record = await self.store.load(session_id)
+            if record is None:
+                # Strict mode: an unknown id is never adopted; the next save gets a
+                # fresh one.
+                return Session(self.store, stale_cookie=True)
+            return Session(self.store, session_id=session_id, record=record, resign=resign)
+        return Session(self.store)
+
+    async def _unavailable(self, scope: Scope, send: Send) -> None:
+        if scope["type"] == "websocket":
+            # 1013 "Try Again Later"; before accept the server turns it into a 403.
+            await send({"type": "websocket.close", "code": 1013})
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 503,
+                "headers": [
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", str(len(_UNAVAILABLE_BODY)).encode()),
+                    (b"retry-after", str(self.retry_after).encode()),
+                    (b"cache-control", b"no-store"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": _UNAVAILABLE_BODY})
+
+
+class _Responder:
+    """Per-request state: saves the session as the response starts."""
+
+    __slots__ = ("middleware", "replaced", "scope", "send_downstream", "session", "started")
+
+    def __init__(
+        self, middleware: SessionMiddleware, scope: Scope, session: Session, send: Send
+    ) -> None:
+        self.middleware = middleware
+        self.scope = scope
+        self.session = session
+        self.send_downstream = send
+        self.started = False
+        # True once our 503 replaced the app's response; the app's messages are dropped.
+        self.replaced = False
+
+    async def send(self, message: Message) -> None:
+        if self.replaced:
+            return
+        kind = message["type"]
+        if kind == "http.response.start":
+            await self._start(message)
+            return
+        await self.send_downstream(message)
+        finished = kind == "http.response.body" and not message.get("more_body", False)
+        if finished and self.session._late_changes():
+            logger.warning(
+                "session changed after the response headers were sent "
+                "(in a streaming body or background task); those changes are not saved"
+            )
+
+    async def _start(self, message: Message) -> None:
+        session = self.session
+        action: CookieAction | None = None
+        if message["status"] >= 500:
+            session._discard()
+        else:
+            started = time.monotonic()
+            try:
+                action = await session._save()
+            except BackendUnavailable:
+                logger.warning(
+                    "session store unavailable while saving (after %.2fs); answering 503",
+                    time.monotonic() - started,
+                )
+                self.replaced = True
+                await self.middleware._unavailable(self.scope, self.send_downstream)
+                return
+        message.setdefault("headers", [])
+        headers = MutableHeaders(scope=message)
+        if session.accessed and not _varies_on_cookie(headers):
+            headers.add_vary_header("Cookie")
+        if action is not None:
+            scheme = self.scope.get("scheme", "http")
+            cookie = self.middleware.cookie
+            if action.kind == "set":
+                value = self.middleware.signer.sign(action.session_id)
+                headers.append(
+                    "set-cookie", cookie.set_cookie(value, action.max_age, scheme=scheme)
+                )
+            else:
+                headers.append("set-cookie", cookie.expire_cookie(scheme=scheme))
+        self.started = True
+        await self.send_downstream(message)
+
+
+def _varies_on_cookie(headers: MutableHeaders) -> bool:
+    return any(
+        token.strip().lower() in ("cookie", "*")
+        for value in headers.getlist("vary")
+        for token in value.split(",")
+    )

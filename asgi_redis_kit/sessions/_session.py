@@ -1,0 +1,307 @@
+"""``request.session``: a dict that knows how to save only what changed.
+
+Like Starlette's own ``Session`` it is a ``dict`` subclass, so handlers written for
+Starlette keep working. Changes are not tracked on each write: at save time every
+value is encoded again and compared with what was loaded, which also catches nested
+mutation (``session["cart"].append(x)``) that no ``__setitem__`` hook can see.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+from starlette.requests import HTTPConnection
+
+from ..errors import SessionNotLoaded
+from ._store import CREATED, DATA, EMPTIED, GONE, USER, Record, SessionStore, handle_of
+
+logger = logging.getLogger("asgi_redis_kit.sessions")
+
+
+def new_session_id() -> str:
+    """256 random bits from ``secrets``, as 43 url-safe characters."""
+    return secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class CookieAction:
+    """What the response must tell the browser after a save."""
+
+    kind: Literal["set", "expire"]
+    session_id: str = ""
+    max_age: int = 0
+
+
+class Session(dict[str, Any]):
+    """The session of one request: a ``dict[str, Any]`` of JSON-able values.
+
+    Beyond the dict interface:
+
+    * :meth:`regenerate` -- new id at save time, data kept (call it at login);
+    * :meth:`clear` -- logout: the record is deleted and the cookie expired;
+    * :meth:`incr` -- an atomic counter that concurrent requests cannot lose;
+    * :meth:`bind_user` / :attr:`user_id` -- the per-user index behind
+      :meth:`SessionStore.user_sessions` and :meth:`SessionStore.revoke_user`;
+    * :attr:`accessed`, :attr:`is_new`, :attr:`handle`, :attr:`store`.
+
+    Use :meth:`Session.of` to get it with its real type (Starlette types
+    ``request.session`` as a plain dict).
+    """
+
+    # Tell Starlette's Request.session (and readers like the response cache) that
+    # the response depends on the session.
+    accessed: bool
+
+    def __init__(
+        self,
+        store: SessionStore,
+        *,
+        session_id: str | None = None,
+        record: Record | None = None,
+        resign: bool = False,
+        stale_cookie: bool = False,
+    ) -> None:
+        super().__init__(record.data if record is not None else {})
+        self.accessed = False
+        self._store = store
+        # The id of the stored record; None until a new session is first saved.
+        self._id = session_id if record is not None else None
+        self._snapshot: dict[str, bytes] = dict(record.encoded) if record is not None else {}
+        self._created_ms = record.created_ms if record is not None else 0
+        self._pttl_ms = record.pttl_ms if record is not None else 0
+        self._stored_user = record.user_id if record is not None else None
+        self._user = self._stored_user
+        self._resign = resign and record is not None
+        # The browser holds a cookie that leads nowhere: expire it unless we store data.
+        self._stale_cookie = stale_cookie
+        # Records to delete at save: (id, bound user), from regenerate() and clear().
+        self._drop: list[tuple[str, str | None]] = []
+        self._saved = False
+        self._warned_late = False
+
+    def __repr__(self) -> str:
+        # Never the id: reprs end up in logs and tracebacks.
+        return f"<Session {dict.__repr__(self)} new={self.is_new}>"
+
+    @classmethod
+    def of(cls, conn: HTTPConnection) -> Session:
+        """The session of a request or websocket, typed as :class:`Session`."""
+        session = conn.scope.get("session")
+        if not isinstance(session, Session):
+            raise SessionNotLoaded(
+                "this request has no asgi_redis_kit session; add "
+                "SessionMiddleware(app, secret_key=..., redis=...) around the app"
+            )
+        session.mark_accessed()
+        return session
+
+    # -- state --------------------------------------------------------------------
+
+    def mark_accessed(self) -> None:
+        """Called by Starlette's ``request.session``: the response varies on it."""
+        self.accessed = True
+
+    @property
+    def is_new(self) -> bool:
+        """True until the session has a record in Redis."""
+        return self._id is None
+
+    @property
+    def handle(self) -> str | None:
+        """A non-secret name of the stored session (see :class:`SessionInfo`)."""
+        return None if self._id is None else handle_of(self._id)
+
+    @property
+    def user_id(self) -> str | None:
+        return self._user
+
+    @property
+    def store(self) -> SessionStore:
+        return self._store
+
+    # -- operations ---------------------------------------------------------------
+
+    def regenerate(self) -> None:
+        """Give the session a new id when it is saved, keeping its data (login).
+
+        The old record is deleted, so a copy of the old cookie gets an empty session.
+        """
+        self.accessed = True
+        self._forget_record()
+
+    def clear(self) -> None:
+        """Log out: empty the session, delete its record and expire the cookie.
+
+        Data set after ``clear()`` in the same request goes into a new session with
+        a new id.
+        """
+        self.accessed = True
+        super().clear()
+        self._forget_record()
+        self._user = None
+
+    def bind_user(self, user_id: str) -> None:
+        """Bind the session to ``user_id`` when it is saved, adding it to that user's
+        index. Call :meth:`regenerate` at login too, against session fixation."""
+        if not isinstance(user_id, str) or not user_id:
+            raise TypeError(f"user_id must be a non-empty string, got {user_id!r}")
+        self.accessed = True
+        self._user = user_id
+
+    async def incr(self, key: str, amount: int = 1) -> int:
+        """Add ``amount`` to the integer ``session[key]`` (missing counts as 0) and
+        return the new value.
+
+        On a stored session this is one atomic Redis command, applied at once and
+        kept even if the handler fails later, so concurrent requests never lose a
+        count. On a session nobody else can see yet (new, or regenerated or cleared
+        in this request) it is a local change saved with the rest.
+        """
+        if not isinstance(key, str):
+            raise TypeError(f"session keys are strings, got {key!r}")
+        if isinstance(amount, bool) or not isinstance(amount, int):
+            raise TypeError(f"amount must be an int, got {amount!r}")
+        self.accessed = True
+        if self._id is not None:
+            value = await self._store.incr(self._id, key, amount)
+            if value is not None:
+                dict.__setitem__(self, key, value)
+                self._snapshot[key] = orjson.dumps(value)
+                return value
+            # Logged out, revoked or expired by another request meanwhile.
+            logger.info("session ended during the request; continuing with a new one")
+            super().clear()
+            self._id = None
+            self._snapshot = {}
+            self._user = self._stored_user = None
+            self._stale_cookie = True
+        current = self.get(key, 0)
+        if isinstance(current, bool) or not isinstance(current, int):
+            raise TypeError(f"session[{key!r}] is {current!r}, not an integer")
+        self[key] = current + amount
+        return current + amount
+
+    def _forget_record(self) -> None:
+        if self._id is not None:
+            self._drop.append((self._id, self._stored_user))
+        self._id = None
+        self._snapshot = {}
+        self._stored_user = None
+
+    # -- saving (called by the middleware) ----------------------------------------
+
+    def _encoded(self) -> dict[str, bytes]:
+        encoded: dict[str, bytes] = {}
+        for key, value in self.items():
+            if not isinstance(key, str):
+                raise TypeError(f"session keys must be strings, got {key!r}")
+            encoded[key] = orjson.dumps(value)
+        return encoded
+
+    def _changed_since_save(self) -> bool:
+        if self._drop or self._user != self._stored_user:
+            return True
+        try:
+            return self._encoded() != self._snapshot
+        except TypeError:  # an unserialisable value is a change we cannot save either
+            return True
+
+    async def _save(self) -> CookieAction | None:
+        """Persist what changed, in at most one round trip; say what to do with
+        the cookie."""
+        self._saved = True
+        encoded = self._encoded()
+        store = self._store
+        if self._id is None:
+            return await self._save_new(encoded)
+        ttl = store.ttl_ms(self._created_ms)
+        if ttl <= 0:
+            # Reached its absolute lifetime during this request.
+            await store.delete([(self._id, self._stored_user)])
+            return self._ended()
+        fields = {DATA + k: v for k, v in encoded.items() if self._snapshot.get(k) != v}
+        deleted = [DATA + k for k in self._snapshot if k not in encoded]
+        bind = unbind = None
+        if self._user != self._stored_user:
+            bind, unbind = self._user, self._stored_user
+            if self._user is None:
+                deleted.append(USER)
+            else:
+                fields[USER] = self._user.encode()
+        refreshed = bool(fields or deleted)
+        if refreshed:
+            result = await store.save(
+                self._id,
+                create=False,
+                fields=fields,
+                deleted=deleted,
+                ttl_ms=ttl,
+                bind=bind,
+                unbind=unbind,
+            )
+            if result in (GONE, EMPTIED):
+                return self._ended()
+        elif store.touch_due(self._pttl_ms, self._created_ms):
+            refreshed = True
+            if not await store.touch(self._id, ttl):
+                return self._ended()
+        self._snapshot = encoded
+        self._stored_user = self._user
+        # The cookie must outlive the session: with an absolute lifetime its Max-Age
+        # already does; without one it follows each TTL refresh.
+        if self._resign or (refreshed and store.absolute_ms is None):
+            return CookieAction("set", self._id, self._max_age(ttl))
+        return None
+
+    async def _save_new(self, encoded: dict[str, bytes]) -> CookieAction | None:
+        store = self._store
+        if not encoded and self._user is None:
+            # Empty sessions are never stored; just finish what regenerate/clear began.
+            await store.delete(self._drop)
+            ended = bool(self._drop) or self._stale_cookie
+            self._drop = []
+            return CookieAction("expire") if ended else None
+        session_id = new_session_id()
+        created = store.now_ms()
+        ttl = store.ttl_ms(created)
+        fields = {DATA + k: v for k, v in encoded.items()}
+        fields[CREATED] = str(created).encode()
+        if self._user is not None:
+            fields[USER] = self._user.encode()
+        await store.save(
+            session_id, create=True, fields=fields, ttl_ms=ttl, drop=self._drop, bind=self._user
+        )
+        self._id, self._created_ms, self._pttl_ms = session_id, created, ttl
+        self._snapshot = encoded
+        self._stored_user = self._user
+        self._drop = []
+        return CookieAction("set", session_id, self._max_age(ttl))
+
+    def _ended(self) -> CookieAction:
+        self._id = None
+        self._snapshot = self._encoded()
+        self._stored_user = self._user
+        self._drop = []
+        return CookieAction("expire")
+
+    def _max_age(self, ttl_ms: int) -> int:
+        return max(1, math.ceil(ttl_ms / 1000))
+
+    def _discard(self) -> None:
+        """The response is an error: drop this request's changes."""
+        self._saved = True
+        self._warned_late = True
+
+    def _late_changes(self) -> bool:
+        """True once if the session changed after it was saved (while streaming)."""
+        if not self._saved or self._warned_late:
+            return False
+        if self._changed_since_save():
+            self._warned_late = True
+            return True
+        return False
