@@ -58,7 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 secret_key=settings.secret_key,
                 redis=settings.redis_url,
                 cookie_name=COOKIE_NAME,
-                cookie_path=COOKIE_PATH,
+                path=COOKIE_PATH,
             ),
         ],
     )
@@ -67,7 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse)
     async def home(request: Request) -> HTMLResponse:
-        session = request.session
+        session = web.session_of(request)
         visits = await session.incr("visits")
         user = session.user_id
         count = len(await session.store.user_sessions(user)) if user else 0
@@ -75,14 +75,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             visits=visits,
             user=user,
             user_sessions=count,
-            fingerprint=web.cookie_fingerprint(request),
+            handle=session.handle,
             status=web.status_of(request),
         )
         return HTMLResponse(html)
 
     @app.post("/reset", dependencies=[SameOrigin])
     async def reset(request: Request) -> RedirectResponse:
-        request.session.pop("visits", None)
+        web.session_of(request).pop("visits", None)
         return _back()
 
     @app.post("/login", dependencies=[SameOrigin])
@@ -93,22 +93,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return _back()
         # A new id on every privilege change defeats session fixation; the data
         # (the visit counter) comes along.
-        request.session.regenerate()
-        request.session.bind_user(name)
+        session = web.session_of(request)
+        session.regenerate()
+        session.bind_user(name)
         return _back()
 
     @app.post("/logout", dependencies=[SameOrigin])
     async def logout(request: Request) -> RedirectResponse:
-        request.session.clear()
+        web.session_of(request).clear()
         return _back()
 
     @app.post("/logout-everywhere", dependencies=[SameOrigin])
     async def logout_everywhere(request: Request) -> RedirectResponse:
-        user = request.session.user_id
-        if user is not None:
-            await request.session.store.revoke_user(user)
+        session = web.session_of(request)
+        if session.user_id is not None:
+            await session.store.revoke_user(session.user_id)
         # Revoking deleted this session's record too; clear() also expires the cookie.
-        request.session.clear()
+        session.clear()
         return _back()
 
     @app.get("/report", response_class=HTMLResponse)

@@ -104,7 +104,7 @@ def home_page(
     visits: int,
     user: str | None,
     user_sessions: int,
-    fingerprint: str | None,
+    handle: str | None,
     status: Status,
 ) -> str:
     if user is None:
@@ -129,10 +129,10 @@ def home_page(
       <button class="danger" type="submit" id="logout-everywhere">Log out everywhere</button>
     </form>
   </div>"""
-    shown_fingerprint = (
-        f'<span class="mono" id="fingerprint">{escape(fingerprint)}</span>'
-        if fingerprint
-        else '<span id="fingerprint">none yet (this is your first request)</span>'
+    shown_handle = (
+        f'<span class="mono" id="handle">{escape(handle[:16])}</span>'
+        if handle
+        else '<span id="handle">none yet: this is your first request</span>'
     )
     body = f"""
 <section class="card wide">
@@ -149,10 +149,11 @@ def home_page(
 </section>
 <section class="card">
   <h2>Your session</h2>
-  <p class="muted">The cookie holds only a signed id; the data lives in one Redis hash.
-  It is <code>HttpOnly</code>, so page scripts cannot read it.</p>
-  <p>Cookie fingerprint: {shown_fingerprint}</p>
-  <p class="muted">A hash of the cookie, never the cookie: watch it change when you log in.</p>
+  <p class="muted">The cookie carries only a signed id; the data lives in one Redis
+  hash. The cookie is <code>HttpOnly</code>, so page scripts cannot read it.</p>
+  <p>Session handle: {shown_handle}</p>
+  <p class="muted">A hash of the session id, safe to show: watch it change when you
+  log in, as the id is rotated.</p>
 </section>"""
     return _layout("Número de visitas", "/", body, status)
 

@@ -38,7 +38,7 @@ def _back(path: str = "/") -> RedirectResponse:
 
 
 async def home(request: Request) -> HTMLResponse:
-    session = request.session
+    session = web.session_of(request)
     visits = await session.incr("visits")
     user = session.user_id
     count = len(await session.store.user_sessions(user)) if user else 0
@@ -46,7 +46,7 @@ async def home(request: Request) -> HTMLResponse:
         visits=visits,
         user=user,
         user_sessions=count,
-        fingerprint=web.cookie_fingerprint(request),
+        handle=session.handle,
         status=web.status_of(request),
     )
     return HTMLResponse(html)
@@ -55,7 +55,7 @@ async def home(request: Request) -> HTMLResponse:
 async def reset(request: Request) -> RedirectResponse | PlainTextResponse:
     if not web.is_same_origin(request):
         return _forbidden()
-    request.session.pop("visits", None)
+    web.session_of(request).pop("visits", None)
     return _back()
 
 
@@ -67,26 +67,27 @@ async def login(request: Request) -> RedirectResponse | PlainTextResponse:
         return _back()
     # A new id on every privilege change defeats session fixation; the data
     # (the visit counter) comes along.
-    request.session.regenerate()
-    request.session.bind_user(name)
+    session = web.session_of(request)
+    session.regenerate()
+    session.bind_user(name)
     return _back()
 
 
 async def logout(request: Request) -> RedirectResponse | PlainTextResponse:
     if not web.is_same_origin(request):
         return _forbidden()
-    request.session.clear()
+    web.session_of(request).clear()
     return _back()
 
 
 async def logout_everywhere(request: Request) -> RedirectResponse | PlainTextResponse:
     if not web.is_same_origin(request):
         return _forbidden()
-    user = request.session.user_id
-    if user is not None:
-        await request.session.store.revoke_user(user)
+    session = web.session_of(request)
+    if session.user_id is not None:
+        await session.store.revoke_user(session.user_id)
     # Revoking deleted this session's record too; clear() also expires the cookie.
-    request.session.clear()
+    session.clear()
     return _back()
 
 
@@ -146,7 +147,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             secret_key=settings.secret_key,
             redis=settings.redis_url,
             cookie_name=COOKIE_NAME,
-            cookie_path=COOKIE_PATH,
+            path=COOKIE_PATH,
         ),
     ]
     app = Starlette(routes=routes, middleware=middleware)

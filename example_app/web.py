@@ -8,7 +8,6 @@ and the framework's own idioms differ between ``starlette_app`` and
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from datetime import UTC, datetime
 from urllib.parse import parse_qs, urlsplit
 
@@ -16,8 +15,10 @@ from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from asgi_redis_kit import Session
+
 from .pages import Status
-from .settings import COOKIE_NAME, Settings
+from .settings import Settings
 
 MAX_FORM_BYTES = 4096
 MAX_NAME_LENGTH = 40
@@ -37,16 +38,9 @@ def status_of(request: Request) -> Status:
     )
 
 
-def cookie_fingerprint(request: Request) -> str | None:
-    """A short hash of the session cookie this request carried.
-
-    Showing it makes id rotation visible on the page without ever putting the
-    cookie itself (a bearer credential) into HTML a script could read.
-    """
-    cookie = request.cookies.get(COOKIE_NAME)
-    if not cookie:
-        return None
-    return hashlib.sha256(cookie.encode()).hexdigest()[:12]
+def session_of(request: Request) -> Session:
+    # Starlette types request.session as a plain dict; this is the real type.
+    return Session.of(request)
 
 
 def is_same_origin(request: Request) -> bool:

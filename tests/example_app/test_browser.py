@@ -130,13 +130,13 @@ def test_session_cookie_is_httponly(page: Page, context: BrowserContext) -> None
 def test_login_changes_the_cookie(page: Page, context: BrowserContext) -> None:
     page.goto("/")
     before = session_cookie(context)
-    page.reload()  # now the page shows the fingerprint of the cookie it got
-    fingerprint_before = page.locator("#fingerprint").inner_text()
+    page.reload()  # now the page shows the handle of the stored session
+    handle_before = page.locator("#handle").inner_text()
 
     log_in(page, "Ada")
     after = session_cookie(context)
     assert after != before
-    assert page.locator("#fingerprint").inner_text() != fingerprint_before
+    assert page.locator("#handle").inner_text() != handle_before
     assert page.locator("#session-count").inner_text() == "1"
     assert visits(page) == 3, "the visit count survives the id rotation"
 
