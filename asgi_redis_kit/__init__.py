@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .cache import Cache, CacheMiddleware, CacheStats, cached, get_cache
 from .errors import (
     AsgiRedisKitError,
     BackendUnavailable,
@@ -19,8 +20,11 @@ __version__ = "0.1.0"
 __all__ = [
     "AsgiRedisKitError",
     "BackendUnavailable",
+    "Cache",
     "CacheError",
+    "CacheMiddleware",
     "CacheNotConfigured",
+    "CacheStats",
     "CookieTooLarge",
     "DuplicateMiddleware",
     "Session",
@@ -30,4 +34,6 @@ __all__ = [
     "SessionNotLoaded",
     "SessionStore",
     "__version__",
+    "cached",
+    "get_cache",
 ]

@@ -1,0 +1,307 @@
+"""The Cache: Redis access, counters and invalidation, usable with or without requests."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote
+
+from redis.asyncio.cluster import RedisCluster
+from starlette.datastructures import URL
+from starlette.requests import HTTPConnection
+
+from .._redis import Backend, RedisClient, RedisLike
+from ..errors import BackendUnavailable
+from ._breaker import CircuitBreaker
+from ._entry import Entry, decode
+from ._keys import CacheKey, KeyScheme, canonical_query, request_host
+from ._lock import ACQUIRE, RELEASE, STORE_AND_RELEASE, SingleFlight, new_token
+from ._policy import DEFAULT_CACHEABLE_STATUSES
+
+logger = logging.getLogger("asgi_redis_kit.cache")
+
+DEFAULT_MAX_LIFETIME = 7 * 24 * 3600
+
+
+@dataclass
+class CacheStats:
+    """Counters since the Cache was created. Plain ints and Counters: read them,
+    reset them with :meth:`reset`, export them to your metrics system."""
+
+    hits: int = 0
+    misses: int = 0
+    stale: int = 0
+    not_modified: int = 0
+    stores: int = 0
+    refreshes: int = 0
+    errors: int = 0
+    bypass: Counter[str] = field(default_factory=Counter)
+    not_stored: Counter[str] = field(default_factory=Counter)
+
+    def reset(self) -> None:
+        self.hits = self.misses = self.stale = self.not_modified = 0
+        self.stores = self.refreshes = self.errors = 0
+        self.bypass.clear()
+        self.not_stored.clear()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "stale": self.stale,
+            "not_modified": self.not_modified,
+            "stores": self.stores,
+            "refreshes": self.refreshes,
+            "errors": self.errors,
+            "bypass": dict(self.bypass),
+            "not_stored": dict(self.not_stored),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """What one lookup round trip found: the entry if it is still valid for the
+    current namespace/URL/tag versions, and those versions (stored with a new entry)."""
+
+    entry: Entry | None
+    versions: tuple[int, ...]
+
+
+def _versions(raw: Sequence[Any]) -> tuple[int, ...]:
+    return tuple(int(value) if value is not None else 0 for value in raw)
+
+
+class Cache:
+    """The response cache's backend, counters and invalidation API.
+
+    CacheMiddleware creates one; ``get_cache(request)`` returns it. Create one
+    yourself (same ``redis``, ``key_prefix``) in an admin script to invalidate
+    what the app cached.
+
+    Parameters:
+        redis: a URL (``redis://``, ``rediss://``, ``unix://``, ``memory://``) or a
+            ready ``redis.asyncio.Redis``/``RedisCluster`` (left open for you).
+        key_prefix: prefix of every Redis key the cache writes.
+        namespace: namespace of routes that do not name one; :meth:`clear` empties
+            one namespace in O(1).
+        timeout: deadline in seconds for each Redis round trip. Short on purpose:
+            the cache fails open, so waiting longer only slows the response.
+        max_connections: pool size of a client made from a URL.
+        allowed_hosts: hosts whose responses may be cached (``"example.com"``,
+            ``"*.example.com"``); ``None`` caches any host, each under its own key.
+        cacheable_statuses: response statuses that may be stored.
+        session_cookie: name of the session cookie (see ``vary_on_session``).
+        breaker_threshold, breaker_cooldown: consecutive Redis failures that open
+            the circuit breaker, and seconds before it lets a probe through.
+        lock_lease: seconds a leader holds the stampede lease (outlive your slowest handler).
+        lock_wait: seconds a request waits for another one filling the same key
+            before it runs the handler itself.
+        max_lifetime: upper bound, in seconds, of any entry's life in Redis.
+        clock: wall-clock seconds (``time.time``); stored-at times are compared
+            across workers, so it must be a real clock outside tests.
+    """
+
+    def __init__(
+        self,
+        redis: RedisLike = "redis://localhost:6379/0",
+        *,
+        key_prefix: str = "ark:c:",
+        namespace: str = "default",
+        timeout: float = 0.5,
+        max_connections: int = 64,
+        allowed_hosts: Sequence[str] | None = None,
+        cacheable_statuses: Iterable[int] = DEFAULT_CACHEABLE_STATUSES,
+        session_cookie: str = "session",
+        breaker_threshold: int = 5,
+        breaker_cooldown: float = 5.0,
+        lock_lease: float = 10.0,
+        lock_wait: float = 5.0,
+        max_lifetime: float = DEFAULT_MAX_LIFETIME,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not key_prefix:
+            raise ValueError("key_prefix must not be empty: it keeps cache keys apart from others")
+        if not namespace:
+            raise ValueError("namespace must be a non-empty string")
+        if isinstance(allowed_hosts, str):
+            raise TypeError(
+                f"allowed_hosts takes a list of hosts, got the string {allowed_hosts!r}"
+            )
+        if lock_lease <= 0 or lock_wait < 0 or max_lifetime <= 0:
+            raise ValueError("lock_lease and max_lifetime must be positive, lock_wait >= 0")
+        self.backend = Backend(redis, timeout=timeout, max_connections=max_connections)
+        self.keys = KeyScheme(key_prefix)
+        self.namespace = namespace
+        self.allowed_hosts = None if allowed_hosts is None else [h.lower() for h in allowed_hosts]
+        self.cacheable_statuses = frozenset(cacheable_statuses)
+        self.session_cookie = session_cookie
+        self.breaker = CircuitBreaker(threshold=breaker_threshold, cooldown=breaker_cooldown)
+        self.lock_lease = lock_lease
+        self.lock_wait = lock_wait
+        self.max_lifetime = max_lifetime
+        self.clock = clock
+        self.stats = CacheStats()
+        self.flights = SingleFlight()
+        self._background: set[asyncio.Task[None]] = set()
+        client = self.backend.client
+        self._acquire = client.register_script(ACQUIRE)
+        self._release = client.register_script(RELEASE)
+        self._store = client.register_script(STORE_AND_RELEASE)
+
+    def __repr__(self) -> str:
+        return f"<Cache namespace={self.namespace!r} breaker={self.breaker.state}>"
+
+    # -- Redis access, guarded by the breaker -------------------------------------------
+
+    @asynccontextmanager
+    async def _redis(self) -> AsyncIterator[RedisClient]:
+        if not self.breaker.allow():
+            raise BackendUnavailable("the cache's circuit breaker is open")
+        try:
+            async with self.backend.call() as client:
+                yield client
+        except BackendUnavailable:
+            self.breaker.failure()
+            self.stats.errors += 1
+            raise
+        except BaseException:
+            self.breaker.abandon()
+            raise
+        else:
+            self.breaker.success()
+
+    async def _mget(self, client: RedisClient, keys: list[str]) -> list[Any]:
+        if isinstance(client, RedisCluster):
+            # Entry, namespace and tag keys live in different slots on purpose
+            # (spreading load); redis-py groups them by node.
+            return list(await client.mget_nonatomic(keys))
+        return list(await client.mget(keys))
+
+    def _valid(self, raw: bytes | None, versions: tuple[int, ...]) -> Entry | None:
+        if raw is None:
+            return None
+        entry = decode(raw)
+        if entry is None or entry.versions != versions:
+            return None  # written under an older namespace/URL/tag version
+        return entry
+
+    async def lookup(self, key: CacheKey) -> Lookup:
+        """Entry and versions in one round trip (one MGET)."""
+        async with self._redis() as client:
+            raw = await self._mget(client, [key.entry, *key.version_keys])
+        versions = _versions(raw[1:])
+        return Lookup(self._valid(raw[0], versions), versions)
+
+    async def poll(self, key: CacheKey, versions: tuple[int, ...]) -> tuple[Entry | None, bool]:
+        """The entry, and whether someone still holds its lease."""
+        async with self._redis() as client:
+            raw = await self._mget(client, [key.entry, key.lock])
+        return self._valid(raw[0], versions), raw[1] is not None
+
+    async def acquire(
+        self, key: CacheKey, versions: tuple[int, ...]
+    ) -> tuple[str | None, Entry | None]:
+        """Take the lease: (token, None), or (None, entry stored meanwhile), or (None, None)
+        if someone else holds it."""
+        token = new_token()
+        async with self._redis() as client:
+            got, raw = await self._acquire(
+                keys=[key.lock, key.entry], args=[token, int(self.lock_lease * 1000)], client=client
+            )
+        if not got:
+            return None, None
+        entry = self._valid(raw, versions)
+        if entry is not None:
+            await self.release(key, token)
+            return None, entry
+        return token, None
+
+    async def release(self, key: CacheKey, token: str) -> None:
+        async with self._redis() as client:
+            await self._release(keys=[key.lock], args=[token], client=client)
+
+    async def store(self, key: CacheKey, value: bytes, lifetime: float, token: str | None) -> None:
+        px = max(1, int(min(lifetime, self.max_lifetime) * 1000))
+        async with self._redis() as client:
+            await self._store(
+                keys=[key.entry, key.lock], args=[value, px, token or ""], client=client
+            )
+        self.stats.stores += 1
+
+    # -- invalidation ----------------------------------------------------------------------
+
+    async def _bump(self, keys: list[str]) -> None:
+        # Versions outlive every entry written under them, so an expired version
+        # key can never bring back an entry stored before the bump.
+        px = int((self.max_lifetime + 60) * 1000)
+        async with self._redis() as client:
+            pipe = client.pipeline(transaction=not isinstance(client, RedisCluster))
+            for name in keys:
+                pipe.incr(name)
+                pipe.pexpire(name, px)
+            await pipe.execute()
+
+    async def invalidate_tags(self, *tags: str) -> int:
+        """Invalidate every entry stored with any of ``tags`` (filled templates, e.g.
+        ``"item:42"``), in every namespace. O(1) per tag: one INCR, no SCAN.
+        Returns the number of tags bumped."""
+        if tags:
+            await self._bump([self.keys.tag_version(tag) for tag in tags])
+        return len(tags)
+
+    async def invalidate(
+        self, url: str | URL | HTTPConnection, *, namespace: str | None = None
+    ) -> None:
+        """Invalidate every entry of one URL in ``namespace`` (default: the cache's):
+        GET and HEAD, every ``vary=`` variant and every user's entry of that URL.
+
+        ``url`` is an absolute URL (``"https://example.com/items/1?x=1"``, query
+        order does not matter) or a Request for it. One INCR, no SCAN."""
+        if isinstance(url, HTTPConnection):
+            host = request_host(url.scope)
+            path = url.scope.get("path", "")
+            query = canonical_query(url.scope.get("query_string", b""))
+        else:
+            parsed = url if isinstance(url, URL) else URL(url)
+            if not parsed.netloc:
+                raise ValueError(
+                    f"invalidate() needs an absolute URL with a host, got {str(url)!r}; "
+                    "pass e.g. 'https://example.com/items/1' or the Request"
+                )
+            host = parsed.netloc.lower().rsplit("@", 1)[-1]
+            path = unquote(parsed.path) or "/"
+            query = canonical_query(parsed.query.encode("latin-1"))
+        url_id = self.keys.url_id(namespace or self.namespace, host, path, query)
+        await self._bump([self.keys.url_version(url_id)])
+
+    async def clear(self, namespace: str | None = None) -> int:
+        """Drop every entry of ``namespace`` (default: the cache's) in O(1) by bumping
+        its generation; old entries expire on their own. Returns the new generation."""
+        async with self._redis() as client:
+            generation = await client.incr(self.keys.generation(namespace or self.namespace))
+        return int(generation)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def wait_background(self) -> None:
+        """Wait for background refreshes (stale-while-revalidate) to finish."""
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def aclose(self) -> None:
+        """Cancel background refreshes and close the client if we made it."""
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.backend.aclose()

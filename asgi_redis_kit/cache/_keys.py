@@ -1,0 +1,188 @@
+"""Canonical cache keys.
+
+A key names one stored response. It is built from the parts of the request
+that may change the response, each encoded as ``<4-byte big-endian length><bytes>``
+and hashed together with SHA-256. Length-prefixing means no choice of values
+can make two different part lists produce the same byte string (``("ab", "c")``
+and ``("a", "bc")`` differ), which naive joining with a separator cannot promise
+once values may contain the separator.
+
+The parts, in order:
+
+1. ``KEY_VERSION`` - bumping it orphans every old entry after a format change.
+2. namespace.
+3. method class: ``GET`` for GET and HEAD (a HEAD is answered from the GET entry).
+4. scheme (``scope["scheme"]``, already rewritten by a trusted proxy-headers
+   middleware if one runs outside us) and host (``Host`` header, lower-cased).
+5. ``root_path`` and the routed path as the router saw it, or the value of the
+   route's custom ``key=`` function instead of path and query.
+6. the query string in canonical order: pairs sorted by name, values of a
+   repeated name kept in their original order (``?a=2&a=1`` is not ``?a=1&a=2``
+   to a handler that reads ``getlist``).
+7. forwarding headers (``X-Forwarded-Host``, ``X-Forwarded-Proto``,
+   ``X-Forwarded-Prefix``, ``Forwarded``) - apps behind a proxy build URLs from
+   them, so a request carrying a poisoned value gets its own entry and can never
+   change what a plain request receives.
+8. one bit: "the request carries the session cookie", so anonymous and
+   cookie-bearing requests never share an entry, plus a hash of the session
+   cookie's value when the route sets ``vary_on_session=True`` (per-user entries).
+9. the values of every header named in ``vary=``; an absent header and an empty
+   one are different parts.
+
+Redis key layout (``{...}`` is a Redis Cluster hash tag)::
+
+    <prefix>{u:<url id>}:e:<key digest>   the entry (status, headers, body, ETag)
+    <prefix>{u:<url id>}:l:<key digest>   its lease lock (stampede protection)
+    <prefix>{u:<url id>}:v                version of the URL: invalidate(url) bumps it
+    <prefix>{n:<namespace id>}:g          namespace generation: clear() bumps it
+    <prefix>{t:<tag id>}:v                version of a tag: invalidate_tags() bumps it
+
+The URL id hashes namespace, host and full path + canonical query, so an entry
+and its lock live in one slot, and invalidating a URL reaches every variant of
+it (HEAD/GET, per-user, per-``Accept-Language``) with one INCR. Names chosen
+by users (namespaces, tags) appear hashed, so a ``{`` or ``}`` in them can never
+change the hash slot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlencode
+
+from starlette.requests import cookie_parser
+from starlette.types import Scope
+
+KEY_VERSION = b"ark-cache-key-v1"
+
+FORWARDING_HEADERS = ("x-forwarded-host", "x-forwarded-proto", "x-forwarded-prefix", "forwarded")
+
+
+def _digest(parts: Iterable[bytes]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(struct.pack(">I", len(part)))
+        h.update(part)
+    return h.hexdigest()
+
+
+def _short(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def header_values(scope: Scope, name: bytes) -> list[bytes]:
+    return [value for key, value in scope.get("headers", ()) if key.lower() == name]
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    values = header_values(scope, name)
+    return b", ".join(values) if values else None
+
+
+def request_host(scope: Scope) -> str:
+    host = header(scope, b"host")
+    if host is not None:
+        return host.decode("latin-1").strip().lower().rstrip(".")
+    server = scope.get("server")
+    if server:
+        return f"{server[0]}:{server[1]}".lower()
+    return ""
+
+
+def canonical_query(query_string: bytes) -> str:
+    pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
+    # sorted() is stable: repeated names keep their relative order.
+    return urlencode(sorted(pairs, key=lambda pair: pair[0]))
+
+
+def session_cookie(scope: Scope, cookie_name: str) -> str | None:
+    raw = header(scope, b"cookie")
+    if raw is None:
+        return None
+    return cookie_parser(raw.decode("latin-1")).get(cookie_name)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheKey:
+    """Every Redis key one request touches, derived once per request."""
+
+    digest: str
+    entry: str
+    lock: str
+    url_version: str
+    generation: str
+    tag_versions: tuple[str, ...]
+
+    @property
+    def version_keys(self) -> list[str]:
+        return [self.generation, self.url_version, *self.tag_versions]
+
+
+class KeyScheme:
+    """Turns requests, URLs, namespaces and tags into Redis key names."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def url_id(self, namespace: str, host: str, path: str, query: str) -> str:
+        return _digest([namespace.encode(), host.encode(), path.encode(), query.encode()])[:32]
+
+    def url_version(self, url_id: str) -> str:
+        return f"{self.prefix}{{u:{url_id}}}:v"
+
+    def generation(self, namespace: str) -> str:
+        return f"{self.prefix}{{n:{_short(namespace)}}}:g"
+
+    def tag_version(self, tag: str) -> str:
+        return f"{self.prefix}{{t:{_short(tag)}}}:v"
+
+    def for_request(
+        self,
+        scope: Scope,
+        *,
+        namespace: str,
+        host: str,
+        vary: Sequence[str],
+        session_cookie_name: str,
+        vary_on_session: bool,
+        tags: Sequence[str],
+        custom: bytes | None,
+    ) -> CacheKey:
+        path: str = scope.get("path", "")
+        root_path: str = scope.get("root_path", "")
+        query = canonical_query(scope.get("query_string", b""))
+        cookie = session_cookie(scope, session_cookie_name)
+        parts: list[bytes] = [
+            KEY_VERSION,
+            namespace.encode(),
+            b"GET",  # GET and HEAD share an entry; other methods never get here
+            str(scope.get("scheme", "http")).encode(),
+            host.encode(),
+            root_path.encode(),
+        ]
+        if custom is None:
+            parts += [b"path", path.encode(), query.encode()]
+        else:
+            parts += [b"custom", custom]
+        for name in FORWARDING_HEADERS:
+            value = header(scope, name.encode())
+            parts.append(b"\x00" if value is None else b"\x01" + value)
+        parts.append(b"cookie:1" if cookie is not None else b"cookie:0")
+        if vary_on_session and cookie is not None:
+            parts.append(hashlib.sha256(cookie.encode("latin-1", "replace")).digest())
+        for name in sorted(vary):
+            value = header(scope, name.encode("latin-1"))
+            parts.append(name.encode("latin-1") + (b"\x00" if value is None else b"\x01" + value))
+        digest = _digest(parts)
+        url_id = self.url_id(namespace, host, path, query)
+        base = f"{self.prefix}{{u:{url_id}}}"
+        return CacheKey(
+            digest=digest,
+            entry=f"{base}:e:{digest}",
+            lock=f"{base}:l:{digest}",
+            url_version=self.url_version(url_id),
+            generation=self.generation(namespace),
+            tag_versions=tuple(self.tag_version(tag) for tag in tags),
+        )

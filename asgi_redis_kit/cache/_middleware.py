@@ -1,0 +1,534 @@
+"""CacheMiddleware: serves hits before the app runs, stores what the app answers.
+
+Per request:
+
+1. Find the route the app's router will pick, with Starlette's own
+   ``Route.matches`` (through ``Mount``/``Host``, honouring ``root_path``), and
+   read the ``@cached`` options attached to its endpoint. No ``@cached`` route:
+   the request passes through untouched.
+2. Request rules (``_policy``) may bypass the cache.
+3. One round trip (MGET) reads the entry and the namespace/URL/tag versions.
+   A fresh entry is served right here: no session load, no dependencies, no
+   handler. A stale one within ``stale_while_revalidate`` is served and one
+   background refresh is started.
+4. On a miss the first request in this process leads (single-flight) and takes
+   the Redis lease; the others wait and re-read the entry. The leader runs the
+   app with a ``send`` wrapper that holds ``http.response.start`` back until the
+   first body chunk: a complete body is checked against the response rules and
+   stored (with the lease released in the same round trip) before it is sent;
+   a streamed one passes through unbuffered.
+
+Per-request state lives in a :class:`_Exchange`, never on the middleware.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from starlette.requests import Request
+from starlette.routing import Host, Match, Mount, Router
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .._redis import RedisLike, serve_with_lifespan_close
+from ..errors import BackendUnavailable, CacheNotConfigured, DuplicateMiddleware
+from ._cache import Cache
+from ._decorator import RequestState, RouteCache, current, route_config
+from ._entry import Entry, content_etag, encode, etag_matches, served_headers
+from ._keys import FORWARDING_HEADERS, CacheKey, header, request_host, session_cookie
+from ._policy import request_bypass_reason, response_store_reason, storable_headers
+
+logger = logging.getLogger("asgi_redis_kit.cache")
+
+SCOPE_KEY = "asgi_redis_kit.cache"
+_MAX_DEPTH = 64
+
+
+def _match(
+    routes: Iterable[Any], scope: Scope, depth: int = 0
+) -> tuple[Any, dict[str, Any]] | None:
+    """The endpoint and path params Starlette's Router would dispatch to, the same
+    way it does: the first FULL match wins; a Mount/Host match hands over to
+    its own routes for good."""
+    if depth > _MAX_DEPTH:
+        return None
+    for route in routes:
+        try:
+            match, child = route.matches(scope)
+        except Exception:  # a custom route that cannot judge this scope: not ours
+            logger.debug("route %r failed to match", route, exc_info=True)
+            continue
+        if match is not Match.FULL:
+            continue
+        if isinstance(route, Mount | Host):
+            return _match(route.routes, {**scope, **child}, depth + 1)
+        return child.get("endpoint"), dict(child.get("path_params", {}))
+    return None
+
+
+def _find_router(app: Any) -> Router | None:
+    """The Router inside ``app``, following the ``.app`` chain every Starlette
+    middleware keeps (and ``.router`` of a Starlette/FastAPI application)."""
+    for _ in range(_MAX_DEPTH):
+        if isinstance(app, Router):
+            return app
+        router = getattr(app, "router", None)
+        if isinstance(router, Router):
+            return router
+        app = getattr(app, "app", None)
+        if app is None:
+            return None
+    return None
+
+
+class CacheMiddleware:
+    """Response cache for ``@cached`` endpoints. Pure ASGI; owns its :class:`Cache`.
+
+    Put it outside SessionMiddleware so hits are served before the session loads::
+
+        app.add_middleware(SessionMiddleware, secret_key=...)
+        app.add_middleware(CacheMiddleware, redis="redis://localhost:6379/0")
+
+    Parameters:
+        app: the ASGI app.
+        redis: URL or client, see :class:`Cache`.
+        key_prefix, namespace: see :class:`Cache`.
+        cache: an existing :class:`Cache` to use instead of making one (then
+            ``redis`` and the other options are ignored).
+        **options: any other keyword of :class:`Cache` (``timeout``,
+            ``allowed_hosts``, ``cacheable_statuses``, ``session_cookie``,
+            ``breaker_threshold``, ``breaker_cooldown``, ``lock_lease``,
+            ``lock_wait``, ``max_lifetime``, ``max_connections``).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        redis: RedisLike = "redis://localhost:6379/0",
+        key_prefix: str = "ark:c:",
+        namespace: str = "default",
+        cache: Cache | None = None,
+        **options: Any,
+    ) -> None:
+        self.app = app
+        self.cache = cache or Cache(redis, key_prefix=key_prefix, namespace=namespace, **options)
+        self._router: Router | None = None
+
+    def _route(self, scope: Scope) -> tuple[RouteCache, dict[str, Any]] | None:
+        if self._router is None:
+            # Found once: Starlette builds its middleware stack on the first request,
+            # and the router object never changes afterwards.
+            self._router = _find_router(self.app)
+            if self._router is None:
+                logger.warning(
+                    "CacheMiddleware found no Starlette Router inside %r; nothing is cached",
+                    self.app,
+                )
+                return None
+        found = _match(self._router.routes, scope)
+        if found is None:
+            return None
+        config = route_config(found[0])
+        return None if config is None else (config, found[1])
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await serve_with_lifespan_close(self.app, scope, receive, send, self.cache.aclose)
+            return
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if SCOPE_KEY in scope:
+            raise DuplicateMiddleware(
+                "CacheMiddleware is applied twice to the same request; keep one. A common "
+                "cause is adding it both with app.add_middleware() and around a mounted app."
+            )
+        scope[SCOPE_KEY] = self.cache
+        state = RequestState()
+        token = current.set(state)
+        try:
+            route = self._route(scope)
+            if route is None:
+                await self.app(scope, receive, send)
+                return
+            await _Exchange(self, scope, receive, send, state, *route).run()
+        finally:
+            current.reset(token)
+
+
+def _with_headers(message: Message, extra: Sequence[tuple[bytes, bytes]]) -> Message:
+    ours = {name for name, _ in extra}
+    headers = [(n, v) for n, v in message.get("headers", ()) if n.lower() not in ours]
+    return {**message, "headers": headers + list(extra)}
+
+
+def _x_cache(state: str, reason: str | None) -> list[tuple[bytes, bytes]]:
+    headers = [(b"x-cache", state.encode())]
+    if reason:
+        headers.append((b"x-cache-reason", reason.encode()))
+    return headers
+
+
+async def _no_send(message: Message) -> None:
+    return None
+
+
+class _Exchange:
+    """Everything about one request: a fresh object per request, so nothing of it
+    ever lands on the shared middleware."""
+
+    def __init__(
+        self,
+        middleware: CacheMiddleware,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        state: RequestState,
+        config: RouteCache,
+        path_params: dict[str, Any],
+    ) -> None:
+        self.middleware = middleware
+        self.app = middleware.app
+        self.cache = middleware.cache
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.state = state
+        self.config = config
+        self.path_params = path_params
+        self.stats = self.cache.stats
+
+    # -- entry points ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        cache, config, scope = self.cache, self.config, self.scope
+        host = request_host(scope)
+        reason = request_bypass_reason(
+            scope, public=config.public, host=host, allowed_hosts=cache.allowed_hosts
+        )
+        if reason is not None:
+            await self.bypass(reason)
+            return
+        key = cache.keys.for_request(
+            scope,
+            namespace=config.namespace or cache.namespace,
+            host=host,
+            vary=config.vary,
+            session_cookie_name=cache.session_cookie,
+            vary_on_session=config.vary_on_session,
+            tags=config.filled_tags(self.path_params),
+            custom=await self.custom_key(),
+        )
+        try:
+            found = await cache.lookup(key)
+        except BackendUnavailable:
+            await self.bypass("backend")
+            return
+        entry, versions = found.entry, found.versions
+        fallback: Entry | None = None
+        if entry is not None:
+            now = cache.clock()
+            if entry.is_fresh(now):
+                self.stats.hits += 1
+                await self.serve(entry, "HIT")
+                return
+            if entry.in_revalidate_window(now):
+                self.stats.stale += 1
+                self.schedule_refresh(key, versions)
+                await self.serve(entry, "STALE", "revalidating")
+                return
+            if entry.in_error_window(now):
+                fallback = entry
+        if scope["method"] == "HEAD":
+            # A HEAD answer has no body to store; the next GET fills the entry.
+            await self.run_app(key, versions, None, fallback, store=False, reason="head")
+            return
+        await self.fill(key, versions, fallback)
+
+    async def fill(self, key: CacheKey, versions: tuple[int, ...], fallback: Entry | None) -> None:
+        cache = self.cache
+        event = cache.flights.lead(key.digest)
+        if event is None:
+            await self.follow(key, fallback)
+            return
+        try:
+            token: str | None = None
+            try:
+                token, entry = await cache.acquire(key, versions)
+                if entry is None and token is None:
+                    entry = await self.wait_for_other_process(key, versions)
+            except BackendUnavailable:
+                entry = None
+            if entry is not None:
+                self.stats.hits += 1
+                await self.serve(entry, "HIT")
+                return
+            await self.run_app(key, versions, token, fallback)
+        finally:
+            cache.flights.done(key.digest, event)
+
+    async def follow(self, key: CacheKey, fallback: Entry | None) -> None:
+        """Wait for this process's leader, then re-read what it stored. The
+        leader's response itself is never shared: it may belong to one user."""
+        cache = self.cache
+        event = cache.flights.waiting_on(key.digest)
+        if event is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(cache.lock_wait):
+                    await event.wait()
+        try:
+            found = await cache.lookup(key)
+        except BackendUnavailable:
+            found = None
+        if found is not None and found.entry is not None and found.entry.is_fresh(cache.clock()):
+            self.stats.hits += 1
+            await self.serve(found.entry, "HIT")
+            return
+        versions = found.versions if found is not None else ()
+        await self.run_app(key, versions, None, fallback, store=found is not None)
+
+    async def wait_for_other_process(
+        self, key: CacheKey, versions: tuple[int, ...]
+    ) -> Entry | None:
+        cache = self.cache
+        delay = 0.005
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + cache.lock_wait
+        while loop.time() < deadline:
+            await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+            delay = min(delay * 1.5, 0.1)
+            entry, locked = await cache.poll(key, versions)
+            if entry is not None and entry.is_fresh(cache.clock()):
+                return entry
+            if not locked:
+                return None  # the other leader gave up without storing: run it ourselves
+        return None
+
+    def schedule_refresh(self, key: CacheKey, versions: tuple[int, ...]) -> None:
+        event = self.cache.flights.lead(key.digest)
+        if event is None:
+            return  # a refresh (or a miss) for this key is already running here
+        self.cache.spawn(self.refresh(key, versions, event))
+
+    async def refresh(self, key: CacheKey, versions: tuple[int, ...], event: asyncio.Event) -> None:
+        state = RequestState()
+        current.set(state)  # this task runs in a copy of the request's context
+        refresher = _Exchange(
+            self.middleware,
+            {**self.scope, "method": "GET"},
+            _empty_receive(),
+            _no_send,
+            state,
+            self.config,
+            self.path_params,
+        )
+        try:
+            token, _ = await self.cache.acquire(key, versions)
+            if token is None:
+                return  # another process refreshes it, or already did
+            self.stats.refreshes += 1
+            await refresher.run_app(key, versions, token, None, count=False)
+        except BackendUnavailable:
+            return
+        except Exception:
+            logger.exception("background refresh of a stale cache entry failed")
+        finally:
+            self.cache.flights.done(key.digest, event)
+
+    # -- helpers -----------------------------------------------------------------------
+
+    async def custom_key(self) -> bytes | None:
+        if self.config.key is None:
+            return None
+        request = Request({**self.scope, "path_params": self.path_params}, self.receive)
+        value: Any = self.config.key(request)
+        if inspect.isawaitable(value):
+            value = await value
+        return value if isinstance(value, bytes) else str(value).encode()
+
+    async def bypass(self, reason: str) -> None:
+        self.stats.bypass[reason] += 1
+        extra = _x_cache("BYPASS", reason)
+
+        async def send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = _with_headers(message, extra)
+            await self.send(message)
+
+        await self.app(self.scope, self.receive, send)
+
+    async def serve(self, entry: Entry, state: str, reason: str | None = None) -> None:
+        now = self.cache.clock()
+        inm = header(self.scope, b"if-none-match")
+        if inm is not None and entry.status == 200 and etag_matches(inm, entry.etag):
+            self.stats.not_modified += 1
+            headers = served_headers(entry, now, state=state, reason=reason, not_modified=True)
+            await self.send({"type": "http.response.start", "status": 304, "headers": headers})
+            await self.send({"type": "http.response.body", "body": b""})
+            return
+        headers = served_headers(entry, now, state=state, reason=reason)
+        body = b"" if self.scope["method"] == "HEAD" else entry.body
+        await self.send({"type": "http.response.start", "status": entry.status, "headers": headers})
+        await self.send({"type": "http.response.body", "body": body})
+
+    def keyed_headers(self) -> list[str]:
+        return ["host", *FORWARDING_HEADERS, *self.config.vary]
+
+    def build_entry(
+        self,
+        status: int,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes,
+        versions: tuple[int, ...],
+    ) -> Entry:
+        config = self.config
+        fresh = config.ttl + (random.uniform(0, config.jitter) if config.jitter else 0.0)
+        app_etag = next((v for n, v in headers if n.lower() == b"etag"), None)
+        per_user = (
+            config.vary_on_session
+            and session_cookie(self.scope, self.cache.session_cookie) is not None
+        )
+        return Entry(
+            status=status,
+            headers=tuple(storable_headers(headers)),
+            body=body,
+            etag=app_etag.decode("latin-1") if app_etag else content_etag(body),
+            stored_at=self.cache.clock(),
+            fresh_for=fresh,
+            stale_while_revalidate=config.stale_while_revalidate,
+            stale_if_error=config.stale_if_error,
+            versions=versions,
+            per_user=per_user,
+        )
+
+    async def run_app(
+        self,
+        key: CacheKey,
+        versions: tuple[int, ...],
+        token: str | None,
+        fallback: Entry | None,
+        *,
+        store: bool = True,
+        reason: str | None = None,
+        count: bool = True,
+    ) -> None:
+        """Run the app; store its answer if the rules allow; serve ``fallback``
+        (stale-if-error) instead of an exception or a 5xx."""
+        cache, config, stats = self.cache, self.config, self.stats
+        if count:
+            stats.misses += 1
+        held: Message | None = None
+        mode = "holding"  # -> "passing" (sent through) or "swallowing" (stale served)
+        not_stored = reason
+
+        async def send(message: Message) -> None:
+            nonlocal held, mode, token, not_stored
+            if mode == "passing":
+                await self.send(message)
+                return
+            if mode == "swallowing":
+                return
+            if message["type"] == "http.response.start":
+                held = message
+                return
+            if held is None:
+                await self.send(message)
+                return
+            status: int = held["status"]
+            headers: list[tuple[bytes, bytes]] = list(held.get("headers", ()))
+            if message["type"] != "http.response.body" or message.get("more_body", False):
+                if fallback is not None and status >= 500:
+                    mode = "swallowing"
+                    await self.serve_stale_on_error(fallback)
+                    return
+                mode = "passing"
+                not_stored = not_stored or "streaming"
+                stats.not_stored[not_stored] += 1
+                await self.send(_with_headers(held, _x_cache("MISS", not_stored)))
+                await self.send(message)
+                return
+            body: bytes = message.get("body", b"")
+            mode = "passing"
+            if fallback is not None and status >= 500:
+                mode = "swallowing"
+                await self.serve_stale_on_error(fallback)
+                return
+            if not_stored is None and not store:
+                not_stored = "backend"
+            if not_stored is None and self.state.ran is not config:
+                not_stored = "route"
+            if not_stored is None:
+                not_stored = response_store_reason(
+                    status,
+                    headers,
+                    statuses=cache.cacheable_statuses,
+                    keyed_headers=self.keyed_headers(),
+                    vary_on_session=config.vary_on_session,
+                )
+            if not_stored is None and len(body) > config.max_size:
+                not_stored = "size"
+            if not_stored is None:
+                entry = self.build_entry(status, headers, body, versions)
+                lifetime = entry.fresh_for + max(entry.stale_while_revalidate, entry.stale_if_error)
+                try:
+                    await cache.store(key, encode(entry), lifetime, token)
+                    token = None  # released by the store script
+                except BackendUnavailable:
+                    not_stored = "backend"
+                else:
+                    await self.serve(entry, "MISS")
+                    return
+            stats.not_stored[not_stored] += 1
+            await self.send(_with_headers(held, _x_cache("MISS", not_stored)))
+            await self.send(message)
+
+        try:
+            await self.app(self.scope, self.receive, send)
+        except Exception:
+            if fallback is None or mode != "holding":
+                raise
+            logger.exception("cached endpoint failed; serving the stale entry (stale-if-error)")
+            await self.serve_stale_on_error(fallback)
+        finally:
+            if token is not None:
+                with contextlib.suppress(BackendUnavailable):
+                    await cache.release(key, token)
+        if mode == "holding" and held is not None:
+            await self.send(_with_headers(held, _x_cache("MISS", not_stored)))
+
+    async def serve_stale_on_error(self, fallback: Entry) -> None:
+        self.stats.stale += 1
+        await self.serve(fallback, "STALE", "error")
+
+
+def _empty_receive() -> Receive:
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        # A background refresh has no client; wait until the app gives up on us.
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+def get_cache(request: Request | Mapping[str, Any]) -> Cache:
+    """The Cache of the CacheMiddleware that handled ``request`` (a Request or a scope)."""
+    scope = request.scope if isinstance(request, Request) else request
+    cache = scope.get(SCOPE_KEY)
+    if not isinstance(cache, Cache):
+        raise CacheNotConfigured(
+            "get_cache(request) found no CacheMiddleware around this app; add it with "
+            "`app.add_middleware(CacheMiddleware, redis='redis://localhost:6379/0')`"
+        )
+    return cache

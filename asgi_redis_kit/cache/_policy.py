@@ -1,0 +1,161 @@
+"""Cacheability rules: which requests may use the cache, which responses may be stored.
+
+The rules are those of a shared cache (RFC 9111 section 3, Django's
+``patch_vary_headers``/``learn_cache_key``, Varnish's built-in VCL), tightened
+where a wrong answer would leak one user's response to another.
+
+Requests (decided before anything is read; a bypassed request is neither served
+from nor stored in the cache, and the response says ``X-Cache: BYPASS`` with
+``X-Cache-Reason``):
+
+* ``method``        - anything but GET and HEAD.
+* ``body``          - a GET that carries a body (``Content-Length`` > 0 or
+  ``Transfer-Encoding``): the key does not cover the body.
+* ``authorization`` - an ``Authorization`` header, unless the route is
+  ``public=True`` (RFC 9111 section 3.5).
+* ``override``      - ``X-HTTP-Method-Override``, ``X-Method-Override``,
+  ``X-HTTP-Method``, ``X-Original-URL`` or ``X-Rewrite-URL``: frameworks that
+  honour them answer a different method or path than the one the key names.
+  (Forwarding headers such as ``X-Forwarded-Host`` are keyed instead; see
+  ``_keys``.)
+* ``host``          - a ``Host`` outside ``allowed_hosts``.
+* ``backend``       - Redis is failing or the circuit breaker is open.
+
+Responses (decided after the handler ran; the response is still sent, marked
+``X-Cache: MISS`` with ``X-Cache-Reason`` naming why it was not stored):
+
+* ``status``        - a status outside the cacheable set (default 200, 203, 204,
+  300, 301, 404, 410).
+* ``set-cookie``    - any ``Set-Cookie``: it belongs to one client.
+* ``cache-control`` - ``private``, ``no-store`` or ``no-cache``.
+* ``vary``          - ``Vary: *``, or a ``Vary`` naming a request header the key
+  does not include: a stored answer could be served to a request it does not fit.
+* ``session``       - ``Vary: Cookie`` (the handler read the session) on a route
+  without ``vary_on_session=True``.
+* ``size``          - a body over ``max_size`` bytes.
+* ``streaming``     - the app streamed its body (``more_body``); it passes
+  through unbuffered.
+* ``route``         - the endpoint that actually ran is not the ``@cached``
+  endpoint the middleware matched (a routing surprise: never store it).
+* ``error``         - the handler raised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from starlette.types import Scope
+
+from ._keys import header, header_values
+
+DEFAULT_CACHEABLE_STATUSES = frozenset({200, 203, 204, 300, 301, 404, 410})
+
+OVERRIDE_HEADERS = (
+    b"x-http-method-override",
+    b"x-method-override",
+    b"x-http-method",
+    b"x-original-url",
+    b"x-rewrite-url",
+)
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+
+def host_allowed(host: str, allowed: Sequence[str] | None) -> bool:
+    """``allowed`` holds exact hosts (``example.com``, ``example.com:8000``) or
+    ``*.example.com``, which matches subdomains only."""
+    if allowed is None:
+        return True
+    bare = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    for pattern in allowed:
+        pattern = pattern.lower()
+        if pattern == "*" or host == pattern or bare == pattern:
+            return True
+        if pattern.startswith("*.") and bare.endswith(pattern[1:]):
+            return True
+    return False
+
+
+def request_bypass_reason(
+    scope: Scope, *, public: bool, host: str, allowed_hosts: Sequence[str] | None
+) -> str | None:
+    if scope["method"] not in ("GET", "HEAD"):
+        return "method"
+    length = header(scope, b"content-length")
+    if header(scope, b"transfer-encoding") is not None or (
+        length is not None and length.strip() not in (b"0", b"")
+    ):
+        return "body"
+    if not public and header(scope, b"authorization") is not None:
+        return "authorization"
+    if any(header(scope, name) is not None for name in OVERRIDE_HEADERS):
+        return "override"
+    if not host_allowed(host, allowed_hosts):
+        return "host"
+    return None
+
+
+def _tokens(values: Iterable[bytes]) -> list[str]:
+    return [
+        token.strip().lower()
+        for value in values
+        for token in value.decode("latin-1").split(",")
+        if token.strip()
+    ]
+
+
+def cache_control_directives(values: Iterable[bytes]) -> list[str]:
+    return [token.split("=", 1)[0].strip() for token in _tokens(values)]
+
+
+def response_store_reason(
+    status: int,
+    headers: Sequence[tuple[bytes, bytes]],
+    *,
+    statuses: frozenset[int],
+    keyed_headers: Iterable[str],
+    vary_on_session: bool,
+) -> str | None:
+    if status not in statuses:
+        return "status"
+    names = [name.lower() for name, _ in headers]
+    if b"set-cookie" in names:
+        return "set-cookie"
+    scope_like = {"headers": [(name.lower(), value) for name, value in headers]}
+    directives = cache_control_directives(header_values(scope_like, b"cache-control"))
+    if {"private", "no-store", "no-cache"} & set(directives):
+        return "cache-control"
+    vary = _tokens(header_values(scope_like, b"vary"))
+    if "*" in vary:
+        return "vary"
+    keyed = {name.lower() for name in keyed_headers}
+    for name in vary:
+        if name == "cookie":
+            if not vary_on_session:
+                return "session"
+        elif name not in keyed:
+            return "vary"
+    return None
+
+
+def storable_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The response headers minus hop-by-hop ones (RFC 9110 section 7.6.1), including
+    any the ``Connection`` header names, and minus those we regenerate per answer."""
+    scope_like = {"headers": [(name.lower(), value) for name, value in headers]}
+    dropped = set(HOP_BY_HOP) | {
+        token.encode() for token in _tokens(header_values(scope_like, b"connection"))
+    }
+    dropped |= {b"x-cache", b"x-cache-reason", b"age", b"content-length"}
+    return [(name, value) for name, value in headers if name.lower() not in dropped]
