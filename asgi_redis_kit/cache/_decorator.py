@@ -79,7 +79,8 @@ def _enter(config: RouteCache, name: str) -> None:
             "(added last, so it runs first) or "
             "`Starlette(middleware=[Middleware(CacheMiddleware, redis=...), ...])`."
         )
-    state.ran = config
+    if state.ran is None:  # the outermost @cached is the one the route holds
+        state.ran = config
 
 
 def cached(

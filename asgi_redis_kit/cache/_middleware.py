@@ -109,6 +109,7 @@ class CacheMiddleware:
     def __init__(
         self,
         app: ASGIApp,
+        /,
         *,
         redis: RedisLike = "redis://localhost:6379/0",
         key_prefix: str = "ark:c:",
@@ -153,7 +154,9 @@ class CacheMiddleware:
         state = RequestState()
         token = current.set(state)
         try:
-            route = self._route(scope)
+            # HEAD is answered as a GET without its body (RFC 9110 section 9.3.2), so it
+            # shares the GET entry even where the app routes GET only (FastAPI).
+            route = self._route({**scope, "method": "GET"} if scope["method"] == "HEAD" else scope)
             if route is None:
                 await self.app(scope, receive, send)
                 return
@@ -179,6 +182,17 @@ async def _no_send(message: Message) -> None:
     return None
 
 
+def _without_body(send: Send) -> Send:
+    """The client asked HEAD; the app (or the entry) answers as for GET."""
+
+    async def head_send(message: Message) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            message = {**message, "body": b""}
+        await send(message)
+
+    return head_send
+
+
 class _Exchange:
     """Everything about one request: a fresh object per request, so nothing of it
     ever lands on the shared middleware."""
@@ -196,9 +210,10 @@ class _Exchange:
         self.middleware = middleware
         self.app = middleware.app
         self.cache = middleware.cache
-        self.scope = scope
+        self.head = scope["method"] == "HEAD"
+        self.scope = {**scope, "method": "GET"} if self.head else scope
         self.receive = receive
-        self.send = send
+        self.send = _without_body(send) if self.head else send
         self.state = state
         self.config = config
         self.path_params = path_params
@@ -245,10 +260,6 @@ class _Exchange:
                 return
             if entry.in_error_window(now):
                 fallback = entry
-        if scope["method"] == "HEAD":
-            # A HEAD answer has no body to store; the next GET fills the entry.
-            await self.run_app(key, versions, None, fallback, store=False, reason="head")
-            return
         await self.fill(key, versions, fallback)
 
     async def fill(self, key: CacheKey, versions: tuple[int, ...], fallback: Entry | None) -> None:
@@ -373,9 +384,8 @@ class _Exchange:
             await self.send({"type": "http.response.body", "body": b""})
             return
         headers = served_headers(entry, now, state=state, reason=reason)
-        body = b"" if self.scope["method"] == "HEAD" else entry.body
         await self.send({"type": "http.response.start", "status": entry.status, "headers": headers})
-        await self.send({"type": "http.response.body", "body": body})
+        await self.send({"type": "http.response.body", "body": entry.body})
 
     def keyed_headers(self) -> list[str]:
         return ["host", *FORWARDING_HEADERS, *self.config.vary]
