@@ -230,44 +230,33 @@ class ClusterDeployment(_Deployment):
                 keys.extend(client.scan_iter(count=1000))
         return keys
 
+    def multi_key_commands(self, log: CommandLog) -> list[tuple[tuple[str, ...], list[int]]]:
+        """Every recorded command naming two or more keys, with those keys' slots
+        (keys found by ``COMMAND GETKEYS``, so scripts count by their KEYS)."""
+        found: list[tuple[tuple[str, ...], list[int]]] = []
+        with sync_client(self.ports[0]) as client:
+            for _, args in log.commands:
+                try:
+                    keys = client.execute_command("COMMAND", "GETKEYS", *args)
+                except ResponseError:
+                    continue  # no key arguments (MULTI, PING, CLUSTER SLOTS...)
+                if len(keys) > 1:
+                    found.append((args, [self.keyslot(k) for k in keys]))
+        return found
+
     def flushall(self) -> None:
         for port in self.ports:
             with sync_client(port) as client:
                 client.flushall()
 
-    def migrate_slot(
-        self, slot: int, target: int, *, between: Callable[[], None] | None = None
-    ) -> int:
-        """Move ``slot`` and its keys to the master on port ``target`` the way
-        ``redis-cli --cluster reshard`` does: IMPORTING/MIGRATING, MIGRATE the
-        keys, then SETSLOT NODE on every master. ``between`` runs while the slot
-        is half-migrated (ASK redirections). Returns the source port."""
-        source = self.owner_of(slot)
-        if source == target:
-            raise ValueError(f"slot {slot} is already on port {target}")
-        source_id, target_id = self.node_id(source), self.node_id(target)
-        with sync_client(source) as src, sync_client(target) as dst:
-            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
-            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
-            if between is not None:
-                between()
-            while True:
-                keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
-                if not keys:
-                    break
-                src.execute_command("MIGRATE", HOST, target, "", 0, 5000, "KEYS", *keys)
-            dst.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
-            src.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
-        for port in self.ports:
-            if port not in (source, target):
-                with sync_client(port) as other:
-                    other.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
-        wait_for(
-            f"every master to agree that slot {slot} is on {target}",
-            lambda: all(self._owner_seen_by(p, slot) == target for p in self.ports),
-            timeout=10,
-        )
-        return source
+    def migrate_slot(self, slot: int, target: int) -> int:
+        """Move ``slot`` and its keys to the master on port ``target`` in one go.
+        Returns the port it came from."""
+        migration = SlotMigration(self, slot, target)
+        migration.begin()
+        migration.move_keys()
+        migration.finish()
+        return migration.source
 
     @staticmethod
     def _owner_seen_by(port: int, slot: int) -> int | None:
@@ -276,6 +265,56 @@ class ClusterDeployment(_Deployment):
                 if int(start) <= slot <= int(end):
                     return int(nodes[0][1])
         return None
+
+
+class SlotMigration:
+    """Move one slot the way ``redis-cli --cluster reshard`` does, step by step,
+    so a test can send requests between the steps:
+
+    1. :meth:`begin` - target IMPORTING, source MIGRATING: keys still on the
+       source are served there, missing ones get ``ASK`` to the target;
+    2. :meth:`move_keys` - ``MIGRATE`` every key: the source now answers ``ASK``;
+    3. :meth:`finish` - ``SETSLOT NODE`` on every master: stale clients get ``MOVED``.
+    """
+
+    def __init__(self, cluster: ClusterDeployment, slot: int, target: int) -> None:
+        self.cluster = cluster
+        self.slot = slot
+        self.target = target
+        self.source = cluster.owner_of(slot)
+        if self.source == target:
+            raise ValueError(f"slot {slot} is already on port {target}")
+        self.source_id = cluster.node_id(self.source)
+        self.target_id = cluster.node_id(target)
+        self.moved = 0
+
+    def begin(self) -> None:
+        with sync_client(self.target) as dst, sync_client(self.source) as src:
+            dst.execute_command("CLUSTER", "SETSLOT", self.slot, "IMPORTING", self.source_id)
+            src.execute_command("CLUSTER", "SETSLOT", self.slot, "MIGRATING", self.target_id)
+
+    def move_keys(self) -> int:
+        with sync_client(self.source) as src:
+            while True:
+                keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", self.slot, 100)
+                if not keys:
+                    return self.moved
+                src.execute_command("MIGRATE", HOST, self.target, "", 0, 5000, "KEYS", *keys)
+                self.moved += len(keys)
+
+    def finish(self) -> None:
+        # Target first, then source, then the others (the reshard order).
+        others = [p for p in self.cluster.ports if p not in (self.source, self.target)]
+        for port in [self.target, self.source, *others]:
+            with sync_client(port) as client:
+                client.execute_command("CLUSTER", "SETSLOT", self.slot, "NODE", self.target_id)
+        wait_for(
+            f"every master to agree that slot {self.slot} is on {self.target}",
+            lambda: all(
+                self.cluster._owner_seen_by(p, self.slot) == self.target for p in self.cluster.ports
+            ),
+            timeout=10,
+        )
 
 
 class SentinelDeployment(_Deployment):
@@ -412,9 +451,10 @@ class CommandLog:
 
     def bad_errors(self) -> list[tuple[int, str]]:
         """Errors a correct cluster-aware library never provokes: everything
-        except redirections during resharding and the handshake of redis-py 8
+        except redirections during resharding, NOSCRIPT before a script is first
+        loaded, and the handshake of redis-py 8
         against Redis 7.0 (CLIENT SETINFO / MAINT_NOTIFICATIONS are newer)."""
-        expected = {"MovedError", "AskError", "TryAgainError"}
+        expected = {"MovedError", "AskError", "TryAgainError", "NoScriptError"}
         return [
             (port, message)
             for port, message in self.errors
@@ -448,3 +488,15 @@ class CommandLog:
                     raise
 
         return RecordingConnection
+
+
+def hash_tag(key: str) -> str | None:
+    """The part of ``key`` Redis Cluster hashes, if the key has a hash tag
+    (the first ``{...}`` with something inside), else None."""
+    start = key.find("{")
+    if start < 0:
+        return None
+    end = key.find("}", start + 1)
+    if end <= start + 1:
+        return None
+    return key[start + 1 : end]

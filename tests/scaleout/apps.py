@@ -1,0 +1,126 @@
+"""The Starlette (and FastAPI) apps the scale-out tests drive, and small helpers.
+
+The apps take any ``redis=`` value, so the same routes run on a Redis Cluster
+client and on a Sentinel-managed master. ``Calls`` counts handler runs so cache
+tests assert HIT/MISS from the handler's side too, not only from ``X-Cache``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+from asgi_redis_kit import CacheMiddleware, Session, SessionMiddleware, cached, get_cache
+from asgi_redis_kit._redis import RedisLike
+
+SECRET = "scale-out-test-secret-key-0123456789abcdef"
+COOKIE = "session"
+
+
+class Calls(Counter[str]):
+    """Handler runs by route name."""
+
+
+def build_app(redis: RedisLike, calls: Calls, *, cache: bool = True) -> Starlette:
+    """Sessions (and, with ``cache``, the response cache outside them) on ``redis``."""
+
+    async def visits(request: Request) -> Response:
+        count = await Session.of(request).incr("visits")
+        return PlainTextResponse(str(count))
+
+    async def put(request: Request) -> Response:
+        for name, value in request.query_params.items():
+            request.session[name] = value
+        return PlainTextResponse("ok")
+
+    async def show(request: Request) -> Response:
+        return JSONResponse(dict(request.session))
+
+    async def login(request: Request) -> Response:
+        session = Session.of(request)
+        session.regenerate()
+        session.bind_user(request.path_params["user"])
+        return PlainTextResponse("logged in")
+
+    async def logout(request: Request) -> Response:
+        Session.of(request).clear()
+        return PlainTextResponse("logged out")
+
+    async def user_sessions(request: Request) -> Response:
+        found = await Session.of(request).store.user_sessions(request.path_params["user"])
+        return JSONResponse({"count": len(found)})
+
+    async def revoke(request: Request) -> Response:
+        await Session.of(request).store.revoke_user(request.path_params["user"])
+        return PlainTextResponse("revoked")
+
+    @cached(ttl=60, tags=["item:{item_id}"])
+    async def item(request: Request) -> Response:
+        calls["item"] += 1
+        item_id = request.path_params["item_id"]
+        return PlainTextResponse(f"item {item_id} run {calls['item']}")
+
+    @cached(ttl=60)
+    async def slow(request: Request) -> Response:
+        calls["slow"] += 1
+        await asyncio.sleep(0.3)
+        return PlainTextResponse(f"slow run {calls['slow']}")
+
+    async def invalidate(request: Request) -> Response:
+        await get_cache(request).invalidate_tags(f"item:{request.path_params['item_id']}")
+        return PlainTextResponse("invalidated")
+
+    async def clear(request: Request) -> Response:
+        await get_cache(request).clear()
+        return PlainTextResponse("cleared")
+
+    async def stats(request: Request) -> Response:
+        return JSONResponse(get_cache(request).stats.as_dict())
+
+    routes = [
+        Route("/visits", visits),
+        Route("/put", put, methods=["POST"]),
+        Route("/show", show),
+        Route("/login/{user}", login, methods=["POST"]),
+        Route("/logout", logout, methods=["POST"]),
+        Route("/users/{user}/sessions", user_sessions),
+        Route("/users/{user}/revoke", revoke, methods=["POST"]),
+    ]
+    middleware = [Middleware(SessionMiddleware, secret_key=SECRET, redis=redis)]
+    if cache:
+        routes += [
+            Route("/items/{item_id}", item),
+            Route("/slow", slow),
+            Route("/items/{item_id}/invalidate", invalidate, methods=["POST"]),
+            Route("/cache/clear", clear, methods=["POST"]),
+            Route("/cache/stats", stats),
+        ]
+        # Outermost first: a HIT is answered before any session is loaded.
+        middleware.insert(0, Middleware(CacheMiddleware, redis=redis))
+    return Starlette(routes=routes, middleware=middleware)
+
+
+def browser(app: ASGIApp) -> httpx.AsyncClient:
+    """One user agent with its own cookie jar."""
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+
+
+def session_id(client: httpx.AsyncClient) -> str:
+    """The raw id inside the signed cookie (``<id>.<signature>``)."""
+    value = client.cookies.get(COOKIE)
+    assert value, f"no {COOKIE!r} cookie in the jar: {dict(client.cookies)}"
+    return value.split(".", 1)[0]
+
+
+def ok_json(response: httpx.Response) -> Any:
+    assert response.status_code == 200, (response.status_code, response.text)
+    return response.json()

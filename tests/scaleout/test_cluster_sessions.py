@@ -1,0 +1,127 @@
+"""Sessions on a real 3-master Redis Cluster (checklist 37, sessions issue item 8).
+
+Every test drives a Starlette app whose SessionMiddleware gets a
+``redis.asyncio.RedisCluster``. A CROSSSLOT, a multi-slot transaction or any
+other error reply shows up as a non-200 answer or in ``redis_log``; the key
+layout is read back from the servers themselves (``CLUSTER KEYSLOT``).
+"""
+
+from __future__ import annotations
+
+import pytest
+from redis.asyncio.cluster import RedisCluster
+
+from tests.scaleout.apps import Calls, browser, build_app, ok_json, session_id
+from tests.scaleout.servers import ClusterDeployment, CommandLog, hash_tag
+
+pytestmark = pytest.mark.real_redis
+
+
+def assert_clean(log: CommandLog) -> None:
+    assert log.bad_errors() == [], f"error replies from the cluster: {log.bad_errors()}"
+    sent = log.names()
+    assert not sent & {"KEYS", "SCAN"}, f"the library scanned the keyspace: {sent}"
+
+
+async def test_counter_fields_regenerate_clear(
+    cluster: ClusterDeployment, cluster_client: RedisCluster, redis_log: CommandLog
+) -> None:
+    app = build_app(cluster_client, Calls(), cache=False)
+    async with browser(app) as alice:
+        for expected in range(1, 4):
+            response = await alice.get("/visits")
+            assert (response.status_code, response.text) == (200, str(expected))
+        assert (await alice.post("/put?a=1&b=two&c=%7Bbraces%7D")).status_code == 200
+        assert ok_json(await alice.get("/show")) == {
+            "visits": 3,
+            "a": "1",
+            "b": "two",
+            "c": "{braces}",
+        }
+
+        before = session_id(alice)
+        old_cookie = alice.cookies.get("session")
+        assert (await alice.post("/login/alice")).status_code == 200
+        after = session_id(alice)
+        assert after != before, "regenerate() must issue a new id"
+        assert ok_json(await alice.get("/show"))["visits"] == 3, "regenerate() keeps the data"
+
+        async with browser(app) as replay:
+            replay.cookies.set("session", old_cookie or "")
+            assert ok_json(await replay.get("/show")) == {}, "the pre-login id must be dead"
+
+        assert (await alice.post("/logout")).status_code == 200
+        assert ok_json(await alice.get("/show")) == {}
+        assert (await alice.get("/visits")).text == "1"
+    assert_clean(redis_log)
+
+
+async def test_key_layout_is_cluster_safe_and_spread(
+    cluster: ClusterDeployment, cluster_client: RedisCluster, redis_log: CommandLog
+) -> None:
+    """No command ever names keys in two slots; each session is one key named by
+    its own id, so sessions spread over every master instead of piling onto one
+    hash tag; a user's index is one key whose hash tag is the user id."""
+    app = build_app(cluster_client, Calls(), cache=False)
+    ids: list[str] = []
+    for _ in range(24):
+        async with browser(app) as agent:
+            assert (await agent.post("/login/carol")).status_code == 200
+            assert (await agent.post("/put?x=1")).status_code == 200
+            assert (await agent.get("/visits")).text == "1"
+            ids.append(session_id(agent))
+    async with browser(app) as admin:
+        assert ok_json(await admin.get("/users/carol/sessions")) == {"count": 24}
+
+    spanning = [
+        (args[:3], slots)
+        for args, slots in cluster.multi_key_commands(redis_log)
+        if len(set(slots)) > 1
+    ]
+    assert spanning == [], f"commands whose keys span slots: {spanning[:5]}"
+
+    keys = cluster.all_keys()
+    by_session = {sid: [k for k in keys if sid in k] for sid in ids}
+    assert all(len(own) == 1 for own in by_session.values()), by_session
+    owners = {cluster.owner_of(cluster.keyslot(own[0])) for own in by_session.values()}
+    assert owners == set(cluster.ports), "24 sessions should be spread over all 3 masters"
+
+    index = [k for k in keys if not any(sid in k for sid in ids)]
+    assert len(index) == 1, f"expected one per-user index key, found {index}"
+    assert hash_tag(index[0]) == "carol", f"the index should be tagged by user: {index[0]}"
+    assert_clean(redis_log)
+
+
+async def test_user_index_and_revoke_across_slots(
+    cluster: ClusterDeployment, cluster_client: RedisCluster, redis_log: CommandLog
+) -> None:
+    app = build_app(cluster_client, Calls(), cache=False)
+    dave = [browser(app) for _ in range(12)]
+    erin = [browser(app) for _ in range(3)]
+    try:
+        for number, agent in enumerate(dave + erin):
+            user = "dave" if agent in dave else "erin"
+            assert (await agent.post(f"/login/{user}")).status_code == 200
+            assert (await agent.post(f"/put?n={number}")).status_code == 200
+        dave_ids = [session_id(agent) for agent in dave]
+        keys = cluster.all_keys()
+        slots = {cluster.keyslot(k) for k in keys for sid in dave_ids if sid in k}
+        assert len({cluster.owner_of(s) for s in slots}) >= 2, "dave's sessions should span masters"
+
+        async with browser(app) as admin:
+            assert ok_json(await admin.get("/users/dave/sessions")) == {"count": 12}
+            assert ok_json(await admin.get("/users/erin/sessions")) == {"count": 3}
+            assert (await admin.post("/users/dave/revoke")).status_code == 200
+            assert ok_json(await admin.get("/users/dave/sessions")) == {"count": 0}
+            assert ok_json(await admin.get("/users/erin/sessions")) == {"count": 3}
+
+        for agent in dave:
+            assert ok_json(await agent.get("/show")) == {}, "a revoked session must be gone"
+        for number, agent in enumerate(erin, start=len(dave)):
+            assert ok_json(await agent.get("/show")) == {"n": str(number)}
+        remaining = " ".join(cluster.all_keys())
+        assert not any(sid in remaining for sid in dave_ids), "revoked records left behind"
+    finally:
+        for agent in dave + erin:
+            await agent.aclose()
+    assert_clean(redis_log)
