@@ -15,7 +15,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from starlette.middleware import Middleware
 
-from asgi_redis_kit import CacheMiddleware, SessionMiddleware, cached, get_cache
+from asgi_redis_kit import SessionMiddleware, cached, get_cache
 
 from . import pages, web
 from .settings import COOKIE_NAME, COOKIE_PATH, REPORT_TAG, REPORT_TTL, Settings
@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url=None,
         middleware=[
             Middleware(web.ExposeCacheStatus, instance=settings.instance),
-            Middleware(CacheMiddleware, redis=settings.redis_url),
+            Middleware(web.response_cache, redis=settings.redis_url),
             Middleware(
                 SessionMiddleware,
                 secret_key=settings.secret_key,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
 COOKIE_NAME = "ark_session"
@@ -56,7 +56,7 @@ class Settings:
     redis_url: str = EMBEDDED_REDIS_URL
     secret_key: str = DEV_SECRET
     secret_is_default: bool = True
-    instance: str = ""
+    instance: str = field(default_factory=lambda: f"pid {os.getpid()}")
     report_delay: float = 1.0
 
     @classmethod

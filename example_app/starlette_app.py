@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
 from starlette.routing import Route
 
-from asgi_redis_kit import CacheMiddleware, SessionMiddleware, cached, get_cache
+from asgi_redis_kit import SessionMiddleware, cached, get_cache
 
 from . import pages, web
 from .settings import COOKIE_NAME, COOKIE_PATH, REPORT_TAG, REPORT_TTL, Settings
@@ -141,7 +141,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     # answered without loading a session at all.
     middleware = [
         Middleware(web.ExposeCacheStatus, instance=settings.instance),
-        Middleware(CacheMiddleware, redis=settings.redis_url),
+        Middleware(web.response_cache, redis=settings.redis_url),
         Middleware(
             SessionMiddleware,
             secret_key=settings.secret_key,

@@ -15,10 +15,10 @@ from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from asgi_redis_kit import Session
+from asgi_redis_kit import CacheMiddleware, Session
 
 from .pages import Status
-from .settings import Settings
+from .settings import COOKIE_NAME, Settings
 
 MAX_FORM_BYTES = 4096
 MAX_NAME_LENGTH = 40
@@ -95,6 +95,18 @@ async def build_report(delay: float) -> tuple[str, list[tuple[str, int]]]:
     return stamp, rows
 
 
+def response_cache(app: ASGIApp, *, redis: str) -> ASGIApp:
+    """``CacheMiddleware`` configured for this app.
+
+    Users write ``Middleware(CacheMiddleware, redis=...)``; it goes through this
+    function only because ``CacheMiddleware.__init__`` takes ``**options``, which
+    mypy --strict cannot match against Starlette's ``Middleware`` factory type.
+    """
+    # session_cookie: the cache must know our cookie's name to tell per-user
+    # responses apart (its default is "session").
+    return CacheMiddleware(app, redis=redis, session_cookie=COOKIE_NAME)
+
+
 class ExposeCacheStatus:
     """Outermost middleware: tell the browser which instance answered and whether
     the response cache hit, in ``Server-Timing`` (which page scripts can read for
@@ -102,6 +114,12 @@ class ExposeCacheStatus:
 
     It sits outside ``CacheMiddleware`` so what it adds is never stored in a
     cache entry: a HIT served by instance B must not claim instance A answered.
+
+    For the same reason of honesty it asks browsers to revalidate cached pages
+    (``no-cache``) instead of reusing them for the entry's max-age: the demo is
+    about the shared server-side cache, and a copy reused silently by the
+    browser would show a stale HIT/MISS badge. Revalidation is cheap: the
+    library answers ``If-None-Match`` with a 304 straight from Redis.
     """
 
     def __init__(self, app: ASGIApp, *, instance: str) -> None:
@@ -123,6 +141,7 @@ class ExposeCacheStatus:
                 verdict = headers.get("x-cache")
                 if verdict:
                     headers.append("Server-Timing", f'cache;desc="{verdict}"')
+                    headers["Cache-Control"] = "no-cache"
             await send(message)
 
         await self.app(scope, receive, send_with_status)

@@ -27,8 +27,11 @@ async def lifespan(app: ASGIApp) -> AsyncIterator[None]:
     async def send(message: Message) -> None:
         await outbox.put(message)
 
-    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
-    task = asyncio.create_task(app(scope, receive, send))
+    async def run() -> None:
+        scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+        await app(scope, receive, send)
+
+    task = asyncio.create_task(run())
     await inbox.put({"type": "lifespan.startup"})
     started = await asyncio.wait_for(outbox.get(), 10)
     if started["type"] != "lifespan.startup.complete":

@@ -115,7 +115,10 @@ def test_cached_report_is_shared_by_both_services(
     services: tuple[AppServer, AppServer],
 ) -> None:
     alpha, beta = services
-    with httpx.Client(timeout=10) as http:
+    # The Host header is part of a cache key. Behind a load balancer both
+    # services see the site's one name; here the ports differ, so send it.
+    site = {"host": "shop.example"}
+    with httpx.Client(timeout=10, headers=site) as http:
         # Start from a known state: the module's Redis may hold an older copy.
         post(http, beta, "/report/invalidate")
         first = http.get(f"{alpha.url}/report")
