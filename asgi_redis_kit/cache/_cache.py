@@ -20,7 +20,7 @@ from .._redis import Backend, RedisClient, RedisLike
 from ..errors import BackendUnavailable
 from ._breaker import CircuitBreaker
 from ._entry import Entry, decode
-from ._keys import CacheKey, KeyScheme, canonical_query, request_host
+from ._keys import CacheKey, KeyScheme, request_host
 from ._lock import ACQUIRE, RELEASE, STORE_AND_RELEASE, SingleFlight, new_token
 from ._policy import DEFAULT_CACHEABLE_STATUSES
 
@@ -258,15 +258,15 @@ class Cache:
     async def invalidate(
         self, url: str | URL | HTTPConnection, *, namespace: str | None = None
     ) -> None:
-        """Invalidate every entry of one URL in ``namespace`` (default: the cache's):
-        GET and HEAD, every ``vary=`` variant and every user's entry of that URL.
+        """Invalidate every entry of one path in ``namespace`` (default: the cache's):
+        every query string, GET and HEAD, every ``vary=`` variant and every user's
+        entry of that host and path.
 
-        ``url`` is an absolute URL (``"https://example.com/items/1?x=1"``, query
-        order does not matter) or a Request for it. One INCR, no SCAN."""
+        ``url`` is an absolute URL (``"https://example.com/items/1"``; a query is
+        ignored) or a Request for it. One INCR, no SCAN."""
         if isinstance(url, HTTPConnection):
             host = request_host(url.scope)
             path = url.scope.get("path", "")
-            query = canonical_query(url.scope.get("query_string", b""))
         else:
             parsed = url if isinstance(url, URL) else URL(url)
             if not parsed.netloc:
@@ -276,8 +276,7 @@ class Cache:
                 )
             host = parsed.netloc.lower().rsplit("@", 1)[-1]
             path = unquote(parsed.path) or "/"
-            query = canonical_query(parsed.query.encode("latin-1"))
-        url_id = self.keys.url_id(namespace or self.namespace, host, path, query)
+        url_id = self.keys.url_id(namespace or self.namespace, host, path)
         await self._bump([self.keys.url_version(url_id)])
 
     async def clear(self, namespace: str | None = None) -> int:

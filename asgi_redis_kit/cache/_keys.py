@@ -37,9 +37,10 @@ Redis key layout (``{...}`` is a Redis Cluster hash tag)::
     <prefix>{n:<namespace id>}:g          namespace generation: clear() bumps it
     <prefix>{t:<tag id>}:v                version of a tag: invalidate_tags() bumps it
 
-The URL id hashes namespace, host and full path + canonical query, so an entry
-and its lock live in one slot, and invalidating a URL reaches every variant of
-it (HEAD/GET, per-user, per-``Accept-Language``) with one INCR. Names chosen
+The URL id hashes namespace, host and full path (not the query), so an entry
+and its lock live in one slot, and invalidating a URL reaches every entry of
+that path (every query string, HEAD/GET, per-user, per-``Accept-Language``,
+and routes with a custom ``key=``) with one INCR. Names chosen
 by users (namespaces, tags) appear hashed, so a ``{`` or ``}`` in them can never
 change the hash slot.
 """
@@ -126,8 +127,8 @@ class KeyScheme:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
 
-    def url_id(self, namespace: str, host: str, path: str, query: str) -> str:
-        return _digest([namespace.encode(), host.encode(), path.encode(), query.encode()])[:32]
+    def url_id(self, namespace: str, host: str, path: str) -> str:
+        return _digest([namespace.encode(), host.encode(), path.encode()])[:32]
 
     def url_version(self, url_id: str) -> str:
         return f"{self.prefix}{{u:{url_id}}}:v"
@@ -176,7 +177,7 @@ class KeyScheme:
             value = header(scope, name.encode("latin-1"))
             parts.append(name.encode("latin-1") + (b"\x00" if value is None else b"\x01" + value))
         digest = _digest(parts)
-        url_id = self.url_id(namespace, host, path, query)
+        url_id = self.url_id(namespace, host, path)
         base = f"{self.prefix}{{u:{url_id}}}"
         return CacheKey(
             digest=digest,
