@@ -9,7 +9,6 @@ mutation (``session["cart"].append(x)``) that no ``__setitem__`` hook can see.
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -255,7 +254,7 @@ class Session(dict[str, Any]):
         # The cookie must outlive the session: with an absolute lifetime its Max-Age
         # already does; without one it follows each TTL refresh.
         if self._resign or (refreshed and store.absolute_ms is None):
-            return CookieAction("set", self._id, self._max_age(ttl))
+            return CookieAction("set", self._id, store.cookie_max_age(self._created_ms))
         return None
 
     async def _save_new(self, encoded: dict[str, bytes]) -> CookieAction | None:
@@ -280,7 +279,7 @@ class Session(dict[str, Any]):
         self._snapshot = encoded
         self._stored_user = self._user
         self._drop = []
-        return CookieAction("set", session_id, self._max_age(ttl))
+        return CookieAction("set", session_id, store.cookie_max_age(created))
 
     def _ended(self) -> CookieAction:
         self._id = None
@@ -288,9 +287,6 @@ class Session(dict[str, Any]):
         self._stored_user = self._user
         self._drop = []
         return CookieAction("expire")
-
-    def _max_age(self, ttl_ms: int) -> int:
-        return max(1, math.ceil(ttl_ms / 1000))
 
     def _discard(self) -> None:
         """The response is an error: drop this request's changes."""

@@ -251,6 +251,16 @@ class SessionStore:
             return self.idle_ms
         return min(self.idle_ms, created_ms + self.absolute_ms - self.now_ms())
 
+    def cookie_max_age(self, created_ms: int) -> int:
+        """Seconds the browser should keep the cookie: as long as the session could
+        live. With an absolute lifetime that is fixed at creation, so TTL refreshes
+        need no new cookie; without one it is the idle timeout from now."""
+        if self.absolute_ms is None:
+            remaining = self.idle_ms
+        else:
+            remaining = created_ms + self.absolute_ms - self.now_ms()
+        return max(1, -(-remaining // 1000))
+
     def touch_due(self, record_pttl: int, created_ms: int) -> bool:
         """Refresh the idle TTL at most once per tenth of the idle timeout."""
         return record_pttl < self.ttl_ms(created_ms) - self.idle_ms // 10

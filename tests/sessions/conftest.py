@@ -130,7 +130,9 @@ def build_app(redis: Any, *, gate: Gate | None = None, **options: Any) -> Starle
         Route("/whoami", whoami),
         WebSocketRoute("/ws", ws),
     ]
-    return Starlette(routes=routes, middleware=[Middleware(SessionMiddleware, redis=redis, **options)])
+    return Starlette(
+        routes=routes, middleware=[Middleware(SessionMiddleware, redis=redis, **options)]
+    )
 
 
 def client_for(app: Any, **kwargs: Any) -> httpx.AsyncClient:
@@ -214,7 +216,8 @@ async def peek(redis_url: str) -> AsyncIterator[Redis]:
 
 
 async def stored_keys(peek: Redis, key_prefix: str) -> list[str]:
-    return sorted(key.decode() for key in await peek.keys(f"{key_prefix}*"))
+    keys = await peek.keys(f"{key_prefix}*")
+    return sorted(key.decode() if isinstance(key, bytes) else key for key in keys)
 
 
 def session_id_of(cookie: str) -> str:

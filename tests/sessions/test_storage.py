@@ -105,7 +105,8 @@ async def test_signed_id_without_record_gets_a_fresh_id_and_no_key(
     assert await stored_keys(peek, key_prefix) == []
     response = await client.post("/set", json={"x": 1})
     new_cookie = cookie_of(response)
-    assert new_cookie and session_id_of(new_cookie) != presented
+    assert new_cookie
+    assert session_id_of(new_cookie) != presented
     assert await stored_keys(peek, key_prefix) == [f"{key_prefix}{session_id_of(new_cookie)}"]
 
 
