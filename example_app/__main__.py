@@ -36,7 +36,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--fastapi", action="store_true", help="serve the FastAPI twin instead of Starlette"
     )
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    # A string default goes through type=int too, so a bad PORT gets argparse's
+    # one-line error instead of a traceback.
+    parser.add_argument("--port", type=int, default=os.environ.get("PORT", "8000"))
     parser.add_argument(
         "--name", default=None, help="instance name shown on every page (default: the pid)"
     )

@@ -50,7 +50,7 @@ code, .mono { font-family:ui-monospace,SFMono-Regular,Menlo,monospace; font-size
 .pill.miss { background:#ffedd5; color:var(--warn); }
 table { border-collapse:collapse; width:100%; margin-top:8px; }
 td, th { text-align:left; padding:6px 8px; border-bottom:1px solid var(--line); }
-td.num { text-align:right; font-variant-numeric:tabular-nums; }
+td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; }
 footer { max-width:880px; margin:0 auto 32px; padding:0 20px; }
 footer .status { display:flex; flex-wrap:wrap; gap:8px 24px; font-size:14px;
   color:var(--muted); border-top:1px solid var(--line); padding-top:14px; }
@@ -78,6 +78,7 @@ def _layout(title: str, active: str, body: str, status: Status, script: str = ""
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{escape(title)} · asgi_redis_kit</title>
+<link rel="icon" href="data:,">
 <style>{STYLE}</style>
 </head>
 <body>
@@ -132,7 +133,7 @@ def home_page(
     shown_handle = (
         f'<span class="mono" id="handle">{escape(handle[:16])}</span>'
         if handle
-        else '<span id="handle">none yet: this is your first request</span>'
+        else '<span class="muted" id="handle">none yet (first request)</span>'
     )
     body = f"""
 <section class="card wide">
