@@ -136,6 +136,13 @@ class ServerProcess:
                 self.proc.wait(timeout=10)
         self.proc = None
 
+    def kill(self) -> None:
+        """SIGKILL: a crash, no shutdown handshake with replicas or clients."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
     def client(self) -> redis.Redis:
         return sync_client(self.port)
 
@@ -237,7 +244,7 @@ class ClusterDeployment(_Deployment):
         with sync_client(self.ports[0]) as client:
             for _, args in log.commands:
                 try:
-                    keys = client.execute_command("COMMAND", "GETKEYS", *args)
+                    keys = client.command_getkeys(*args)
                 except ResponseError:
                     continue  # no key arguments (MULTI, PING, CLUSTER SLOTS...)
                 if len(keys) > 1:

@@ -11,7 +11,6 @@ answers 200 (fail open), and no READONLY ever becomes a 500.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import httpx
@@ -46,65 +45,104 @@ class Traffic:
     def __init__(self, app: httpx.AsyncClient, anonymous: httpx.AsyncClient) -> None:
         self.app = app
         self.anonymous = anonymous
-        self.session: list[tuple[int, str]] = []
-        self.cache: list[tuple[int, str]] = []
+        self.session: list[httpx.Response] = []
+        self.cache: list[httpx.Response] = []
         self.stop = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Traffic:
+        self.task = asyncio.create_task(self.run())
+        await asyncio.sleep(0.2)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.sleep(0.3)
+        self.stop.set()
+        assert self.task is not None
+        await self.task
 
     async def run(self) -> None:
         while not self.stop.is_set():
-            r = await self.app.get("/show")
-            self.session.append((r.status_code, r.text))
-            r = await self.anonymous.get("/items/1")
-            self.cache.append((r.status_code, r.text))
+            self.session.append(await self.app.get("/show"))
+            self.cache.append(await self.anonymous.get("/items/1"))
             await asyncio.sleep(0.02)
+
+    def check(self, *states: dict[str, object]) -> None:
+        """Sessions: 200 with one of ``states``, or a clean 503 (fail closed).
+        Cache: always 200 (fail open). READONLY never reaches a client."""
+        assert len(self.session) >= 5, "the background traffic barely ran"
+        for r in self.session:
+            assert r.status_code in (200, 503), (r.status_code, r.text)
+            if r.status_code == 200:
+                assert r.json() in states, f"a read during the switch returned {r.json()}"
+            else:
+                assert "retry-after" in r.headers, "a 503 must say when to retry"
+                assert "set-cookie" not in r.headers, "a 503 must not touch the cookie"
+        for r in self.cache:
+            assert r.status_code == 200, f"the cache must fail open: {r.status_code} {r.text}"
+            assert r.text.startswith("item 1 run ")
+        leaked = [r.text for r in self.session + self.cache if "READONLY" in r.text]
+        assert leaked == [], f"READONLY reached a client: {leaked[:3]}"
+
+    @property
+    def session_statuses(self) -> set[int]:
+        return {r.status_code for r in self.session}
+
+
+async def write_and_replicate(
+    deployment: SentinelDeployment, alice: httpx.AsyncClient, anonymous: httpx.AsyncClient
+) -> dict[str, object]:
+    """Alice's session and one cached page, confirmed on the replica."""
+    for expected in ("1", "2", "3"):
+        assert (await alice.get("/visits")).text == expected
+    assert (await alice.post("/put?name=alice&cart=3")).status_code == 200
+    assert (await anonymous.get("/items/1")).headers.get("x-cache") == "MISS"
+    written: dict[str, object] = {"visits": 3, "name": "alice", "cart": "3"}
+    assert ok_json(await alice.get("/show")) == written
+    master, replica = deployment.master.port, deployment.replica.port
+    deadline = time.monotonic() + 10
+    while not deployment.replica_caught_up(replica, master):
+        assert time.monotonic() < deadline, "the replica never caught up"
+        await asyncio.sleep(0.05)
+    return written
 
 
 async def test_failover_keeps_sessions_and_never_leaks_readonly(
     sentinel_deployment: SentinelDeployment, sentinel_master: Redis, redis_log: CommandLog
 ) -> None:
-    calls = Calls()
-    app = build_app(sentinel_master, calls)
+    """``SENTINEL FAILOVER`` while traffic flows (checklist 36)."""
+    app = build_app(sentinel_master, Calls())
     async with browser(app) as alice, browser(app) as anonymous:
-        for expected in ("1", "2", "3"):
-            assert (await alice.get("/visits")).text == expected
-        assert (await alice.post("/put?name=alice&cart=3")).status_code == 200
-        assert (await anonymous.get("/items/1")).headers.get("x-cache") == "MISS"
-        written = {"visits": 3, "name": "alice", "cart": "3"}
-        assert ok_json(await alice.get("/show")) == written
-
-        master, replica = sentinel_deployment.master.port, sentinel_deployment.replica.port
-        deadline = time.monotonic() + 10
-        while not sentinel_deployment.replica_caught_up(replica, master):
-            assert time.monotonic() < deadline, "the replica never caught up"
-            await asyncio.sleep(0.05)
-
-        traffic = Traffic(alice, anonymous)
-        task = asyncio.create_task(traffic.run())
-        try:
-            await asyncio.sleep(0.2)
+        written = await write_and_replicate(sentinel_deployment, alice, anonymous)
+        async with Traffic(alice, anonymous) as traffic:
             old, new = await asyncio.to_thread(sentinel_deployment.failover)
-            assert (old, new) == (master, replica)
+            assert (old, new) == (sentinel_deployment.master.port, sentinel_deployment.replica.port)
             # The app is not restarted: the same client must find the new master.
             assert ok_json(await until_ok(alice, "GET", "/show")) == written
             visits = await until_ok(alice, "GET", "/visits")
             assert visits.text == "4", "the first write after failover lands on the new master"
-            await asyncio.sleep(0.3)
-        finally:
-            traffic.stop.set()
-            await task
-
-        assert ok_json(await alice.get("/show")) == {**written, "visits": 4}
+        after = {**written, "visits": 4}
+        assert ok_json(await alice.get("/show")) == after
         with sentinel_deployment.server(new).client() as direct:
             assert direct.info("replication")["role"] == "master"
+    traffic.check(written, after)
 
-    session_statuses = {status for status, _ in traffic.session}
-    assert session_statuses <= {200, 503}, f"sessions answered {session_statuses}"
-    after = {**written, "visits": 4}
-    seen = [json.loads(text) for status, text in traffic.session if status == 200]
-    assert all(data in (written, after) for data in seen), "a read returned other data"
-    cache_statuses = {status for status, _ in traffic.cache}
-    assert cache_statuses == {200}, f"the cache must fail open, it answered {cache_statuses}"
-    assert all(text.startswith("item 1 run ") for _, text in traffic.cache)
-    assert len(traffic.session) >= 5, "the background traffic barely ran"
-    leaked = [text for _, text in traffic.session + traffic.cache if "READONLY" in text]
-    assert leaked == [], f"READONLY reached a client: {leaked[:3]}"
+
+async def test_master_crash_fails_closed_then_recovers(
+    sentinel_deployment: SentinelDeployment, sentinel_master: Redis, redis_log: CommandLog
+) -> None:
+    """The master process dies; Sentinel notices (down-after 1 s) and promotes the
+    replica. Meanwhile sessions answer 503 with Retry-After, the cache serves from
+    the handler, and afterwards the same app and cookie carry on."""
+    app = build_app(sentinel_master, Calls())
+    async with browser(app) as alice, browser(app) as anonymous:
+        written = await write_and_replicate(sentinel_deployment, alice, anonymous)
+        async with Traffic(alice, anonymous) as traffic:
+            sentinel_deployment.master.kill()
+            assert ok_json(await until_ok(alice, "GET", "/show")) == written
+            assert (await until_ok(alice, "GET", "/visits")).text == "4"
+            assert sentinel_deployment.master_port() == sentinel_deployment.replica.port
+        after = {**written, "visits": 4}
+        assert ok_json(await alice.get("/show")) == after
+    traffic.check(written, after)
+    assert 503 in traffic.session_statuses, "the outage never reached the session traffic"
