@@ -149,6 +149,7 @@ class Cache:
         self.stats = CacheStats()
         self.flights = SingleFlight()
         self._background: set[asyncio.Task[None]] = set()
+        self._lookups: dict[str, asyncio.Task[Lookup]] = {}
         client = self.backend.client
         self._acquire = client.register_script(ACQUIRE)
         self._release = client.register_script(RELEASE)
@@ -166,7 +167,8 @@ class Cache:
         try:
             async with self.backend.call() as client:
                 yield client
-        except BackendUnavailable:
+        except BackendUnavailable as exc:
+            logger.debug("cache backend failed: %r", exc.__cause__)
             self.breaker.failure()
             self.stats.errors += 1
             raise
@@ -192,7 +194,20 @@ class Cache:
         return entry
 
     async def lookup(self, key: CacheKey) -> Lookup:
-        """Entry and versions in one round trip (one MGET)."""
+        """Entry and versions in one round trip (one MGET).
+
+        Concurrent lookups of one key in this process share that round trip: a
+        burst on a hot key costs Redis one command, and cannot exhaust the
+        connection pool (which would open the breaker for every other key)."""
+        task = self._lookups.get(key.entry)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._lookup(key))
+            self._lookups[key.entry] = task
+            task.add_done_callback(lambda _: self._lookups.pop(key.entry, None))
+        # shield: one cancelled request must not cancel the others' lookup.
+        return await asyncio.shield(task)
+
+    async def _lookup(self, key: CacheKey) -> Lookup:
         async with self._redis() as client:
             raw = await self._mget(client, [key.entry, *key.version_keys])
         versions = _versions(raw[1:])
@@ -207,8 +222,8 @@ class Cache:
     async def acquire(
         self, key: CacheKey, versions: tuple[int, ...]
     ) -> tuple[str | None, Entry | None]:
-        """Take the lease: (token, None), or (None, entry stored meanwhile), or (None, None)
-        if someone else holds it."""
+        """Take the lease: (token, None), or (None, a fresh entry stored meanwhile by
+        another leader), or (None, None) if someone else holds it."""
         token = new_token()
         async with self._redis() as client:
             got, raw = await self._acquire(
@@ -217,7 +232,7 @@ class Cache:
         if not got:
             return None, None
         entry = self._valid(raw, versions)
-        if entry is not None:
+        if entry is not None and entry.is_fresh(self.clock()):
             await self.release(key, token)
             return None, entry
         return token, None

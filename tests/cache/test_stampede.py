@@ -1,0 +1,136 @@
+"""Behaviour 5: N concurrent misses run the handler once, per process and across processes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+from redis.asyncio import Redis
+
+from asgi_redis_kit import Cache
+from asgi_redis_kit.cache._keys import KeyScheme
+from tests.cache.conftest import Calls, Framework, Harness, build, client_for
+
+
+async def _open_gate_when_called(calls: Calls, name: str) -> None:
+    """Let the first handler call finish once the other requests had time to pile up."""
+    assert calls.gate is not None
+    while calls[name] == 0:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)
+    calls.gate.set()
+
+
+async def test_200_concurrent_cold_requests_run_the_handler_once(harness: Harness) -> None:
+    harness.calls.gate = asyncio.Event()
+    opener = asyncio.create_task(_open_gate_when_called(harness.calls, "page"))
+    responses = await asyncio.gather(*(harness.client.get("/page") for _ in range(200)))
+    await opener
+    assert harness.calls["page"] == 1
+    assert {r.text for r in responses} == {"<h1>page 1</h1>"}
+    assert sorted({r.headers["x-cache"] for r in responses}) == ["HIT", "MISS"]
+    assert sum(r.headers["x-cache"] == "MISS" for r in responses) == 1
+
+
+async def test_two_processes_sharing_redis_run_the_handler_once(
+    framework: Framework, redis_url: str, real_redis: Redis, key_prefix: str
+) -> None:
+    """Two app instances with their own Cache and their own Redis client (what
+    two uvicorn workers are) on one real Redis: the lease makes one of them
+    wait for the other's entry."""
+    calls = Calls(gate=asyncio.Event())
+    caches = [Cache(redis_url, key_prefix=key_prefix) for _ in range(2)]
+    clients = [client_for(build(framework, cache, calls)) for cache in caches]
+    opener = asyncio.create_task(_open_gate_when_called(calls, "page"))
+    responses = await asyncio.gather(*(clients[n % 2].get("/page") for n in range(200)))
+    await opener
+    assert calls["page"] == 1
+    assert {r.status_code for r in responses} == {200}
+    assert {r.text for r in responses} == {"<h1>page 1</h1>"}
+    for client, cache in zip(clients, caches, strict=True):
+        await client.aclose()
+        await cache.aclose()
+
+
+async def test_waiters_never_get_a_per_user_response(harness: Harness) -> None:
+    """The leader's answer read the session (not storable): waiters re-read the
+    cache, find nothing, and each runs the handler for its own user."""
+    harness.calls.gate = asyncio.Event()
+    opener = asyncio.create_task(_open_gate_when_called(harness.calls, "whoami"))
+    users = [f"user{n}" for n in range(20)]
+    responses = await asyncio.gather(
+        *(harness.client.get("/whoami", headers={"cookie": f"session={u}"}) for u in users)
+    )
+    await opener
+    for user, response in zip(users, responses, strict=True):
+        assert response.text.startswith(f"user {user} call")
+        assert response.headers["x-cache"] == "MISS"
+
+
+async def test_a_stuck_lease_delays_but_never_blocks(
+    framework: Framework, real_redis: Redis, key_prefix: str
+) -> None:
+    cache = Cache(real_redis, key_prefix=key_prefix, lock_wait=0.3)
+    calls = Calls()
+    async with client_for(build(framework, cache, calls)) as client:
+        await client.get("/page")
+        entry_key = [k async for k in real_redis.scan_iter(match=f"{key_prefix}*:e:*")][0]
+        await real_redis.delete(entry_key)
+        # A leader in another process that died holding the lease.
+        await real_redis.set(entry_key.replace(b":e:", b":l:"), b"dead-token", px=60_000)
+        started = time.monotonic()
+        response = await client.get("/page")
+        assert response.status_code == 200
+        assert response.headers["x-cache"] == "MISS"
+        assert time.monotonic() - started < 10  # generous "did not hang" bound
+    assert calls["page"] == 2
+    await cache.aclose()
+
+
+async def test_release_only_deletes_our_own_lease(real_redis: Redis, key_prefix: str) -> None:
+    cache = Cache(real_redis, key_prefix=key_prefix)
+    scope = {"type": "http", "method": "GET", "path": "/x", "headers": []}
+    key = KeyScheme(key_prefix).for_request(
+        scope,
+        namespace="default",
+        host="h",
+        vary=(),
+        session_cookie_name="session",
+        vary_on_session=False,
+        tags=(),
+        custom=None,
+    )
+    token, _ = await cache.acquire(key, (0, 0))
+    assert token is not None
+    assert await cache.acquire(key, (0, 0)) == (None, None)  # held
+    # Our lease expired and another process took it: releasing must not free theirs.
+    await real_redis.set(key.lock, b"theirs")
+    await cache.release(key, token)
+    assert await real_redis.get(key.lock) == b"theirs"
+    await real_redis.set(key.lock, token.encode())
+    await cache.release(key, token)
+    assert await real_redis.get(key.lock) is None
+    await cache.aclose()
+
+
+async def test_lease_has_an_expiry(real_redis: Redis, key_prefix: str) -> None:
+    cache = Cache(real_redis, key_prefix=key_prefix, lock_lease=5)
+    scope = {"type": "http", "method": "GET", "path": "/y", "headers": []}
+    key = KeyScheme(key_prefix).for_request(
+        scope,
+        namespace="default",
+        host="h",
+        vary=(),
+        session_cookie_name="session",
+        vary_on_session=False,
+        tags=(),
+        custom=None,
+    )
+    token, _ = await cache.acquire(key, (0, 0))
+    assert token is not None
+    assert 0 < await real_redis.pttl(key.lock) <= 5000
+    await cache.aclose()
+
+
+_ = httpx
