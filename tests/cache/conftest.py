@@ -58,6 +58,8 @@ class Calls:
     fail: bool = False
     gate: asyncio.Event | None = None
     delay: float = 0.0
+    # Set whenever a handler starts, so tests can wait for it without polling.
+    entered: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __getitem__(self, name: str) -> int:
         return self.counts[name]
@@ -106,6 +108,7 @@ class Item(BaseModel):
 # Handlers that behave the same in both frameworks, written once.
 async def _page(calls: Calls, name: str) -> str:
     calls.counts[name] += 1
+    calls.entered.set()
     if calls.gate is not None:
         await calls.gate.wait()
     if calls.delay:
@@ -126,8 +129,11 @@ def _echo(calls: Calls, request: Request) -> Response:
     return response
 
 
-def _user(calls: Calls, request: Request, name: str) -> str:
+async def _user(calls: Calls, request: Request, name: str) -> str:
     calls.counts[name] += 1
+    calls.entered.set()
+    if calls.gate is not None:
+        await calls.gate.wait()
     session = request.scope["session"]
     if request.cookies.get("session"):
         return f"user {session.get('user')} call {calls.counts[name]}"
@@ -164,11 +170,11 @@ def starlette_app(calls: Calls, middleware: list[Middleware]) -> Starlette:
 
     @cached(ttl=60)
     async def whoami(request: Request) -> Response:
-        return PlainTextResponse(_user(calls, request, "whoami"))
+        return PlainTextResponse(await _user(calls, request, "whoami"))
 
     @cached(ttl=60, vary_on_session=True)
     async def mine(request: Request) -> Response:
-        return PlainTextResponse(_user(calls, request, "mine"))
+        return PlainTextResponse(await _user(calls, request, "mine"))
 
     @cached(ttl=60)
     async def stream(request: Request) -> Response:
@@ -272,12 +278,12 @@ def fastapi_app(calls: Calls, middleware: list[Middleware]) -> FastAPI:
     @app.get("/whoami", response_class=PlainTextResponse)
     @cached(ttl=60)
     async def whoami(request: Request) -> str:
-        return _user(calls, request, "whoami")
+        return await _user(calls, request, "whoami")
 
     @app.get("/mine", response_class=PlainTextResponse)
     @cached(ttl=60, vary_on_session=True)
     async def mine(request: Request) -> str:
-        return _user(calls, request, "mine")
+        return await _user(calls, request, "mine")
 
     @app.get("/stream")
     @cached(ttl=60)

@@ -16,8 +16,7 @@ from tests.cache.conftest import Calls, Framework, Harness, build, client_for
 async def _open_gate_when_called(calls: Calls, name: str) -> None:
     """Let the first handler call finish once the other requests had time to pile up."""
     assert calls.gate is not None
-    while calls[name] == 0:
-        await asyncio.sleep(0.01)
+    await calls.entered.wait()
     await asyncio.sleep(0.2)
     calls.gate.set()
 
@@ -75,7 +74,7 @@ async def test_a_stuck_lease_delays_but_never_blocks(
     calls = Calls()
     async with client_for(build(framework, cache, calls)) as client:
         await client.get("/page")
-        entry_key = [k async for k in real_redis.scan_iter(match=f"{key_prefix}*:e:*")][0]
+        (entry_key,) = [k async for k in real_redis.scan_iter(match=f"{key_prefix}*:e:*")]
         await real_redis.delete(entry_key)
         # A leader in another process that died holding the lease.
         await real_redis.set(entry_key.replace(b":e:", b":l:"), b"dead-token", px=60_000)
