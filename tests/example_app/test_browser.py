@@ -215,3 +215,24 @@ def test_screenshot_of_the_home_page(page: Page) -> None:
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
     assert SCREENSHOT.stat().st_size > 10_000
+
+
+def test_fastapi_twin_in_the_browser(browser: Browser) -> None:
+    """The FastAPI twin serves the same pages: counter, login, cached report."""
+    with AppServer(name="web-fastapi", fastapi=True) as twin:
+        ctx = browser.new_context(base_url=twin.url)
+        ctx.set_default_timeout(WAIT_MS)
+        try:
+            page = ctx.new_page()
+            page.goto("/")
+            page.reload()
+            assert visits(page) == 2
+            assert page.locator("#framework").inner_text() == "FastAPI"
+            log_in(page, "Guido")
+            assert visits(page) == 3
+            page.goto("/report")
+            assert report_state(page)[0] == "MISS"
+            page.reload()
+            assert report_state(page)[0] == "HIT"
+        finally:
+            ctx.close()
