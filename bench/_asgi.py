@@ -58,10 +58,18 @@ class CookieJar:
         return [(b"cookie", "; ".join(f"{k}={v}" for k, v in self.cookies.items()).encode())]
 
 
+# What a browser sends on a plain navigation, so per-header work costs what it costs.
 _BASE_HEADERS: Headers = [
     (b"host", b"bench.local"),
-    (b"user-agent", b"ark-bench"),
-    (b"accept", b"*/*"),
+    (b"user-agent", b"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko)"),
+    (b"accept", b"text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"),
+    (b"accept-language", b"es-ES,es;q=0.9,en;q=0.8"),
+    (b"accept-encoding", b"gzip, deflate, br"),
+    (b"connection", b"keep-alive"),
+    (b"upgrade-insecure-requests", b"1"),
+    (b"sec-fetch-dest", b"document"),
+    (b"sec-fetch-mode", b"navigate"),
+    (b"sec-fetch-site", b"none"),
 ]
 
 

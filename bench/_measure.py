@@ -45,7 +45,9 @@ class Row:
     median_us: float | None = None
     p95_us: float | None = None
     rps: float | None = None
+    cpu_us: float | None = None
     cmds: float | None = None
+    sent: float | None = None
     round_trips: float | None = None
     breakdown: str = ""
     correctness: str = ""
@@ -100,6 +102,7 @@ async def measure(cases: list[Case], admin: Redis, plan: Plan, index: list[int])
                     index[0] += 1
                     await case.send(index[0])
             row.cmds = traffic.total / plan.counted
+            row.sent = sum(traffic.sent.values()) / plan.counted
             row.round_trips = traffic.round_trips / plan.counted
             row.breakdown = _breakdown(traffic.commands, plan.counted)
             live.append(case)
@@ -107,11 +110,13 @@ async def measure(cases: list[Case], admin: Redis, plan: Plan, index: list[int])
             row.error = f"{type(exc).__name__}: {exc}"[:160]
 
     throughput: dict[str, list[float]] = {c.tool: [] for c in live}
+    cpu: dict[str, list[float]] = {c.tool: [] for c in live}
     for r in range(plan.rounds):
         order = live[r % len(live) :] + live[: r % len(live)] if live else []
         for case in order:
             lat = rows[case.tool].latencies
             gc.collect()
+            cpu_start = time.process_time_ns()
             start = time.perf_counter_ns()
             for _ in range(plan.per_round):
                 index[0] += 1
@@ -119,6 +124,7 @@ async def measure(cases: list[Case], admin: Redis, plan: Plan, index: list[int])
                 await case.send(index[0])
                 lat.append((time.perf_counter_ns() - t0) / 1000)
             elapsed = (time.perf_counter_ns() - start) / 1e9
+            cpu[case.tool].append((time.process_time_ns() - cpu_start) / 1000 / plan.per_round)
             throughput[case.tool].append(plan.per_round / elapsed)
 
     for case in live:
@@ -132,4 +138,5 @@ async def measure(cases: list[Case], admin: Redis, plan: Plan, index: list[int])
         row.median_us = statistics.median(lat)
         row.p95_us = lat[min(len(lat) - 1, int(len(lat) * 0.95))]
         row.rps = statistics.median(throughput[case.tool])
+        row.cpu_us = statistics.median(cpu[case.tool])
     return [rows[c.tool] for c in cases]

@@ -96,17 +96,33 @@ def _ratio(row: Row, ours: Row | None) -> str:
     return f"{row.median_us / ours.median_us:.2f}"
 
 
+def _cpu_ratio(row: Row, ours: Row | None) -> str:
+    if ours is None or not ours.cpu_us or row.cpu_us is None:
+        return "-"
+    if row is ours:
+        return "1.00 (ours)"
+    return f"{row.cpu_us / ours.cpu_us:.2f}"
+
+
 def _label(row: Row) -> str:
     name = f"**{row.tool}**" if row.ours else row.tool
     return f"{name} (reference)" if row.reference else name
 
 
+def _server(row: Row) -> str:
+    if row.cmds is None:
+        return "-"
+    if not row.breakdown or row.breakdown == "-":
+        return f"{row.cmds:g}"
+    return f"{row.cmds:.3g}: {row.breakdown}"
+
+
 def _timing_table(rows: list[Row]) -> list[str]:
     ours = next((r for r in rows if r.ours and r.median_us is not None), None)
     out = [
-        "| tool | µs/req median | µs/req p95 | req/s | time vs ours | Redis cmds/req "
-        "| round trips/req | commands per request | notes |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "| tool | µs/req median | µs/req p95 | req/s | time vs ours | CPU µs/req "
+        "| CPU vs ours | cmds sent/req | round trips/req | server-side commands/req | notes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for row in rows:
         note = row.note
@@ -114,15 +130,17 @@ def _timing_table(rows: list[Row]) -> list[str]:
             note = f"NOT MEASURED: {row.error}"
         out.append(
             f"| {_label(row)} | {_num(row.median_us, 1)} | {_num(row.p95_us, 1)} "
-            f"| {_num(row.rps)} | {_ratio(row, ours)} | {_num(row.cmds, 2)} "
-            f"| {_num(row.round_trips, 2)} | {row.breakdown or '-'} | {note} |"
+            f"| {_num(row.rps)} | {_ratio(row, ours)} | {_num(row.cpu_us, 1)} "
+            f"| {_cpu_ratio(row, ours)} | {_num(row.sent, 2)} "
+            f"| {_num(row.round_trips, 2)} | {_server(row)} | {note} |"
         )
     return out
 
 
 def _correctness_table(rows: list[Row]) -> list[str]:
     out = [
-        "| tool | result | Redis cmds/req | round trips/req | commands (total) | notes |",
+        "| tool | result | cmds sent/req | round trips/req | server-side commands (total) "
+        "| notes |",
         "|---|---|---:|---:|---|---|",
     ]
     for row in rows:
@@ -130,7 +148,7 @@ def _correctness_table(rows: list[Row]) -> list[str]:
         if row.error:
             note = f"NOT MEASURED: {row.error}"
         out.append(
-            f"| {_label(row)} | {row.correctness or '-'} | {_num(row.cmds, 2)} "
+            f"| {_label(row)} | {row.correctness or '-'} | {_num(row.sent, 2)} "
             f"| {_num(row.round_trips, 2)} | {row.breakdown or '-'} | {note} |"
         )
     return out

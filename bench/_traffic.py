@@ -4,6 +4,8 @@
   command is counted whoever sent it (MULTI/EXEC included, and commands run inside a
   Lua script, since Redis counts those too). Handshake and the bench's own INFO calls
   are left out.
+- Commands sent: the same wrapper counts what the client packs (a pipeline's
+  commands one by one, MULTI/EXEC included, a script call as one EVALSHA).
 - Round trips: every peer (and we) talk to Redis through redis-py's asyncio client,
   so for the length of a counting window ``AbstractConnection.send_packed_command``
   is wrapped with a counter. A pipeline or a transaction is one round trip however
@@ -40,6 +42,7 @@ class Traffic:
         self.commands: Counter[str] = Counter()
         self.round_trips = 0
         self.connections = 0
+        self.sent: Counter[str] = Counter()
         self._before: Counter[str] = Counter()
         self._original: Any = None
 
@@ -51,7 +54,15 @@ class Traffic:
         self._before = await commandstats(self.admin)
         original = AbstractConnection.send_packed_command
         original_handshake = AbstractConnection.on_connect_check_health
+        original_pack = AbstractConnection.pack_command
         traffic = self
+
+        def packing(self: AbstractConnection, *args: Any) -> Any:
+            if not getattr(self, "_bench_handshake", False) and args:
+                name = args[0]
+                text = name.decode() if isinstance(name, bytes) else str(name)
+                traffic.sent[text.split()[0].upper()] += 1
+            return original_pack(self, *args)
 
         async def counting(
             self: AbstractConnection, command: Any, check_health: bool = True
@@ -69,7 +80,8 @@ class Traffic:
             finally:
                 self._bench_handshake = False  # type: ignore[attr-defined]
 
-        self._original = (original, original_handshake)
+        self._original = (original, original_handshake, original_pack)
+        AbstractConnection.pack_command = packing  # type: ignore[method-assign]
         AbstractConnection.send_packed_command = counting  # type: ignore[method-assign]
         AbstractConnection.on_connect_check_health = handshake  # type: ignore[method-assign]
         return self
@@ -80,7 +92,8 @@ class Traffic:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        original, original_handshake = self._original
+        original, original_handshake, original_pack = self._original
+        AbstractConnection.pack_command = original_pack  # type: ignore[method-assign]
         AbstractConnection.send_packed_command = original  # type: ignore[method-assign]
         AbstractConnection.on_connect_check_health = original_handshake  # type: ignore[method-assign]
         after = await commandstats(self.admin)

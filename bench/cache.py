@@ -350,20 +350,22 @@ ASGI_CACHES_NOTE = (
 )
 
 
+FACTORIES: dict[str, Callable[[str], Tool]] = {
+    "ours": _ours,
+    "fastapi-cache2": _fastapi_cache2,
+    "cashews": _cashews,
+    "cashews+etag": lambda url: _cashews(url, etag=True),
+    "aiocache": _aiocache,
+    "no-cache": _baseline,
+}
+
+
 def build_tools(url: str) -> tuple[list[Tool], list[str]]:
     tools: list[Tool] = []
     problems: list[str] = []
-    factories: list[tuple[str, Callable[[], Tool]]] = [
-        ("asgi_redis_kit", lambda: _ours(url)),
-        ("fastapi-cache2", lambda: _fastapi_cache2(url)),
-        ("cashews", lambda: _cashews(url)),
-        ("cashews+etag", lambda: _cashews(url, etag=True)),
-        ("aiocache", lambda: _aiocache(url)),
-        ("no cache", lambda: _baseline(url)),
-    ]
-    for name, factory in factories:
+    for name, factory in FACTORIES.items():
         try:
-            tools.append(factory())
+            tools.append(factory(url))
         except Exception as exc:
             problems.append(f"cache: could not set up {name}: {type(exc).__name__}: {exc}")
     try:
@@ -466,6 +468,7 @@ async def _stampede(tool: Tool, admin: Redis, route: str, label: str) -> Row:
         if bad:
             row.correctness += f"; errors {dict(bad)}"
         row.cmds = traffic.total / STAMPEDE
+        row.sent = sum(traffic.sent.values()) / STAMPEDE
         row.round_trips = traffic.round_trips / STAMPEDE
         row.breakdown = ", ".join(f"{k} {v}" for k, v in traffic.commands.most_common())
         row.note = (

@@ -143,10 +143,17 @@ def _starlette_cookie(url: str) -> Tool:
     )
 
 
+FACTORIES: dict[str, Callable[[str], Tool]] = {
+    "ours": _ours,
+    "starsessions": _starsessions,
+    "starlette-cookie": _starlette_cookie,
+}
+
+
 def build_tools(url: str) -> tuple[list[Tool], list[str]]:
     tools: list[Tool] = []
     problems: list[str] = []
-    for factory in (_ours, _starsessions, _starlette_cookie):
+    for factory in FACTORIES.values():
         try:
             tools.append(factory(url))
         except Exception as exc:
