@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
         openapi_url=None,
         middleware=[
-            Middleware(web.ExposeCacheStatus, instance=settings.instance),
+            Middleware(web.ExposeCacheStatus, instance=settings.instance, framework=FRAMEWORK),
             Middleware(web.response_cache, redis=settings.redis_url),
             Middleware(
                 SessionMiddleware,

@@ -170,8 +170,13 @@ REPORT_SCRIPT = """<script>
   const nav = performance.getEntriesByType("navigation")[0];
   const entries = nav && nav.serverTiming ? nav.serverTiming : [];
   const found = entries.find((e) => e.name === "cache");
-  const served = entries.find((e) => e.name === "served-by");
-  if (served) document.getElementById("answered-by").textContent = served.description;
+  // The footer was frozen into the cached HTML by the instance that built it;
+  // show the one that answered this request instead.
+  for (const [metric, ids] of [["served-by", ["answered-by", "instance"]],
+                               ["framework", ["framework"]]]) {
+    const entry = entries.find((e) => e.name === metric);
+    if (entry) for (const id of ids) document.getElementById(id).textContent = entry.description;
+  }
   if (!found) { out.textContent = "unknown (see the X-Cache response header)"; return; }
   out.textContent = found.description;
   out.className = "pill " + found.description.toLowerCase();

@@ -140,7 +140,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     # Listed outermost first. The cache must wrap the sessions so a HIT is
     # answered without loading a session at all.
     middleware = [
-        Middleware(web.ExposeCacheStatus, instance=settings.instance),
+        Middleware(web.ExposeCacheStatus, instance=settings.instance, framework=FRAMEWORK),
         Middleware(web.response_cache, redis=settings.redis_url),
         Middleware(
             SessionMiddleware,

@@ -122,22 +122,23 @@ class ExposeCacheStatus:
     library answers ``If-None-Match`` with a 304 straight from Redis.
     """
 
-    def __init__(self, app: ASGIApp, *, instance: str) -> None:
+    def __init__(self, app: ASGIApp, *, instance: str, framework: str) -> None:
         self.app = app
         # Header values are latin-1 on the wire; keep any name presentable.
         self.instance = instance.encode("ascii", "replace").decode()
+        quoted = self.instance.replace("\\", "\\\\").replace('"', '\\"')
+        self.timing = f'served-by;desc="{quoted}", framework;desc="{framework}"'
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        quoted = self.instance.replace("\\", "\\\\").replace('"', '\\"')
 
         async def send_with_status(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
                 headers.append("X-Served-By", self.instance)
-                headers.append("Server-Timing", f'served-by;desc="{quoted}"')
+                headers.append("Server-Timing", self.timing)
                 verdict = headers.get("x-cache")
                 if verdict:
                     headers.append("Server-Timing", f'cache;desc="{verdict}"')

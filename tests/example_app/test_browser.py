@@ -234,5 +234,7 @@ def test_fastapi_twin_in_the_browser(browser: Browser) -> None:
             assert report_state(page)[0] == "MISS"
             page.reload()
             assert report_state(page)[0] == "HIT"
+            assert page.locator("#answered-by").inner_text() == "web-fastapi"
+            assert page.locator("#framework").inner_text() == "FastAPI"
         finally:
             ctx.close()

@@ -129,3 +129,8 @@ def test_cached_report_is_shared_by_both_services(
     # header added outside the cache says who actually served it.
     assert by_id(second.text, "built-by") == "alpha"
     assert second.headers["x-served-by"] == "beta"
+    # ...and what the page's script reads to correct the frozen footer.
+    timing = second.headers["server-timing"]
+    assert 'served-by;desc="beta"' in timing
+    assert 'framework;desc="FastAPI"' in timing
+    assert 'cache;desc="HIT"' in timing
