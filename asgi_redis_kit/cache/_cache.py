@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import MaxConnectionsError
 from starlette.datastructures import URL
 from starlette.requests import HTTPConnection
 
@@ -168,9 +169,14 @@ class Cache:
             async with self.backend.call() as client:
                 yield client
         except BackendUnavailable as exc:
-            logger.debug("cache backend failed: %r", exc.__cause__)
-            self.breaker.failure()
             self.stats.errors += 1
+            if isinstance(exc.__cause__, MaxConnectionsError):
+                # Our own pool is full (a burst on a caller's non-blocking pool):
+                # Redis is fine, so this request skips the cache but the
+                # breaker stays closed for everyone else.
+                self.breaker.abandon()
+            else:
+                self.breaker.failure()
             raise
         except BaseException:
             self.breaker.abandon()

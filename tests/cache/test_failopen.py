@@ -1,0 +1,130 @@
+"""Behaviour 8: Redis down means uncached, never broken; the breaker closes by itself.
+
+Checklist 31 (down at startup), 33 (paused: bounded by the deadline), 38
+(lifespan shutdown closes what we own)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from starlette.types import Message
+
+from asgi_redis_kit import Cache, CacheMiddleware
+from asgi_redis_kit.cache._breaker import CircuitBreaker
+from tests.cache.conftest import Calls, Framework, build, client_for, starlette_app
+from tests.support import RedisProcess
+
+pytestmark = pytest.mark.real_redis
+
+
+async def test_redis_stopped_then_restarted(framework: Framework, own_redis: RedisProcess) -> None:
+    cache = Cache(own_redis.url, timeout=0.2, breaker_threshold=3, breaker_cooldown=0.3)
+    calls = Calls()
+    async with client_for(build(framework, cache, calls)) as client:
+        assert (await client.get("/page")).headers["x-cache"] == "MISS"
+        own_redis.stop()
+        for n in range(10):
+            response = await client.get("/page")
+            assert response.status_code == 200, n
+            assert response.text == f"<h1>page {n + 2}</h1>"
+            assert (response.headers["x-cache"], response.headers["x-cache-reason"]) == (
+                "BYPASS",
+                "backend",
+            )
+        # Three failures opened the breaker; the other seven never touched Redis.
+        assert cache.stats.errors == 3
+        assert cache.breaker.state == "open"
+        own_redis.start()
+        await asyncio.sleep(0.4)  # the cool-down; then one probe is let through
+        probe = await client.get("/page?after=1")
+        assert probe.headers["x-cache"] == "MISS"
+        assert cache.breaker.state == "closed"
+        assert (await client.get("/page?after=1")).headers["x-cache"] == "HIT"
+    assert cache.stats.errors == 3
+    await cache.aclose()
+
+
+async def test_redis_down_at_startup_serves_uncached(framework: Framework) -> None:
+    dead = RedisProcess()  # a port nobody listens on
+    cache = Cache(dead.url, timeout=0.2)
+    calls = Calls()
+    async with client_for(build(framework, cache, calls)) as client:
+        started = time.monotonic()
+        responses = [await client.get("/page") for _ in range(3)]
+        assert time.monotonic() - started < 10  # generous "did not hang" bound
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert calls["page"] == 3
+    await cache.aclose()
+    dead.close()
+
+
+async def test_paused_redis_costs_one_deadline_not_a_hang(
+    framework: Framework, own_redis: RedisProcess
+) -> None:
+    cache = Cache(own_redis.url, timeout=0.2, breaker_threshold=1, breaker_cooldown=60)
+    calls = Calls()
+    async with client_for(build(framework, cache, calls)) as client:
+        await client.get("/page")
+        own_redis.pause()
+        try:
+            started = time.monotonic()
+            responses = await asyncio.gather(*(client.get(f"/page?n={n}") for n in range(20)))
+            assert time.monotonic() - started < 10
+        finally:
+            own_redis.resume()
+    assert {r.status_code for r in responses} == {200}
+    assert {r.headers["x-cache"] for r in responses} == {"BYPASS"}
+    await cache.aclose()
+
+
+def test_breaker_states() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(threshold=2, cooldown=5, clock=lambda: now[0])
+    assert breaker.allow()
+    breaker.failure()
+    assert breaker.state == "closed"
+    breaker.failure()
+    assert (breaker.state, breaker.allow()) == ("open", False)
+    now[0] = 5
+    assert breaker.allow()  # the one half-open probe
+    assert not breaker.allow()  # nobody else while it runs
+    breaker.failure()
+    assert breaker.state == "open"
+    now[0] = 10
+    assert breaker.allow()
+    breaker.abandon()  # a cancelled probe lets the next one try
+    assert breaker.allow()
+    breaker.success()
+    assert (breaker.state, breaker.allow()) == ("closed", True)
+    with pytest.raises(ValueError, match="breaker_threshold"):
+        CircuitBreaker(threshold=0)
+
+
+async def test_lifespan_shutdown_closes_an_owned_client(redis_url: str) -> None:
+    calls = Calls()
+    app = CacheMiddleware(starlette_app(calls, []), redis=redis_url)
+    await app.cache.backend.client.ping()
+    closed: list[bool] = []
+    original = app.cache.backend.aclose
+
+    async def recording_close() -> None:
+        closed.append(True)
+        await original()
+
+    app.cache.backend.aclose = recording_close  # type: ignore[method-assign]
+    messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+    sent: list[str] = []
+
+    async def receive() -> Message:
+        return next(messages)
+
+    async def send(message: Message) -> None:
+        sent.append(message["type"])
+
+    scope: dict[str, Any] = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    await app(scope, receive, send)
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert closed == [True]
