@@ -46,7 +46,7 @@ async def test_entries_expire_at_ttl_plus_jitter_on_real_redis(
         lifetimes = set()
         for key in keys:
             raw = await real_redis.get(key)
-            assert raw is not None
+            assert isinstance(raw, bytes)
             entry = decode(raw)
             assert entry is not None
             assert 1 <= entry.fresh_for <= 1.5
