@@ -275,6 +275,11 @@ class _Exchange:
                 if entry is None and token is None:
                     entry = await self.wait_for_other_process(key, versions)
             except BackendUnavailable:
+                if fallback is not None:
+                    # Redis failed after showing us a stale entry: stale-if-error.
+                    self.stats.stale += 1
+                    await self.serve(fallback, "STALE", "backend")
+                    return
                 entry = None
             if entry is not None:
                 self.stats.hits += 1

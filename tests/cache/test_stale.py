@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -13,7 +15,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from asgi_redis_kit import Cache, CacheMiddleware, cached
-from tests.cache.conftest import Clock, Harness, client_for
+from tests.cache.conftest import Calls, Clock, Framework, Harness, build, client_for
 
 
 async def test_stale_while_revalidate_serves_at_once_and_refreshes_once(
@@ -92,3 +94,39 @@ async def test_stale_if_error_covers_5xx_answers(real_redis: Redis, key_prefix: 
         clock.advance(60)
         assert (await client.get("/u")).status_code == 503
     await cache.aclose()
+
+
+class FlakyRedis(Redis):
+    """A real client whose scripts fail on demand: Redis answering the lookup
+    and then failing mid-request."""
+
+    failing = False
+
+    async def evalsha(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failing:
+            raise RedisConnectionError("connection lost mid-request")
+        return await super().evalsha(*args, **kwargs)
+
+
+async def test_stale_if_error_covers_redis_failing_mid_request(
+    framework: Framework, redis_url: str, key_prefix: str
+) -> None:
+    client = FlakyRedis.from_pool(ConnectionPool.from_url(redis_url))
+    assert isinstance(client, FlakyRedis)
+    clock = Clock()
+    cache = Cache(client, key_prefix=key_prefix, clock=clock)
+    calls = Calls()
+    async with client_for(build(framework, cache, calls)) as http:
+        await http.get("/stale")
+        clock.advance(50)  # only stale_if_error (60) still covers it
+        client.failing = True
+        response = await http.get("/stale")
+        assert (response.headers["x-cache"], response.headers["x-cache-reason"]) == (
+            "STALE",
+            "backend",
+        )
+        assert response.text == "<h1>stale 1</h1>"
+    assert calls["stale"] == 1
+    await cache.clear()
+    await cache.aclose()
+    await client.aclose()
