@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import fakeredis
 import httpx
 import pytest
 from fastapi import Depends, FastAPI, HTTPException
@@ -399,6 +400,25 @@ async def real_redis(redis_url: str, key_prefix: str, spy: RedisSpy) -> AsyncIte
         if keys:
             await client.delete(*keys)
         await client.aclose()
+
+
+@pytest.fixture(params=["fake", "real"])
+async def any_redis(
+    request: pytest.FixtureRequest, key_prefix: str, spy: RedisSpy
+) -> AsyncIterator[Redis]:
+    """Overrides the shared fixture (see counting_client): fakeredis, then real."""
+    if request.param == "fake":
+        fake: Redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+        yield fake
+        await fake.aclose()
+        return
+    url: str = request.getfixturevalue("redis_url")
+    real = counting_client(url, spy, socket_timeout=5, socket_connect_timeout=5)
+    yield real
+    keys = [key async for key in real.scan_iter(match=f"{key_prefix}*", count=1000)]
+    if keys:
+        await real.delete(*keys)
+    await real.aclose()
 
 
 @pytest.fixture
