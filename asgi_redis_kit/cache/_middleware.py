@@ -28,7 +28,8 @@ import contextlib
 import inspect
 import logging
 import random
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from starlette.requests import Request
@@ -37,11 +38,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._redis import RedisLike, serve_with_lifespan_close
 from ..errors import BackendUnavailable, CacheNotConfigured, DuplicateMiddleware
-from ._cache import Cache
+from ._cache import DEFAULT_MAX_LIFETIME, Cache
 from ._decorator import RequestState, RouteCache, current, route_config
 from ._entry import Entry, content_etag, encode, etag_matches, served_headers
 from ._keys import FORWARDING_HEADERS, CacheKey, header, request_host, session_cookie
-from ._policy import request_bypass_reason, response_store_reason, storable_headers
+from ._policy import (
+    DEFAULT_CACHEABLE_STATUSES,
+    request_bypass_reason,
+    response_store_reason,
+    storable_headers,
+)
 
 logger = logging.getLogger("asgi_redis_kit.cache")
 
@@ -96,14 +102,11 @@ class CacheMiddleware:
 
     Parameters:
         app: the ASGI app.
-        redis: URL or client, see :class:`Cache`.
-        key_prefix, namespace: see :class:`Cache`.
-        cache: an existing :class:`Cache` to use instead of making one (then
-            ``redis`` and the other options are ignored).
-        **options: any other keyword of :class:`Cache` (``timeout``,
-            ``allowed_hosts``, ``cacheable_statuses``, ``session_cookie``,
-            ``breaker_threshold``, ``breaker_cooldown``, ``lock_lease``,
-            ``lock_wait``, ``max_lifetime``, ``max_connections``).
+        cache: an existing :class:`Cache` to use instead of making one (then the
+            other options are ignored).
+        redis, key_prefix, namespace, timeout, max_connections, allowed_hosts,
+        cacheable_statuses, session_cookie, breaker_threshold, breaker_cooldown,
+        lock_lease, lock_wait, max_lifetime, clock: see :class:`Cache`.
     """
 
     def __init__(
@@ -115,10 +118,37 @@ class CacheMiddleware:
         key_prefix: str = "ark:c:",
         namespace: str = "default",
         cache: Cache | None = None,
-        **options: Any,
+        timeout: float = 0.5,
+        max_connections: int = 64,
+        allowed_hosts: Sequence[str] | None = None,
+        cacheable_statuses: Iterable[int] = DEFAULT_CACHEABLE_STATUSES,
+        session_cookie: str = "session",
+        breaker_threshold: int = 5,
+        breaker_cooldown: float = 5.0,
+        lock_lease: float = 10.0,
+        lock_wait: float = 5.0,
+        max_lifetime: float = DEFAULT_MAX_LIFETIME,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        # Explicit keywords (not **options) so mypy can check
+        # Middleware(CacheMiddleware, ...) calls against them.
+        self.cache = cache or Cache(
+            redis,
+            key_prefix=key_prefix,
+            namespace=namespace,
+            timeout=timeout,
+            max_connections=max_connections,
+            allowed_hosts=allowed_hosts,
+            cacheable_statuses=cacheable_statuses,
+            session_cookie=session_cookie,
+            breaker_threshold=breaker_threshold,
+            breaker_cooldown=breaker_cooldown,
+            lock_lease=lock_lease,
+            lock_wait=lock_wait,
+            max_lifetime=max_lifetime,
+            clock=clock,
+        )
         self.app = app
-        self.cache = cache or Cache(redis, key_prefix=key_prefix, namespace=namespace, **options)
         self._router: Router | None = None
 
     def _route(self, scope: Scope) -> tuple[RouteCache, dict[str, Any]] | None:

@@ -15,13 +15,14 @@ async def test_core_behaviours_on_fake_and_real_redis(
 ) -> None:
     clock = Clock()
     cache = Cache(any_redis, key_prefix=key_prefix, clock=clock)
-    calls = Calls(gate=asyncio.Event())
+    gate = asyncio.Event()
+    calls = Calls(gate=gate)
     async with client_for(build(framework, cache, calls)) as client:
         # Stampede: one handler call for 50 concurrent cold requests.
         pending = asyncio.gather(*(client.get("/page") for _ in range(50)))
         await calls.entered.wait()
         await asyncio.sleep(0.1)  # let the others queue behind the leader
-        calls.gate.set()
+        gate.set()
         responses = await pending
         assert calls["page"] == 1
         assert {r.status_code for r in responses} == {200}
