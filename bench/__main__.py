@@ -32,8 +32,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 async def _main(args: argparse.Namespace, url: str) -> str:
     plan = Plan(
-        rounds=args.rounds or (3 if args.quick else 8),
-        per_round=args.n or (100 if args.quick else 400),
+        rounds=args.rounds or (3 if args.quick else 10),
+        per_round=args.n or (100 if args.quick else 500),
     )
     if plan.rounds < 1 or plan.per_round < 1 or plan.rounds * plan.per_round > 200_000:
         raise SystemExit("bench: need 1 <= rounds, 1 <= n and rounds * n <= 200000")

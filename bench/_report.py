@@ -154,6 +154,38 @@ def _correctness_table(rows: list[Row]) -> list[str]:
     return out
 
 
+def _summary(scenarios: list[ScenarioLike]) -> list[str]:
+    """One line per scenario: every tool's time (and CPU) relative to ours, or its
+    correctness result."""
+    out = [
+        "## Summary",
+        "",
+        "Timed rows: `tool time/ours (CPU/ours)`; >1 means slower than ours.",
+        "",
+    ]
+    for sc in scenarios:
+        ours = next((r for r in sc.rows if r.ours and r.median_us is not None), None)
+        parts = []
+        for row in sc.rows:
+            if row.error:
+                parts.append(f"{row.tool}: not measured")
+            elif row.correctness and row.median_us is None:
+                parts.append(f"{row.tool}: {row.correctness}")
+            elif row is ours:
+                rt = "-" if row.round_trips is None else f"{row.round_trips:g}"
+                parts.append(f"**ours {row.median_us:,.0f} µs, {rt} RT/req**")
+            elif ours is not None and row.median_us is not None:
+                cpu = ""
+                if ours.cpu_us and row.cpu_us:
+                    cpu = f" ({row.cpu_us / ours.cpu_us:.2f})"
+                parts.append(f"{row.tool} {row.median_us / ours.median_us:.2f}{cpu}")
+            elif row.note:
+                parts.append(f"{row.tool}: {row.note}")
+        out.append(f"- {sc.title}: " + "; ".join(parts))
+    out.append("")
+    return out
+
+
 def render(
     title: str,
     scenarios: list[ScenarioLike],
@@ -170,6 +202,7 @@ def render(
         "See bench/README.md.",
         "",
     ]
+    lines += _summary(scenarios)
     if notes:
         lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
     for sc in scenarios:

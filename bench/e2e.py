@@ -67,6 +67,14 @@ class _Conn:
         return status
 
 
+def _uvicorn_flavour() -> str:
+    import importlib.util
+
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    return f"({http}, {loop} loop)"
+
+
 def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -175,7 +183,7 @@ async def _one(
 async def run(url: str, admin: Redis, only: str | None) -> tuple[list[Scenario], list[str]]:
     scenarios: list[Scenario] = []
     what = (
-        f"uvicorn (1 worker, httptools/h11 as installed) on loopback; {CONNECTIONS} keep-alive "
+        f"uvicorn {_uvicorn_flavour()} (1 worker) on loopback; {CONNECTIONS} keep-alive "
         f"connections from an in-bench load generator, at most {REQUESTS} requests or "
         f"{TIME_LIMIT:.0f} s per tool, tools one after another. Latency is per request as "
         "seen by the client; the client and the server share the 2 cores."

@@ -260,6 +260,10 @@ async def _correctness(tools: list[Tool], keys: int, incs: int) -> tuple[list[Ro
     counter_rows: list[Row] = []
     for tool in tools:
         row = Row(tool.name, ours=tool.ours, reference=tool.reference)
+        if tool.ours:
+            row.note = "only changed fields are written (HSET per field)"
+        elif not tool.reference:
+            row.note = "whole session rewritten on save: last writer wins"
         try:
             jar = await _login(tool.app)
             out = await _concurrent(tool.app, [f"/set/k{i}" for i in range(keys)], jar)
@@ -276,6 +280,12 @@ async def _correctness(tools: list[Tool], keys: int, incs: int) -> tuple[list[Ro
             variants.append(("/visit-incr", f"{tool.name} (await session.incr)"))
         for path, label in variants:
             crow = Row(label, ours=tool.ours and path == "/visit", reference=tool.reference)
+            if tool.ours:
+                crow.note = (
+                    "atomic HINCRBY"
+                    if path == "/visit-incr"
+                    else "read-modify-write of one key: no store can merge that; use incr()"
+                )
             try:
                 jar = await _login(tool.app)
                 out = await _concurrent(tool.app, [path] * incs, jar)
