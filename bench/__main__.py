@@ -25,7 +25,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--only", choices=["sessions", "cache"], help="run one family of scenarios")
     p.add_argument("-n", type=int, help="requests per tool per round")
     p.add_argument("--rounds", type=int, help="rounds per scenario (tools interleaved)")
-    p.add_argument("--out", type=Path, help="markdown output (default: bench/results/latest.md)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="markdown output (default: bench/results/latest.md for a complete run, "
+        "quick.md or partial.md otherwise)",
+    )
     p.add_argument("--no-e2e", action="store_true", help="skip the uvicorn end-to-end run")
     return p.parse_args(argv)
 
@@ -82,9 +87,18 @@ def _on_sigterm(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    out: Path = args.out or RESULTS / ("quick.md" if args.quick else "latest.md")
-    with BenchRedis() as server:
-        text = asyncio.run(_main(args, server.url))
+    # Ctrl-C must reach us even when a shell started us in the background.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Only a complete run replaces the committed results.
+    partial = args.quick or args.only or args.no_e2e
+    name = "quick.md" if args.quick else "partial.md" if partial else "latest.md"
+    out: Path = args.out or RESULTS / name
+    try:
+        with BenchRedis() as server:
+            text = asyncio.run(_main(args, server.url))
+    except KeyboardInterrupt:
+        print("bench: interrupted; redis-server stopped, nothing written", file=sys.stderr)
+        return 130
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
     print(text)
