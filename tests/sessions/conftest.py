@@ -36,8 +36,11 @@ class Gate:
         await self.opened.wait()
 
 
-def build_app(redis: Any, *, gate: Gate | None = None, **options: Any) -> Starlette:
-    """The test app; ``options`` go to SessionMiddleware."""
+def build_app(
+    redis: Any, *, gate: Gate | None = None, wrap: bool = True, **options: Any
+) -> Starlette:
+    """The test app; ``options`` go to SessionMiddleware. With ``wrap=False`` the
+    app comes without it, for tests that wrap (and close) the middleware themselves."""
     options.setdefault("secret_key", SECRET)
 
     async def read(request: Request) -> Response:
@@ -130,9 +133,8 @@ def build_app(redis: Any, *, gate: Gate | None = None, **options: Any) -> Starle
         Route("/whoami", whoami),
         WebSocketRoute("/ws", ws),
     ]
-    return Starlette(
-        routes=routes, middleware=[Middleware(SessionMiddleware, redis=redis, **options)]
-    )
+    middleware = [Middleware(SessionMiddleware, redis=redis, **options)] if wrap else []
+    return Starlette(routes=routes, middleware=middleware)
 
 
 def client_for(app: Any, **kwargs: Any) -> httpx.AsyncClient:

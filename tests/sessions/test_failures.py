@@ -1,0 +1,192 @@
+"""Issue 2 item 10 and checklist 31, 33, 35: Redis stopped, paused or saturated.
+
+Sessions fail closed: a request that needs the session gets a 503 with Retry-After,
+never a Set-Cookie, and nothing stored is overwritten. The bounds on elapsed time
+are generous "did not hang" checks, not speed measurements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from asgi_redis_kit import SessionMiddleware
+from tests.support import RedisProcess
+
+from .conftest import SECRET, Gate, build_app, cookie_of
+
+pytestmark = pytest.mark.real_redis
+
+TIMEOUT = 0.5
+
+
+@pytest.fixture
+async def middleware(own_redis: RedisProcess) -> AsyncIterator[SessionMiddleware]:
+    """The middleware with a client it creates (and closes) from the URL."""
+    gate = Gate()
+    mw = SessionMiddleware(
+        build_app(None, wrap=False, gate=gate),
+        secret_key=SECRET,
+        redis=own_redis.url,
+        timeout=TIMEOUT,
+        max_connections=4,
+    )
+    mw.gate = gate  # type: ignore[attr-defined]
+    yield mw
+    await mw.aclose()
+
+
+@pytest.fixture
+async def own_peek(own_redis: RedisProcess) -> AsyncIterator[Redis]:
+    client: Redis = Redis.from_url(own_redis.url, socket_timeout=5)
+    yield client
+    await client.aclose()
+
+
+def assert_unavailable(response: httpx.Response) -> None:
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "5"
+    assert response.headers["content-type"].startswith("text/plain")
+    assert "session store" in response.text
+    assert "set-cookie" not in response.headers
+
+
+async def test_redis_stopped_gives_503_then_recovers_with_the_same_cookie(
+    middleware: SessionMiddleware,
+    own_redis: RedisProcess,
+    own_peek: Redis,
+    make_client: Callable[..., httpx.AsyncClient],
+) -> None:
+    client = make_client(middleware)
+    await client.post("/set", json={"a": 1})
+    cookie = client.cookies["session"]
+    await own_peek.save()  # the restarted server reloads this snapshot
+    await own_peek.aclose()
+    own_redis.stop()
+
+    for method, url in [("GET", "/read"), ("POST", "/incr/n")]:
+        started = time.monotonic()
+        response = await client.request(method, url)
+        assert time.monotonic() - started < 2 * TIMEOUT + 1
+        assert_unavailable(response)
+    # A write: would overwrite nothing, but must not pretend to have stored anything.
+    response = await client.post("/set", json={"a": "overwritten"})
+    assert_unavailable(response)
+    # No cookie and no write: this request does not need Redis at all.
+    anonymous = make_client(middleware)
+    assert (await anonymous.get("/read")).status_code == 200
+    # No cookie but a write: fails closed too, without a Set-Cookie.
+    assert_unavailable(await anonymous.post("/set", json={"x": 1}))
+
+    own_redis.start()
+    response = await client.get("/read")
+    assert response.status_code == 200
+    assert response.json() == {"a": 1}  # the same cookie, the stored data, no restart
+    assert client.cookies["session"] == cookie
+
+
+async def test_save_failure_before_headers_becomes_503_and_overwrites_nothing(
+    middleware: SessionMiddleware,
+    own_redis: RedisProcess,
+    own_peek: Redis,
+    make_client: Callable[..., httpx.AsyncClient],
+) -> None:
+    """Redis goes away between load and save: the app's response is replaced."""
+    gate: Gate = middleware.gate  # type: ignore[attr-defined]
+    client = make_client(middleware)
+    await client.post("/set", json={"a": 1})
+    await own_peek.save()
+    slow = asyncio.ensure_future(client.post("/slow-set", json={"a": 2}))
+    await gate.reached.wait()
+    own_redis.stop()
+    gate.opened.set()
+    response = await slow
+    assert_unavailable(response)
+    assert "ok" not in response.text  # the handler's body never leaked out
+    own_redis.start()
+    assert (await client.get("/read")).json() == {"a": 1}
+
+
+async def test_paused_redis_hits_the_deadline_and_recovers(
+    middleware: SessionMiddleware,
+    own_redis: RedisProcess,
+    make_client: Callable[..., httpx.AsyncClient],
+) -> None:
+    """Checklist 33 (SIGSTOP)."""
+    client = make_client(middleware)
+    await client.post("/set", json={"a": 1})
+    own_redis.pause()
+    try:
+        started = time.monotonic()
+        responses = await asyncio.gather(*(client.get("/read") for _ in range(10)))
+        elapsed = time.monotonic() - started
+    finally:
+        own_redis.resume()
+    for response in responses:
+        assert_unavailable(response)
+    assert elapsed < 2 * TIMEOUT + 1.5
+    # The pool is healthy again: no reply of the paused period is read by mistake.
+    for i in range(5):
+        await client.post("/set", json={"i": i})
+        assert (await client.get("/read")).json() == {"a": 1, "i": i}
+
+
+async def test_ten_times_the_pool_size_waits_then_succeeds_or_degrades(
+    middleware: SessionMiddleware,
+    make_client: Callable[..., httpx.AsyncClient],
+) -> None:
+    """Checklist 35: 40 concurrent requests on a pool of 4: no deadlock, no 500."""
+    client = make_client(middleware)
+    await client.post("/set", json={"a": 0})
+    started = time.monotonic()
+    responses = await asyncio.gather(*(client.post("/incr/n") for _ in range(40)))
+    assert time.monotonic() - started < 10
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503}
+    assert statuses.count(200) >= 4
+    counted = max(int(r.text) for r in responses if r.status_code == 200)
+    assert (await client.get("/read")).json()["n"] == counted
+
+
+async def test_redis_down_at_startup(
+    make_client: Callable[..., httpx.AsyncClient],
+) -> None:
+    """Checklist 31: nothing listens; session routes answer 503 quickly, others work."""
+    from tests.support import free_port
+
+    mw = SessionMiddleware(
+        build_app(None, wrap=False),
+        secret_key=SECRET,
+        redis=f"redis://127.0.0.1:{free_port()}/0",
+        timeout=TIMEOUT,
+    )
+    try:
+        client = make_client(mw)
+        assert (await client.get("/noop")).status_code == 200
+        started = time.monotonic()
+        assert_unavailable(await client.post("/set", json={"a": 1}))
+        assert time.monotonic() - started < 2 * TIMEOUT + 1
+    finally:
+        await mw.aclose()
+
+
+async def test_changes_while_streaming_are_not_saved_and_logged_without_the_id(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The session is saved just before the headers go out, so a save failure can
+    always become a 503. A streaming body that changes the session later cannot
+    get a cookie any more: those changes are dropped with a warning."""
+    with caplog.at_level("WARNING", logger="asgi_redis_kit.sessions"):
+        response = await client.get("/stream")
+    assert response.text == "first second"
+    assert (await client.get("/read")).json() == {"before": True}
+    assert "not saved" in caplog.text
+    cookie = cookie_of(response)
+    assert cookie
+    assert cookie not in caplog.text
+    assert cookie.split(".")[0] not in caplog.text
