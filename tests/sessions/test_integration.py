@@ -38,15 +38,20 @@ pytestmark = pytest.mark.real_redis
 # -- FastAPI -----------------------------------------------------------------------
 
 
+def session_dep(request: Request) -> Session:
+    return Session.of(request)
+
+
+# Module level: FastAPI resolves the (postponed) annotations in module globals.
+SessionDep = Annotated[Session, Depends(session_dep)]
+
+
 def fastapi_app(redis: Redis, key_prefix: str) -> FastAPI:
     app = FastAPI()
     app.add_middleware(SessionMiddleware, secret_key=SECRET, redis=redis, key_prefix=key_prefix)
 
-    def session_dep(request: Request) -> Session:
-        return Session.of(request)
-
     @app.get("/visits")
-    async def visits(session: Annotated[Session, Depends(session_dep)]) -> dict[str, int]:
+    async def visits(session: SessionDep) -> dict[str, int]:
         return {"visits": await session.incr("visits")}
 
     @app.post("/login/{user}")
