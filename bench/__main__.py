@@ -8,12 +8,11 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from redis.asyncio import Redis
 
 from . import _report
-from ._measure import Plan
+from ._measure import Plan, Scenario
 from ._server import BenchRedis
 
 RESULTS = Path(__file__).parent / "results"
@@ -44,7 +43,7 @@ async def _main(args: argparse.Namespace, url: str) -> str:
         raise SystemExit("bench: need 1 <= rounds, 1 <= n and rounds * n <= 200000")
     admin = Redis.from_url(url)
     index = [0]
-    scenarios: list[Any] = []
+    scenarios: list[Scenario] = []
     notes: list[str] = []
     started = time.monotonic()
     try:

@@ -57,6 +57,14 @@ class Row:
 
 
 @dataclass
+class Scenario:
+    key: str
+    title: str
+    what: str
+    rows: list[Row]
+
+
+@dataclass
 class Plan:
     rounds: int
     per_round: int

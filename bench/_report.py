@@ -7,9 +7,8 @@ import os
 import platform
 import subprocess
 from importlib import metadata
-from typing import Protocol
 
-from ._measure import Row
+from ._measure import Row, Scenario
 from ._server import redis_server_version
 
 PACKAGES = [
@@ -25,13 +24,6 @@ PACKAGES = [
     "asgi-caches",
     "uvicorn",
 ]
-
-
-class ScenarioLike(Protocol):
-    key: str
-    title: str
-    what: str
-    rows: list[Row]
 
 
 def _version(name: str) -> str:
@@ -154,7 +146,7 @@ def _correctness_table(rows: list[Row]) -> list[str]:
     return out
 
 
-def _summary(scenarios: list[ScenarioLike]) -> list[str]:
+def _summary(scenarios: list[Scenario]) -> list[str]:
     """One line per scenario: every tool's time (and CPU) relative to ours, or its
     correctness result."""
     out = [
@@ -174,7 +166,7 @@ def _summary(scenarios: list[ScenarioLike]) -> list[str]:
             elif row is ours:
                 rt = "-" if row.round_trips is None else f"{row.round_trips:g}"
                 parts.append(f"**ours {row.median_us:,.0f} µs, {rt} RT/req**")
-            elif ours is not None and row.median_us is not None:
+            elif ours is not None and ours.median_us and row.median_us is not None:
                 cpu = ""
                 if ours.cpu_us and row.cpu_us:
                     cpu = f" ({row.cpu_us / ours.cpu_us:.2f})"
@@ -188,7 +180,7 @@ def _summary(scenarios: list[ScenarioLike]) -> list[str]:
 
 def render(
     title: str,
-    scenarios: list[ScenarioLike],
+    scenarios: list[Scenario],
     *,
     settings: str,
     notes: list[str],

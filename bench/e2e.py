@@ -12,12 +12,11 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from redis.asyncio import Redis
 
-from ._measure import Row
+from ._measure import Row, Scenario
 from ._server import free_port
 from ._traffic import commandstats
 
@@ -25,14 +24,6 @@ CONNECTIONS = 8
 REQUESTS = 3000
 TIME_LIMIT = 15.0
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@dataclass
-class Scenario:
-    key: str
-    title: str
-    what: str
-    rows: list[Row]
 
 
 class _Conn:

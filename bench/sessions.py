@@ -22,7 +22,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from ._asgi import CookieJar, Lifespan, Reply, call
-from ._measure import Case, Plan, Row, measure
+from ._measure import Case, Plan, Row, Scenario, measure
 
 SECRET = "bench-secret-key-0123456789abcdef0123456789abcdef"
 LOGIN_DATA: dict[str, Any] = {
@@ -162,14 +162,6 @@ def build_tools(url: str) -> tuple[list[Tool], list[str]]:
 
 
 # ---------------------------------------------------------------- scenarios
-
-
-@dataclass
-class Scenario:
-    key: str
-    title: str
-    what: str
-    rows: list[Row]
 
 
 def _expect(status: int = 200) -> Callable[[Reply], str | None]:
