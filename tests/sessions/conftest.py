@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import fakeredis
 import httpx
 import pytest
 from redis.asyncio import Redis
@@ -194,6 +195,31 @@ async def real_redis(redis_url: str, key_prefix: str, spy: RedisSpy) -> AsyncIte
         if keys:
             await client.delete(*keys)
         await client.aclose()
+
+
+@pytest.fixture(params=["fake", "real"])
+async def any_redis(
+    request: pytest.FixtureRequest, key_prefix: str, spy: RedisSpy
+) -> AsyncIterator[Redis]:
+    """Overrides the shared fixture (see counting_client): fakeredis, then a real
+    server, both counted by ``spy`` (fakeredis through its own connection class is
+    not counted, so only assert counts on the real one)."""
+    if request.param == "fake":
+        client: Redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+        try:
+            yield client
+        finally:
+            await client.aclose()
+        return
+    url: str = request.getfixturevalue("redis_url")
+    real = counting_client(url, spy, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        yield real
+    finally:
+        keys = [key async for key in real.scan_iter(match=f"{key_prefix}*", count=1000)]
+        if keys:
+            await real.delete(*keys)
+        await real.aclose()
 
 
 @pytest.fixture
