@@ -71,10 +71,10 @@ async def test_update_of_a_vanished_session_does_not_recreate_it(
     store = SessionStore(any_redis, key_prefix=key_prefix)
     created = store.now_ms()
     key_id = "C" * 43
-    common = {"ttl_ms": 60_000}
-    assert await store.save(key_id, create=True, fields={"m:created": b"%d" % created}, **common)
+    fields = {"m:created": b"%d" % created}
+    assert await store.save(key_id, create=True, fields=fields, ttl_ms=60_000)
     await any_redis.delete(store.session_key(key_id))
-    result = await store.save(key_id, create=False, fields={"d:x": b"1"}, **common)
+    result = await store.save(key_id, create=False, fields={"d:x": b"1"}, ttl_ms=60_000)
     assert result == 0
     assert await any_redis.exists(store.session_key(key_id)) == 0
     assert await store.incr(key_id, "n", 1) is None
