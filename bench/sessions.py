@@ -206,6 +206,8 @@ async def _timed(
     cases: list[Case] = []
     for tool in tools:
         jar = await _login(tool.app) if cookie else None
+        probe = await call(tool.app, path, headers=jar.header() if jar else [])
+        sets = "answers with Set-Cookie" if probe.set_cookies() else "no Set-Cookie"
         cases.append(
             Case(
                 tool.name,
@@ -213,7 +215,7 @@ async def _timed(
                 _expect(),
                 ours=tool.ours,
                 reference=tool.reference,
-                note=tool.note,
+                note="; ".join(filter(None, [sets, tool.note])),
             )
         )
         if tool.ours and path == "/visit":
