@@ -118,8 +118,9 @@ class SessionMiddleware:
             return
         try:
             session = await self._load(scope)
-        except BackendUnavailable:
-            logger.warning("session store unavailable while loading a session")
+        except BackendUnavailable as exc:
+            # The message names only the error type; Redis' own text may hold a key.
+            logger.warning("session store unavailable while loading a session: %s", exc)
             await self._unavailable(scope, send)
             return
         scope["session"] = session
@@ -131,11 +132,11 @@ class SessionMiddleware:
         responder = _Responder(self, scope, session, send)
         try:
             await self.app(scope, receive, responder.send)
-        except BackendUnavailable:
+        except BackendUnavailable as exc:
             # session.incr() in the handler could not reach Redis.
             if responder.started:
                 raise
-            logger.warning("session store unavailable during the request")
+            logger.warning("session store unavailable during the request: %s", exc)
             await self._unavailable(scope, send)
 
     def _mark(self, scope: Scope) -> None:
@@ -228,9 +229,10 @@ class _Responder:
             started = time.monotonic()
             try:
                 action = await session._save()
-            except BackendUnavailable:
+            except BackendUnavailable as exc:
                 logger.warning(
-                    "session store unavailable while saving (after %.2fs); answering 503",
+                    "session store unavailable while saving (%s after %.2fs); answering 503",
+                    exc,
                     time.monotonic() - started,
                 )
                 self.replaced = True

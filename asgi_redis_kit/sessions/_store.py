@@ -36,9 +36,10 @@ from types import TracebackType
 from typing import Any
 
 import orjson
-from redis.exceptions import NoScriptError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError, ResponseError
 
-from .._redis import DEFAULT_MAX_CONNECTIONS, DEFAULT_TIMEOUT, Backend, RedisLike
+from .._redis import DEFAULT_MAX_CONNECTIONS, DEFAULT_TIMEOUT, Backend, RedisClient, RedisLike
 
 logger = logging.getLogger("asgi_redis_kit.sessions")
 
@@ -160,7 +161,20 @@ class Record:
     pttl_ms: int
 
 
-Pipe = Any  # redis-py's Pipeline / ClusterPipeline; both are untyped builders
+class Batch:
+    """Commands queued by name (``batch.hgetall(key)``), sent by :meth:`SessionStore._batch`."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        def queue(*args: Any) -> None:
+            self.calls.append((name, args))
+
+        return queue
+
+
+Pipe = Any  # a Batch; typed loosely like redis-py's own untyped command methods
 
 
 class SessionStore:
@@ -268,16 +282,17 @@ class SessionStore:
     # -- batches ------------------------------------------------------------------
 
     async def _batch(self, build: Callable[[Pipe], None]) -> list[Any]:
-        """Run the commands ``build`` queues in one round trip (per node on Cluster).
+        """Run the commands ``build`` queues in one round trip (on Cluster: one per
+        command).
 
         On NOSCRIPT (a restarted or flushed Redis) load the scripts and run the batch
         again: every batch we build is safe to repeat.
         """
+        batch = Batch()
+        build(batch)
         async with self.backend.call() as client:
             for _attempt in range(2):
-                pipe = client.pipeline(transaction=False)
-                build(pipe)
-                results: list[Any] = await pipe.execute(raise_on_error=False)
+                results = await self._send(client, batch)
                 if not any(isinstance(result, NoScriptError) for result in results):
                     break
                 for script in _SCRIPTS:
@@ -286,6 +301,27 @@ class SessionStore:
                 if isinstance(result, Exception):
                     raise result
             return results
+
+    @staticmethod
+    async def _send(client: RedisClient, batch: Batch) -> list[Any]:
+        if isinstance(client, RedisCluster):
+            # redis-py refuses scripts in cluster pipelines, so each command goes to
+            # its own node. One after the other: redis-py sends ASKING and the
+            # redirected command as two pool checkouts, so concurrent commands
+            # during a slot migration can swap connections and bounce ASK/MOVED
+            # until "TTL exhausted".
+            results: list[Any] = []
+            for name, args in batch.calls:
+                try:
+                    results.append(await getattr(client, name)(*args))
+                except ResponseError as exc:
+                    results.append(exc)
+            return results
+        pipe = client.pipeline(transaction=False)
+        for name, args in batch.calls:
+            getattr(pipe, name)(*args)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
 
     @staticmethod
     def _eval(pipe: Pipe, script: _Script, key: str, *args: Any) -> None:
