@@ -140,7 +140,14 @@ class SessionMiddleware:
             await self._unavailable(scope, send)
 
     def _mark(self, scope: Scope) -> None:
-        if _MARK in scope:
+        marker = scope.get(_MARK)
+        if marker is self:
+            # The same middleware sees a scope it marked before: a copy of a finished
+            # request's scope replayed (e.g. a cache refreshing a stale entry), not a
+            # second SessionMiddleware. Load afresh.
+            scope.pop("session", None)
+            return
+        if marker is not None:
             raise DuplicateMiddleware(
                 "SessionMiddleware runs twice on the same request. It is probably added "
                 "both with app.add_middleware(SessionMiddleware, ...) and in "
@@ -152,7 +159,7 @@ class SessionMiddleware:
                 "another session middleware already set scope['session'] (for example "
                 "starlette.middleware.sessions.SessionMiddleware); use only one"
             )
-        scope[_MARK] = True
+        scope[_MARK] = self
 
     async def _load(self, scope: Scope) -> Session:
         """The request's session; touches Redis only for a correctly signed id."""

@@ -340,3 +340,34 @@ async def test_logs_never_contain_a_session_id_or_cookie(
     assert caplog.records, "the paths above are expected to log"
     for secret in secrets_seen:
         assert secret not in caplog.text
+
+
+async def test_a_replayed_copy_of_a_finished_scope_is_not_a_duplicate(
+    app: Starlette, client: httpx.AsyncClient
+) -> None:
+    """A response cache refreshing a stale entry replays ``{**scope}`` of an earlier
+    request through the same middleware: that must load the session again, not
+    raise DuplicateMiddleware."""
+    await client.post("/set", json={"a": 1})
+    scopes: list[dict[str, Any]] = []
+
+    async def recorder(scope: Any, receive: Any, send: Any) -> None:
+        scopes.append(scope)
+        await app(scope, receive, send)
+
+    transport = httpx.ASGITransport(recorder)
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://testserver", cookies=client.cookies
+    ) as browser:
+        assert (await browser.get("/read")).json() == {"a": 1}
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app({**scopes[0]}, receive, send)
+    assert sent[0]["status"] == 200
+    assert sent[1]["body"] == b'{"a":1}'
