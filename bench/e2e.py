@@ -1,7 +1,9 @@
 """End to end through uvicorn: one server process per tool on a free loopback port and
-a small keep-alive HTTP/1.1 load generator in the bench process (bounded by a request
-count and a time limit). Redis commands per request come from ``INFO commandstats``;
-round trips cannot be counted in another process, so they are not reported here."""
+a small keep-alive HTTP/1.1 load generator in the bench process. All of a family's
+servers run at once and the rounds interleave the tools, as in-process. Every round
+is bounded by a request count and a time limit. Redis commands per request come from
+``INFO commandstats``; round trips cannot be counted in another process, so they are
+not reported here."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from redis.asyncio import Redis
@@ -21,8 +25,9 @@ from ._server import free_port
 from ._traffic import commandstats
 
 CONNECTIONS = 8
-REQUESTS = 3000
-TIME_LIMIT = 15.0
+ROUNDS = 6
+PER_ROUND = 500
+ROUND_LIMIT = 5.0  # seconds per tool per round, whatever PER_ROUND says
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -79,39 +84,6 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) ->
     raise RuntimeError("uvicorn did not start")
 
 
-async def _load(port: int, path: str, login: str | None) -> tuple[int, float, list[float], int]:
-    conns = []
-    for _ in range(CONNECTIONS):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        conn = _Conn(reader, writer)
-        if login:
-            await conn.get(login)
-        conns.append(conn)
-    for conn in conns:  # warm-up
-        for _ in range(20):
-            await conn.get(path)
-    left = [REQUESTS]
-    latencies: list[float] = []
-    errors = [0]
-    deadline = time.monotonic() + TIME_LIMIT
-
-    async def worker(conn: _Conn) -> None:
-        while left[0] > 0 and time.monotonic() < deadline:
-            left[0] -= 1
-            t0 = time.perf_counter()
-            status = await conn.get(path)
-            latencies.append((time.perf_counter() - t0) * 1e6)
-            if status >= 400:
-                errors[0] += 1
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker(c) for c in conns))
-    elapsed = time.perf_counter() - start
-    for conn in conns:
-        conn.writer.close()
-    return len(latencies), elapsed, latencies, errors[0]
-
-
 def _spawn(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
@@ -136,73 +108,137 @@ def _stop(proc: subprocess.Popen[bytes]) -> bytes:
     return err or b""
 
 
-async def _one(
-    url: str, admin: Redis, family: str, tool: str, label: str, path: str, login: str | None
-) -> Row:
-    row = Row(label, ours=tool == "ours", reference=tool in ("starlette-cookie", "no-cache"))
-    port = free_port()
-    env = {**os.environ, "BENCH_FAMILY": family, "BENCH_TOOL": tool, "BENCH_REDIS_URL": url}
-    proc = _spawn(port, env)
+async def _open(port: int, login: str | None) -> list[_Conn]:
+    conns = []
+    for _ in range(CONNECTIONS):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        conn = _Conn(reader, writer)
+        if login:
+            await conn.get(login)
+        conns.append(conn)
+    return conns
+
+
+async def _round(conns: list[_Conn], path: str, count: int) -> tuple[int, float, list[float], int]:
+    left = [count]
+    latencies: list[float] = []
+    errors = [0]
+    deadline = time.monotonic() + ROUND_LIMIT
+
+    async def worker(conn: _Conn) -> None:
+        while left[0] > 0 and time.monotonic() < deadline:
+            left[0] -= 1
+            t0 = time.perf_counter()
+            status = await conn.get(path)
+            latencies.append((time.perf_counter() - t0) * 1e6)
+            if status >= 400:
+                errors[0] += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(c) for c in conns))
+    return len(latencies), time.perf_counter() - start, latencies, errors[0]
+
+
+@dataclass
+class _Server:
+    tool: str
+    row: Row
+    proc: subprocess.Popen[bytes]
+    port: int
+    conns: list[_Conn] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    rates: list[float] = field(default_factory=list)
+    done: int = 0
+    errors: int = 0
+    commands: Counter[str] = field(default_factory=Counter)
+
+
+async def _family(
+    url: str, admin: Redis, family: str, tools: list[tuple[str, str]], path: str, login: str | None
+) -> list[Row]:
+    await admin.flushdb()
+    servers: list[_Server] = []
     try:
-        await asyncio.to_thread(_wait_port, port, proc)
-        before = await commandstats(admin)
-        done, elapsed, lat, errors = await asyncio.wait_for(
-            _load(port, path, login), TIME_LIMIT + 30
-        )
-        after = await commandstats(admin)
-        after.subtract(before)
-        lat.sort()
-        row.median_us = statistics.median(lat)
-        row.p95_us = lat[int(len(lat) * 0.95)]
-        row.rps = done / elapsed
-        # Includes the warm-up and login requests, so divide by everything sent.
-        sent = done + CONNECTIONS * (20 + (1 if login else 0))
-        row.cmds = sum(v for v in after.values() if v > 0) / sent
-        row.breakdown = ", ".join(f"{k} {v / sent:.2g}" for k, v in after.most_common() if v > 0)
-        row.note = f"{done} requests over {CONNECTIONS} keep-alive connections"
-        if errors:
-            row.error = f"{errors} error responses"
-    except Exception as exc:
-        row.error = f"{type(exc).__name__}: {exc}"[:160]
+        for tool, label in tools:
+            port = free_port()
+            env = {**os.environ, "BENCH_FAMILY": family, "BENCH_TOOL": tool, "BENCH_REDIS_URL": url}
+            row = Row(
+                label, ours=tool == "ours", reference=tool in ("starlette-cookie", "no-cache")
+            )
+            servers.append(_Server(tool, row, _spawn(port, env), port))
+        live: list[_Server] = []
+        for server in servers:
+            try:
+                await asyncio.to_thread(_wait_port, server.port, server.proc)
+                server.conns = await _open(server.port, login)
+                await _round(server.conns, path, CONNECTIONS * 20)  # warm-up
+                live.append(server)
+            except Exception as exc:
+                server.row.error = f"{type(exc).__name__}: {exc}"[:160]
+        for r in range(ROUNDS):
+            order = live[r % len(live) :] + live[: r % len(live)] if live else []
+            for server in order:
+                before = await commandstats(admin)
+                done, elapsed, lat, errors = await asyncio.wait_for(
+                    _round(server.conns, path, PER_ROUND), ROUND_LIMIT + 30
+                )
+                after = await commandstats(admin)
+                after.subtract(before)
+                server.commands.update({k: v for k, v in after.items() if v > 0})
+                server.done += done
+                server.errors += errors
+                server.latencies += lat
+                server.rates.append(done / elapsed)
+        for server in live:
+            row, lat = server.row, sorted(server.latencies)
+            row.median_us = statistics.median(lat)
+            row.p95_us = lat[int(len(lat) * 0.95)]
+            row.rps = statistics.median(server.rates)
+            row.cmds = sum(server.commands.values()) / server.done
+            row.breakdown = ", ".join(
+                f"{k} {v / server.done:.2g}" for k, v in server.commands.most_common()
+            )
+            row.note = f"{server.done} requests over {CONNECTIONS} keep-alive connections"
+            if server.errors:
+                row.error = f"{server.errors} error responses"
     finally:
-        err = await asyncio.to_thread(_stop, proc)
-        if row.error and err:
-            row.error += " | " + err.decode(errors="replace").strip().splitlines()[-1][:120]
-    return row
+        for server in servers:
+            for conn in server.conns:
+                conn.writer.close()
+            err = await asyncio.to_thread(_stop, server.proc)
+            if server.row.error and err:
+                last = err.decode(errors="replace").strip().splitlines()[-1:]
+                server.row.error += " | " + "".join(last)[:120]
+    return [server.row for server in servers]
 
 
 async def run(url: str, admin: Redis, only: str | None) -> tuple[list[Scenario], list[str]]:
     scenarios: list[Scenario] = []
     what = (
-        f"uvicorn {_uvicorn_flavour()} (1 worker) on loopback; {CONNECTIONS} keep-alive "
-        f"connections from an in-bench load generator, at most {REQUESTS} requests or "
-        f"{TIME_LIMIT:.0f} s per tool, tools one after another. Latency is per request as "
-        "seen by the client; the client and the server share the 2 cores."
+        f"uvicorn {_uvicorn_flavour()} (1 worker per tool, all running) on loopback; "
+        f"{CONNECTIONS} keep-alive connections per tool from an in-bench load generator; "
+        f"{ROUNDS} interleaved rounds of at most {PER_ROUND} requests or {ROUND_LIMIT:.0f} s "
+        "per tool. Latency is per request as seen by the client; the client, the servers "
+        "and Redis share the 2 cores, so these rows are the noisiest."
     )
     if only in (None, "sessions"):
-        rows = []
-        for tool, label in (
+        tools = [
             ("ours", "asgi_redis_kit"),
             ("starsessions", "starsessions 2.2 + RedisStore"),
             ("starlette-cookie", "starlette SessionMiddleware (cookie, no Redis)"),
-        ):
-            await admin.flushdb()
-            rows.append(await _one(url, admin, "sessions", tool, label, "/visit", "/login"))
-        scenarios.append(
-            Scenario("e2e-sessions", "End to end: sessions read + write (GET /visit)", what, rows)
-        )
+        ]
+        rows = await _family(url, admin, "sessions", tools, "/visit", "/login")
+        title = "End to end: sessions read + write (GET /visit)"
+        scenarios.append(Scenario("e2e-sessions", title, what, rows))
     if only in (None, "cache"):
-        rows = []
-        for tool, label in (
+        tools = [
             ("ours", "asgi_redis_kit"),
             ("fastapi-cache2", "fastapi-cache2 0.2 (RedisBackend)"),
             ("cashews", "cashews 7.6 (redis)"),
             ("aiocache", "aiocache 0.12 (RedisCache)"),
             ("no-cache", "no cache (FastAPI handler every time)"),
-        ):
-            await admin.flushdb()
-            rows.append(await _one(url, admin, "cache", tool, label, "/json", None))
-        scenarios.append(
-            Scenario("e2e-cache", "End to end: cache hit on the JSON route (GET /json)", what, rows)
-        )
+        ]
+        rows = await _family(url, admin, "cache", tools, "/json", None)
+        title = "End to end: cache hit on the JSON route (GET /json)"
+        scenarios.append(Scenario("e2e-cache", title, what, rows))
     return scenarios, []
