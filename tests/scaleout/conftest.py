@@ -101,3 +101,30 @@ async def sentinel_master(
     finally:
         await master.aclose()
         await sentinel.aclose()
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[ClusterDeployment]:
+    """A cluster of this test's own, for killing and restarting masters."""
+    try:
+        deployment = ClusterDeployment(masters=3)
+    except ServerStartError as exc:
+        pytest.fail(f"could not start a Redis Cluster for the scale-out tests: {exc}")
+    try:
+        yield deployment
+    finally:
+        deployment.close()
+
+
+@pytest.fixture
+async def own_cluster_client(own_cluster: ClusterDeployment) -> AsyncIterator[RedisCluster]:
+    client = RedisCluster(
+        startup_nodes=[ClusterNode(HOST, port) for port in own_cluster.ports],
+        socket_timeout=1,
+        socket_connect_timeout=1,
+    )
+    await client.initialize()
+    try:
+        yield client
+    finally:
+        await client.aclose()

@@ -420,10 +420,28 @@ class SentinelDeployment(_Deployment):
         )
         wait_for(
             "the promoted replica to accept writes",
-            lambda: sync_client(other).info("replication")["role"] == "master",
+            lambda: self._role(other) == ("master", None),
             timeout=15,
         )
+        # Until Sentinel has demoted the old master, a client that still holds a
+        # connection to it can write there, and those writes vanish when it
+        # resyncs from the new master (Redis replication is asynchronous). The
+        # failover is complete once the old master replicates the new one.
+        if self.server(old).running:
+            wait_for(
+                "Sentinel to turn the old master into a replica of the new one",
+                lambda: self._role(old) == ("slave", other) and self.replica_caught_up(old, other),
+                timeout=15,
+                interval=0.1,
+            )
         return old, other
+
+    @staticmethod
+    def _role(port: int) -> tuple[str, int | None]:
+        with sync_client(port) as client:
+            info = client.info("replication")
+            master = info.get("master_port")
+            return str(info["role"]), None if master is None else int(master)
 
 
 def _pairs(flat: Any) -> dict[str, str]:

@@ -110,7 +110,13 @@ async def write_and_replicate(
 async def test_failover_keeps_sessions_and_never_leaks_readonly(
     sentinel_deployment: SentinelDeployment, sentinel_master: Redis, redis_log: CommandLog
 ) -> None:
-    """``SENTINEL FAILOVER`` while traffic flows (checklist 36)."""
+    """``SENTINEL FAILOVER`` while traffic flows (checklist 36).
+
+    ``failover()`` returns once the old master replicates the new one: before
+    that (Sentinel waits ~8 s to convert it), a pooled connection to the old
+    master may still write there, and such writes are lost when it resyncs.
+    That window is Redis' asynchronous replication, not the library; servers
+    that must not lose them set ``min-replicas-to-write``."""
     app = build_app(sentinel_master, Calls())
     async with browser(app) as alice, browser(app) as anonymous:
         written = await write_and_replicate(sentinel_deployment, alice, anonymous)
