@@ -159,7 +159,9 @@ class Session(dict[str, Any]):
         On a stored session this is one atomic Redis command, applied at once and
         kept even if the handler fails later, so concurrent requests never lose a
         count. On a session nobody else can see yet (new, or regenerated or cleared
-        in this request) it is a local change saved with the rest.
+        in this request) it is a local change saved with the rest. It works on the
+        stored value: an unsaved assignment to ``key`` earlier in the same request
+        is replaced by the result.
         """
         if not isinstance(key, str):
             raise TypeError(f"session keys are strings, got {key!r}")

@@ -190,3 +190,46 @@ async def test_changes_while_streaming_are_not_saved_and_logged_without_the_id(
     assert cookie
     assert cookie not in caplog.text
     assert cookie.split(".")[0] not in caplog.text
+
+
+async def test_killed_and_restarted_under_load_recovers_without_a_restart(
+    middleware: SessionMiddleware,
+    own_redis: RedisProcess,
+    own_peek: Redis,
+    make_client: Callable[..., httpx.AsyncClient],
+) -> None:
+    """Checklist 32: traffic keeps flowing while Redis dies and comes back; errors
+    are 503s only, they stop soon after the restart, and connections return to
+    their baseline."""
+    client = make_client(middleware)
+    await client.post("/set", json={"a": 1})
+    await own_peek.save()
+    statuses: list[int] = []
+    stop = asyncio.Event()
+
+    async def load() -> None:
+        while not stop.is_set():
+            statuses.append((await client.post("/incr/n")).status_code)
+            await asyncio.sleep(0.01)
+
+    workers = [asyncio.ensure_future(load()) for _ in range(8)]
+    try:
+        await asyncio.sleep(0.3)
+        own_redis.stop()
+        await asyncio.sleep(1.0)
+        own_redis.start()
+        restarted = len(statuses)
+        await asyncio.sleep(1.5)
+    finally:
+        stop.set()
+        await asyncio.gather(*workers)
+    assert set(statuses) <= {200, 503}
+    assert 503 in statuses[:restarted]
+    tail = statuses[restarted:]
+    assert tail[-10:] == [200] * 10  # recovered by itself
+    peek: Redis = Redis.from_url(own_redis.url)
+    try:
+        clients: list[object] = await peek.client_list()
+        assert len(clients) <= 1 + 4  # us, plus at most the pool (max_connections=4)
+    finally:
+        await peek.aclose()
