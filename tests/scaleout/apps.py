@@ -12,6 +12,8 @@ from collections import Counter
 from typing import Any
 
 import httpx
+from fastapi import Depends, FastAPI
+from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -107,6 +109,57 @@ def build_app(redis: RedisLike, calls: Calls, *, cache: bool = True) -> Starlett
         # Outermost first: a HIT is answered before any session is loaded.
         middleware.insert(0, Middleware(CacheMiddleware, redis=redis))
     return Starlette(routes=routes, middleware=middleware)
+
+
+def build_fastapi_app(redis: RedisLike, calls: Calls) -> FastAPI:
+    """The FastAPI twin: the visit counter, login, and a cached path operation
+    with a typed path parameter, a dependency and a ``response_model``."""
+
+    class Item(BaseModel):
+        id: int
+        run: int
+
+    def run_counter() -> Calls:
+        calls["dependency"] += 1
+        return calls
+
+    app = FastAPI(
+        middleware=[
+            Middleware(CacheMiddleware, redis=redis),
+            Middleware(SessionMiddleware, secret_key=SECRET, redis=redis),
+        ]
+    )
+
+    @app.get("/visits", response_class=PlainTextResponse)
+    async def visits(request: Request) -> str:
+        return str(await Session.of(request).incr("visits"))
+
+    @app.post("/login/{user}")
+    async def login(user: str, request: Request) -> dict[str, str]:
+        session = Session.of(request)
+        session.regenerate()
+        session.bind_user(user)
+        return {"user": user}
+
+    @app.get("/users/{user}/sessions")
+    async def user_sessions(user: str, request: Request) -> dict[str, int]:
+        return {"count": len(await Session.of(request).store.user_sessions(user))}
+
+    @app.get("/items/{item_id}", response_model=Item)
+    @cached(ttl=60, tags=["item:{item_id}"])
+    async def item(item_id: int, counter: Calls = Depends(run_counter)) -> Any:  # noqa: B008
+        counter["item"] += 1
+        return {"id": item_id, "run": counter["item"], "secret": "filtered by response_model"}
+
+    @app.post("/items/{item_id}/invalidate")
+    async def invalidate(item_id: int, request: Request) -> dict[str, int]:
+        return {"bumped": await get_cache(request).invalidate_tags(f"item:{item_id}")}
+
+    @app.get("/cache/stats")
+    async def stats(request: Request) -> dict[str, Any]:
+        return get_cache(request).stats.as_dict()
+
+    return app
 
 
 def browser(app: ASGIApp) -> httpx.AsyncClient:

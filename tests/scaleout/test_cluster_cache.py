@@ -25,7 +25,11 @@ async def fetch(client: httpx.AsyncClient, path: str) -> tuple[str, str]:
     return response.headers.get("x-cache", ""), response.text
 
 
-async def assert_no_backend_errors(client: httpx.AsyncClient, log: CommandLog) -> None:
+async def assert_no_backend_errors(
+    client: httpx.AsyncClient, log: CommandLog, cluster: ClusterDeployment
+) -> None:
+    spanning = [a[:3] for a, slots in cluster.multi_key_commands(log) if len(set(slots)) > 1]
+    assert spanning == [], f"commands whose keys span slots: {spanning}"
     stats = ok_json(await client.get("/cache/stats"))
     assert stats["errors"] == 0, f"the cache hit Redis errors (failing open hides them): {stats}"
     assert log.bad_errors() == [], f"error replies from the cluster: {log.bad_errors()}"
@@ -61,7 +65,7 @@ async def test_miss_hit_tags_and_namespace_clear(
             assert (await fetch(client, f"/items/{item}"))[0] == "MISS", "clear() drops all"
         for item in items:
             assert (await fetch(client, f"/items/{item}"))[0] == "HIT"
-        await assert_no_backend_errors(client, redis_log)
+        await assert_no_backend_errors(client, redis_log, cluster)
 
 
 async def test_stampede_runs_the_handler_once_across_two_workers(
@@ -78,5 +82,5 @@ async def test_stampede_runs_the_handler_once_across_two_workers(
         assert {cache for cache, _ in results} <= {"MISS", "HIT"}
         lease_keys = [k for k in cluster.all_keys() if ":l:" in k]
         assert lease_keys == [], f"the lease lock was not released: {lease_keys}"
-        await assert_no_backend_errors(a, redis_log)
-        await assert_no_backend_errors(b, redis_log)
+        await assert_no_backend_errors(a, redis_log, cluster)
+        await assert_no_backend_errors(b, redis_log, cluster)
