@@ -18,7 +18,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.scaleout.apps import Calls, browser, build_app, ok_json
-from tests.scaleout.servers import CommandLog, SentinelDeployment
+from tests.scaleout.servers import HOST, CommandLog, SentinelDeployment
 
 pytestmark = pytest.mark.real_redis
 
@@ -152,3 +152,29 @@ async def test_master_crash_fails_closed_then_recovers(
         assert ok_json(await alice.get("/show")) == after
     traffic.check(written, after)
     assert 503 in traffic.session_statuses, "the outage never reached the session traffic"
+
+
+async def test_readonly_replica_answers_503_and_cache_fails_open(
+    sentinel_deployment: SentinelDeployment,
+) -> None:
+    """READONLY itself (a write sent to a replica, as a client still holding a
+    connection to a demoted master would) is a clean 503 for sessions, never a
+    500, and only a BYPASS for the cache."""
+    replica = Redis(
+        host=HOST, port=sentinel_deployment.replica.port, socket_timeout=1, socket_connect_timeout=1
+    )
+    try:
+        app = build_app(replica, Calls())
+        async with browser(app) as alice:
+            response = await alice.get("/visits")
+            assert response.status_code == 503, (response.status_code, response.text)
+            assert "retry-after" in response.headers
+            assert "set-cookie" not in response.headers
+            assert "READONLY" not in response.text
+            for _ in range(2):
+                cached = await alice.get("/items/1")
+                assert cached.status_code == 200, "the cache must fail open on READONLY"
+                assert cached.text.startswith("item 1 run ")
+                assert cached.headers.get("x-cache") in {"MISS", "BYPASS"}
+    finally:
+        await replica.aclose()
