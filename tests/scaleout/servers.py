@@ -394,9 +394,10 @@ class SentinelDeployment(_Deployment):
                 and int(info.get("slave_repl_offset", -1)) >= want
             )
 
-    def failover(self) -> tuple[int, int]:
+    def failover(self, *, wait_for_demotion: bool = True) -> tuple[int, int]:
         """Ask Sentinel to fail over now; wait until it names a new, writable
-        master. Returns (old master port, new master port)."""
+        master (and, with ``wait_for_demotion``, until the old master replicates
+        it). Returns (old master port, new master port)."""
         old = self.master_port()
         other = self.replica.port if old == self.master.port else self.master.port
 
@@ -427,7 +428,7 @@ class SentinelDeployment(_Deployment):
         # connection to it can write there, and those writes vanish when it
         # resyncs from the new master (Redis replication is asynchronous). The
         # failover is complete once the old master replicates the new one.
-        if self.server(old).running:
+        if wait_for_demotion and self.server(old).running:
             wait_for(
                 "Sentinel to turn the old master into a replica of the new one",
                 lambda: self._role(old) == ("slave", other) and self.replica_caught_up(old, other),
