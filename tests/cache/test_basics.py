@@ -19,7 +19,16 @@ from asgi_redis_kit import (
     cached,
     get_cache,
 )
-from tests.cache.conftest import Calls, Framework, Harness, build, client_for, counting_client
+from tests.cache.conftest import (
+    Calls,
+    Framework,
+    Harness,
+    build,
+    client_for,
+    counting_client,
+    fastapi_app,
+    starlette_app,
+)
 from tests.support import RedisSpy
 
 
@@ -180,14 +189,7 @@ async def test_stats_count_hits_misses_bypasses_and_not_stored(harness: Harness)
 
 async def test_cached_without_middleware_says_how_to_add_it(framework: Framework) -> None:
     calls = Calls()
-    app = build(framework, Cache("memory://unused"), calls)
-    # Same routes, no CacheMiddleware: rebuild the stack without it.
-    bare = (
-        __import__("tests.cache.conftest", fromlist=["starlette_app"]).starlette_app(calls, [])
-        if framework == "starlette"
-        else __import__("tests.cache.conftest", fromlist=["fastapi_app"]).fastapi_app(calls, [])
-    )
-    del app
+    bare = starlette_app(calls, []) if framework == "starlette" else fastapi_app(calls, [])
     async with client_for(bare) as client:
         with pytest.raises(CacheNotConfigured, match=r"add_middleware\(CacheMiddleware"):
             await client.get("/page")

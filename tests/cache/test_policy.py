@@ -224,3 +224,36 @@ async def test_real_session_middleware_response_is_not_shared(
         assert (await alice.get("/profile")).text == "hello alice"
     assert cache.stats.not_stored["session"] >= 3
     await cache.aclose()
+
+
+async def test_an_answer_the_cached_endpoint_did_not_produce_is_not_stored(
+    real_redis: Redis, key_prefix: str
+) -> None:
+    """A FastAPI dependency that answers 404 before the handler runs: the status
+    is cacheable, but the @cached endpoint never ran, so nothing is stored."""
+    from fastapi import Depends, FastAPI, HTTPException
+    from starlette.middleware import Middleware
+
+    from asgi_redis_kit import CacheMiddleware, cached
+    from tests.cache.conftest import client_for
+
+    def must_exist(slug: str) -> str:
+        if slug == "missing":
+            raise HTTPException(404)
+        return slug
+
+    cache = Cache(real_redis, key_prefix=key_prefix)
+    app = FastAPI(middleware=[Middleware(CacheMiddleware, cache=cache)])
+
+    @app.get("/docs/{slug}")
+    @cached(ttl=60)
+    async def doc(slug: str = Depends(must_exist)) -> dict[str, str]:
+        return {"slug": slug}
+
+    async with client_for(app) as client:
+        for _ in range(2):
+            response = await client.get("/docs/missing")
+            assert (response.status_code, response.headers["x-cache-reason"]) == (404, "route")
+        assert (await client.get("/docs/a")).headers["x-cache"] == "MISS"
+        assert (await client.get("/docs/a")).headers["x-cache"] == "HIT"
+    await cache.aclose()
