@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 from starlette.types import Message
 
 from asgi_redis_kit import Cache, CacheMiddleware
@@ -133,3 +134,20 @@ async def test_lifespan_shutdown_closes_an_owned_client(redis_url: str) -> None:
     await app(scope, receive, send)
     assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
     assert closed == [True]
+
+
+async def test_ten_times_the_pool_size_degrades_without_errors(
+    framework: Framework, redis_url: str, real_redis: Redis, key_prefix: str
+) -> None:
+    """Checklist 35: 40 concurrent requests for distinct keys on a pool of 4."""
+    cache = Cache(redis_url, key_prefix=key_prefix, max_connections=4, timeout=2)
+    calls = Calls()
+    async with client_for(build(framework, cache, calls)) as client:
+        started = time.monotonic()
+        responses = await asyncio.gather(*(client.get(f"/items/{n}") for n in range(40)))
+        assert time.monotonic() - started < 20  # generous "did not hang" bound
+        assert {r.status_code for r in responses} == {200}
+        again = await asyncio.gather(*(client.get(f"/items/{n}") for n in range(40)))
+        assert {r.headers["x-cache"] for r in again} == {"HIT"}
+    assert cache.breaker.allow()
+    await cache.aclose()

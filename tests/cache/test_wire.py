@@ -87,7 +87,9 @@ async def test_200_cold_requests_across_two_processes_run_the_handler_once(
     assert sum(r.headers["x-cache"] == "MISS" for r in responses) == 1
 
 
-async def test_browser_with_a_session_cookie_sees_miss_then_hit(workers: list[str]) -> None:
+async def test_browser_with_a_session_cookie_sees_miss_then_hit(
+    workers: list[str], real_redis: Redis
+) -> None:
     """The example app's flow over the wire: the visit counter gives the browser a
     session cookie; the cached report is MISS then HIT for it, on either worker."""
     site = {"host": "site.test"}
