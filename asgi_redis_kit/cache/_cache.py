@@ -1,4 +1,24 @@
-"""The Cache: Redis access, counters and invalidation, usable with or without requests."""
+"""The Cache: Redis access, counters and invalidation, usable with or without requests.
+
+Invalidation uses version counters, checked on read, not sets of entry keys:
+
+* every entry records the versions it was stored under: the namespace
+  generation, its URL's version and one version per tag;
+* a lookup reads the entry and the current versions in the same MGET (one
+  round trip), and an entry whose versions differ is a miss;
+* ``clear()``, ``invalidate(url)`` and ``invalidate_tags()`` are one INCR per
+  name - O(1), no KEYS/SCAN, no set that grows with cache-busting URLs.
+
+Compared with a Redis set of entry keys per tag, nothing has to be deleted
+entry by entry, and there is no race in which an invalidation landing between
+a handler run and its SADD leaves a stale entry behind: an entry stored with
+versions read before the invalidation never matches again. Invalidated
+entries stay in Redis until their TTL ends (memory, not correctness).
+
+The namespace generation is read on every lookup rather than cached in the
+process, so ``clear()`` takes effect at once on every worker for no extra
+round trip.
+"""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from ._policy import _tokens
+from ._policy import header_tokens
 
 MAGIC = b"ark1"
 _HEADER = struct.Struct(">I")
@@ -119,7 +119,7 @@ def cache_control(existing: Sequence[bytes], max_age: int, per_user: bool) -> by
     downstream do not keep them."""
     kept = [
         token
-        for token in _tokens(existing)
+        for token in header_tokens(existing)
         if token.split("=", 1)[0].strip() not in {"max-age", "s-maxage"}
         and not (per_user and token in {"public", "private"})
     ]

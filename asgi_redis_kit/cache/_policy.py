@@ -107,7 +107,7 @@ def request_bypass_reason(
     return None
 
 
-def _tokens(values: Iterable[bytes]) -> list[str]:
+def header_tokens(values: Iterable[bytes]) -> list[str]:
     return [
         token.strip().lower()
         for value in values
@@ -117,7 +117,7 @@ def _tokens(values: Iterable[bytes]) -> list[str]:
 
 
 def cache_control_directives(values: Iterable[bytes]) -> list[str]:
-    return [token.split("=", 1)[0].strip() for token in _tokens(values)]
+    return [token.split("=", 1)[0].strip() for token in header_tokens(values)]
 
 
 def response_store_reason(
@@ -137,7 +137,7 @@ def response_store_reason(
     directives = cache_control_directives(header_values(scope_like, b"cache-control"))
     if {"private", "no-store", "no-cache"} & set(directives):
         return "cache-control"
-    vary = _tokens(header_values(scope_like, b"vary"))
+    vary = header_tokens(header_values(scope_like, b"vary"))
     if "*" in vary:
         return "vary"
     keyed = {name.lower() for name in keyed_headers}
@@ -155,7 +155,7 @@ def storable_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes
     any the ``Connection`` header names, and minus those we regenerate per answer."""
     scope_like = {"headers": [(name.lower(), value) for name, value in headers]}
     dropped = set(HOP_BY_HOP) | {
-        token.encode() for token in _tokens(header_values(scope_like, b"connection"))
+        token.encode() for token in header_tokens(header_values(scope_like, b"connection"))
     }
     dropped |= {b"x-cache", b"x-cache-reason", b"age", b"content-length"}
     return [(name, value) for name, value in headers if name.lower() not in dropped]
