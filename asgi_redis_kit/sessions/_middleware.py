@@ -25,13 +25,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .._redis import DEFAULT_MAX_CONNECTIONS, Backend, RedisLike, serve_with_lifespan_close
 from ..errors import BackendUnavailable, DuplicateMiddleware
 from ._cookie import CookieSettings, CookieSigner, SameSite, cookie_values
-from ._session import CookieAction, Session
+from ._session import UNAVAILABLE, CookieAction, Session
 from ._store import SessionStore
 
 logger = logging.getLogger("asgi_redis_kit.sessions")
 
 _MARK = "asgi_redis_kit.sessions"
-_UNAVAILABLE_BODY = b"Service unavailable: the session store did not answer. Retry shortly.\n"
+_UNAVAILABLE_BODY = (UNAVAILABLE + "\n").encode()
 
 
 class SessionMiddleware:
@@ -172,9 +172,15 @@ class SessionMiddleware:
             if record is None:
                 # Strict mode: an unknown id is never adopted; the next save gets a
                 # fresh one.
-                return Session(self.store, stale_cookie=True)
-            return Session(self.store, session_id=session_id, record=record, resign=resign)
-        return Session(self.store)
+                return Session(self.store, stale_cookie=True, retry_after=self.retry_after)
+            return Session(
+                self.store,
+                session_id=session_id,
+                record=record,
+                resign=resign,
+                retry_after=self.retry_after,
+            )
+        return Session(self.store, retry_after=self.retry_after)
 
     async def _unavailable(self, scope: Scope, send: Send) -> None:
         if scope["type"] == "websocket":

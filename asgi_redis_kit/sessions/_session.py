@@ -14,12 +14,29 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
+from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 
-from ..errors import SessionNotLoaded
+from ..errors import BackendUnavailable, SessionNotLoaded
 from ._store import CREATED, DATA, EMPTIED, GONE, USER, Record, SessionStore, handle_of
 
 logger = logging.getLogger("asgi_redis_kit.sessions")
+
+
+UNAVAILABLE = "Service unavailable: the session store did not answer. Retry shortly."
+
+
+class SessionStoreUnavailable(BackendUnavailable, HTTPException):
+    """``await session.incr()`` could not reach Redis.
+
+    Also an ``HTTPException(503)``, so Starlette and FastAPI answer 503 with
+    ``Retry-After`` even when their ServerErrorMiddleware sits inside ours and
+    would otherwise turn it into a 500; apps without exception handlers still get
+    the 503 from SessionMiddleware, which catches BackendUnavailable.
+    """
+
+    def __init__(self, retry_after: int) -> None:
+        HTTPException.__init__(self, 503, UNAVAILABLE, {"Retry-After": str(retry_after)})
 
 
 def new_session_id() -> str:
@@ -64,6 +81,7 @@ class Session(dict[str, Any]):
         record: Record | None = None,
         resign: bool = False,
         stale_cookie: bool = False,
+        retry_after: int = 5,
     ) -> None:
         super().__init__(record.data if record is not None else {})
         self.accessed = False
@@ -82,6 +100,7 @@ class Session(dict[str, Any]):
         self._drop: list[tuple[str, str | None]] = []
         self._saved = False
         self._warned_late = False
+        self._retry_after = retry_after
 
     def __repr__(self) -> str:
         # Never the id: reprs end up in logs and tracebacks.
@@ -169,7 +188,10 @@ class Session(dict[str, Any]):
             raise TypeError(f"amount must be an int, got {amount!r}")
         self.accessed = True
         if self._id is not None:
-            value = await self._store.incr(self._id, key, amount)
+            try:
+                value = await self._store.incr(self._id, key, amount)
+            except BackendUnavailable as exc:
+                raise SessionStoreUnavailable(self._retry_after) from exc
             if value is not None:
                 dict.__setitem__(self, key, value)
                 self._snapshot[key] = orjson.dumps(value)

@@ -15,6 +15,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp, Message
 from starlette.websockets import WebSocket
 
 from asgi_redis_kit import Session, SessionMiddleware
@@ -22,7 +23,16 @@ from asgi_redis_kit.sessions._cookie import SALT
 from tests.support import RedisSpy
 
 SECRET = "test-secret-key"
-__all__ = ["SALT", "SECRET", "Gate", "build_app", "cookie_of", "session_id_of", "stored_keys"]
+__all__ = [
+    "SALT",
+    "SECRET",
+    "Gate",
+    "build_app",
+    "cookie_of",
+    "run_lifespan",
+    "session_id_of",
+    "stored_keys",
+]
 
 
 class Gate:
@@ -89,6 +99,12 @@ def build_app(
         session.update(await request.json())
         return PlainTextResponse("ok")
 
+    async def slow_incr(request: Request) -> Response:
+        session = Session.of(request)
+        assert gate is not None
+        await gate.wait()
+        return PlainTextResponse(str(await session.incr(request.path_params["key"])))
+
     async def fail(request: Request) -> Response:
         request.session["lost"] = True
         raise RuntimeError("handler failed")
@@ -128,6 +144,7 @@ def build_app(
         Route("/logout", logout, methods=["POST"]),
         Route("/regenerate", regenerate, methods=["POST"]),
         Route("/slow-set", slow_set, methods=["POST"]),
+        Route("/slow-incr/{key}", slow_incr, methods=["POST"]),
         Route("/fail", fail, methods=["POST"]),
         Route("/error/{status}", error, methods=["POST"]),
         Route("/stream", stream),
@@ -136,6 +153,21 @@ def build_app(
     ]
     middleware = [Middleware(SessionMiddleware, redis=redis, **options)] if wrap else []
     return Starlette(routes=routes, middleware=middleware)
+
+
+async def run_lifespan(app: ASGIApp) -> list[str]:
+    """Start and shut down ``app`` as a server would; the lifespan messages sent."""
+    inbox: asyncio.Queue[Message] = asyncio.Queue()
+    sent: list[str] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message["type"])
+
+    task = asyncio.ensure_future(app({"type": "lifespan", "state": {}}, inbox.get, send))
+    await inbox.put({"type": "lifespan.startup"})
+    await inbox.put({"type": "lifespan.shutdown"})
+    await asyncio.wait_for(task, 10)
+    return sent
 
 
 def client_for(app: Any, **kwargs: Any) -> httpx.AsyncClient:

@@ -14,11 +14,12 @@ from collections.abc import AsyncIterator, Callable
 import httpx
 import pytest
 from redis.asyncio import Redis
+from starlette.types import ASGIApp
 
 from asgi_redis_kit import SessionMiddleware
 from tests.support import RedisProcess
 
-from .conftest import SECRET, Gate, build_app, cookie_of
+from .conftest import SECRET, Gate, build_app, cookie_of, run_lifespan
 
 pytestmark = pytest.mark.real_redis
 
@@ -209,7 +210,11 @@ async def test_killed_and_restarted_under_load_recovers_without_a_restart(
 
     async def load() -> None:
         while not stop.is_set():
-            statuses.append((await client.post("/incr/n")).status_code)
+            response = await client.post("/incr/n")
+            statuses.append(response.status_code)
+            if response.status_code == 503:
+                assert response.headers["retry-after"] == "5"
+                assert "set-cookie" not in response.headers
             await asyncio.sleep(0.01)
 
     workers = [asyncio.ensure_future(load()) for _ in range(8)]
@@ -233,3 +238,41 @@ async def test_killed_and_restarted_under_load_recovers_without_a_restart(
         assert len(clients) <= 1 + 4  # us, plus at most the pool (max_connections=4)
     finally:
         await peek.aclose()
+
+
+@pytest.mark.parametrize("inside", [True, False])
+async def test_incr_losing_redis_mid_request_is_a_503_in_either_middleware_order(
+    own_redis: RedisProcess, make_client: Callable[..., httpx.AsyncClient], inside: bool
+) -> None:
+    """``inside``: added with Middleware(...), so Starlette's ServerErrorMiddleware is
+    outside ours. Otherwise ours wraps the whole app and Starlette's error handling
+    sees the failure first: it must still be a 503, not a 500."""
+    gate = Gate()
+    app: ASGIApp
+    closer: SessionMiddleware | None = None
+    if inside:
+        app = build_app(own_redis.url, gate=gate, timeout=TIMEOUT)
+    else:
+        app = closer = SessionMiddleware(
+            build_app(None, wrap=False, gate=gate),
+            secret_key=SECRET,
+            redis=own_redis.url,
+            timeout=TIMEOUT,
+        )
+    try:
+        client = make_client(app)
+        await client.post("/set", json={"n": 1})
+        slow = asyncio.ensure_future(client.post("/slow-incr/n"))
+        await gate.reached.wait()
+        own_redis.stop()
+        gate.opened.set()
+        response = await slow
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "5"
+        assert "set-cookie" not in response.headers
+        assert "session store" in response.text
+    finally:
+        if closer is not None:
+            await closer.aclose()
+        else:
+            await run_lifespan(app)  # closes the client the middleware made

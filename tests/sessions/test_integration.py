@@ -30,7 +30,7 @@ from asgi_redis_kit import (
 )
 from tests.support import RedisProcess, free_port
 
-from .conftest import SECRET, build_app, cookie_of, session_id_of
+from .conftest import SECRET, build_app, cookie_of, run_lifespan, session_id_of
 
 pytestmark = pytest.mark.real_redis
 
@@ -148,20 +148,6 @@ async def test_websocket_with_redis_down_is_closed_with_try_again_later(
 
 
 # -- lifespan ----------------------------------------------------------------------
-
-
-async def run_lifespan(app: ASGIApp) -> list[str]:
-    inbox: asyncio.Queue[Message] = asyncio.Queue()
-    sent: list[str] = []
-
-    async def send(message: Message) -> None:
-        sent.append(message["type"])
-
-    task = asyncio.ensure_future(app({"type": "lifespan", "state": {}}, inbox.get, send))
-    await inbox.put({"type": "lifespan.startup"})
-    await inbox.put({"type": "lifespan.shutdown"})
-    await asyncio.wait_for(task, 10)
-    return sent
 
 
 async def connected_clients(peek: Redis) -> int:
