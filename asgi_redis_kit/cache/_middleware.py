@@ -150,19 +150,31 @@ class CacheMiddleware:
         )
         self.app = app
         self._router: Router | None = None
+        self._warned = False
 
-    def _route(self, scope: Scope) -> tuple[RouteCache, dict[str, Any]] | None:
+    def _find_router(self, scope: Scope) -> Router | None:
         if self._router is None:
             # Found once: Starlette builds its middleware stack on the first request,
             # and the router object never changes afterwards.
             self._router = _find_router(self.app)
-            if self._router is None:
-                logger.warning(
-                    "CacheMiddleware found no Starlette Router inside %r; nothing is cached",
-                    self.app,
-                )
-                return None
-        found = _match(self._router.routes, scope)
+        if self._router is not None:
+            return self._router
+        # A middleware between us and the router that hides its ``.app``: fall back
+        # to the application Starlette/FastAPI put in the scope before running its
+        # middleware stack (we are inside that stack).
+        router = getattr(scope.get("app"), "router", None)
+        if isinstance(router, Router):
+            return router
+        if not self._warned:
+            self._warned = True
+            logger.warning(
+                "CacheMiddleware found no Starlette Router inside %r; nothing is cached", self.app
+            )
+        return None
+
+    def _route(self, scope: Scope) -> tuple[RouteCache, dict[str, Any]] | None:
+        router = self._find_router(scope)
+        found = None if router is None else _match(router.routes, scope)
         if found is None:
             return None
         config = route_config(found[0])

@@ -9,6 +9,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from asgi_redis_kit import (
     Cache,
@@ -228,3 +229,25 @@ async def test_sub_mounts_and_root_path_are_cached(harness: Harness) -> None:
     assert first.status_code == 200
     assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
     assert harness.calls["page"] == 2
+
+
+class OpaqueMiddleware:
+    """A third-party middleware that keeps its app under another name."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._wrapped = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._wrapped(scope, receive, send)
+
+
+async def test_the_route_is_found_behind_a_middleware_that_hides_its_app(
+    framework: Framework, real_redis: Redis, key_prefix: str
+) -> None:
+    cache = Cache(real_redis, key_prefix=key_prefix)
+    calls = Calls()
+    app = build(framework, cache, calls, extra=[Middleware(OpaqueMiddleware)])
+    async with client_for(app) as client:
+        assert (await client.get("/items/5")).headers["x-cache"] == "MISS"
+        assert (await client.get("/items/5")).headers["x-cache"] == "HIT"
+    await cache.aclose()
