@@ -463,10 +463,12 @@ class CommandLog:
 
     commands: list[tuple[int, tuple[str, ...]]] = field(default_factory=list)
     errors: list[tuple[int, str]] = field(default_factory=list)
+    round_trips: int = 0
 
     def clear(self) -> None:
         self.commands.clear()
         self.errors.clear()
+        self.round_trips = 0
 
     def names(self) -> set[str]:
         return {args[0].upper() for _, args in self.commands if args}
@@ -498,6 +500,11 @@ class CommandLog:
                 log.commands.append((int(self.port), words))
                 packed: list[bytes] = super().pack_command(*args)
                 return packed
+
+            async def send_packed_command(self, *args: Any, **kwargs: Any) -> None:
+                # One write to the socket: a pipeline is one, however long.
+                log.round_trips += 1
+                await super().send_packed_command(*args, **kwargs)
 
             async def read_response(self, *args: Any, **kwargs: Any) -> Any:
                 try:

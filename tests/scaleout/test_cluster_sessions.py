@@ -125,3 +125,25 @@ async def test_user_index_and_revoke_across_slots(
         for agent in dave + erin:
             await agent.aclose()
     assert_clean(redis_log)
+
+
+async def test_round_trips_per_request_on_cluster(
+    cluster: ClusterDeployment, cluster_client: RedisCluster, redis_log: CommandLog
+) -> None:
+    """The sessions promise (issue 2, item 3) holds on Cluster too: a session is
+    one key, so its commands all go to one node and fit one round trip each way:
+    read-only = 1, read + write = 2 at most."""
+    app = build_app(cluster_client, Calls(), cache=False)
+    async with browser(app) as alice:
+        assert (await alice.post("/put?a=1")).status_code == 200
+        assert (await alice.get("/visits")).text == "1"  # connections and scripts warm
+        redis_log.clear()
+        assert ok_json(await alice.get("/show")) == {"a": "1", "visits": 1}
+        read_only = redis_log.round_trips
+        redis_log.clear()
+        assert (await alice.post("/put?b=2")).status_code == 200
+        read_write = redis_log.round_trips
+    assert (read_only, read_write) == (1, 2), (
+        f"round trips on Cluster: read-only {read_only} (promised 1), "
+        f"read+write {read_write} (promised at most 2)"
+    )
