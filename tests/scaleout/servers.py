@@ -95,9 +95,9 @@ class ServerProcess:
         return [_binary("redis-server"), *common, *persistence, *self.extra]
 
     def start(self) -> ServerProcess:
-        self.proc = subprocess.Popen(
-            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        # Config errors are printed before --logfile applies: keep them too.
+        with (self.dir / "stdout.log").open("ab") as output:
+            self.proc = subprocess.Popen(self.command(), stdout=output, stderr=output)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -117,10 +117,11 @@ class ServerProcess:
         )
 
     def log_tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        text = ""
+        for path in (self.dir / "stdout.log", self.log):
+            if path.exists():
+                text += path.read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:]) or "(no log)"
 
     @property
     def running(self) -> bool:
@@ -169,6 +170,13 @@ class ClusterDeployment(_Deployment):
     def __init__(self, masters: int = 3) -> None:
         super().__init__("ark-cluster-")
         self.masters: list[ServerProcess] = []
+        try:
+            self._start(masters)
+        except BaseException:
+            self.close()  # no server outlives a failed start
+            raise
+
+    def _start(self, masters: int) -> None:
         for index in range(masters):
             # cluster-port is explicit: port + 10000 may not exist or be free.
             args = [
@@ -330,6 +338,14 @@ class SentinelDeployment(_Deployment):
     def __init__(self, service: str = "mymaster", sentinels: int = 1) -> None:
         super().__init__("ark-sentinel-")
         self.service = service
+        self.sentinels: list[ServerProcess] = []
+        try:
+            self._start(service, sentinels)
+        except BaseException:
+            self.close()  # no server outlives a failed start
+            raise
+
+    def _start(self, service: str, sentinels: int) -> None:
         # No 5 s diskless-sync delay: the replica syncs as soon as it connects.
         fast_sync = ["--repl-diskless-sync-delay", "0"]
         self.master = self._add("master", fast_sync)
@@ -341,7 +357,6 @@ class SentinelDeployment(_Deployment):
             lambda: self.replica_caught_up(self.replica.port, self.master.port),
             timeout=15,
         )
-        self.sentinels: list[ServerProcess] = []
         for index in range(sentinels):
             conf = [
                 f"sentinel monitor {service} {HOST} {self.master.port} 1",
