@@ -133,8 +133,7 @@ def counting_client(url: str, spy: RedisSpy, **kwargs: Any) -> Redis:
     client: Redis = Redis.from_url(
         url,
         connection_class=spy.connection_class(),
-        lib_name=None,
-        lib_version=None,
+        driver_info=None,
         **kwargs,
     )
     return client

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import fakeredis
 import httpx
 import pytest
 from fastapi import Depends, FastAPI, HTTPException
@@ -35,7 +34,6 @@ from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from asgi_redis_kit import Cache, CacheMiddleware, cached, get_cache
-from tests.support import RedisSpy
 
 Framework = Literal["starlette", "fastapi"]
 
@@ -377,48 +375,6 @@ def client_for(app: ASGIApp, host: str = "testserver") -> httpx.AsyncClient:
     return httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url=f"http://{host}", timeout=30
     )
-
-
-def counting_client(url: str, spy: RedisSpy, **kwargs: Any) -> Redis:
-    """tests.support.counting_client with ``driver_info=None`` instead of the
-    ``lib_name=None`` redis-py 8.1 deprecates (an error under our warning
-    settings); no CLIENT SETINFO is sent, so only the cache's commands count."""
-    client: Redis = Redis.from_url(
-        url, connection_class=spy.connection_class(), driver_info=None, **kwargs
-    )
-    return client
-
-
-@pytest.fixture
-async def real_redis(redis_url: str, key_prefix: str, spy: RedisSpy) -> AsyncIterator[Redis]:
-    """Overrides the shared fixture (see counting_client); same cleanup."""
-    client = counting_client(redis_url, spy, socket_timeout=5, socket_connect_timeout=5)
-    try:
-        yield client
-    finally:
-        keys = [key async for key in client.scan_iter(match=f"{key_prefix}*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-        await client.aclose()
-
-
-@pytest.fixture(params=["fake", "real"])
-async def any_redis(
-    request: pytest.FixtureRequest, key_prefix: str, spy: RedisSpy
-) -> AsyncIterator[Redis]:
-    """Overrides the shared fixture (see counting_client): fakeredis, then real."""
-    if request.param == "fake":
-        fake: Redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-        yield fake
-        await fake.aclose()
-        return
-    url: str = request.getfixturevalue("redis_url")
-    real = counting_client(url, spy, socket_timeout=5, socket_connect_timeout=5)
-    yield real
-    keys = [key async for key in real.scan_iter(match=f"{key_prefix}*", count=1000)]
-    if keys:
-        await real.delete(*keys)
-    await real.aclose()
 
 
 @pytest.fixture

@@ -26,11 +26,10 @@ from tests.cache.conftest import (
     Harness,
     build,
     client_for,
-    counting_client,
     fastapi_app,
     starlette_app,
 )
-from tests.support import RedisSpy
+from tests.support import RedisSpy, counting_client
 
 
 async def test_miss_then_hit_serves_the_same_whole_response(harness: Harness) -> None:
