@@ -327,7 +327,7 @@ class SessionStore:
 
     @staticmethod
     async def _send(client: RedisClient, batch: Batch) -> list[Any]:
-        if isinstance(client, RedisCluster):
+        if isinstance(client, RedisCluster) and any(name == "evalsha" for name, _ in batch.calls):
             # redis-py refuses scripts in cluster pipelines, so each command goes to
             # its own node. One after the other: redis-py sends ASKING and the
             # redirected command as two pool checkouts, so concurrent commands
