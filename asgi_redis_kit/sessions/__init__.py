@@ -1,4 +1,23 @@
-"""Server-side sessions in Redis: the middleware, the session mapping and the store."""
+"""Server-side sessions in Redis: the middleware, the session mapping and the store.
+
+::
+
+    app = Starlette(routes=..., middleware=[
+        Middleware(SessionMiddleware, secret_key=[old_key, new_key], redis="redis://..."),
+    ])
+
+    async def login(request):
+        session = Session.of(request)      # request.session, typed as Session
+        session.regenerate()               # new id at save time: no fixation
+        session.bind_user(user.id)         # listed by store.user_sessions()
+        await session.incr("logins")       # atomic, concurrent-safe
+
+    await SessionStore("redis://...").revoke_user(user.id)   # log out everywhere
+
+Module map: ``_middleware`` (load/save around the app, 503 on outages),
+``_session`` (the dict and its save plan), ``_store`` (keys, Lua, user index),
+``_cookie`` (signing and ``Set-Cookie``).
+"""
 
 from __future__ import annotations
 

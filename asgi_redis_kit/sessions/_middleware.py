@@ -6,6 +6,9 @@ trip). A request without a usable cookie costs nothing until the handler stores
 something. Changes are saved when the response starts -- the last moment a
 ``Set-Cookie`` can still be added -- and only for statuses below 500.
 
+Websocket connections get the session too, read-only: there is no response to
+carry a cookie, so changes made there are not saved.
+
 Sessions fail closed: when Redis does not answer, a request that needs the session
 (it brings a cookie, or its handler stored something) gets a 503 with
 ``Retry-After`` and no ``Set-Cookie``, instead of an anonymous session that would
