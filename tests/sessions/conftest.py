@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import fakeredis
 import httpx
 import pytest
 from redis.asyncio import Redis
@@ -20,7 +19,6 @@ from starlette.websockets import WebSocket
 
 from asgi_redis_kit import Session, SessionMiddleware
 from asgi_redis_kit.sessions._cookie import SALT
-from tests.support import RedisSpy
 
 SECRET = "test-secret-key"
 __all__ = [
@@ -204,54 +202,6 @@ async def make_client() -> AsyncIterator[Callable[..., httpx.AsyncClient]]:
     yield make
     for client in clients:
         await client.aclose()
-
-
-def counting_client(url: str, spy: RedisSpy, **kwargs: Any) -> Redis:
-    """tests.support.counting_client without the ``lib_name=None`` that redis-py 8.1
-    deprecates (a DeprecationWarning, an error under our pytest settings);
-    ``driver_info=None`` likewise skips CLIENT SETINFO so only our commands count."""
-    client: Redis = Redis.from_url(
-        url, connection_class=spy.connection_class(), driver_info=None, **kwargs
-    )
-    return client
-
-
-@pytest.fixture
-async def real_redis(redis_url: str, key_prefix: str, spy: RedisSpy) -> AsyncIterator[Redis]:
-    """Overrides the shared fixture (see counting_client); same cleanup."""
-    client = counting_client(redis_url, spy, socket_timeout=5, socket_connect_timeout=5)
-    try:
-        yield client
-    finally:
-        keys = [key async for key in client.scan_iter(match=f"{key_prefix}*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-        await client.aclose()
-
-
-@pytest.fixture(params=["fake", "real"])
-async def any_redis(
-    request: pytest.FixtureRequest, key_prefix: str, spy: RedisSpy
-) -> AsyncIterator[Redis]:
-    """Overrides the shared fixture (see counting_client): fakeredis, then a real
-    server, both counted by ``spy`` (fakeredis through its own connection class is
-    not counted, so only assert counts on the real one)."""
-    if request.param == "fake":
-        client: Redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-        try:
-            yield client
-        finally:
-            await client.aclose()
-        return
-    url: str = request.getfixturevalue("redis_url")
-    real = counting_client(url, spy, socket_timeout=5, socket_connect_timeout=5)
-    try:
-        yield real
-    finally:
-        keys = [key async for key in real.scan_iter(match=f"{key_prefix}*", count=1000)]
-        if keys:
-            await real.delete(*keys)
-        await real.aclose()
 
 
 @pytest.fixture
