@@ -31,7 +31,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import BackendUnavailable
@@ -126,13 +126,47 @@ class Backend:
     async def call(self) -> AsyncIterator[RedisClient]:
         """Bound the enclosed Redis work by ``timeout`` and translate its failures.
 
-        redis-py drops a connection whose command was cancelled mid-reply
-        (CVE-2023-28859), so cancelling on the deadline cannot desync the pool.
+        At the deadline the enclosed work is cancelled, and the block ends with
+        :class:`~asgi_redis_kit.errors.BackendUnavailable`. redis-py drops a
+        connection whose command was cancelled mid-reply (CVE-2023-28859), so this
+        cannot desync the pool. redis-py can also *swallow* that cancel: on Python
+        < 3.12 ``asyncio.wait_for``, which it sends with, returns normally when the
+        send completes as the cancel arrives (CPython gh-86296), and redis-py goes
+        on reading and retrying for up to its own socket timeouts. So work that is
+        still running is cancelled again every tenth of ``timeout`` until it stops.
+        Every cancel is delivered inside the block, where the work is suspended,
+        and withdrawn on the way out, so none leaks to the caller; a cancel from
+        anyone else still propagates as ``CancelledError``.
         """
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("Backend.call() must run inside an asyncio task")
+        loop = asyncio.get_running_loop()
+        cancelled_before = task.cancelling()
+        ours = 0
+        timer: asyncio.TimerHandle
+
+        def expire() -> None:
+            nonlocal ours, timer
+            ours += 1
+            task.cancel()
+            timer = loop.call_later(self.timeout / 10, expire)
+
+        timer = loop.call_later(self.timeout, expire)
         try:
-            async with asyncio.timeout(self.timeout):
+            try:
                 yield self.client
-        except (RedisError, OSError, TimeoutError) as exc:
+            finally:
+                timer.cancel()
+                for _ in range(ours):
+                    task.uncancel()
+        except asyncio.CancelledError as exc:
+            if ours and task.cancelling() <= cancelled_before:
+                raise BackendUnavailable("Redis did not answer: TimeoutError") from exc
+            raise
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+            # RedisClusterException (SlotNotCoveredError, "cluster down" while
+            # slots move) is not a RedisError in redis-py.
             raise BackendUnavailable(f"Redis did not answer: {type(exc).__name__}") from exc
 
     async def aclose(self) -> None:

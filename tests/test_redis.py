@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.connection import Connection
+from redis.exceptions import RedisClusterException, SlotNotCoveredError
 from starlette.types import Message, Receive, Scope, Send
 
 from asgi_redis_kit._redis import Backend, serve_with_lifespan_close
@@ -120,5 +124,98 @@ async def test_paused_server_hits_the_deadline_and_the_pool_recovers(
             await client.set("k2", "after")
             assert await client.get("k") == b"before"
             assert await client.get("k2") == b"after"
+    finally:
+        await backend.aclose()
+
+
+class SwallowingConnection(Connection):
+    """Stands in for redis-py on Python < 3.12, where the ``asyncio.wait_for`` it
+    sends with swallows a cancel that arrives as the send completes (CPython
+    gh-86296): redis-py then reads on, for as long as its own socket timeout."""
+
+    armed = False
+    swallowed = 0
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if SwallowingConnection.armed:
+            try:
+                await asyncio.sleep(30)  # a send still in flight at the deadline
+            except asyncio.CancelledError:
+                SwallowingConnection.armed = False
+                SwallowingConnection.swallowed += 1
+        await super().send_packed_command(command, check_health)
+
+
+@pytest.mark.real_redis
+async def test_deadline_holds_when_redis_py_swallows_the_cancel(
+    own_redis: RedisProcess,
+) -> None:
+    """A caller's client with long socket timeouts: our deadline still ends the
+    call, and no cancel of ours leaks into the caller's task."""
+    client = Redis.from_url(
+        own_redis.url,
+        connection_class=SwallowingConnection,
+        driver_info=None,
+        socket_timeout=30,
+        socket_connect_timeout=30,
+    )
+    backend = Backend(client, timeout=0.3)
+    try:
+        await client.set("k", "before")
+        own_redis.pause()
+        SwallowingConnection.armed = True
+        started = time.monotonic()
+        try:
+            with pytest.raises(BackendUnavailable):
+                async with backend.call() as redis:
+                    await redis.get("k")
+            elapsed = time.monotonic() - started
+        finally:
+            own_redis.resume()
+        assert SwallowingConnection.swallowed == 1
+        # Generous bound: this checks "no hang" (redis-py alone would wait 30 s).
+        assert elapsed < 3
+        task = asyncio.current_task()
+        assert task is not None
+        assert task.cancelling() == 0
+        await asyncio.sleep(0)  # no stray cancel is pending either
+        async with backend.call() as redis:  # and the pool is healthy again
+            await redis.set("k2", "after")
+            assert await redis.get("k") == b"before"
+            assert await redis.get("k2") == b"after"
+    finally:
+        SwallowingConnection.armed = False
+        await client.aclose()
+
+
+async def test_a_cancel_from_outside_is_not_a_backend_error() -> None:
+    backend = Backend("memory://cancel-from-outside", timeout=5)
+    entered = asyncio.Event()
+
+    async def stuck() -> None:
+        async with backend.call():
+            entered.set()
+            await asyncio.sleep(30)
+
+    task = asyncio.ensure_future(stuck())
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await backend.aclose()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [SlotNotCoveredError("slot 42 is not covered"), RedisClusterException("cluster down")],
+)
+async def test_cluster_errors_are_backend_unavailable(error: Exception) -> None:
+    """redis-py's cluster errors are not RedisErrors; they must not become a 500."""
+    backend = Backend("memory://cluster-errors")
+    try:
+        with pytest.raises(BackendUnavailable) as caught:
+            async with backend.call():
+                raise error
+        assert caught.value.__cause__ is error
     finally:
         await backend.aclose()

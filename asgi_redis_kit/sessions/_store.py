@@ -27,7 +27,6 @@ on load and by never setting a TTL that reaches past it.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import time
@@ -124,12 +123,6 @@ return members
 """)
 
 _SCRIPTS = (_SAVE, _INCR, _INDEX_ADD, _DELETE_IF_USER, _TAKE_INDEX)
-
-
-def _abandon(task: asyncio.Future[Any]) -> None:
-    """Cancel ``task`` without waiting for it; its outcome is consumed, not raised."""
-    task.cancel()
-    task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 def handle_of(session_id: str) -> str:
@@ -298,20 +291,7 @@ class SessionStore:
         batch = Batch()
         build(batch)
         async with self.backend.call() as client:
-            # The work runs in its own task that we stop waiting for at the deadline:
-            # after a cancel, redis-py may spend up to its own timeouts closing the
-            # socket of a stalled (paused) server, and the request must not wait for
-            # that cleanup.
-            task = asyncio.ensure_future(self._run(client, batch))
-            try:
-                done, _ = await asyncio.wait({task}, timeout=self.backend.timeout)
-            except asyncio.CancelledError:
-                _abandon(task)
-                raise
-            if not done:
-                _abandon(task)
-                raise TimeoutError("the session store did not answer in time")
-            return task.result()
+            return await self._run(client, batch)
 
     async def _run(self, client: RedisClient, batch: Batch) -> list[Any]:
         for _attempt in range(2):

@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
+import fakeredis
 import httpx
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import SlotNotCoveredError
 from starlette.types import ASGIApp
 
 from asgi_redis_kit import SessionMiddleware
@@ -276,3 +279,32 @@ async def test_incr_losing_redis_mid_request_is_a_503_in_either_middleware_order
             await closer.aclose()
         else:
             await run_lifespan(app)  # closes the client the middleware made
+
+
+class SlotlessRedis(fakeredis.FakeAsyncRedis):
+    """A client that gets redis-py's cluster errors (not RedisErrors) for every
+    command, like a RedisCluster whose slot has no node yet."""
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        raise SlotNotCoveredError("Slot 42 is not covered by the cluster.")
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        raise SlotNotCoveredError("Slot 42 is not covered by the cluster.")
+
+
+async def test_uncovered_cluster_slot_is_a_503_not_a_500(
+    make_client: Callable[..., httpx.AsyncClient],
+) -> None:
+    server = fakeredis.FakeServer()
+    healthy = fakeredis.FakeAsyncRedis(server=server)
+    slotless = SlotlessRedis(server=server)
+    try:
+        before = make_client(build_app(healthy))
+        await before.post("/set", json={"a": 1})
+        during = make_client(build_app(slotless), cookies=before.cookies)
+        assert_unavailable(await during.get("/read"))
+        assert_unavailable(await during.post("/incr/n"))
+        assert (await make_client(build_app(slotless)).get("/read")).status_code == 200
+    finally:
+        await healthy.aclose()
+        await slotless.aclose()
