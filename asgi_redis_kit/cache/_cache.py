@@ -4,8 +4,10 @@ Invalidation uses version counters, checked on read, not sets of entry keys:
 
 * every entry records the versions it was stored under: the namespace
   generation, its URL's version and one version per tag;
-* a lookup reads the entry and the current versions in the same MGET (one
-  round trip), and an entry whose versions differ is a miss;
+* a lookup reads the entry and the current versions in one round trip (a
+  script on a single server, which also takes the stampede lease when the
+  entry is absent; MGET across slots on Redis Cluster), and an entry whose
+  versions differ is a miss;
 * ``clear()``, ``invalidate(url)`` and ``invalidate_tags()`` are one INCR per
   name - O(1), no KEYS/SCAN, no set that grows with cache-busting URLs.
 
@@ -23,6 +25,7 @@ round trip.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -42,7 +45,7 @@ from ..errors import BackendUnavailable
 from ._breaker import CircuitBreaker
 from ._entry import Entry, decode
 from ._keys import CacheKey, KeyScheme, request_host
-from ._lock import ACQUIRE, RELEASE, STORE_AND_RELEASE, SingleFlight, new_token
+from ._lock import ACQUIRE, LOOKUP, RELEASE, STORE_AND_RELEASE, Lease, SingleFlight, new_token
 from ._policy import DEFAULT_CACHEABLE_STATUSES
 
 logger = logging.getLogger("asgi_redis_kit.cache")
@@ -88,10 +91,24 @@ class CacheStats:
 @dataclass(frozen=True, slots=True)
 class Lookup:
     """What one lookup round trip found: the entry if it is still valid for the
-    current namespace/URL/tag versions, and those versions (stored with a new entry)."""
+    current namespace/URL/tag versions, and those versions (stored with a new entry).
+
+    A lookup that asked for the lease and found no entry key also says whether
+    it took the lease (``token``: the caller now owns it and must release it or
+    store with it) or found it held by someone else (``locked``)."""
 
     entry: Entry | None
     versions: tuple[int, ...]
+    token: str | None = None
+    locked: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class _Shared:
+    """One lookup round trip and the requests of this process waiting on it."""
+
+    task: asyncio.Task[tuple[Lookup, Lease | None]]
+    waiters: int = 0
 
 
 def _versions(raw: Sequence[Any]) -> tuple[int, ...]:
@@ -170,8 +187,9 @@ class Cache:
         self.stats = CacheStats()
         self.flights = SingleFlight()
         self._background: set[asyncio.Task[None]] = set()
-        self._lookups: dict[str, asyncio.Task[Lookup]] = {}
+        self._lookups: dict[tuple[str, bool], _Shared] = {}
         client = self.backend.client
+        self._lookup_script = client.register_script(LOOKUP)
         self._acquire = client.register_script(ACQUIRE)
         self._release = client.register_script(RELEASE)
         self._store = client.register_script(STORE_AND_RELEASE)
@@ -219,25 +237,73 @@ class Cache:
             return None  # written under an older namespace/URL/tag version
         return entry
 
-    async def lookup(self, key: CacheKey) -> Lookup:
-        """Entry and versions in one round trip (one MGET).
+    async def lookup(self, key: CacheKey, *, lease: bool = False) -> Lookup:
+        """Entry and versions in one round trip; with ``lease=True`` on a single
+        server, also the stampede lease when the entry key is absent.
 
         Concurrent lookups of one key in this process share that round trip: a
         burst on a hot key costs Redis one command, and cannot exhaust the
-        connection pool (which would open the breaker for every other key)."""
-        task = self._lookups.get(key.entry)
-        if task is None:
-            task = asyncio.get_running_loop().create_task(self._lookup(key))
-            self._lookups[key.entry] = task
-            task.add_done_callback(lambda _: self._lookups.pop(key.entry, None))
-        # shield: one cancelled request must not cancel the others' lookup.
-        return await asyncio.shield(task)
+        connection pool (which would open the breaker for every other key). Of
+        the requests sharing a lookup that took the lease, the first to resume
+        gets its token; the others see neither token nor ``locked``."""
+        name = (key.entry, lease)
+        shared = self._lookups.get(name)
+        if shared is None:
+            task = asyncio.get_running_loop().create_task(self._lookup(key, lease))
+            shared = self._lookups[name] = _Shared(task)
+            task.add_done_callback(lambda _: self._lookups.pop(name, None))
+            if lease:
+                task.add_done_callback(lambda _: self._drop_if_orphaned(key, shared))
+        shared.waiters += 1
+        try:
+            # shield: one cancelled request must not cancel the others' lookup.
+            found, taken = await asyncio.shield(shared.task)
+        except BaseException:
+            shared.waiters -= 1
+            self._drop_if_orphaned(key, shared)
+            raise
+        shared.waiters -= 1
+        if taken is None:
+            return found
+        token = taken.claim()
+        return found if token is None else Lookup(found.entry, found.versions, token=token)
 
-    async def _lookup(self, key: CacheKey) -> Lookup:
+    def _drop_if_orphaned(self, key: CacheKey, shared: _Shared) -> None:
+        """Release a lease no waiting request is left to claim (all were cancelled)."""
+        task = shared.task
+        if shared.waiters or not task.done() or task.cancelled() or task.exception():
+            return
+        taken = task.result()[1]
+        token = None if taken is None else taken.claim()
+        if token is not None:
+            self.spawn(self._release_quietly(key, token))
+
+    async def _release_quietly(self, key: CacheKey, token: str) -> None:
+        with contextlib.suppress(BackendUnavailable):
+            await self.release(key, token)
+
+    async def _lookup(self, key: CacheKey, lease: bool) -> tuple[Lookup, Lease | None]:
+        token = ""
         async with self._redis() as client:
-            raw = await self._mget(client, [key.entry, *key.version_keys])
+            if lease and not isinstance(client, RedisCluster):
+                # One atomic step: the entry, its versions, and the lease if the entry
+                # key is absent (a cold miss then needs no round trip of its own for it).
+                # Not on Cluster: the version keys live in other slots than the entry.
+                token = new_token()
+                raw = await self._lookup_script(
+                    keys=[key.entry, key.lock, *key.version_keys],
+                    args=[token, int(self.lock_lease * 1000)],
+                    client=client,
+                )
+                leased = int(raw.pop())
+            else:
+                raw = await self._mget(client, [key.entry, *key.version_keys])
+                leased = 0
         versions = _versions(raw[1:])
-        return Lookup(self._valid(raw[0], versions), versions)
+        entry = self._valid(raw[0], versions)
+        if leased == 1:
+            return Lookup(entry, versions), Lease(token)
+        return Lookup(entry, versions, locked=leased == -1), None
 
     async def poll(self, key: CacheKey, versions: tuple[int, ...]) -> tuple[Entry | None, bool]:
         """The entry, and whether someone still holds its lease."""

@@ -7,20 +7,42 @@ that response may carry one user's headers, and only what passed the storage
 rules is shareable.
 
 Across processes, the leader takes a lease ``SET <lock> <token> NX PX <lease>``.
-The same script returns the entry as it is at that moment, so a leader that
-arrives just after another one stored the entry serves it instead of running
-the handler again. Release is a compare-and-delete on the token (a lease that
-expired and was taken by someone else is not ours to delete), done in the same
-script that stores the entry. A process that finds the lease held polls the
-entry with backoff, and after ``lock_wait`` seconds (or when the lease
-vanishes without an entry) runs the handler itself: a stuck leader slows
-requests down, it never blocks them.
+On a single Redis server the lookup script (``LOOKUP``) does this itself, in
+the same atomic step that reads the entry and its versions, whenever the
+entry key is absent: a cold miss pays no extra round trip for its lease, and
+a hit never writes. Otherwise (an entry that is stale or written under old
+versions, and always on Redis Cluster, where the version keys live in other
+slots than the entry) ``ACQUIRE`` takes it, and returns the entry as it is at
+that moment, so a leader that arrives just after another one stored the
+entry serves it instead of running the handler again. Release is a
+compare-and-delete on the token (a lease that expired and was taken by someone
+else is not ours to delete), done in the same script that stores the entry.
+A process that finds the lease held polls the entry with backoff, and after
+``lock_wait`` seconds (or when the lease vanishes without an entry) runs the
+handler itself: a stuck leader slows requests down, it never blocks them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+
+# KEYS: entry, lease, then the version keys; ARGV: token ('' = only read), lease ms.
+# Returns the entry, the versions, and 1 (lease taken), -1 (entry absent, lease
+# held by someone else) or 0 (entry present, or no lease asked for).
+LOOKUP = """
+local found = redis.call('MGET', KEYS[1], unpack(KEYS, 3))
+local leased = 0
+if not found[1] and ARGV[1] ~= '' then
+  if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    leased = 1
+  else
+    leased = -1
+  end
+end
+found[#found + 1] = leased
+return found
+"""
 
 ACQUIRE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
@@ -48,6 +70,20 @@ return 1
 
 def new_token() -> str:
     return secrets.token_hex(16)
+
+
+class Lease:
+    """A lease token taken by a lookup that several requests of this process
+    share: exactly one of them claims it, and then owns its release."""
+
+    __slots__ = ("_token",)
+
+    def __init__(self, token: str) -> None:
+        self._token: str | None = token
+
+    def claim(self) -> str | None:
+        token, self._token = self._token, None
+        return token
 
 
 class SingleFlight:

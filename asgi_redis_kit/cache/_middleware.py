@@ -7,16 +7,19 @@ Per request:
    read the ``@cached`` options attached to its endpoint. No ``@cached`` route:
    the request passes through untouched.
 2. Request rules (``_policy``) may bypass the cache.
-3. One round trip (MGET) reads the entry and the namespace/URL/tag versions.
-   A fresh entry is served right here: no session load, no dependencies, no
-   handler. A stale one within ``stale_while_revalidate`` is served and one
-   background refresh is started.
-4. On a miss the first request in this process leads (single-flight) and takes
-   the Redis lease; the others wait and re-read the entry. The leader runs the
-   app with a ``send`` wrapper that holds ``http.response.start`` back until the
-   first body chunk: a complete body is checked against the response rules and
-   stored (with the lease released in the same round trip) before it is sent;
-   a streamed one passes through unbuffered.
+3. One round trip reads the entry and the namespace/URL/tag versions (a Lua
+   script on a single server, which also takes the Redis lease when the entry
+   key is absent; MGET on Cluster). A fresh entry is served right here: no
+   session load, no dependencies, no handler. A stale one within
+   ``stale_while_revalidate`` is served and one background refresh is started.
+4. On a miss the first request in this process leads (single-flight) and holds
+   the Redis lease (taken by the lookup, or by a round trip of its own when
+   the lookup could not take it); the others wait and re-read the entry. The
+   leader runs the app with a ``send`` wrapper that holds
+   ``http.response.start`` back until the first body chunk: a complete body is
+   checked against the response rules and stored (with the lease released in
+   the same round trip) before it is sent; a streamed one passes through
+   unbuffered. A cold miss thus costs two round trips, a hit one.
 
 Per-request state lives in a :class:`_Exchange`, never on the middleware.
 """
@@ -283,11 +286,15 @@ class _Exchange:
             custom=await self.custom_key(),
         )
         try:
-            found = await cache.lookup(key)
+            found = await cache.lookup(key, lease=True)
         except BackendUnavailable:
             await self.bypass("backend")
             return
         entry, versions = found.entry, found.versions
+        if found.token is not None or found.locked:
+            # The entry key was absent: nothing to serve, and the lease is settled.
+            await self.fill(key, versions, None, found.token, locked=found.locked)
+            return
         fallback: Entry | None = None
         if entry is not None:
             now = cache.clock()
@@ -304,17 +311,34 @@ class _Exchange:
                 fallback = entry
         await self.fill(key, versions, fallback)
 
-    async def fill(self, key: CacheKey, versions: tuple[int, ...], fallback: Entry | None) -> None:
+    async def fill(
+        self,
+        key: CacheKey,
+        versions: tuple[int, ...],
+        fallback: Entry | None,
+        token: str | None = None,
+        *,
+        locked: bool = False,
+    ) -> None:
+        """Lead (or follow) the refill of ``key``. ``token``: a lease the lookup
+        already took for us; ``locked``: the lookup saw another holder's lease."""
         cache = self.cache
         event = cache.flights.lead(key.digest)
         if event is None:
+            if token is not None:
+                # Our lookup took the lease although a leader here already runs
+                # (its lease had expired): that leader stores; give ours back.
+                with contextlib.suppress(BackendUnavailable):
+                    await cache.release(key, token)
             await self.follow(key, fallback)
             return
         try:
-            token: str | None = None
+            entry: Entry | None = None
             try:
-                token, entry = await cache.acquire(key, versions)
-                if entry is None and token is None:
+                if token is None and not locked:
+                    token, entry = await cache.acquire(key, versions)
+                    locked = entry is None and token is None
+                if locked:
                     entry = await self.wait_for_other_process(key, versions)
             except BackendUnavailable:
                 if fallback is not None:

@@ -9,8 +9,9 @@ import httpx
 from redis.asyncio import Redis
 
 from asgi_redis_kit import Cache
-from asgi_redis_kit.cache._keys import KeyScheme
+from asgi_redis_kit.cache._keys import CacheKey, KeyScheme
 from tests.cache.conftest import Calls, Framework, Harness, build, client_for
+from tests.support import RedisSpy
 
 
 async def _open_gate_when_called(calls: Calls, name: str) -> None:
@@ -133,3 +134,99 @@ async def test_lease_has_an_expiry(real_redis: Redis, key_prefix: str) -> None:
 
 
 _ = httpx
+
+
+def _key(key_prefix: str, path: str) -> CacheKey:
+    scope = {"type": "http", "method": "GET", "path": path, "headers": []}
+    return KeyScheme(key_prefix).for_request(
+        scope,
+        namespace="default",
+        host="h",
+        vary=(),
+        session_cookie_name="session",
+        vary_on_session=False,
+        tags=(),
+        custom=None,
+    )
+
+
+async def test_a_cold_miss_takes_the_lease_in_its_lookup(
+    harness: Harness, real_redis: Redis, key_prefix: str, spy: RedisSpy
+) -> None:
+    """Lookup and lease are one round trip; the store releases it: 2 in all. The
+    lease is really held (with an expiry) while the handler runs."""
+    await harness.client.get("/items/0")  # load the Lua scripts once (EVALSHA fallback)
+    harness.calls.gate = asyncio.Event()
+    spy.reset()
+    pending = asyncio.create_task(harness.client.get("/page"))
+    await harness.calls.entered.wait()
+    assert (spy.round_trips, dict(spy.commands)) == (1, {"EVALSHA": 1})
+    leases = [k async for k in real_redis.scan_iter(match=f"{key_prefix}*:l:*")]
+    assert len(leases) == 1
+    assert 0 < await real_redis.pttl(leases[0]) <= 10_000
+    spy.reset()
+    harness.calls.gate.set()
+    miss = await pending
+    assert miss.headers["x-cache"] == "MISS"
+    assert (spy.round_trips, dict(spy.commands)) == (1, {"EVALSHA": 1})  # store + release
+    assert [k async for k in real_redis.scan_iter(match=f"{key_prefix}*:l:*")] == []
+    spy.reset()
+    assert (await harness.client.get("/page")).headers["x-cache"] == "HIT"
+    assert [k async for k in real_redis.scan_iter(match=f"{key_prefix}*:l:*")] == []
+
+
+async def test_an_invalidated_entry_still_takes_the_lease_before_running(
+    harness: Harness, real_redis: Redis, key_prefix: str, spy: RedisSpy
+) -> None:
+    """An entry key that exists under old versions is a miss the lookup cannot
+    lease (it does not decode entries): the leader takes the lease itself, then
+    stores: 3 round trips."""
+    await harness.client.get("/items/5")
+    await harness.cache.invalidate_tags("item:5")
+    spy.reset()
+    miss = await harness.client.get("/items/5")
+    assert miss.headers["x-cache"] == "MISS"
+    assert (spy.round_trips, dict(spy.commands)) == (3, {"EVALSHA": 3})
+    assert [k async for k in real_redis.scan_iter(match=f"{key_prefix}*:l:*")] == []
+    assert (await harness.client.get("/items/5")).headers["x-cache"] == "HIT"
+    assert harness.calls["item"] == 2
+
+
+async def test_lookups_sharing_a_lease_hand_it_to_exactly_one_request(
+    any_redis: Redis, key_prefix: str
+) -> None:
+    cache = Cache(any_redis, key_prefix=key_prefix)
+    key = _key(key_prefix, "/shared")
+    found = await asyncio.gather(*(cache.lookup(key, lease=True) for _ in range(10)))
+    tokens = [f.token for f in found if f.token is not None]
+    assert len(tokens) == 1
+    assert not any(f.locked for f in found)
+    assert await any_redis.get(key.lock) == tokens[0].encode()
+    # Another lookup now finds the lease held by someone else.
+    again = await cache.lookup(key, lease=True)
+    assert (again.token, again.locked) == (None, True)
+    await cache.release(key, tokens[0])
+    # A lookup without lease never takes one.
+    plain = await cache.lookup(key)
+    assert (plain.token, plain.locked) == (None, False)
+    assert await any_redis.get(key.lock) is None
+    await cache.aclose()
+
+
+async def test_a_lease_whose_requests_were_all_cancelled_is_released(
+    any_redis: Redis, key_prefix: str
+) -> None:
+    cache = Cache(any_redis, key_prefix=key_prefix)
+    key = _key(key_prefix, "/cancelled")
+    waiters = [asyncio.create_task(cache.lookup(key, lease=True)) for _ in range(3)]
+    await asyncio.sleep(0)  # all three now wait on one shared lookup
+    shared = cache._lookups[(key.entry, True)].task
+    for waiter in waiters:
+        waiter.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    await asyncio.wait([shared])
+    await asyncio.sleep(0)  # the lookup's done callbacks
+    await cache.wait_background()
+    assert shared.result()[1] is not None, "the lookup did take the lease"
+    assert await any_redis.get(key.lock) is None
+    await cache.aclose()
