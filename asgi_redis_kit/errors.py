@@ -5,12 +5,12 @@ Every error the library raises on purpose derives from one base, so
 
     AsgiRedisKitError
     ├── BackendUnavailable        Redis did not answer in time or refused the command
+    ├── DuplicateMiddleware       the same middleware applied twice to one app
     ├── SessionError
     │   ├── SessionNotLoaded      ``request.session`` used without SessionMiddleware
     │   └── CookieTooLarge        the Set-Cookie header would exceed 4096 bytes
     └── CacheError
-        ├── CacheNotConfigured    ``@cached`` used without CacheMiddleware
-        └── DuplicateMiddleware   the same middleware applied twice to one app
+        └── CacheNotConfigured    ``@cached`` used without CacheMiddleware
 
 Configuration mistakes are plain ``ValueError``/``TypeError`` raised from
 ``__init__``, as Python users expect.
