@@ -6,8 +6,8 @@ Invalidation uses version counters, checked on read, not sets of entry keys:
   generation, its URL's version and one version per tag;
 * a lookup reads the entry and the current versions in one round trip (a
   script on a single server, which also takes the stampede lease when the
-  entry is absent; MGET across slots on Redis Cluster), and an entry whose
-  versions differ is a miss;
+  entry is absent; one pipelined GET per key on Redis Cluster, which stays
+  correct while slots migrate), and an entry whose versions differ is a miss;
 * ``clear()``, ``invalidate(url)`` and ``invalidate_tags()`` are one INCR per
   name - O(1), no KEYS/SCAN, no set that grows with cache-busting URLs.
 
@@ -225,8 +225,15 @@ class Cache:
     async def _mget(self, client: RedisClient, keys: list[str]) -> list[Any]:
         if isinstance(client, RedisCluster):
             # Entry, namespace and tag keys live in different slots on purpose
-            # (spreading load); redis-py groups them by node.
-            return list(await client.mget_nonatomic(keys))
+            # (spreading load). One GET per key, pipelined: redis-py sends one
+            # pipeline per node, the round trips of MGET across slots. Not MGET:
+            # while a slot migrates, a command on several of its keys gets TRYAGAIN
+            # until the move ends, where a single-key one gets ASK, which redis-py
+            # follows.
+            pipe = client.pipeline()
+            for name in keys:
+                pipe.get(name)
+            return list(await pipe.execute())
         return list(await client.mget(keys))
 
     def _valid(self, raw: bytes | None, versions: tuple[int, ...]) -> Entry | None:
@@ -317,10 +324,21 @@ class Cache:
         """Take the lease: (token, None), or (None, a fresh entry stored meanwhile by
         another leader), or (None, None) if someone else holds it."""
         token = new_token()
+        lease_ms = int(self.lock_lease * 1000)
         async with self._redis() as client:
-            got, raw = await self._acquire(
-                keys=[key.lock, key.entry], args=[token, int(self.lock_lease * 1000)], client=client
-            )
+            if isinstance(client, RedisCluster):
+                # Single-key commands, one pipeline (same slot, same node), for the
+                # reason given in _mget. The GET still follows the SET, except while
+                # the slot migrates (an ASKed SET is re-sent after the pipeline): then
+                # a leader storing in between can cost one extra handler run.
+                pipe = client.pipeline()
+                pipe.set(key.lock, token, nx=True, px=lease_ms)
+                pipe.get(key.entry)
+                got, raw = await pipe.execute()
+            else:
+                got, raw = await self._acquire(
+                    keys=[key.lock, key.entry], args=[token, lease_ms], client=client
+                )
         if not got:
             return None, None
         entry = self._valid(raw, versions)
@@ -336,9 +354,18 @@ class Cache:
     async def store(self, key: CacheKey, value: bytes, lifetime: float, token: str | None) -> None:
         px = max(1, int(min(lifetime, self.max_lifetime) * 1000))
         async with self._redis() as client:
-            await self._store(
-                keys=[key.entry, key.lock], args=[value, px, token or ""], client=client
-            )
+            if isinstance(client, RedisCluster):
+                # Single-key commands, one pipeline (see _mget): the SET, then the
+                # token-checked release.
+                pipe = client.pipeline()
+                pipe.set(key.entry, value, px=px)
+                if token:
+                    pipe.eval(RELEASE, 1, key.lock, token)
+                await pipe.execute()
+            else:
+                await self._store(
+                    keys=[key.entry, key.lock], args=[value, px, token or ""], client=client
+                )
         self.stats.stores += 1
 
     # -- invalidation ----------------------------------------------------------------------

@@ -12,11 +12,12 @@ the same atomic step that reads the entry and its versions, whenever the
 entry key is absent: a cold miss pays no extra round trip for its lease, and
 a hit never writes. Otherwise (an entry that is stale or written under old
 versions, and always on Redis Cluster, where the version keys live in other
-slots than the entry) ``ACQUIRE`` takes it, and returns the entry as it is at
+slots than the entry) ``ACQUIRE`` takes it (on Cluster: the same SET NX and
+GET as single-key commands in one pipeline), and returns the entry as it is at
 that moment, so a leader that arrives just after another one stored the
 entry serves it instead of running the handler again. Release is a
 compare-and-delete on the token (a lease that expired and was taken by someone
-else is not ours to delete), done in the same script that stores the entry.
+else is not ours to delete), done in the same round trip that stores the entry.
 A process that finds the lease held polls the entry with backoff, and after
 ``lock_wait`` seconds (or when the lease vanishes without an entry) runs the
 handler itself: a stuck leader slows requests down, it never blocks them.

@@ -9,9 +9,10 @@ Per request:
 2. Request rules (``_policy``) may bypass the cache.
 3. One round trip reads the entry and the namespace/URL/tag versions (a Lua
    script on a single server, which also takes the Redis lease when the entry
-   key is absent; MGET on Cluster). A fresh entry is served right here: no
-   session load, no dependencies, no handler. A stale one within
-   ``stale_while_revalidate`` is served and one background refresh is started.
+   key is absent; pipelined single-key GETs on Cluster). A fresh entry is
+   served right here: no session load, no dependencies, no handler. A stale
+   one within ``stale_while_revalidate`` is served and one background refresh
+   is started.
 4. On a miss the first request in this process leads (single-flight) and holds
    the Redis lease (taken by the lookup, or by a round trip of its own when
    the lookup could not take it); the others wait and re-read the entry. The
