@@ -36,8 +36,7 @@ from types import TracebackType
 from typing import Any
 
 import orjson
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError
 
 from .._redis import DEFAULT_MAX_CONNECTIONS, DEFAULT_TIMEOUT, Backend, RedisClient, RedisLike
 
@@ -307,22 +306,15 @@ class SessionStore:
 
     @staticmethod
     async def _send(client: RedisClient, batch: Batch) -> list[Any]:
-        if isinstance(client, RedisCluster) and any(name == "evalsha" for name, _ in batch.calls):
-            # redis-py refuses scripts in cluster pipelines, so each command goes to
-            # its own node. One after the other: redis-py sends ASKING and the
-            # redirected command as two pool checkouts, so concurrent commands
-            # during a slot migration can swap connections and bounce ASK/MOVED
-            # until "TTL exhausted".
-            results: list[Any] = []
-            for name, args in batch.calls:
-                try:
-                    results.append(await getattr(client, name)(*args))
-                except ResponseError as exc:
-                    results.append(exc)
-            return results
+        # On RedisCluster a ClusterPipeline sends each node its commands in one
+        # round trip. redis-py refuses pipe.evalsha() there, but routes an EVALSHA
+        # given to execute_command by its key like any other command.
         pipe = client.pipeline(transaction=False)
         for name, args in batch.calls:
-            getattr(pipe, name)(*args)
+            if name == "evalsha":
+                pipe.execute_command("EVALSHA", *args)
+            else:
+                getattr(pipe, name)(*args)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
         return replies
 

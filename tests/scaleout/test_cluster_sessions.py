@@ -147,3 +147,36 @@ async def test_round_trips_per_request_on_cluster(
         f"round trips on Cluster: read-only {read_only} (promised 1), "
         f"read+write {read_write} (promised at most 2)"
     )
+
+
+async def test_multi_key_saves_are_one_round_trip_per_node_on_cluster(
+    cluster: ClusterDeployment, cluster_client: RedisCluster, redis_log: CommandLog
+) -> None:
+    """A save that touches several keys (login: drop the old record and its index
+    entry, create the new record, index it) spans slots, so it cannot be one
+    command; it is still one pipeline, sent to each node involved once, not one
+    round trip per command."""
+    app = build_app(cluster_client, Calls(), cache=False)
+    async with browser(app) as alice:
+        assert (await alice.post("/login/alice")).status_code == 200
+        assert (await alice.get("/visits")).text == "1"  # scripts warm
+        # A connection to every node, so no handshake is counted below.
+        await cluster_client.ping(target_nodes=RedisCluster.PRIMARIES)
+        for user in ("bob", "carol"):
+            redis_log.clear()
+            assert (await alice.post(f"/login/{user}")).status_code == 200
+            sent = [words[0].upper() for _, words in redis_log.commands]
+            # the load; then DEL + SREM of the old record, EVALSHA save + index add
+            assert sent.count("DEL") == sent.count("SREM") == 1, sent
+            assert sent.count("EVALSHA") >= 2, sent
+            nodes = {port for port, _ in redis_log.commands}
+            assert redis_log.round_trips <= 1 + len(nodes), (
+                f"login on Cluster: {redis_log.round_trips} round trips for "
+                f"{len(sent)} commands on {len(nodes)} nodes (promised: the load, then "
+                "one per node)"
+            )
+        redis_log.clear()
+        assert (await alice.post("/logout")).status_code == 200
+        nodes = {port for port, _ in redis_log.commands}
+        assert redis_log.round_trips <= 1 + len(nodes)
+    assert_clean(redis_log)
