@@ -36,7 +36,7 @@ from types import TracebackType
 from typing import Any
 
 import orjson
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from .._redis import DEFAULT_MAX_CONNECTIONS, DEFAULT_TIMEOUT, Backend, RedisClient, RedisLike
 
@@ -82,6 +82,15 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """)
 
+# The whole record and its TTL in one command (nil when there is no record).
+_LOAD = _Script("""
+local fields = redis.call('HGETALL', KEYS[1])
+if #fields == 0 then
+  return false
+end
+return {redis.call('PTTL', KEYS[1]), fields}
+""")
+
 # Counter on an existing session only; the error text comes back as a string.
 _INCR = _Script("""
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -121,7 +130,7 @@ redis.call('DEL', KEYS[1])
 return members
 """)
 
-_SCRIPTS = (_SAVE, _INCR, _INDEX_ADD, _DELETE_IF_USER, _TAKE_INDEX)
+_SCRIPTS = (_LOAD, _SAVE, _INCR, _INDEX_ADD, _DELETE_IF_USER, _TAKE_INDEX)
 
 
 def handle_of(session_id: str) -> str:
@@ -160,20 +169,11 @@ class Record:
     pttl_ms: int
 
 
-class Batch:
-    """Commands queued by name (``batch.hgetall(key)``), sent by :meth:`SessionStore._batch`."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, tuple[Any, ...]]] = []
-
-    def __getattr__(self, name: str) -> Callable[..., None]:
-        def queue(*args: Any) -> None:
-            self.calls.append((name, args))
-
-        return queue
+Command = tuple[Any, ...]  # ("HGETALL", key): redis-py parses each reply by its name
 
 
-Pipe = Any  # a Batch; typed loosely like redis-py's own untyped command methods
+def _script(script: _Script, key: str, *args: Any) -> Command:
+    return ("EVALSHA", script.sha, 1, key, *args)
 
 
 class SessionStore:
@@ -280,47 +280,44 @@ class SessionStore:
 
     # -- batches ------------------------------------------------------------------
 
-    async def _batch(self, build: Callable[[Pipe], None]) -> list[Any]:
-        """Run the commands ``build`` queues in one round trip (on Cluster: one per
-        command).
+    async def _batch(self, *commands: Command) -> list[Any]:
+        """Run ``commands`` in one round trip (on Cluster: one per node involved).
 
         On NOSCRIPT (a restarted or flushed Redis) load the scripts and run the batch
         again: every batch we build is safe to repeat.
         """
-        batch = Batch()
-        build(batch)
         async with self.backend.call() as client:
-            return await self._run(client, batch)
-
-    async def _run(self, client: RedisClient, batch: Batch) -> list[Any]:
-        for _attempt in range(2):
-            results = await self._send(client, batch)
-            if not any(isinstance(result, NoScriptError) for result in results):
-                break
-            for script in _SCRIPTS:
-                await client.script_load(script.text)
+            results = await self._send(client, commands)
+            if any(isinstance(result, NoScriptError) for result in results):
+                for script in _SCRIPTS:
+                    await client.script_load(script.text)
+                results = await self._send(client, commands)
         for result in results:
             if isinstance(result, Exception):
                 raise result
         return results
 
-    @staticmethod
-    async def _send(client: RedisClient, batch: Batch) -> list[Any]:
-        # On RedisCluster a ClusterPipeline sends each node its commands in one
-        # round trip. redis-py refuses pipe.evalsha() there, but routes an EVALSHA
-        # given to execute_command by its key like any other command.
-        pipe = client.pipeline(transaction=False)
-        for name, args in batch.calls:
-            if name == "evalsha":
-                pipe.execute_command("EVALSHA", *args)
-            else:
-                getattr(pipe, name)(*args)
-        replies: list[Any] = await pipe.execute(raise_on_error=False)
-        return replies
+    async def _one(self, *command: Any) -> Any:
+        (result,) = await self._batch(command)
+        return result
 
     @staticmethod
-    def _eval(pipe: Pipe, script: _Script, key: str, *args: Any) -> None:
-        pipe.evalsha(script.sha, 1, key, *args)
+    async def _send(client: RedisClient, commands: tuple[Command, ...]) -> list[Any]:
+        if len(commands) == 1:
+            # No pipeline for one command: redis-py's pipeline costs extra tasks and
+            # event-loop turns per request (it shields the connection's release).
+            try:
+                return [await client.execute_command(*commands[0])]
+            except ResponseError as exc:
+                return [exc]
+        # On RedisCluster a ClusterPipeline sends each node its commands in one
+        # round trip. redis-py refuses pipe.evalsha() there, but routes an
+        # EVALSHA given to execute_command by its key like any other command.
+        pipe = client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
 
     # -- one session --------------------------------------------------------------
 
@@ -329,18 +326,12 @@ class SessionStore:
 
         One round trip; never writes, so loading cannot create a record.
         """
-        key = self.session_key(session_id)
-
-        def build(pipe: Pipe) -> None:
-            pipe.hgetall(key)
-            pipe.pttl(key)
-
-        raw, pttl = await self._batch(build)
-        if not raw:
+        reply = await self._one(*_script(_LOAD, self.session_key(session_id)))
+        if not reply:
             return None
         try:
-            record = self._decode(raw, int(pttl))
-        except (ValueError, orjson.JSONDecodeError, UnicodeDecodeError):
+            record = self._decode(reply[1], int(reply[0]))
+        except (ValueError, IndexError, TypeError, orjson.JSONDecodeError, UnicodeDecodeError):
             # Someone wrote to our key, or a bug did: never a 500, never trusted.
             logger.warning(
                 "security: corrupt session record %s ignored; a new session is started",
@@ -352,12 +343,13 @@ class SessionStore:
         return record
 
     @staticmethod
-    def _decode(raw: dict[Any, Any], pttl: int) -> Record:
+    def _decode(raw: list[Any], pttl: int) -> Record:
         data: dict[str, Any] = {}
         encoded: dict[str, bytes] = {}
         created_ms: int | None = None
         user_id: str | None = None
-        for name, value in raw.items():
+        pairs = iter(raw)
+        for name, value in zip(pairs, pairs, strict=True):
             field = _text(name)
             blob = value.encode() if isinstance(value, str) else value
             if field.startswith(DATA):
@@ -396,44 +388,39 @@ class SessionStore:
             args += [field, value]
         args += list(deleted)
 
-        def build(pipe: Pipe) -> None:
-            # Old records go first: if the batch fails half-way, a regenerated
-            # session is lost (the user logs in again) rather than left usable.
-            self._queue_drop(pipe, drop)
-            self._eval(pipe, _SAVE, key, *args)
-            if unbind is not None:
-                pipe.srem(self.user_key(unbind), session_id)
-            if bind is not None:
-                self._eval(pipe, _INDEX_ADD, self.user_key(bind), session_id, self._index_ttl())
-
-        results = await self._batch(build)
+        # Old records go first: if the batch fails half-way, a regenerated
+        # session is lost (the user logs in again) rather than left usable.
+        commands = self._drop_commands(drop)
+        commands.append(_script(_SAVE, key, *args))
+        if unbind is not None:
+            commands.append(("SREM", self.user_key(unbind), session_id))
+        if bind is not None:
+            commands.append(_script(_INDEX_ADD, self.user_key(bind), session_id, self._index_ttl()))
+        results = await self._batch(*commands)
         # Index of the script's reply: after one DEL (+ one SREM if bound) per old record.
         return int(results[sum(1 if user is None else 2 for _, user in drop)])
 
-    def _queue_drop(self, pipe: Pipe, drop: Iterable[tuple[str, str | None]]) -> None:
+    def _drop_commands(self, drop: Iterable[tuple[str, str | None]]) -> list[Command]:
+        commands: list[Command] = []
         for old_id, old_user in drop:
-            pipe.delete(self.session_key(old_id))
+            commands.append(("DEL", self.session_key(old_id)))
             if old_user is not None:
-                pipe.srem(self.user_key(old_user), old_id)
+                commands.append(("SREM", self.user_key(old_user), old_id))
+        return commands
 
     async def delete(self, drop: Iterable[tuple[str, str | None]]) -> None:
         """Delete sessions (id, bound user) and their index entries; one round trip."""
-        drop = list(drop)
-        if drop:
-            await self._batch(lambda pipe: self._queue_drop(pipe, drop))
+        commands = self._drop_commands(drop)
+        if commands:
+            await self._batch(*commands)
 
     async def touch(self, session_id: str, ttl_ms: int) -> bool:
         """Refresh the idle TTL; False if the session no longer exists."""
-        key = self.session_key(session_id)
-        (alive,) = await self._batch(lambda pipe: pipe.pexpire(key, ttl_ms))
-        return bool(alive)
+        return bool(await self._one("PEXPIRE", self.session_key(session_id), ttl_ms))
 
     async def incr(self, session_id: str, key: str, amount: int) -> int | None:
         """Atomically add ``amount`` to ``session[key]``; ``None`` if the session is gone."""
-        skey = self.session_key(session_id)
-        (result,) = await self._batch(
-            lambda pipe: self._eval(pipe, _INCR, skey, DATA + key, amount)
-        )
+        result = await self._one(*_script(_INCR, self.session_key(session_id), DATA + key, amount))
         if isinstance(result, bytes | str):
             raise TypeError(
                 f"session[{key!r}] does not hold an integer, so it cannot be incremented "
@@ -454,17 +441,15 @@ class SessionStore:
         Entries of sessions that expired or were rebound are pruned on the way.
         """
         index = self.user_key(user_id)
-        (members,) = await self._batch(lambda pipe: pipe.smembers(index))
+        members = await self._one("SMEMBERS", index)
         ids = sorted(_text(member) for member in members)
         if not ids:
             return []
-
-        def build(pipe: Pipe) -> None:
-            for session_id in ids:
-                pipe.hmget(self.session_key(session_id), [CREATED, USER])
-                pipe.pttl(self.session_key(session_id))
-
-        results = await self._batch(build)
+        commands: list[Command] = []
+        for session_id in ids:
+            commands.append(("HMGET", self.session_key(session_id), CREATED, USER))
+            commands.append(("PTTL", self.session_key(session_id)))
+        results = await self._batch(*commands)
         now = self.clock()
         infos: list[SessionInfo] = []
         stale: list[str] = []
@@ -476,7 +461,7 @@ class SessionStore:
             expires_at = now + pttl / 1000 if pttl >= 0 else float("inf")
             infos.append(SessionInfo(handle_of(session_id), int(created) / 1000, expires_at))
         if stale:
-            await self._batch(lambda pipe: pipe.srem(index, *stale))
+            await self._one("SREM", index, *stale)
         infos.sort(key=lambda info: info.created_at)
         return infos
 
@@ -487,30 +472,26 @@ class SessionStore:
         touched, even if the index is stale. Two round trips.
         """
         index = self.user_key(user_id)
-        (members,) = await self._batch(lambda pipe: self._eval(pipe, _TAKE_INDEX, index))
+        members = await self._one(*_script(_TAKE_INDEX, index))
         return await self._delete_bound(user_id, [_text(member) for member in members])
 
     async def revoke_session(self, user_id: str, handle: str) -> bool:
         """Delete the one session of ``user_id`` whose handle is ``handle``."""
         index = self.user_key(user_id)
-        (members,) = await self._batch(lambda pipe: pipe.smembers(index))
+        members = await self._one("SMEMBERS", index)
         for session_id in (_text(member) for member in members):
             if handle_of(session_id) == handle:
                 deleted = await self._delete_bound(user_id, [session_id])
-                await self._srem(index, session_id)
+                await self._one("SREM", index, session_id)
                 return deleted == 1
         return False
-
-    async def _srem(self, index: str, session_id: str) -> None:
-        await self._batch(lambda pipe: pipe.srem(index, session_id))
 
     async def _delete_bound(self, user_id: str, ids: list[str]) -> int:
         if not ids:
             return 0
 
-        def build(pipe: Pipe) -> None:
-            # One command per session: their keys live in different cluster slots.
-            for session_id in ids:
-                self._eval(pipe, _DELETE_IF_USER, self.session_key(session_id), user_id)
-
-        return sum(int(deleted) for deleted in await self._batch(build))
+        # One command per session: their keys live in different cluster slots.
+        commands = [
+            _script(_DELETE_IF_USER, self.session_key(session_id), user_id) for session_id in ids
+        ]
+        return sum(int(deleted) for deleted in await self._batch(*commands))

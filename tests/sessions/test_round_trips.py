@@ -7,12 +7,15 @@ request                                round trips commands
 =====================================  ==========  ====================================
 no cookie, nothing written             0           --
 no cookie, first write                 1           EVALSHA
-cookie, read only                      1           HGETALL + PTTL (pipelined)
-cookie, read + write                   2           HGETALL + PTTL, EVALSHA
-cookie, ``await incr()``               2           HGETALL + PTTL, EVALSHA
-cookie, ``regenerate()``               2           HGETALL + PTTL, DEL + EVALSHA
-cookie, ``clear()``                    2           HGETALL + PTTL, DEL
-login (regenerate + bind_user)         2           HGETALL + PTTL, DEL + EVALSHA x2
+cookie, read only                      1           EVALSHA (load: HGETALL + PTTL)
+cookie, read + write                   2           EVALSHA, EVALSHA
+cookie, ``await incr()``               2           EVALSHA, EVALSHA
+cookie, ``regenerate()``               2           EVALSHA, DEL + SREM + EVALSHA (pipelined)
+cookie, ``clear()``                    2           EVALSHA, DEL + SREM (pipelined)
+login (regenerate + bind_user)         2           EVALSHA, DEL + EVALSHA x2 (pipelined)
+
+The load is one script that returns the hash and its TTL, so a read-only request
+is one command; a batch of one command skips redis-py's pipeline.
 =====================================  ==========  ====================================
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -67,7 +71,7 @@ async def test_read_only_is_one_round_trip_and_no_write(
     response = await client.get("/read")
     assert response.json()["warm"] == 1
     assert spy.round_trips == 1
-    assert dict(spy.commands) == {"HGETALL": 1, "PTTL": 1}
+    assert dict(spy.commands) == {"EVALSHA": 1}
     assert "set-cookie" not in response.headers
     assert response.headers["vary"] == "Cookie"
 
@@ -82,14 +86,14 @@ async def test_unrelated_route_with_cookie_loads_but_never_writes(
         assert "set-cookie" not in response.headers
         assert "vary" not in response.headers  # the handler never read the session
     assert spy.round_trips == 3
-    assert set(spy.commands) == {"HGETALL", "PTTL"}
+    assert dict(spy.commands) == {"EVALSHA": 3}
 
 
 async def test_read_and_write_is_two_round_trips(client: httpx.AsyncClient, spy: RedisSpy) -> None:
     await _warm(client, spy)
     response = await client.post("/set", json={"b": 2})
     assert spy.round_trips == 2
-    assert dict(spy.commands) == {"HGETALL": 1, "PTTL": 1, "EVALSHA": 1}
+    assert dict(spy.commands) == {"EVALSHA": 2}
     assert "set-cookie" not in response.headers  # same id, cookie still valid
 
 
@@ -98,7 +102,7 @@ async def test_writing_the_same_value_again_is_not_a_write(
 ) -> None:
     await _warm(client, spy)
     await client.post("/set", json={"warm": 1})
-    assert "EVALSHA" not in spy.commands
+    assert dict(spy.commands) == {"EVALSHA": 1}  # the load; no save
     assert spy.round_trips == 1
 
 
@@ -107,7 +111,7 @@ async def test_incr_is_two_round_trips(client: httpx.AsyncClient, spy: RedisSpy)
     response = await client.post("/incr/counter")
     assert response.text == "2"
     assert spy.round_trips == 2
-    assert dict(spy.commands) == {"HGETALL": 1, "PTTL": 1, "EVALSHA": 1}
+    assert dict(spy.commands) == {"EVALSHA": 2}
 
 
 async def test_regenerate_is_two_round_trips(client: httpx.AsyncClient, spy: RedisSpy) -> None:
@@ -115,8 +119,9 @@ async def test_regenerate_is_two_round_trips(client: httpx.AsyncClient, spy: Red
     response = await client.post("/regenerate")
     assert cookie_of(response)
     assert spy.round_trips == 2
-    # DEL old record, SREM from the user's index, EVALSHA create new + index add.
-    assert dict(spy.commands) == {"HGETALL": 1, "PTTL": 1, "DEL": 1, "SREM": 1, "EVALSHA": 2}
+    # Load; then DEL old record, SREM from the user's index, EVALSHA create new +
+    # index add.
+    assert dict(spy.commands) == {"DEL": 1, "SREM": 1, "EVALSHA": 3}
 
 
 async def test_clear_is_two_round_trips(client: httpx.AsyncClient, spy: RedisSpy) -> None:
@@ -124,8 +129,8 @@ async def test_clear_is_two_round_trips(client: httpx.AsyncClient, spy: RedisSpy
     response = await client.post("/logout")
     assert cookie_of(response) == ""
     assert spy.round_trips == 2
-    # DEL the record and SREM it from the user's index.
-    assert dict(spy.commands) == {"HGETALL": 1, "PTTL": 1, "DEL": 1, "SREM": 1}
+    # Load; then DEL the record and SREM it from the user's index.
+    assert dict(spy.commands) == {"EVALSHA": 1, "DEL": 1, "SREM": 1}
 
 
 async def test_idle_refresh_is_throttled(
@@ -164,3 +169,39 @@ async def test_store_revoke_user_round_trips(
     store = SessionStore(real_redis, key_prefix=key_prefix)
     assert await store.revoke_user("warm") == 1
     assert spy.round_trips == 2
+
+
+async def test_one_command_batches_start_no_tasks(redis_url: str, key_prefix: str) -> None:
+    """A load, a save, an incr or a TTL refresh is one command sent as it is: no
+    redis-py pipeline, whose release of the connection starts a task (and costs
+    event-loop turns) on every request. (The client has no socket_timeout: with
+    one, redis-py sends every command through asyncio.wait_for, itself a task on
+    Python < 3.12.)"""
+    client: Redis = Redis.from_url(redis_url, driver_info=None, socket_timeout=None)
+    store = SessionStore(client, key_prefix=key_prefix)
+    session_id = "s" * 43
+    created = str(store.now_ms()).encode()
+    ttl = store.ttl_ms(store.now_ms())
+    await store.save(session_id, create=True, fields={"m:created": created}, ttl_ms=ttl)
+    await store.load(session_id)  # scripts and connection warm
+    loop = asyncio.get_running_loop()
+    started: list[object] = []
+    factory = loop.get_task_factory()
+
+    def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        started.append(coro)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    loop.set_task_factory(counting)
+    try:
+        record = await store.load(session_id)
+        assert record is not None
+        assert await store.incr(session_id, "n", 1) == 1
+        fields = {"d:a": b"1"}
+        assert await store.save(session_id, create=False, fields=fields, ttl_ms=ttl) == 1
+        assert await store.touch(session_id, ttl)
+    finally:
+        loop.set_task_factory(factory)
+        await client.delete(store.session_key(session_id))
+        await client.aclose()
+    assert started == []
