@@ -292,9 +292,9 @@ class SessionStore:
                 for script in _SCRIPTS:
                     await client.script_load(script.text)
                 results = await self._send(client, commands)
-        for result in results:
-            if isinstance(result, Exception):
-                raise result
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result  # inside call(): READONLY, WRONGTYPE... become a 503
         return results
 
     async def _one(self, *command: Any) -> Any:

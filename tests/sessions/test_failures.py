@@ -22,7 +22,7 @@ from starlette.types import ASGIApp
 from asgi_redis_kit import SessionMiddleware
 from tests.support import RedisProcess
 
-from .conftest import SECRET, Gate, build_app, cookie_of, run_lifespan
+from .conftest import SECRET, Gate, build_app, cookie_of, run_lifespan, stored_keys
 
 pytestmark = pytest.mark.real_redis
 
@@ -308,3 +308,15 @@ async def test_uncovered_cluster_slot_is_a_503_not_a_500(
     finally:
         await healthy.aclose()
         await slotless.aclose()
+
+
+async def test_an_error_reply_is_a_503_not_a_500(
+    client: httpx.AsyncClient, peek: Redis, key_prefix: str
+) -> None:
+    """Redis answers, with an error (here WRONGTYPE: someone replaced our hash)."""
+    response = await client.post("/set", json={"a": 1})
+    assert cookie_of(response)
+    (key,) = await stored_keys(peek, key_prefix)
+    await peek.delete(key)
+    await peek.set(key, "not a hash")
+    assert_unavailable(await client.get("/read"))
