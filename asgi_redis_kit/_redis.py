@@ -21,6 +21,7 @@ means fail closed (sessions) or fail open (cache).
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -30,6 +31,7 @@ from urllib.parse import urlsplit
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisClusterException, RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -41,6 +43,8 @@ RedisLike: TypeAlias = str | Redis | RedisCluster
 
 DEFAULT_TIMEOUT = 1.0
 DEFAULT_MAX_CONNECTIONS = 64
+# How often a client of a Sentinel-managed master asks Sentinel who the master is.
+SENTINEL_CHECK_INTERVAL = 0.5
 # Keys of in-process fakeredis servers, created on first use (never at import).
 _memory_servers: dict[str, Any] = {}
 _memory_lock = threading.Lock()
@@ -117,6 +121,12 @@ class Backend:
                 "redis= takes a URL string or a redis.asyncio.Redis / RedisCluster client, "
                 f"got {type(redis).__name__}"
             )
+        pool = getattr(self.client, "connection_pool", None)
+        # Sentinel(...).master_for(...): see _follow_sentinel.
+        self._sentinel = (
+            pool if isinstance(pool, SentinelConnectionPool) and pool.is_master else None
+        )
+        self._next_sentinel_check = 0.0
 
     def __repr__(self) -> str:
         # Never show the URL: it may carry a password.
@@ -155,6 +165,8 @@ class Backend:
         timer = loop.call_later(self.timeout, expire)
         try:
             try:
+                if self._sentinel is not None and loop.time() >= self._next_sentinel_check:
+                    await self._follow_sentinel(self._sentinel, loop)
                 yield self.client
             finally:
                 timer.cancel()
@@ -168,6 +180,36 @@ class Backend:
             # RedisClusterException (SlotNotCoveredError, "cluster down" while
             # slots move) is not a RedisError in redis-py.
             raise BackendUnavailable(f"Redis did not answer: {type(exc).__name__}") from exc
+
+    async def _follow_sentinel(
+        self, pool: SentinelConnectionPool, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        """Ask Sentinel who the master is; after a failover, leave the old one.
+
+        redis-py asks Sentinel only when it opens a connection, so pooled
+        connections keep writing to a demoted master until Sentinel reconfigures
+        it (8-10 s after the switch), and those acknowledged writes are lost when
+        it resyncs. ``get_master_address()`` drops the idle connections when the
+        address changed; connections in use right now are marked to be dropped
+        when they come back (redis-py's asyncio pool does not check that itself).
+        At most one check per ``SENTINEL_CHECK_INTERVAL`` and one at a time; a
+        Sentinel that does not answer in half the deadline is skipped, not fatal.
+        """
+        self._next_sentinel_check = math.inf
+        try:
+            before = pool.master_address
+            async with asyncio.timeout(self.timeout / 2):
+                master = await pool.get_master_address()  # type: ignore[no-untyped-call]
+                if before is not None and master != before:
+                    await pool.update_active_connections_for_reconnect()  # type: ignore[no-untyped-call]
+                    # Some may have come back during the first disconnect.
+                    await pool.disconnect(inuse_connections=False)
+        except (RedisError, OSError, TimeoutError):
+            # Sentinel unreachable or mid-failover: the pool's own connect path
+            # asks again and reports what it finds.
+            pass
+        finally:
+            self._next_sentinel_check = loop.time() + SENTINEL_CHECK_INTERVAL
 
     async def aclose(self) -> None:
         """Close the client if we created it; a caller's client is left alone."""

@@ -9,9 +9,11 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import RedisClusterException, SlotNotCoveredError
 from starlette.types import Message, Receive, Scope, Send
 
+from asgi_redis_kit import _redis
 from asgi_redis_kit._redis import Backend, serve_with_lifespan_close
 from asgi_redis_kit.errors import BackendUnavailable
 from tests.support import RedisProcess
@@ -219,3 +221,72 @@ async def test_cluster_errors_are_backend_unavailable(error: Exception) -> None:
         assert caught.value.__cause__ is error
     finally:
         await backend.aclose()
+
+
+class StubSentinel:
+    """What SentinelConnectionPool asks of a Sentinel manager: the master's address."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.address = address
+        self.asked = 0
+        self.hang = False
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        self.asked += 1
+        if self.hang:
+            await asyncio.sleep(30)
+        return self.address
+
+
+@pytest.mark.real_redis
+async def test_sentinel_master_is_checked_at_most_every_interval(
+    own_redis: RedisProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failover moves the pool to the new master within one check interval,
+    connections in use at that moment included; a Sentinel that does not answer
+    costs at most half a deadline and is not an error."""
+    other = RedisProcess().start()
+    try:
+        sentinel = StubSentinel(("127.0.0.1", own_redis.port))
+        pool = SentinelConnectionPool(  # type: ignore[no-untyped-call]
+            "mymaster", sentinel, socket_timeout=5
+        )
+        client = Redis(connection_pool=pool)
+        backend = Backend(client, timeout=0.4)
+        monkeypatch.setattr(_redis, "SENTINEL_CHECK_INTERVAL", 0.2)
+        for _ in range(20):
+            async with backend.call() as redis:
+                await redis.set("k", "on the first master")
+        # One check for 20 quick calls, plus redis-py's own when it connected.
+        assert sentinel.asked == 2
+
+        entered, release = asyncio.Event(), asyncio.Event()
+
+        async def busy() -> None:
+            # Holds a pooled connection to the first master across the failover.
+            async with client.client() as pinned:
+                await pinned.ping()
+                entered.set()
+                await release.wait()
+
+        holder = asyncio.ensure_future(busy())
+        await entered.wait()
+        sentinel.address = ("127.0.0.1", other.port)  # failover
+        await asyncio.sleep(0.25)
+        async with backend.call() as redis:
+            await redis.set("k", "on the new master")
+        release.set()
+        await holder
+        for _ in range(3):  # the pinned connection came back: it must not be reused
+            async with backend.call() as redis:
+                assert await redis.get("k") == b"on the new master"
+
+        sentinel.hang = True
+        await asyncio.sleep(0.25)
+        started = time.monotonic()
+        async with backend.call() as redis:  # the check gives up, the call goes on
+            assert await redis.get("k") == b"on the new master"
+        assert time.monotonic() - started < 0.4
+        await client.aclose(close_connection_pool=True)
+    finally:
+        other.close()
