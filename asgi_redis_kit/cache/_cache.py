@@ -29,9 +29,10 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field, replace
+from types import TracebackType
 from typing import Any
 from urllib.parse import unquote
 
@@ -45,7 +46,7 @@ from ..errors import BackendUnavailable
 from ._breaker import CircuitBreaker
 from ._entry import Entry, decode
 from ._keys import CacheKey, KeyScheme, request_host
-from ._lock import ACQUIRE, LOOKUP, RELEASE, STORE_AND_RELEASE, Lease, SingleFlight, new_token
+from ._lock import ACQUIRE, LOOKUP, RELEASE, STORE_AND_RELEASE, SingleFlight, new_token
 from ._policy import DEFAULT_CACHEABLE_STATUSES
 
 logger = logging.getLogger("asgi_redis_kit.cache")
@@ -104,11 +105,48 @@ class Lookup:
 
 
 @dataclass(eq=False, slots=True)
-class _Shared:
-    """One lookup round trip and the requests of this process waiting on it."""
+class _Flight:
+    """A lookup round trip in progress. Requests for the same key that arrive
+    meanwhile wait on ``outcome`` (made when the first of them arrives) instead
+    of sending their own: the found Lookup (never its lease token), the
+    BackendUnavailable it raised, or None (it was cancelled: look up yourself)."""
 
-    task: asyncio.Task[tuple[Lookup, Lease | None]]
-    waiters: int = 0
+    outcome: asyncio.Future[Lookup | BackendUnavailable | None] | None = None
+
+
+class _Guarded:
+    """What ``Cache._redis()`` returns. A class, not ``@asynccontextmanager``: it
+    wraps every Redis call of every request, hits included."""
+
+    __slots__ = ("_cache", "_call")
+    _call: AbstractAsyncContextManager[RedisClient]
+
+    def __init__(self, cache: Cache) -> None:
+        self._cache = cache
+
+    async def __aenter__(self) -> RedisClient:
+        if not self._cache.breaker.allow():
+            raise BackendUnavailable("the cache's circuit breaker is open")
+        self._call = self._cache.backend.call()
+        try:
+            return await self._call.__aenter__()
+        except BaseException as exc:
+            self._cache._settle(exc)
+            raise
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        try:
+            suppressed = bool(await self._call.__aexit__(kind, exc, traceback))
+        except BaseException as raised:
+            self._cache._settle(raised)
+            raise
+        self._cache._settle(None if suppressed else exc)
+        return suppressed
 
 
 def _versions(raw: Sequence[Any]) -> tuple[int, ...]:
@@ -187,7 +225,7 @@ class Cache:
         self.stats = CacheStats()
         self.flights = SingleFlight()
         self._background: set[asyncio.Task[None]] = set()
-        self._lookups: dict[tuple[str, bool], _Shared] = {}
+        self._lookups: dict[tuple[str, bool], _Flight] = {}
         client = self.backend.client
         self._lookup_script = client.register_script(LOOKUP)
         self._acquire = client.register_script(ACQUIRE)
@@ -199,14 +237,16 @@ class Cache:
 
     # -- Redis access, guarded by the breaker -------------------------------------------
 
-    @asynccontextmanager
-    async def _redis(self) -> AsyncIterator[RedisClient]:
-        if not self.breaker.allow():
-            raise BackendUnavailable("the cache's circuit breaker is open")
-        try:
-            async with self.backend.call() as client:
-                yield client
-        except BackendUnavailable as exc:
+    def _redis(self) -> _Guarded:
+        """``async with self._redis() as client``: one Redis call, bounded by the
+        backend's deadline, failures translated and fed to the breaker."""
+        return _Guarded(self)
+
+    def _settle(self, exc: BaseException | None) -> None:
+        """Tell the breaker how a call through :meth:`_redis` ended."""
+        if exc is None:
+            self.breaker.success()
+        elif isinstance(exc, BackendUnavailable):
             self.stats.errors += 1
             if isinstance(exc.__cause__, MaxConnectionsError):
                 # Our own pool is full (a burst on a caller's non-blocking pool):
@@ -215,12 +255,8 @@ class Cache:
                 self.breaker.abandon()
             else:
                 self.breaker.failure()
-            raise
-        except BaseException:
-            self.breaker.abandon()
-            raise
         else:
-            self.breaker.success()
+            self.breaker.abandon()
 
     async def _mget(self, client: RedisClient, keys: list[str]) -> list[Any]:
         if isinstance(client, RedisCluster):
@@ -246,57 +282,61 @@ class Cache:
 
     async def lookup(self, key: CacheKey, *, lease: bool = False) -> Lookup:
         """Entry and versions in one round trip; with ``lease=True`` on a single
-        server, also the stampede lease when the entry key is absent.
+        server, also the stampede lease when the entry key is absent (then the
+        caller owns ``token``: it stores with it or releases it).
 
         Concurrent lookups of one key in this process share that round trip: a
         burst on a hot key costs Redis one command, and cannot exhaust the
-        connection pool (which would open the breaker for every other key). Of
-        the requests sharing a lookup that took the lease, the first to resume
-        gets its token; the others see neither token nor ``locked``."""
+        connection pool (which would open the breaker for every other key). The
+        first request sends it from its own task (no task per lookup) and alone
+        gets the lease token; the others wait for its outcome and never see the
+        token. If that first request is cancelled, the others look up for
+        themselves, and a lease its script may have taken is released."""
         name = (key.entry, lease)
-        shared = self._lookups.get(name)
-        if shared is None:
-            task = asyncio.get_running_loop().create_task(self._lookup(key, lease))
-            shared = self._lookups[name] = _Shared(task)
-            task.add_done_callback(lambda _: self._lookups.pop(name, None))
-            if lease:
-                task.add_done_callback(lambda _: self._drop_if_orphaned(key, shared))
-        shared.waiters += 1
+        flight = self._lookups.get(name)
+        if flight is not None:
+            return await self._join(key, lease, flight)
+        flight = self._lookups[name] = _Flight()
+        token = new_token() if lease else ""
+        outcome: Lookup | BackendUnavailable | None = None
         try:
-            # shield: one cancelled request must not cancel the others' lookup.
-            found, taken = await asyncio.shield(shared.task)
-        except BaseException:
-            shared.waiters -= 1
-            self._drop_if_orphaned(key, shared)
-            raise
-        shared.waiters -= 1
-        if taken is None:
+            found = await self._lookup(key, token)
+            outcome = found if found.token is None else replace(found, token=None)
             return found
-        token = taken.claim()
-        return found if token is None else Lookup(found.entry, found.versions, token=token)
+        except BackendUnavailable as exc:
+            outcome = exc
+            raise
+        except asyncio.CancelledError:
+            if token:
+                self.spawn(self._release_quietly(key, token))
+            raise
+        finally:
+            del self._lookups[name]
+            if flight.outcome is not None:
+                flight.outcome.set_result(outcome)
 
-    def _drop_if_orphaned(self, key: CacheKey, shared: _Shared) -> None:
-        """Release a lease no waiting request is left to claim (all were cancelled)."""
-        task = shared.task
-        if shared.waiters or not task.done() or task.cancelled() or task.exception():
-            return
-        taken = task.result()[1]
-        token = None if taken is None else taken.claim()
-        if token is not None:
-            self.spawn(self._release_quietly(key, token))
+    async def _join(self, key: CacheKey, lease: bool, flight: _Flight) -> Lookup:
+        if flight.outcome is None:
+            flight.outcome = asyncio.get_running_loop().create_future()
+        # shield: one cancelled request must not cancel what the others wait on.
+        outcome = await asyncio.shield(flight.outcome)
+        if outcome is None:
+            return await self.lookup(key, lease=lease)
+        if isinstance(outcome, BackendUnavailable):
+            raise BackendUnavailable(*outcome.args) from outcome
+        return outcome
 
     async def _release_quietly(self, key: CacheKey, token: str) -> None:
         with contextlib.suppress(BackendUnavailable):
             await self.release(key, token)
 
-    async def _lookup(self, key: CacheKey, lease: bool) -> tuple[Lookup, Lease | None]:
-        token = ""
+    async def _lookup(self, key: CacheKey, token: str) -> Lookup:
+        """One round trip; ``token``: take the lease with it if the entry is absent."""
         async with self._redis() as client:
-            if lease and not isinstance(client, RedisCluster):
+            if token and not isinstance(client, RedisCluster):
                 # One atomic step: the entry, its versions, and the lease if the entry
                 # key is absent (a cold miss then needs no round trip of its own for it).
                 # Not on Cluster: the version keys live in other slots than the entry.
-                token = new_token()
                 raw = await self._lookup_script(
                     keys=[key.entry, key.lock, *key.version_keys],
                     args=[token, int(self.lock_lease * 1000)],
@@ -309,8 +349,8 @@ class Cache:
         versions = _versions(raw[1:])
         entry = self._valid(raw[0], versions)
         if leased == 1:
-            return Lookup(entry, versions), Lease(token)
-        return Lookup(entry, versions, locked=leased == -1), None
+            return Lookup(entry, versions, token=token)
+        return Lookup(entry, versions, locked=leased == -1)
 
     async def poll(self, key: CacheKey, versions: tuple[int, ...]) -> tuple[Entry | None, bool]:
         """The entry, and whether someone still holds its lease."""

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode
 
@@ -59,6 +59,8 @@ from starlette.types import Scope
 KEY_VERSION = b"ark-cache-key-v1"
 
 FORWARDING_HEADERS = ("x-forwarded-host", "x-forwarded-proto", "x-forwarded-prefix", "forwarded")
+_FORWARDING_NAMES = tuple(name.encode() for name in FORWARDING_HEADERS)
+_MEMO_SIZE = 4096
 
 
 def _digest(parts: Iterable[bytes]) -> str:
@@ -82,8 +84,20 @@ def header(scope: Scope, name: bytes) -> bytes | None:
     return b", ".join(values) if values else None
 
 
-def request_host(scope: Scope) -> str:
-    host = header(scope, b"host")
+def header_map(scope: Scope) -> dict[bytes, bytes]:
+    """Every request header by lower-cased name, a repeated one's values joined
+    with ", " as :func:`header` joins them: one pass over the headers for all
+    the lookups a request needs."""
+    found: dict[bytes, bytes] = {}
+    for key, value in scope.get("headers", ()):
+        name = key.lower()
+        previous = found.get(name)
+        found[name] = value if previous is None else previous + b", " + value
+    return found
+
+
+def request_host(scope: Scope, headers: Mapping[bytes, bytes] | None = None) -> str:
+    host = header(scope, b"host") if headers is None else headers.get(b"host")
     if host is not None:
         return host.decode("latin-1").strip().lower().rstrip(".")
     server = scope.get("server")
@@ -98,8 +112,10 @@ def canonical_query(query_string: bytes) -> str:
     return urlencode(sorted(pairs, key=lambda pair: pair[0]))
 
 
-def session_cookie(scope: Scope, cookie_name: str) -> str | None:
-    raw = header(scope, b"cookie")
+def session_cookie(
+    scope: Scope, cookie_name: str, headers: Mapping[bytes, bytes] | None = None
+) -> str | None:
+    raw = header(scope, b"cookie") if headers is None else headers.get(b"cookie")
     if raw is None:
         return None
     return cookie_parser(raw.decode("latin-1")).get(cookie_name)
@@ -126,15 +142,32 @@ class KeyScheme:
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
+        # Namespaces are few (configuration, not request data): hash each once.
+        self._generations: dict[str, str] = {}
+        # Hot URLs are few; a bounded memo, emptied when full, never grows with
+        # cache-busting paths.
+        self._url_ids: dict[tuple[str, str, str], str] = {}
 
     def url_id(self, namespace: str, host: str, path: str) -> str:
-        return _digest([namespace.encode(), host.encode(), path.encode()])[:32]
+        name = (namespace, host, path)
+        found = self._url_ids.get(name)
+        if found is None:
+            found = _digest([namespace.encode(), host.encode(), path.encode()])[:32]
+            if len(self._url_ids) >= _MEMO_SIZE:
+                self._url_ids.clear()
+            self._url_ids[name] = found
+        return found
 
     def url_version(self, url_id: str) -> str:
         return f"{self.prefix}{{u:{url_id}}}:v"
 
     def generation(self, namespace: str) -> str:
-        return f"{self.prefix}{{n:{_short(namespace)}}}:g"
+        key = self._generations.get(namespace)
+        if key is None:
+            key = f"{self.prefix}{{n:{_short(namespace)}}}:g"
+            if len(self._generations) < _MEMO_SIZE:
+                self._generations[namespace] = key
+        return key
 
     def tag_version(self, tag: str) -> str:
         return f"{self.prefix}{{t:{_short(tag)}}}:v"
@@ -150,11 +183,16 @@ class KeyScheme:
         vary_on_session: bool,
         tags: Sequence[str],
         custom: bytes | None,
+        headers: Mapping[bytes, bytes] | None = None,
     ) -> CacheKey:
+        """``headers``: the request's :func:`header_map`, if the caller has it."""
+        if headers is None:
+            headers = header_map(scope)
         path: str = scope.get("path", "")
         root_path: str = scope.get("root_path", "")
-        query = canonical_query(scope.get("query_string", b""))
-        cookie = session_cookie(scope, session_cookie_name)
+        raw_query: bytes = scope.get("query_string", b"")
+        query = canonical_query(raw_query) if raw_query else ""
+        cookie = session_cookie(scope, session_cookie_name, headers)
         parts: list[bytes] = [
             KEY_VERSION,
             namespace.encode(),
@@ -167,14 +205,14 @@ class KeyScheme:
             parts += [b"path", path.encode(), query.encode()]
         else:
             parts += [b"custom", custom]
-        for name in FORWARDING_HEADERS:
-            value = header(scope, name.encode())
+        for forwarding in _FORWARDING_NAMES:
+            value = headers.get(forwarding)
             parts.append(b"\x00" if value is None else b"\x01" + value)
         parts.append(b"cookie:1" if cookie is not None else b"cookie:0")
         if vary_on_session and cookie is not None:
             parts.append(hashlib.sha256(cookie.encode("latin-1", "replace")).digest())
         for name in sorted(vary):
-            value = header(scope, name.encode("latin-1"))
+            value = headers.get(name.encode("latin-1"))
             parts.append(name.encode("latin-1") + (b"\x00" if value is None else b"\x01" + value))
         digest = _digest(parts)
         url_id = self.url_id(namespace, host, path)

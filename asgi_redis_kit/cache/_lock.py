@@ -73,20 +73,6 @@ def new_token() -> str:
     return secrets.token_hex(16)
 
 
-class Lease:
-    """A lease token taken by a lookup that several requests of this process
-    share: exactly one of them claims it, and then owns its release."""
-
-    __slots__ = ("_token",)
-
-    def __init__(self, token: str) -> None:
-        self._token: str | None = token
-
-    def claim(self) -> str | None:
-        token, self._token = self._token, None
-        return token
-
-
 class SingleFlight:
     """Who leads each key in this process. Shared across requests on purpose:
     it is coordination between them, not state of any one of them."""

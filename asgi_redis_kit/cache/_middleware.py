@@ -45,7 +45,7 @@ from ..errors import BackendUnavailable, CacheNotConfigured, DuplicateMiddleware
 from ._cache import DEFAULT_MAX_LIFETIME, Cache
 from ._decorator import RequestState, RouteCache, current, route_config
 from ._entry import Entry, content_etag, encode, etag_matches, served_headers
-from ._keys import FORWARDING_HEADERS, CacheKey, header, request_host, session_cookie
+from ._keys import FORWARDING_HEADERS, CacheKey, header_map, request_host, session_cookie
 from ._policy import (
     DEFAULT_CACHEABLE_STATUSES,
     request_bypass_reason,
@@ -264,14 +264,19 @@ class _Exchange:
         self.config = config
         self.path_params = path_params
         self.stats = self.cache.stats
+        self.headers = header_map(scope)
 
     # -- entry points ------------------------------------------------------------------
 
     async def run(self) -> None:
-        cache, config, scope = self.cache, self.config, self.scope
-        host = request_host(scope)
+        cache, config, scope, headers = self.cache, self.config, self.scope, self.headers
+        host = request_host(scope, headers)
         reason = request_bypass_reason(
-            scope, public=config.public, host=host, allowed_hosts=cache.allowed_hosts
+            scope,
+            public=config.public,
+            host=host,
+            allowed_hosts=cache.allowed_hosts,
+            headers=headers,
         )
         if reason is not None:
             await self.bypass(reason)
@@ -283,8 +288,9 @@ class _Exchange:
             vary=config.vary,
             session_cookie_name=cache.session_cookie,
             vary_on_session=config.vary_on_session,
-            tags=config.filled_tags(self.path_params),
-            custom=await self.custom_key(),
+            tags=config.filled_tags(self.path_params) if config.tags else (),
+            custom=None if config.key is None else await self.custom_key(),
+            headers=headers,
         )
         try:
             found = await cache.lookup(key, lease=True)
@@ -448,7 +454,7 @@ class _Exchange:
 
     async def serve(self, entry: Entry, state: str, reason: str | None = None) -> None:
         now = self.cache.clock()
-        inm = header(self.scope, b"if-none-match")
+        inm = self.headers.get(b"if-none-match")
         if inm is not None and entry.status == 200 and etag_matches(inm, entry.etag):
             self.stats.not_modified += 1
             headers = served_headers(entry, now, state=state, reason=reason, not_modified=True)
@@ -474,7 +480,7 @@ class _Exchange:
         app_etag = next((v for n, v in headers if n.lower() == b"etag"), None)
         per_user = (
             config.vary_on_session
-            and session_cookie(self.scope, self.cache.session_cookie) is not None
+            and session_cookie(self.scope, self.cache.session_cookie, self.headers) is not None
         )
         return Entry(
             status=status,

@@ -42,11 +42,11 @@ Responses (decided after the handler ran; the response is still sent, marked
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from starlette.types import Scope
 
-from ._keys import header, header_values
+from ._keys import header_map, header_values
 
 DEFAULT_CACHEABLE_STATUSES = frozenset({200, 203, 204, 300, 301, 404, 410})
 
@@ -57,6 +57,8 @@ OVERRIDE_HEADERS = (
     b"x-original-url",
     b"x-rewrite-url",
 )
+
+_OVERRIDE = frozenset(OVERRIDE_HEADERS)
 
 HOP_BY_HOP = frozenset(
     {
@@ -89,18 +91,26 @@ def host_allowed(host: str, allowed: Sequence[str] | None) -> bool:
 
 
 def request_bypass_reason(
-    scope: Scope, *, public: bool, host: str, allowed_hosts: Sequence[str] | None
+    scope: Scope,
+    *,
+    public: bool,
+    host: str,
+    allowed_hosts: Sequence[str] | None,
+    headers: Mapping[bytes, bytes] | None = None,
 ) -> str | None:
+    """``headers``: the request's ``header_map``, if the caller has it."""
     if scope["method"] not in ("GET", "HEAD"):
         return "method"
-    length = header(scope, b"content-length")
-    if header(scope, b"transfer-encoding") is not None or (
+    if headers is None:
+        headers = header_map(scope)
+    length = headers.get(b"content-length")
+    if b"transfer-encoding" in headers or (
         length is not None and length.strip() not in (b"0", b"")
     ):
         return "body"
-    if not public and header(scope, b"authorization") is not None:
+    if not public and b"authorization" in headers:
         return "authorization"
-    if any(header(scope, name) is not None for name in OVERRIDE_HEADERS):
+    if not _OVERRIDE.isdisjoint(headers):
         return "override"
     if not host_allowed(host, allowed_hosts):
         return "host"

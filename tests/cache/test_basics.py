@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
 from redis.asyncio import Redis
 from starlette.applications import Starlette
@@ -9,7 +12,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from asgi_redis_kit import (
     Cache,
@@ -103,6 +106,53 @@ async def test_hit_is_one_round_trip_and_runs_no_dependency(
     assert spy.round_trips == 1
     assert dict(spy.commands) == {"EVALSHA": 1}  # the lookup script; it writes nothing on a hit
     assert harness.calls["dependency"] == dependencies_after_miss  # FastAPI Depends not run
+
+
+async def test_a_hit_starts_no_task(harness: Harness) -> None:
+    """The lookup runs in the request's own task: a hit schedules no Task of ours
+    (the shared-lookup machinery only costs something when requests overlap).
+    redis-py may start its own (asyncio.wait_for on Python 3.11)."""
+    await harness.client.get("/page")
+    assert (await harness.client.get("/page")).headers["x-cache"] == "HIT"
+    loop = asyncio.get_running_loop()
+    created: list[asyncio.Task[Any]] = []
+    previous = loop.get_task_factory()
+
+    def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        task = asyncio.Task(coro, loop=loop, **kwargs)
+        if "asgi_redis_kit" in coro.cr_code.co_filename:
+            created.append(task)
+        return task
+
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope: Scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/page",
+        "raw_path": b"/page",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"testserver")],
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+    }
+    loop.set_task_factory(counting)
+    try:
+        await harness.app(scope, receive, send)
+    finally:
+        loop.set_task_factory(previous)
+    assert (b"x-cache", b"HIT") in sent[0]["headers"]
+    assert created == []
 
 
 async def test_measured_round_trips_per_request(harness: Harness, spy: RedisSpy) -> None:

@@ -8,7 +8,16 @@ import pytest
 from redis.asyncio import Redis
 
 from asgi_redis_kit import Cache
-from asgi_redis_kit.cache._keys import KeyScheme, _digest, canonical_query
+from asgi_redis_kit.cache._keys import (
+    KeyScheme,
+    _digest,
+    canonical_query,
+    header,
+    header_map,
+    request_host,
+    session_cookie,
+)
+from asgi_redis_kit.cache._policy import request_bypass_reason
 from tests.cache.conftest import Calls, Framework, Harness, build, client_for
 
 
@@ -80,6 +89,60 @@ def test_head_and_get_share_a_key_and_tag_keys_hide_braces() -> None:
     # A user-chosen tag or namespace cannot change the hash slot with its own braces.
     assert "{x}" not in scheme.tag_version("{x}")
     assert "{x}" not in scheme.generation("{x}")
+
+
+def test_the_header_map_reads_headers_as_header_does() -> None:
+    """The hit path reads every header from one pass (header_map); it must see
+    what the per-name scans saw: any case, repeated names joined in order."""
+    scope: dict[str, Any] = {
+        "headers": [
+            (b"Host", b"Example.com"),
+            (b"x-forwarded-host", b"a"),
+            (b"X-Forwarded-Host", b"b"),
+            (b"cookie", b"session=abc"),
+            (b"accept-language", b""),
+        ]
+    }
+    found = header_map(scope)
+    for name in (b"host", b"x-forwarded-host", b"cookie", b"accept-language", b"absent"):
+        assert found.get(name) == header(scope, name)
+    assert found[b"x-forwarded-host"] == b"a, b"
+    assert request_host(scope, found) == request_host(scope) == "example.com"
+    assert session_cookie(scope, "session", found) == session_cookie(scope, "session") == "abc"
+    options: dict[str, Any] = {
+        "namespace": "default",
+        "host": "example.com",
+        "vary": ("accept-language",),
+        "session_cookie_name": "session",
+        "vary_on_session": True,
+        "tags": ("t",),
+        "custom": None,
+    }
+    scheme = KeyScheme("p:")
+    with_map = scheme.for_request({**scope, "path": "/p"}, headers=found, **options)
+    assert with_map == KeyScheme("p:").for_request({**scope, "path": "/p"}, **options)
+    assert (
+        request_bypass_reason(
+            {**scope, "method": "GET"}, public=False, host="h", allowed_hosts=None, headers=found
+        )
+        is None
+    )
+    authorized = {"method": "GET", "headers": [(b"Authorization", b"Bearer x")]}
+    for headers in (None, header_map(authorized)):
+        assert (
+            request_bypass_reason(
+                authorized, public=False, host="h", allowed_hosts=None, headers=headers
+            )
+            == "authorization"
+        )
+
+
+def test_memoized_key_parts_are_the_computed_ones() -> None:
+    scheme = KeyScheme("p:")
+    for _ in range(2):  # computed, then memoized
+        assert scheme.url_id("ns", "h", "/a") == _digest([b"ns", b"h", b"/a"])[:32]
+        assert scheme.generation("ns") == KeyScheme("p:").generation("ns")
+    assert scheme.url_id("ns", "h", "/b") != scheme.url_id("ns", "h", "/a")
 
 
 async def test_query_order_shares_an_entry_and_other_values_do_not(harness: Harness) -> None:

@@ -9,6 +9,7 @@ import httpx
 from redis.asyncio import Redis
 
 from asgi_redis_kit import Cache
+from asgi_redis_kit.cache._cache import Lookup
 from asgi_redis_kit.cache._keys import CacheKey, KeyScheme
 from tests.cache.conftest import Calls, Framework, Harness, build, client_for
 from tests.support import RedisSpy
@@ -216,17 +217,35 @@ async def test_lookups_sharing_a_lease_hand_it_to_exactly_one_request(
 async def test_a_lease_whose_requests_were_all_cancelled_is_released(
     any_redis: Redis, key_prefix: str
 ) -> None:
+    """The request that sent the lookup is cancelled after its script took the
+    lease: nobody will store with that token, so it is released, and the
+    requests that waited on that lookup look up for themselves."""
     cache = Cache(any_redis, key_prefix=key_prefix)
     key = _key(key_prefix, "/cancelled")
-    waiters = [asyncio.create_task(cache.lookup(key, lease=True)) for _ in range(3)]
-    await asyncio.sleep(0)  # all three now wait on one shared lookup
-    shared = cache._lookups[(key.entry, True)].task
-    for waiter in waiters:
-        waiter.cancel()
-    await asyncio.gather(*waiters, return_exceptions=True)
-    await asyncio.wait([shared])
-    await asyncio.sleep(0)  # the lookup's done callbacks
+    entered = asyncio.Event()
+    leased = asyncio.Event()
+    real_lookup = cache._lookup
+
+    async def lookup_then_hang(key: CacheKey, token: str) -> Lookup:
+        found = await real_lookup(key, token)
+        leased.set()
+        await entered.wait()  # cancelled here, as if before the reply was read
+        return found
+
+    cache._lookup = lookup_then_hang  # type: ignore[method-assign]
+    first = asyncio.create_task(cache.lookup(key, lease=True))
+    await leased.wait()
+    assert await any_redis.get(key.lock) is not None
+    joiner = asyncio.create_task(cache.lookup(key, lease=True))
+    await asyncio.sleep(0)  # the joiner now waits on the first one's lookup
+    cache._lookup = real_lookup  # type: ignore[method-assign]
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    assert first.cancelled()
+    found = await joiner  # it looked up for itself, neither cancelled nor failed
     await cache.wait_background()
-    assert shared.result()[1] is not None, "the lookup did take the lease"
-    assert await any_redis.get(key.lock) is None
+    # The cancelled request's lease is gone; the only lease left is the joiner's own
+    # (if its lookup ran after the release; before it, it saw the lease held).
+    assert found.locked == (found.token is None)
+    assert await any_redis.get(key.lock) == (None if found.token is None else found.token.encode())
     await cache.aclose()
