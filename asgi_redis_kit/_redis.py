@@ -23,8 +23,9 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
 from typing import Any, TypeAlias
 from urllib.parse import urlsplit
 
@@ -132,9 +133,11 @@ class Backend:
         # Never show the URL: it may carry a password.
         return f"<Backend {type(self.client).__name__} owned={self.owned}>"
 
-    @asynccontextmanager
-    async def call(self) -> AsyncIterator[RedisClient]:
-        """Bound the enclosed Redis work by ``timeout`` and translate its failures.
+    def call(self) -> AbstractAsyncContextManager[RedisClient]:
+        """Bound the enclosed Redis work by ``timeout`` and translate its failures::
+
+            async with backend.call() as client:
+                await client.get(key)
 
         At the deadline the enclosed work is cancelled, and the block ends with
         :class:`~asgi_redis_kit.errors.BackendUnavailable`. redis-py drops a
@@ -148,38 +151,7 @@ class Backend:
         and withdrawn on the way out, so none leaks to the caller; a cancel from
         anyone else still propagates as ``CancelledError``.
         """
-        task = asyncio.current_task()
-        if task is None:
-            raise RuntimeError("Backend.call() must run inside an asyncio task")
-        loop = asyncio.get_running_loop()
-        cancelled_before = task.cancelling()
-        ours = 0
-        timer: asyncio.TimerHandle
-
-        def expire() -> None:
-            nonlocal ours, timer
-            ours += 1
-            task.cancel()
-            timer = loop.call_later(self.timeout / 10, expire)
-
-        timer = loop.call_later(self.timeout, expire)
-        try:
-            try:
-                if self._sentinel is not None and loop.time() >= self._next_sentinel_check:
-                    await self._follow_sentinel(self._sentinel, loop)
-                yield self.client
-            finally:
-                timer.cancel()
-                for _ in range(ours):
-                    task.uncancel()
-        except asyncio.CancelledError as exc:
-            if ours and task.cancelling() <= cancelled_before:
-                raise BackendUnavailable("Redis did not answer: TimeoutError") from exc
-            raise
-        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
-            # RedisClusterException (SlotNotCoveredError, "cluster down" while
-            # slots move) is not a RedisError in redis-py.
-            raise BackendUnavailable(f"Redis did not answer: {type(exc).__name__}") from exc
+        return _Call(self)
 
     async def _follow_sentinel(
         self, pool: SentinelConnectionPool, loop: asyncio.AbstractEventLoop
@@ -215,6 +187,58 @@ class Backend:
         """Close the client if we created it; a caller's client is left alone."""
         if self.owned:
             await self.client.aclose()
+
+
+class _Call:
+    """One :meth:`Backend.call` (a class, not a generator: it runs on every request)."""
+
+    __slots__ = ("backend", "cancelled_before", "ours", "task", "timer")
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.ours = 0
+
+    async def __aenter__(self) -> RedisClient:
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("Backend.call() must run inside an asyncio task")
+        self.task = task
+        self.cancelled_before = task.cancelling()
+        backend = self.backend
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_later(backend.timeout, self._expire)
+        sentinel = backend._sentinel
+        if sentinel is not None and loop.time() >= backend._next_sentinel_check:
+            try:
+                await backend._follow_sentinel(sentinel, loop)
+            except BaseException as exc:  # __aexit__ is not called when entering fails
+                await self.__aexit__(type(exc), exc, exc.__traceback__)
+                raise
+        return backend.client
+
+    def _expire(self) -> None:
+        self.ours += 1
+        self.task.cancel()
+        self.timer = asyncio.get_running_loop().call_later(self.backend.timeout / 10, self._expire)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.timer.cancel()
+        for _ in range(self.ours):
+            self.task.uncancel()
+        if exc is None:
+            return
+        if isinstance(exc, asyncio.CancelledError):
+            if self.ours and self.task.cancelling() <= self.cancelled_before:
+                raise BackendUnavailable("Redis did not answer: TimeoutError") from exc
+        elif isinstance(exc, RedisError | RedisClusterException | OSError | TimeoutError):
+            # RedisClusterException (SlotNotCoveredError, "cluster down" while
+            # slots move) is not a RedisError in redis-py.
+            raise BackendUnavailable(f"Redis did not answer: {type(exc).__name__}") from exc
 
 
 async def serve_with_lifespan_close(

@@ -10,11 +10,13 @@ valid cookie (itsdangerous issue #400 does not apply).
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 from collections.abc import Sequence
 from typing import Literal
 
 from itsdangerous import BadData, Signer
+from itsdangerous.signer import HMACAlgorithm
 from starlette.datastructures import Secret
 from starlette.types import Scope
 
@@ -38,6 +40,33 @@ _LONGEST_MAX_AGE = 10**10
 SameSite = Literal["lax", "strict", "none"]
 
 
+class _HMACSHA256(HMACAlgorithm):
+    """itsdangerous' HMAC-SHA256, computed by OpenSSL in one call."""
+
+    def __init__(self) -> None:
+        super().__init__(hashlib.sha256)
+
+    def get_signature(self, key: bytes, value: bytes) -> bytes:
+        return hmac.digest(key, value, "sha256")
+
+
+class _Signer(Signer):
+    """itsdangerous' Signer, deriving each key once instead of on every cookie."""
+
+    def __init__(self, secret_key: str | list[str]) -> None:
+        super().__init__(
+            secret_key, salt=SALT, digest_method=hashlib.sha256, algorithm=_HMACSHA256()
+        )
+        self._derived: dict[str | bytes | None, bytes] = {}
+
+    def derive_key(self, secret_key: str | bytes | None = None) -> bytes:
+        try:
+            return self._derived[secret_key]
+        except KeyError:
+            key = self._derived[secret_key] = super().derive_key(secret_key)
+            return key
+
+
 class CookieSigner:
     """Signs session ids and verifies them with any of the configured keys.
 
@@ -57,11 +86,9 @@ class CookieSigner:
                 "newest last); generate one with `python -c 'import secrets; "
                 "print(secrets.token_urlsafe(32))'`"
             )
-        self._newest = Signer(keys[-1], salt=SALT, digest_method=hashlib.sha256)
+        self._newest = _Signer(keys[-1])
         # Only built when rotating: verifying an old-key cookie costs one more HMAC.
-        self._older = (
-            Signer(keys[:-1], salt=SALT, digest_method=hashlib.sha256) if len(keys) > 1 else None
-        )
+        self._older = _Signer(keys[:-1]) if len(keys) > 1 else None
 
     def __repr__(self) -> str:
         return "<CookieSigner keys=hidden>"
