@@ -227,6 +227,9 @@ class Cache:
         self._background: set[asyncio.Task[None]] = set()
         self._lookups: dict[tuple[str, bool], _Flight] = {}
         client = self.backend.client
+        # On Cluster the version keys live in other slots than the entry: no script
+        # can read them with it, so a miss takes its lease in a round trip of its own.
+        self._lease_in_lookup = not isinstance(client, RedisCluster)
         self._lookup_script = client.register_script(LOOKUP)
         self._acquire = client.register_script(ACQUIRE)
         self._release = client.register_script(RELEASE)
@@ -282,8 +285,8 @@ class Cache:
 
     async def lookup(self, key: CacheKey, *, lease: bool = False) -> Lookup:
         """Entry and versions in one round trip; with ``lease=True`` on a single
-        server, also the stampede lease when the entry key is absent (then the
-        caller owns ``token``: it stores with it or releases it).
+        server (not Cluster), also the stampede lease when the entry key is
+        absent (then the caller owns ``token``: it stores with it or releases it).
 
         Concurrent lookups of one key in this process share that round trip: a
         burst on a hot key costs Redis one command, and cannot exhaust the
@@ -297,7 +300,7 @@ class Cache:
         if flight is not None:
             return await self._join(key, lease, flight)
         flight = self._lookups[name] = _Flight()
-        token = new_token() if lease else ""
+        token = new_token() if lease and self._lease_in_lookup else ""
         outcome: Lookup | BackendUnavailable | None = None
         try:
             found = await self._lookup(key, token)
@@ -333,10 +336,9 @@ class Cache:
     async def _lookup(self, key: CacheKey, token: str) -> Lookup:
         """One round trip; ``token``: take the lease with it if the entry is absent."""
         async with self._redis() as client:
-            if token and not isinstance(client, RedisCluster):
+            if token:
                 # One atomic step: the entry, its versions, and the lease if the entry
                 # key is absent (a cold miss then needs no round trip of its own for it).
-                # Not on Cluster: the version keys live in other slots than the entry.
                 raw = await self._lookup_script(
                     keys=[key.entry, key.lock, *key.version_keys],
                     args=[token, int(self.lock_lease * 1000)],
