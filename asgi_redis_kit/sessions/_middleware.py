@@ -173,9 +173,10 @@ class SessionMiddleware:
             session_id, resign = verified
             record = await self.store.load(session_id)
             if record is None:
-                # Strict mode: an unknown id is never adopted; the next save gets a
-                # fresh one.
-                return Session(self.store, stale_cookie=True, retry_after=self.retry_after)
+                # Strict mode: an unknown id is never adopted; a save gets a fresh one.
+                # No Set-Cookie otherwise: this cookie may be older than one the
+                # browser has just received (a login answered meanwhile).
+                return Session(self.store, presented=True, retry_after=self.retry_after)
             return Session(
                 self.store,
                 session_id=session_id,

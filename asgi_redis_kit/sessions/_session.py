@@ -80,7 +80,7 @@ class Session(dict[str, Any]):
         session_id: str | None = None,
         record: Record | None = None,
         resign: bool = False,
-        stale_cookie: bool = False,
+        presented: bool = False,
         retry_after: int = 5,
     ) -> None:
         super().__init__(record.data if record is not None else {})
@@ -94,8 +94,10 @@ class Session(dict[str, Any]):
         self._stored_user = record.user_id if record is not None else None
         self._user = self._stored_user
         self._resign = resign and record is not None
-        # The browser holds a cookie that leads nowhere: expire it unless we store data.
-        self._stale_cookie = stale_cookie
+        # The request brought a validly signed cookie (with or without a record).
+        self._presented = presented or record is not None
+        # clear() was called: the one case where the response expires the cookie.
+        self._cleared = False
         # Records to delete at save: (id, bound user), from regenerate() and clear().
         self._drop: list[tuple[str, str | None]] = []
         self._saved = False
@@ -156,9 +158,13 @@ class Session(dict[str, Any]):
         """Log out: empty the session, delete its record and expire the cookie.
 
         Data set after ``clear()`` in the same request goes into a new session with
-        a new id.
+        a new id. Only ``clear()`` expires the cookie: a session that ended some
+        other way (emptied, revoked, expired, or rotated by a login in another
+        request) gets no ``Set-Cookie``, because the browser may already hold a newer
+        cookie that a ``Max-Age=0`` on this response would erase.
         """
         self.accessed = True
+        self._cleared = True
         super().clear()
         self._forget_record()
         self._user = None
@@ -202,7 +208,6 @@ class Session(dict[str, Any]):
             self._id = None
             self._snapshot = {}
             self._user = self._stored_user = None
-            self._stale_cookie = True
         current = self.get(key, 0)
         if isinstance(current, bool) or not isinstance(current, int):
             raise TypeError(f"session[{key!r}] is {current!r}, not an integer")
@@ -236,7 +241,7 @@ class Session(dict[str, Any]):
 
     async def _save(self) -> CookieAction | None:
         """Persist what changed, in at most one round trip; say what to do with
-        the cookie."""
+        the cookie: set it, expire it (only after :meth:`clear`), or nothing."""
         self._saved = True
         encoded = self._encoded()
         store = self._store
@@ -246,7 +251,8 @@ class Session(dict[str, Any]):
         if ttl <= 0:
             # Reached its absolute lifetime during this request.
             await store.delete([(self._id, self._stored_user)])
-            return self._ended()
+            self._ended()  # the cookie's Max-Age runs out with it anyway
+            return None
         fields = {DATA + k: v for k, v in encoded.items() if self._snapshot.get(k) != v}
         deleted = [DATA + k for k in self._snapshot if k not in encoded]
         bind = unbind = None
@@ -268,11 +274,13 @@ class Session(dict[str, Any]):
                 unbind=unbind,
             )
             if result in (GONE, EMPTIED):
-                return self._ended()
+                self._ended()
+                return None
         elif store.touch_due(self._pttl_ms, self._created_ms):
             refreshed = True
             if not await store.touch(self._id, ttl):
-                return self._ended()
+                self._ended()
+                return None
         self._snapshot = encoded
         self._stored_user = self._user
         # The cookie must outlive the session: with an absolute lifetime its Max-Age
@@ -286,9 +294,8 @@ class Session(dict[str, Any]):
         if not encoded and self._user is None:
             # Empty sessions are never stored; just finish what regenerate/clear began.
             await store.delete(self._drop)
-            ended = bool(self._drop) or self._stale_cookie
             self._drop = []
-            return CookieAction("expire") if ended else None
+            return CookieAction("expire") if self._cleared and self._presented else None
         session_id = new_session_id()
         created = store.now_ms()
         ttl = store.ttl_ms(created)
@@ -305,12 +312,14 @@ class Session(dict[str, Any]):
         self._drop = []
         return CookieAction("set", session_id, store.cookie_max_age(created))
 
-    def _ended(self) -> CookieAction:
+    def _ended(self) -> None:
+        """The record is gone (emptied here, or ended by another request): nothing
+        is stored and the cookie is left alone -- a cookie without a record is just
+        an empty session, and the browser may hold a newer one by now."""
         self._id = None
         self._snapshot = self._encoded()
         self._stored_user = self._user
         self._drop = []
-        return CookieAction("expire")
 
     def _discard(self) -> None:
         """The response is an error: drop this request's changes."""

@@ -100,8 +100,50 @@ async def test_slow_request_after_logout_does_not_resurrect(
     gate.opened.set()
     response = await slow
     assert response.status_code == 200
-    assert cookie_of(response) == ""  # the session is over; tell the browser
+    # No Set-Cookie: this request did not log out, and the browser may already hold
+    # a newer cookie that a Max-Age=0 would erase (see the two tests below).
+    assert cookie_of(response) is None
     assert await stored_keys(peek, key_prefix) == []
+    replay = make_client(client._transport.app, cookies={"session": cookie})  # type: ignore[attr-defined]
+    assert (await replay.get("/read")).json() == {}
+
+
+async def test_a_read_with_the_pre_login_cookie_does_not_log_the_user_out(
+    real_redis: Redis, key_prefix: str, make_client: Callable[..., httpx.AsyncClient]
+) -> None:
+    """A request that left the browser before the login response arrived carries the
+    old cookie, whose record the login deleted. Its answer must not expire the
+    cookie: the browser would apply that to the new cookie it just received."""
+    app = build_app(real_redis, key_prefix=key_prefix)
+    browser = make_client(app)
+    await browser.post("/set", json={"cart": ["book"]})
+    pre_login = browser.cookies["session"]
+    await browser.post("/login/alice")
+    in_flight = make_client(app, cookies={"session": pre_login})
+    response = await in_flight.get("/read")
+    assert response.json() == {}
+    assert "set-cookie" not in response.headers
+    browser.cookies.extract_cookies(response)  # the browser gets that answer too
+    assert (await browser.get("/whoami")).json()["user"] == "alice"
+    assert (await browser.get("/read")).json() == {"cart": ["book"], "user": "alice"}
+
+
+async def test_a_slow_write_with_the_pre_login_cookie_does_not_log_the_user_out(
+    real_redis: Redis, key_prefix: str, make_client: Callable[..., httpx.AsyncClient]
+) -> None:
+    """The same race when the old session was loaded before the login and its save
+    finds it gone: the late write is dropped (no resurrection), the cookie left alone."""
+    gate = Gate()
+    browser = make_client(build_app(real_redis, key_prefix=key_prefix, gate=gate))
+    await browser.post("/set", json={"cart": ["book"]})
+    slow = asyncio.ensure_future(browser.post("/slow-set", json={"late": True}))
+    await gate.reached.wait()
+    await browser.post("/login/alice")
+    gate.opened.set()
+    response = await slow
+    assert response.status_code == 200
+    assert "set-cookie" not in response.headers
+    assert (await browser.get("/read")).json() == {"cart": ["book"], "user": "alice"}
 
 
 async def test_slow_request_after_revoke_does_not_resurrect_via_incr(

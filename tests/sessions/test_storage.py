@@ -68,14 +68,16 @@ async def test_save_writes_only_changed_fields(
     assert (await client.get("/read")).json() == {"mine": 1, "theirs": 42}
 
 
-async def test_removing_every_key_deletes_the_record_and_expires_the_cookie(
+async def test_removing_every_key_deletes_the_record_and_leaves_the_cookie(
     client: httpx.AsyncClient, peek: Redis, key_prefix: str
 ) -> None:
+    """Only clear() expires the cookie: a cookie without a record is an empty session,
+    and a Max-Age=0 could hit a newer cookie the browser got from another request."""
     await client.post("/set", json={"a": 1})
     response = await client.post("/delete/a")
-    assert cookie_of(response) == ""
-    assert "Max-Age=0" in response.headers["set-cookie"]
+    assert "set-cookie" not in response.headers
     assert await stored_keys(peek, key_prefix) == []
+    assert (await client.get("/read")).json() == {}
 
 
 async def test_no_cookie_and_nothing_written_stores_nothing(
@@ -100,8 +102,8 @@ async def test_signed_id_without_record_gets_a_fresh_id_and_no_key(
     client = make_client(app, cookies={"session": cookie})
     response = await client.get("/read")
     assert response.json() == {}
-    # A stale cookie leads nowhere: expire it instead of paying a lookup each time.
-    assert cookie_of(response) == ""
+    # No Set-Cookie: the browser may hold a newer cookie by the time this arrives.
+    assert "set-cookie" not in response.headers
     assert await stored_keys(peek, key_prefix) == []
     response = await client.post("/set", json={"x": 1})
     new_cookie = cookie_of(response)
