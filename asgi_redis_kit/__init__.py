@@ -12,6 +12,7 @@ from .errors import (
     DuplicateMiddleware,
     SessionError,
     SessionNotLoaded,
+    SessionStoreUnavailable,
 )
 from .sessions import Session, SessionInfo, SessionMiddleware, SessionStore
 
@@ -33,6 +34,7 @@ __all__ = [
     "SessionMiddleware",
     "SessionNotLoaded",
     "SessionStore",
+    "SessionStoreUnavailable",
     "__version__",
     "cached",
     "get_cache",

@@ -26,15 +26,15 @@ from starlette.datastructures import MutableHeaders, Secret
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._redis import DEFAULT_MAX_CONNECTIONS, Backend, RedisLike, serve_with_lifespan_close
-from ..errors import BackendUnavailable, DuplicateMiddleware
+from ..errors import SESSION_STORE_UNAVAILABLE, BackendUnavailable, DuplicateMiddleware
 from ._cookie import CookieSettings, CookieSigner, SameSite, cookie_values
-from ._session import UNAVAILABLE, CookieAction, Session
+from ._session import CookieAction, Session
 from ._store import SessionStore
 
 logger = logging.getLogger("asgi_redis_kit.sessions")
 
 _MARK = "asgi_redis_kit.sessions"
-_UNAVAILABLE_BODY = (UNAVAILABLE + "\n").encode()
+_UNAVAILABLE_BODY = (SESSION_STORE_UNAVAILABLE + "\n").encode()
 
 
 class SessionMiddleware:

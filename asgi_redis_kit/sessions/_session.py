@@ -14,29 +14,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
-from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 
-from ..errors import BackendUnavailable, SessionNotLoaded
+from ..errors import BackendUnavailable, SessionNotLoaded, SessionStoreUnavailable
 from ._store import CREATED, DATA, EMPTIED, GONE, USER, Record, SessionStore, handle_of
 
 logger = logging.getLogger("asgi_redis_kit.sessions")
-
-
-UNAVAILABLE = "Service unavailable: the session store did not answer. Retry shortly."
-
-
-class SessionStoreUnavailable(BackendUnavailable, HTTPException):
-    """``await session.incr()`` could not reach Redis.
-
-    Also an ``HTTPException(503)``, so Starlette and FastAPI answer 503 with
-    ``Retry-After`` even when their ServerErrorMiddleware sits inside ours and
-    would otherwise turn it into a 500; apps without exception handlers still get
-    the 503 from SessionMiddleware, which catches BackendUnavailable.
-    """
-
-    def __init__(self, retry_after: int) -> None:
-        HTTPException.__init__(self, 503, UNAVAILABLE, {"Retry-After": str(retry_after)})
 
 
 def new_session_id() -> str:

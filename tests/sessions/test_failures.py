@@ -17,6 +17,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import SlotNotCoveredError
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp
 
 from asgi_redis_kit import SessionMiddleware
@@ -50,6 +51,21 @@ async def own_peek(own_redis: RedisProcess) -> AsyncIterator[Redis]:
     client: Redis = Redis.from_url(own_redis.url, socket_timeout=5)
     yield client
     await client.aclose()
+
+
+def test_session_store_unavailable_is_public_a_503_and_a_backend_error() -> None:
+    import asgi_redis_kit
+    from asgi_redis_kit.sessions import SessionStoreUnavailable as old_path
+
+    exc = asgi_redis_kit.SessionStoreUnavailable(7)
+    assert "SessionStoreUnavailable" in asgi_redis_kit.__all__
+    assert old_path is asgi_redis_kit.SessionStoreUnavailable
+    assert isinstance(exc, asgi_redis_kit.BackendUnavailable)
+    assert isinstance(exc, asgi_redis_kit.SessionError)
+    assert isinstance(exc, HTTPException)
+    assert exc.status_code == 503
+    assert exc.headers == {"Retry-After": "7"}
+    assert "session store" in exc.detail
 
 
 def assert_unavailable(response: httpx.Response) -> None:
