@@ -52,6 +52,10 @@ from ._policy import DEFAULT_CACHEABLE_STATUSES
 logger = logging.getLogger("asgi_redis_kit.cache")
 
 DEFAULT_MAX_LIFETIME = 7 * 24 * 3600
+# Seconds before its expected expiry at which an entry counts as maybe gone (clock
+# skew between workers, rounding of PX).
+_EXPIRY_MARGIN = 1.0
+_PRESENT_MEMO = 4096
 
 
 @dataclass
@@ -230,6 +234,11 @@ class Cache:
         # On Cluster the version keys live in other slots than the entry: no script
         # can read them with it, so a miss takes its lease in a round trip of its own.
         self._lease_in_lookup = not isinstance(client, RedisCluster)
+        # Entry keys seen lately, and when Redis drops them (our clock). A key
+        # expected to be there is looked up with a plain MGET: Redis runs a script
+        # ~10x slower than MGET, and a hit has no lease to take. Only a hint: a
+        # key that is gone after all is a miss that takes its lease separately.
+        self._present: dict[str, float] = {}
         self._lookup_script = client.register_script(LOOKUP)
         self._acquire = client.register_script(ACQUIRE)
         self._release = client.register_script(RELEASE)
@@ -300,7 +309,7 @@ class Cache:
         if flight is not None:
             return await self._join(key, lease, flight)
         flight = self._lookups[name] = _Flight()
-        token = new_token() if lease and self._lease_in_lookup else ""
+        token = new_token() if lease and self._may_be_absent(key) else ""
         outcome: Lookup | BackendUnavailable | None = None
         try:
             found = await self._lookup(key, token)
@@ -317,6 +326,23 @@ class Cache:
             del self._lookups[name]
             if flight.outcome is not None:
                 flight.outcome.set_result(outcome)
+
+    def _may_be_absent(self, key: CacheKey) -> bool:
+        """Whether a lease-taking lookup script is worth it for ``key``."""
+        if not self._lease_in_lookup:
+            return False
+        until = self._present.get(key.entry)
+        return until is None or self.clock() >= until - _EXPIRY_MARGIN
+
+    def _remember(self, key: CacheKey, lifetime: float | None, stored_at: float = 0.0) -> None:
+        """Note that ``key``'s entry is in Redis for ``lifetime`` seconds from
+        ``stored_at`` (None: it is not)."""
+        if lifetime is None:
+            self._present.pop(key.entry, None)
+            return
+        if len(self._present) >= _PRESENT_MEMO:
+            self._present.clear()
+        self._present[key.entry] = stored_at + min(lifetime, self.max_lifetime)
 
     async def _join(self, key: CacheKey, lease: bool, flight: _Flight) -> Lookup:
         if flight.outcome is None:
@@ -350,6 +376,10 @@ class Cache:
                 leased = 0
         versions = _versions(raw[1:])
         entry = self._valid(raw[0], versions)
+        if entry is None:
+            self._remember(key, None)
+        else:
+            self._remember(key, entry.lifetime, entry.stored_at)
         if leased == 1:
             return Lookup(entry, versions, token=token)
         return Lookup(entry, versions, locked=leased == -1)
@@ -408,6 +438,7 @@ class Cache:
                 await self._store(
                     keys=[key.entry, key.lock], args=[value, px, token or ""], client=client
                 )
+        self._remember(key, lifetime, self.clock())
         self.stats.stores += 1
 
     # -- invalidation ----------------------------------------------------------------------

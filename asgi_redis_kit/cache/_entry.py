@@ -49,6 +49,11 @@ class Entry:
     versions: tuple[int, ...]
     per_user: bool
 
+    @property
+    def lifetime(self) -> float:
+        """Seconds from ``stored_at`` that it is kept in Redis (before ``max_lifetime``)."""
+        return self.fresh_for + max(self.stale_while_revalidate, self.stale_if_error)
+
     def age(self, now: float) -> float:
         return max(0.0, now - self.stored_at)
 

@@ -563,9 +563,8 @@ class _Exchange:
                 not_stored = "size"
             if not_stored is None:
                 entry = self.build_entry(status, headers, body, versions)
-                lifetime = entry.fresh_for + max(entry.stale_while_revalidate, entry.stale_if_error)
                 try:
-                    await cache.store(key, encode(entry), lifetime, token)
+                    await cache.store(key, encode(entry), entry.lifetime, token)
                     token = None  # released by the store script
                 except BackendUnavailable:
                     not_stored = "backend"

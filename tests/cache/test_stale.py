@@ -97,18 +97,14 @@ async def test_stale_if_error_covers_5xx_answers(real_redis: Redis, key_prefix: 
 
 
 class FlakyRedis(Redis):
-    """A real client whose scripts fail on demand: once ``failing`` is set, Redis
-    answers one more script call (the request's lookup) and then fails
-    mid-request."""
+    """A real client whose scripts fail on demand: Redis answering the lookup
+    and then failing mid-request."""
 
     failing = False
-    answered = 0
 
     async def evalsha(self, *args: Any, **kwargs: Any) -> Any:
         if self.failing:
-            if self.answered >= 1:
-                raise RedisConnectionError("connection lost mid-request")
-            self.answered += 1
+            raise RedisConnectionError("connection lost mid-request")
         return await super().evalsha(*args, **kwargs)
 
 
