@@ -10,9 +10,13 @@ Websocket connections get the session too, read-only: there is no response to
 carry a cookie, so changes made there are not saved.
 
 Sessions fail closed: when Redis does not answer, a request that needs the session
-(it brings a cookie, or its handler stored something) gets a 503 with
-``Retry-After`` and no ``Set-Cookie``, instead of an anonymous session that would
-overwrite or fork the real one.
+gets a 503 with ``Retry-After`` and no ``Set-Cookie``, instead of an anonymous
+session that would overwrite or fork the real one. Needing it means using it: when
+the load of a cookie's session fails, the request goes on with a placeholder that
+raises the 503 (:class:`~asgi_redis_kit.errors.SessionStoreUnavailable`) on first
+use, so a handler that never touches ``request.session`` (a public or cached page)
+is answered normally. A handler that stores something in a new session gets the
+503 when its save fails.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .._redis import DEFAULT_MAX_CONNECTIONS, Backend, RedisLike, serve_with_lifespan_close
 from ..errors import SESSION_STORE_UNAVAILABLE, BackendUnavailable, DuplicateMiddleware
 from ._cookie import CookieSettings, CookieSigner, SameSite, cookie_values
-from ._session import CookieAction, Session
+from ._session import CookieAction, Session, UnavailableSession
 from ._store import SessionStore
 
 logger = logging.getLogger("asgi_redis_kit.sessions")
@@ -124,8 +128,11 @@ class SessionMiddleware:
         except BackendUnavailable as exc:
             # The message names only the error type; Redis' own text may hold a key.
             logger.warning("session store unavailable while loading a session: %s", exc)
-            await self._unavailable(scope, send)
-            return
+            if kind == "websocket":
+                await self._unavailable(scope, send)
+                return
+            # Only a request that uses its session needs Redis: the 503 waits for that.
+            session = UnavailableSession(self.store, retry_after=self.retry_after)
         scope["session"] = session
         if kind == "websocket":
             # Websockets read the session; there is no response to carry a cookie,
@@ -136,7 +143,9 @@ class SessionMiddleware:
         try:
             await self.app(scope, receive, responder.send)
         except BackendUnavailable as exc:
-            # session.incr() in the handler could not reach Redis.
+            # The session was used while Redis was down (a placeholder, or incr()).
+            if responder.replaced:
+                return  # a 500 for it was already turned into our 503
             if responder.started:
                 raise
             logger.warning("session store unavailable during the request: %s", exc)
@@ -240,6 +249,12 @@ class _Responder:
     async def _start(self, message: Message) -> None:
         session = self.session
         action: CookieAction | None = None
+        if message["status"] == 500 and session._store_failed:
+            # An error handler between us and the failure (Starlette's
+            # ServerErrorMiddleware inside ours) made a 500 of the store's 503.
+            self.replaced = True
+            await self.middleware._unavailable(self.scope, self.send_downstream)
+            return
         if message["status"] >= 500:
             session._discard()
         else:

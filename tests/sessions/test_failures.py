@@ -15,12 +15,20 @@ from typing import Any
 import fakeredis
 import httpx
 import pytest
+from fastapi import FastAPI
 from redis.asyncio import Redis
 from redis.exceptions import SlotNotCoveredError
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from asgi_redis_kit import SessionMiddleware
+from asgi_redis_kit import SessionMiddleware, SessionStore, SessionStoreUnavailable
+from asgi_redis_kit.sessions._cookie import CookieSigner
+from asgi_redis_kit.sessions._session import UnavailableSession
 from tests.support import RedisProcess
 
 from .conftest import SECRET, Gate, build_app, cookie_of, run_lifespan, stored_keys
@@ -336,3 +344,145 @@ async def test_an_error_reply_is_a_503_not_a_500(
     await peek.delete(key)
     await peek.set(key, "not a hash")
     assert_unavailable(await client.get("/read"))
+
+
+async def test_redis_down_only_requests_that_use_the_session_get_a_503(
+    middleware: SessionMiddleware,
+    own_redis: RedisProcess,
+    own_peek: Redis,
+    make_client: Callable[..., httpx.AsyncClient],
+) -> None:
+    """DESIGN "Failure policy": requests that *need* the session get the 503. A
+    cookie alone does not: its load fails, and only using the session answers 503."""
+    client = make_client(middleware)
+    await client.post("/set", json={"a": 1})
+    cookie = client.cookies["session"]
+    await own_peek.save()
+    await own_peek.aclose()
+    own_redis.stop()
+
+    ignores = await client.get("/noop")
+    assert ignores.status_code == 200
+    assert ignores.text == "no session here"
+    assert "set-cookie" not in ignores.headers
+    assert_unavailable(await client.get("/read"))
+    assert_unavailable(await client.get("/whoami"))  # user_id / handle
+    for url in ("/incr/n", "/regenerate", "/logout", "/login/ann"):
+        assert_unavailable(await client.post(url))
+
+    own_redis.start()
+    assert (await client.get("/noop")).status_code == 200
+    assert (await client.get("/read")).json() == {"a": 1}
+    assert client.cookies["session"] == cookie
+
+
+def test_the_unavailable_placeholder_raises_on_every_use_and_never_saves() -> None:
+    store = SessionStore(fakeredis.FakeAsyncRedis())
+    session = UnavailableSession(store, retry_after=7)
+    assert "unavailable" in repr(session)
+    uses: list[Callable[[], Any]] = [
+        session.mark_accessed,
+        lambda: session["a"],
+        lambda: session.__setitem__("a", 1),
+        lambda: session.__delitem__("a"),
+        lambda: "a" in session,
+        lambda: list(session),
+        lambda: len(session),
+        lambda: bool(session),
+        lambda: session.get("a"),
+        session.keys,
+        session.values,
+        session.items,
+        lambda: session.pop("a", None),
+        session.popitem,
+        lambda: session.setdefault("a", 1),
+        lambda: session.update(a=1),
+        session.copy,
+        session.clear,
+        session.regenerate,
+        lambda: session.bind_user("u"),
+        lambda: session.user_id,
+        lambda: session.handle,
+        lambda: session.is_new,
+        lambda: dict(session),
+        lambda: session == {},
+        lambda: session | {"a": 1},
+        lambda: reversed(session),
+    ]
+    for use in uses:
+        with pytest.raises(SessionStoreUnavailable) as info:
+            use()
+        assert info.value.headers == {"Retry-After": "7"}
+    with pytest.raises(SessionStoreUnavailable):
+        asyncio.run(session.incr("n"))
+    assert asyncio.run(session._save()) is None
+    assert not session._late_changes()
+
+
+class SessionReader:
+    """A user middleware inside SessionMiddleware that reads the session on /mw."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/mw":
+            scope["state"] = {"user": scope["session"].get("user")}
+        await self.app(scope, receive, send)
+
+
+def framework_app(framework: str, outside: bool, redis: str) -> ASGIApp:
+    options: dict[str, Any] = {"secret_key": SECRET, "redis": redis, "timeout": TIMEOUT}
+
+    async def read(request: Request) -> Response:
+        return JSONResponse(dict(request.session))
+
+    async def noop(request: Request) -> Response:
+        return PlainTextResponse("no session here")
+
+    app: Starlette
+    if framework == "fastapi":
+        app = FastAPI()
+        app.add_api_route("/read", read)
+        app.add_api_route("/noop", noop)
+        app.add_api_route("/mw", noop)
+        app.add_middleware(SessionReader)
+        if not outside:
+            app.add_middleware(SessionMiddleware, **options)  # added last: outer
+    else:
+        routes = [Route("/read", read), Route("/noop", noop), Route("/mw", noop)]
+        inner = [Middleware(SessionReader)]
+        outer = [] if outside else [Middleware(SessionMiddleware, **options)]
+        app = Starlette(routes=routes, middleware=outer + inner)
+    return SessionMiddleware(app, **options) if outside else app
+
+
+@pytest.mark.parametrize("framework", ["starlette", "fastapi"])
+@pytest.mark.parametrize("outside", [False, True], ids=["inside", "outside"])
+async def test_using_an_unloadable_session_is_a_503_in_every_framework_and_order(
+    make_client: Callable[..., httpx.AsyncClient], framework: str, outside: bool
+) -> None:
+    """``outside``: SessionMiddleware wraps the whole app, so Starlette's
+    ServerErrorMiddleware is inside it and sees a failure in a middleware first
+    (and answers 500). Otherwise ours is added with Middleware(...)/add_middleware
+    and ServerErrorMiddleware is outside. Either way: handler or middleware, a 503."""
+    from tests.support import free_port
+
+    app = framework_app(framework, outside, f"redis://127.0.0.1:{free_port()}/0")
+    cookie = CookieSigner(SECRET).sign("A" * 43)
+    try:
+        client = make_client(app, cookies={"session": cookie})
+        ignores = await client.get("/noop")
+        assert ignores.status_code == 200
+        assert "set-cookie" not in ignores.headers
+        for url in ("/read", "/mw"):
+            response = await client.get(url)
+            assert response.status_code == 503, (url, response.text)
+            assert response.headers["retry-after"] == "5"
+            assert "set-cookie" not in response.headers
+            assert "session store" in response.text
+    finally:
+        if isinstance(app, SessionMiddleware):
+            await app.aclose()
+        else:
+            await run_lifespan(app)
