@@ -82,9 +82,17 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """)
 
-# The whole record and its TTL in one command (nil when there is no record).
+# The whole record and its TTL in one command (nil when there is no record). A key
+# that is not a hash (someone SET it) answers the string 'WRONGTYPE': a corrupt
+# record, not an outage; any other error reply stays an error.
 _LOAD = _Script("""
-local fields = redis.call('HGETALL', KEYS[1])
+local fields = redis.pcall('HGETALL', KEYS[1])
+if fields.err then
+  if string.sub(tostring(fields.err), 1, 9) == 'WRONGTYPE' then
+    return 'WRONGTYPE'
+  end
+  return fields
+end
 if #fields == 0 then
   return false
 end
@@ -330,9 +338,12 @@ class SessionStore:
         if not reply:
             return None
         try:
+            if isinstance(reply, bytes | str):
+                raise TypeError("the key is not a hash")  # the script's 'WRONGTYPE'
             record = self._decode(reply[1], int(reply[0]))
         except (ValueError, IndexError, TypeError, orjson.JSONDecodeError, UnicodeDecodeError):
-            # Someone wrote to our key, or a bug did: never a 500, never trusted.
+            # Someone wrote to our key, or a bug did: never a 500 or a 503, never
+            # trusted. The key is left alone; a write gets a fresh id.
             logger.warning(
                 "security: corrupt session record %s ignored; a new session is started",
                 handle_of(session_id),

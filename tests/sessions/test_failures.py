@@ -31,7 +31,7 @@ from asgi_redis_kit.sessions._cookie import CookieSigner
 from asgi_redis_kit.sessions._session import UnavailableSession
 from tests.support import RedisProcess
 
-from .conftest import SECRET, Gate, build_app, cookie_of, run_lifespan, stored_keys
+from .conftest import SECRET, Gate, build_app, cookie_of, run_lifespan
 
 pytestmark = pytest.mark.real_redis
 
@@ -334,16 +334,56 @@ async def test_uncovered_cluster_slot_is_a_503_not_a_500(
         await slotless.aclose()
 
 
-async def test_an_error_reply_is_a_503_not_a_500(
-    client: httpx.AsyncClient, peek: Redis, key_prefix: str
+async def test_a_key_of_the_wrong_type_is_a_corrupt_record_not_a_503(
+    any_redis: Redis,
+    key_prefix: str,
+    make_client: Callable[..., httpx.AsyncClient],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Redis answers, with an error (here WRONGTYPE: someone replaced our hash)."""
-    response = await client.post("/set", json={"a": 1})
-    assert cookie_of(response)
-    (key,) = await stored_keys(peek, key_prefix)
-    await peek.delete(key)
-    await peek.set(key, "not a hash")
-    assert_unavailable(await client.get("/read"))
+    """Checklist 18: someone SET our key. Until its TTL ran out every request
+    answered 503; now it is an empty session, a security log line, and a write
+    gets a fresh id (the foreign key is never adopted nor touched)."""
+    client = make_client(build_app(any_redis, key_prefix=key_prefix))
+    cookie = cookie_of(await client.post("/set", json={"a": 1}))
+    assert cookie
+    key = f"{key_prefix}{cookie.rsplit('.', 1)[0]}"
+    await any_redis.delete(key)
+    await any_redis.set(key, "not a hash")
+    with caplog.at_level("WARNING", logger="asgi_redis_kit.sessions"):
+        response = await client.get("/read")
+    assert response.status_code == 200
+    assert response.json() == {}
+    assert "set-cookie" not in response.headers
+    assert any("security: corrupt session record" in r.getMessage() for r in caplog.records)
+    assert cookie.rsplit(".", 1)[0] not in caplog.text
+    response = await client.post("/set", json={"b": 2})
+    fresh = cookie_of(response)
+    assert fresh
+    assert fresh != cookie
+    assert (await client.get("/read")).json() == {"b": 2}
+    assert await any_redis.get(key) == b"not a hash"
+
+
+async def test_an_error_reply_on_load_is_a_503_not_a_500(
+    own_redis: RedisProcess,
+    own_peek: Redis,
+    make_client: Callable[..., httpx.AsyncClient],
+) -> None:
+    """Redis answers, with an error other than WRONGTYPE (here NOPERM: an ACL user
+    that may run our scripts but not HGETALL). Still an outage: 503."""
+    await own_peek.acl_setuser(
+        "limited", enabled=True, nopass=True, keys=["~*"], commands=["+@all", "-hgetall"]
+    )
+    url = own_redis.url.replace("redis://", "redis://limited:x@")
+    app = build_app(url, timeout=TIMEOUT)
+    try:
+        client = make_client(app)
+        await client.post("/set", json={"a": 1})  # no HGETALL: a new session is created
+        assert await own_peek.dbsize() == 1
+        assert_unavailable(await client.get("/read"))
+        assert (await client.get("/noop")).status_code == 200
+    finally:
+        await run_lifespan(app)
 
 
 async def test_redis_down_only_requests_that_use_the_session_get_a_503(
