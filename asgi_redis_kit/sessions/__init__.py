@@ -10,7 +10,11 @@
         session = Session.of(request)      # request.session, typed as Session
         session.regenerate()               # new id at save time: no fixation
         session.bind_user(user.id)         # listed by store.user_sessions()
-        await session.incr("logins")       # atomic, concurrent-safe
+        await session.incr("logins")       # atomic, concurrent-safe, committed at once
+
+Changes are saved as the response starts, and not at all when the handler raises
+or answers 5xx -- except ``incr()`` on a stored session, which is one atomic Redis
+command applied when it is awaited and is not rolled back on error.
 
     await SessionStore("redis://...").revoke_user(user.id)   # log out everywhere
 

@@ -44,7 +44,8 @@ class Session(dict[str, Any]):
 
     * :meth:`regenerate` -- new id at save time, data kept (call it at login);
     * :meth:`clear` -- logout: the record is deleted and the cookie expired;
-    * :meth:`incr` -- an atomic counter that concurrent requests cannot lose;
+    * :meth:`incr` -- an atomic counter that concurrent requests cannot lose,
+      committed at once (not rolled back when the handler fails);
     * :meth:`bind_user` / :attr:`user_id` -- the per-user index behind
       :meth:`SessionStore.user_sessions` and :meth:`SessionStore.revoke_user`;
     * :attr:`accessed`, :attr:`is_new`, :attr:`handle`, :attr:`store`.
@@ -167,10 +168,13 @@ class Session(dict[str, Any]):
         """Add ``amount`` to the integer ``session[key]`` (missing counts as 0) and
         return the new value.
 
-        On a stored session this is one atomic Redis command, applied at once and
-        kept even if the handler fails later, so concurrent requests never lose a
-        count. On a session nobody else can see yet (new, or regenerated or cleared
-        in this request) it is a local change saved with the rest. It works on the
+        On a stored session this is one atomic Redis command, so concurrent
+        requests never lose a count. It is **committed at once and not rolled back**:
+        unlike every other change, it stays even if the handler then raises or
+        answers 5xx (returning the new value needs Redis to have applied it). Call
+        it last if a failure should not count. On a session nobody else can see yet
+        (new, or regenerated or cleared in this request) it is a local change, saved
+        with the rest -- and dropped with the rest on an error. It works on the
         stored value: an unsaved assignment to ``key`` earlier in the same request
         is replaced by the result.
         """

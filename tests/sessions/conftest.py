@@ -107,6 +107,14 @@ def build_app(
         request.session["lost"] = True
         raise RuntimeError("handler failed")
 
+    async def incr_then_fail(request: Request) -> Response:
+        session = Session.of(request)
+        session["lost"] = True
+        await session.incr("n")
+        if request.path_params["how"] == "raise":
+            raise RuntimeError("handler failed after incr")
+        return PlainTextResponse("broken", status_code=500)
+
     async def error(request: Request) -> Response:
         request.session["lost"] = True
         return PlainTextResponse("broken", status_code=int(request.path_params["status"]))
@@ -145,6 +153,7 @@ def build_app(
         Route("/slow-incr/{key}", slow_incr, methods=["POST"]),
         Route("/fail", fail, methods=["POST"]),
         Route("/error/{status}", error, methods=["POST"]),
+        Route("/incr-then-fail/{how}", incr_then_fail, methods=["POST"]),
         Route("/stream", stream),
         Route("/whoami", whoami),
         WebSocketRoute("/ws", ws),

@@ -259,6 +259,30 @@ async def test_changes_are_not_saved_on_5xx(
     assert (await client.get("/read")).json() == {"kept": 1}
 
 
+@pytest.mark.parametrize("how", ["raise", "500"])
+async def test_incr_is_committed_at_once_and_not_rolled_back_on_error(
+    client: httpx.AsyncClient, peek: Redis, key_prefix: str, how: str
+) -> None:
+    """The documented exception to checklist 17: incr() on a stored session is an
+    atomic HINCRBY that returned its value, so a later failure does not undo it;
+    the request's other changes are still dropped."""
+    await client.post("/set", json={"n": 1})
+    response = await client.post(f"/incr-then-fail/{how}")
+    assert response.status_code == 500
+    assert "set-cookie" not in response.headers
+    assert (await client.get("/read")).json() == {"n": 2}
+
+
+async def test_incr_on_a_new_session_is_dropped_on_error(
+    client: httpx.AsyncClient, peek: Redis, key_prefix: str
+) -> None:
+    """Nobody else can see a new session yet: its incr is local and dropped too."""
+    response = await client.post("/incr-then-fail/raise")
+    assert response.status_code == 500
+    assert "set-cookie" not in response.headers
+    assert await stored_keys(peek, key_prefix) == []
+
+
 async def test_new_session_on_5xx_stores_nothing(
     client: httpx.AsyncClient, peek: Redis, key_prefix: str
 ) -> None:
