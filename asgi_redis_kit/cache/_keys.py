@@ -26,6 +26,8 @@ The parts, in order:
 8. one bit: "the request carries the session cookie", so anonymous and
    cookie-bearing requests never share an entry, plus a hash of the session
    cookie's value when the route sets ``vary_on_session=True`` (per-user entries).
+   The cookie is read from every ``Cookie`` header, as SessionMiddleware reads
+   it; a request naming it twice never gets this far (see ``cookie_values``).
 9. the values of every header named in ``vary=``; an absent header and an empty
    one are different parts.
 
@@ -53,7 +55,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode
 
-from starlette.requests import cookie_parser
 from starlette.types import Scope
 
 KEY_VERSION = b"ark-cache-key-v1"
@@ -112,13 +113,31 @@ def canonical_query(query_string: bytes) -> str:
     return urlencode(sorted(pairs, key=lambda pair: pair[0]))
 
 
+def cookie_values(scope: Scope, name: str) -> list[str]:
+    """Every value sent for cookie ``name``, in order, across every ``Cookie``
+    header: what SessionMiddleware reads (it takes the first that verifies).
+    Starlette's own parser sees only the first header and keeps the last value
+    of a repeated name, so a request naming the cookie more than once is
+    ambiguous and the middleware bypasses the cache for it."""
+    found: list[str] = []
+    for key, raw in scope.get("headers", ()):
+        if key.lower() != b"cookie":
+            continue
+        for part in raw.decode("latin-1").split(";"):
+            cookie_name, sep, value = part.strip().partition("=")
+            if sep and cookie_name.strip() == name:
+                found.append(value.strip().strip('"'))
+    return found
+
+
 def session_cookie(
     scope: Scope, cookie_name: str, headers: Mapping[bytes, bytes] | None = None
 ) -> str | None:
-    raw = header(scope, b"cookie") if headers is None else headers.get(b"cookie")
-    if raw is None:
-        return None
-    return cookie_parser(raw.decode("latin-1")).get(cookie_name)
+    """The session cookie's value (the first one if it is repeated, as
+    SessionMiddleware reads it). ``headers`` is accepted for symmetry with the
+    other readers; cookies are always read from every raw ``Cookie`` header."""
+    values = cookie_values(scope, cookie_name)
+    return values[0] if values else None
 
 
 @dataclass(frozen=True, slots=True)

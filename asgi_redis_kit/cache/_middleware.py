@@ -45,7 +45,14 @@ from ..errors import BackendUnavailable, CacheNotConfigured, DuplicateMiddleware
 from ._cache import DEFAULT_MAX_LIFETIME, Cache
 from ._decorator import RequestState, RouteCache, current, route_config
 from ._entry import Entry, content_etag, encode, etag_matches, served_headers
-from ._keys import FORWARDING_HEADERS, CacheKey, header_map, request_host, session_cookie
+from ._keys import (
+    FORWARDING_HEADERS,
+    CacheKey,
+    cookie_values,
+    header_map,
+    request_host,
+    session_cookie,
+)
 from ._policy import (
     DEFAULT_CACHEABLE_STATUSES,
     request_bypass_reason,
@@ -278,6 +285,10 @@ class _Exchange:
             allowed_hosts=cache.allowed_hosts,
             headers=headers,
         )
+        if reason is None and len(cookie_values(scope, cache.session_cookie)) > 1:
+            # The session middleware and a cookie parser may each pick another of
+            # the values: the key could name someone else's session.
+            reason = "cookie"
         if reason is not None:
             await self.bypass(reason)
             return

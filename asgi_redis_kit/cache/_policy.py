@@ -19,6 +19,10 @@ from nor stored in the cache, and the response says ``X-Cache: BYPASS`` with
   (Forwarding headers such as ``X-Forwarded-Host`` are keyed instead; see
   ``_keys``.)
 * ``host``          - a ``Host`` outside ``allowed_hosts``.
+* ``cookie``        - the session cookie appears more than once (in one or
+  several ``Cookie`` headers): SessionMiddleware uses the first value that
+  verifies, other parsers the last, so no key can be trusted to name the
+  session the handler will see.
 * ``backend``       - Redis is failing or the circuit breaker is open.
 
 Responses (decided after the handler ran; the response is still sent, marked
