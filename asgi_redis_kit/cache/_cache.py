@@ -177,6 +177,10 @@ class Cache:
             ``"*.example.com"``); ``None`` caches any host, each under its own key.
         cacheable_statuses: response statuses that may be stored.
         session_cookie: name of the session cookie (see ``vary_on_session``).
+            ``None`` (the default): CacheMiddleware uses the cookie of the
+            SessionMiddleware it finds in the app, else ``"session"``. A name
+            given here that differs from that SessionMiddleware's cookie is an
+            error (``ValueError`` on the first request).
         breaker_threshold, breaker_cooldown: consecutive Redis failures that open
             the circuit breaker, and seconds before it lets a probe through.
         lock_lease: seconds a leader holds the stampede lease (outlive your slowest handler).
@@ -197,7 +201,7 @@ class Cache:
         max_connections: int = 64,
         allowed_hosts: Sequence[str] | None = None,
         cacheable_statuses: Iterable[int] = DEFAULT_CACHEABLE_STATUSES,
-        session_cookie: str = "session",
+        session_cookie: str | None = None,
         breaker_threshold: int = 5,
         breaker_cooldown: float = 5.0,
         lock_lease: float = 10.0,

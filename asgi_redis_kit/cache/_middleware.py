@@ -33,7 +33,7 @@ import inspect
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from starlette.requests import Request
@@ -42,6 +42,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._redis import RedisLike, serve_with_lifespan_close
 from ..errors import BackendUnavailable, CacheNotConfigured, DuplicateMiddleware
+from ..sessions import SessionMiddleware
 from ._cache import DEFAULT_MAX_LIFETIME, Cache
 from ._decorator import RequestState, RouteCache, current, route_config
 from ._entry import Entry, content_etag, encode, etag_matches, served_headers
@@ -103,6 +104,31 @@ def _find_router(app: Any) -> Router | None:
     return None
 
 
+def _chain(app: Any) -> Iterator[Any]:
+    """``app`` and every app it wraps, down to the Router: the ``.app`` of each
+    middleware, and the ``.middleware_stack`` of a Starlette/FastAPI application."""
+    seen: set[int] = set()
+    for _ in range(_MAX_DEPTH):
+        if app is None or id(app) in seen:
+            return
+        seen.add(id(app))
+        yield app
+        if isinstance(app, Router):
+            return
+        inner = getattr(app, "app", None)
+        app = inner if inner is not None else getattr(app, "middleware_stack", None)
+
+
+def _find_sessions(app: Any, scope: Scope) -> SessionMiddleware | None:
+    """Our SessionMiddleware in this app: inside us (the ``.app`` chain), else
+    outside us (the middleware stack of the application in ``scope["app"]``)."""
+    for candidate in (app, scope.get("app")):
+        for found in _chain(candidate):
+            if isinstance(found, SessionMiddleware):
+                return found
+    return None
+
+
 class CacheMiddleware:
     """Response cache for ``@cached`` endpoints. Pure ASGI; owns its :class:`Cache`.
 
@@ -116,8 +142,12 @@ class CacheMiddleware:
         cache: an existing :class:`Cache` to use instead of making one (then the
             other options are ignored).
         redis, key_prefix, namespace, timeout, max_connections, allowed_hosts,
-        cacheable_statuses, session_cookie, breaker_threshold, breaker_cooldown,
-        lock_lease, lock_wait, max_lifetime, clock: see :class:`Cache`.
+        cacheable_statuses, breaker_threshold, breaker_cooldown, lock_lease,
+        lock_wait, max_lifetime, clock: see :class:`Cache`.
+        session_cookie: leave it ``None``: the name is learned on the first
+            request from the SessionMiddleware in the app (inside or outside
+            this middleware), and is ``"session"`` without one. A name that
+            contradicts that SessionMiddleware raises ``ValueError``.
     """
 
     def __init__(
@@ -133,7 +163,7 @@ class CacheMiddleware:
         max_connections: int = 64,
         allowed_hosts: Sequence[str] | None = None,
         cacheable_statuses: Iterable[int] = DEFAULT_CACHEABLE_STATUSES,
-        session_cookie: str = "session",
+        session_cookie: str | None = None,
         breaker_threshold: int = 5,
         breaker_cooldown: float = 5.0,
         lock_lease: float = 10.0,
@@ -162,6 +192,42 @@ class CacheMiddleware:
         self.app = app
         self._router: Router | None = None
         self._warned = False
+        # Learned on the first request (the middleware stack exists by then).
+        self._sessions_found = False
+        self.sessions: SessionMiddleware | None = None
+        self._cookie_name = "session"
+        self._config_error: ValueError | None = None
+
+    def _find_sessions(self, scope: Scope) -> None:
+        """Learn the session cookie's name from our SessionMiddleware in the app.
+
+        An explicit ``session_cookie`` that contradicts it fails every request:
+        keying on a cookie the sessions do not use serves one user's
+        ``vary_on_session`` page to another, and silently picking one of two
+        contradicting settings hides a configuration the user got wrong."""
+        self._sessions_found = True
+        self.sessions = _find_sessions(self.app, scope)
+        explicit = self.cache.session_cookie
+        if self.sessions is None:
+            self._cookie_name = explicit or "session"
+            return
+        actual = self.sessions.cookie.name
+        self._cookie_name = actual
+        if explicit is not None and explicit != actual:
+            self._config_error = ValueError(
+                f"CacheMiddleware(session_cookie={explicit!r}) does not match the cookie "
+                f"{actual!r} of the SessionMiddleware in this app; drop session_cookie= "
+                "(the cache learns the name from SessionMiddleware) or set it to "
+                f"{actual!r}"
+            )
+
+    def cookie_name(self, scope: Scope) -> str:
+        """The session cookie's name (found on the first request)."""
+        if not self._sessions_found:
+            self._find_sessions(scope)
+        if self._config_error is not None:
+            raise self._config_error
+        return self._cookie_name
 
     def _find_router(self, scope: Scope) -> Router | None:
         if self._router is None:
@@ -192,6 +258,8 @@ class CacheMiddleware:
         return None if config is None else (config, found[1])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self._sessions_found and scope["type"] in ("http", "lifespan"):
+            self._find_sessions(scope)
         if scope["type"] == "lifespan":
             await serve_with_lifespan_close(self.app, scope, receive, send, self.cache.aclose)
             return
@@ -203,6 +271,8 @@ class CacheMiddleware:
                 "CacheMiddleware is applied twice to the same request; keep one. A common "
                 "cause is adding it both with app.add_middleware() and around a mounted app."
             )
+        if self._config_error is not None:
+            raise self._config_error
         scope[SCOPE_KEY] = self.cache
         state = RequestState()
         token = current.set(state)
@@ -272,6 +342,7 @@ class _Exchange:
         self.path_params = path_params
         self.stats = self.cache.stats
         self.headers = header_map(scope)
+        self.cookie_name = middleware.cookie_name(scope)
 
     # -- entry points ------------------------------------------------------------------
 
@@ -285,7 +356,7 @@ class _Exchange:
             allowed_hosts=cache.allowed_hosts,
             headers=headers,
         )
-        if reason is None and len(cookie_values(scope, cache.session_cookie)) > 1:
+        if reason is None and len(cookie_values(scope, self.cookie_name)) > 1:
             # The session middleware and a cookie parser may each pick another of
             # the values: the key could name someone else's session.
             reason = "cookie"
@@ -297,7 +368,7 @@ class _Exchange:
             namespace=config.namespace or cache.namespace,
             host=host,
             vary=config.vary,
-            session_cookie_name=cache.session_cookie,
+            session_cookie_name=self.cookie_name,
             vary_on_session=config.vary_on_session,
             tags=config.filled_tags(self.path_params) if config.tags else (),
             custom=None if config.key is None else await self.custom_key(),
@@ -491,7 +562,7 @@ class _Exchange:
         app_etag = next((v for n, v in headers if n.lower() == b"etag"), None)
         per_user = (
             config.vary_on_session
-            and session_cookie(self.scope, self.cache.session_cookie, self.headers) is not None
+            and session_cookie(self.scope, self.cookie_name, self.headers) is not None
         )
         return Entry(
             status=status,

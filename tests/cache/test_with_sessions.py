@@ -17,7 +17,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from asgi_redis_kit import CacheMiddleware, Session, SessionMiddleware, cached
-from tests.cache.conftest import Framework, client_for
+from tests.cache.conftest import Framework
 
 SECRET = "k" * 32
 Order = Literal["cache-outside", "session-outside"]
@@ -106,6 +106,13 @@ def options(real_redis: Redis, key_prefix: str) -> dict[str, dict[str, Any]]:
     }
 
 
+def client_for(app: Any) -> httpx.AsyncClient:
+    # https: a ``__Host-`` cookie is Secure, and the cookie jar only sends it back there.
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="https://testserver", timeout=30
+    )
+
+
 async def log_in(client: httpx.AsyncClient, user: str) -> str:
     """Log ``client`` in as ``user`` (its cookie jar keeps the session); the raw
     ``name=value`` of its session cookie."""
@@ -142,3 +149,54 @@ async def test_duplicate_session_cookies_bypass_the_cache(
                 )
             attacker = await bare.get("/me", headers={"cookie": "session=attacker"})
             assert attacker.text == "private page of anonymous"
+
+
+@pytest.mark.parametrize(
+    "cookie", [{"cookie_name": "sid"}, {"host_prefix": True}], ids=["sid", "host-prefix"]
+)
+async def test_the_session_cookie_name_is_learned_from_the_session_middleware(
+    framework: Framework, options: dict[str, dict[str, Any]], cookie: dict[str, Any]
+) -> None:
+    """A default CacheMiddleware around ``SessionMiddleware(cookie_name="sid")`` or
+    ``host_prefix=True`` (``__Host-session``) keys ``vary_on_session`` pages on
+    that cookie: Bob never gets Alice's page."""
+    app = session_app(framework, cache=options["cache"], session={**options["session"], **cookie})
+    async with client_for(app) as alice, client_for(app) as bob:
+        name = (await log_in(alice, "alice")).split("=")[0]
+        assert name == ("sid" if "cookie_name" in cookie else "__Host-session")
+        await log_in(bob, "bob")
+        first = await alice.get("/me")
+        assert (first.text, first.headers["x-cache"]) == ("private page of alice", "MISS")
+        assert (await alice.get("/me")).headers["x-cache"] == "HIT"
+        assert (await bob.get("/me")).text == "private page of bob"
+        assert (await bob.get("/me")).text == "private page of bob"
+        assert (await alice.get("/me")).text == "private page of alice"
+        # Duplicates of the detected name are caught too.
+        dup = await bob.get("/me", headers={"cookie": f"{name}=x; {name}=y"})
+        assert dup.headers["x-cache-reason"] == "cookie"
+
+
+async def test_a_session_cookie_option_that_contradicts_the_session_middleware_fails(
+    framework: Framework, options: dict[str, dict[str, Any]]
+) -> None:
+    """An explicit ``session_cookie`` that is not the cookie SessionMiddleware
+    uses is a configuration error, reported on the first request (and on every
+    one after it) instead of guessed at."""
+    app = session_app(
+        framework,
+        cache={**options["cache"], "session_cookie": "session"},
+        session={**options["session"], "cookie_name": "sid"},
+    )
+    async with client_for(app) as client:
+        for _ in range(2):
+            with pytest.raises(ValueError, match=r"session_cookie='session'.*'sid'"):
+                await client.get("/me")
+    matching = session_app(
+        framework,
+        cache={**options["cache"], "session_cookie": "sid"},
+        session={**options["session"], "cookie_name": "sid"},
+    )
+    async with client_for(matching) as client:
+        await log_in(client, "carol")
+        assert (await client.get("/me")).text == "private page of carol"
+        assert (await client.get("/me")).headers["x-cache"] == "HIT"
