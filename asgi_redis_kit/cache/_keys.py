@@ -28,6 +28,9 @@ The parts, in order:
    cookie's value when the route sets ``vary_on_session=True`` (per-user entries).
    The cookie is read from every ``Cookie`` header, as SessionMiddleware reads
    it; a request naming it twice never gets this far (see ``cookie_values``).
+   When the middleware can ask the session instead (a SessionMiddleware of
+   ours outside the cache), the per-user part is the loaded session's handle,
+   and a new or unknown session adds none: it is no session.
 9. the values of every header named in ``vary=``; an absent header and an empty
    one are different parts.
 
@@ -53,6 +56,7 @@ import hashlib
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 from urllib.parse import parse_qsl, urlencode
 
 from starlette.types import Scope
@@ -203,8 +207,12 @@ class KeyScheme:
         tags: Sequence[str],
         custom: bytes | None,
         headers: Mapping[bytes, bytes] | None = None,
+        session: bytes | Literal["cookie"] | None = "cookie",
     ) -> CacheKey:
-        """``headers``: the request's :func:`header_map`, if the caller has it."""
+        """``headers``: the request's :func:`header_map`, if the caller has it.
+        ``session``: the per-user part of a ``vary_on_session`` key: who the
+        session middleware says the user is (``None``: no session), or
+        ``"cookie"`` to hash the session cookie's raw value."""
         if headers is None:
             headers = header_map(scope)
         path: str = scope.get("path", "")
@@ -228,8 +236,12 @@ class KeyScheme:
             value = headers.get(forwarding)
             parts.append(b"\x00" if value is None else b"\x01" + value)
         parts.append(b"cookie:1" if cookie is not None else b"cookie:0")
-        if vary_on_session and cookie is not None:
-            parts.append(hashlib.sha256(cookie.encode("latin-1", "replace")).digest())
+        if vary_on_session:
+            if session == "cookie":
+                if cookie is not None:
+                    parts.append(hashlib.sha256(cookie.encode("latin-1", "replace")).digest())
+            elif session is not None:
+                parts.append(b"session:" + session)
         for name in sorted(vary):
             value = headers.get(name.encode("latin-1"))
             parts.append(name.encode("latin-1") + (b"\x00" if value is None else b"\x01" + value))

@@ -22,6 +22,13 @@ Per request:
    the same round trip) before it is sent; a streamed one passes through
    unbuffered. A cold miss thus costs two round trips, a hit one.
 
+Sessions: the middleware learns the session cookie's name from the
+SessionMiddleware it finds in the app on the first request. With a session
+middleware *outside* the cache, ``scope["session"]`` is already loaded when we
+run: a shared route whose handler read it is not stored, and a
+``vary_on_session`` entry is keyed on the loaded session's handle (a new or
+unknown session is no session) instead of the raw cookie.
+
 Per-request state lives in a :class:`_Exchange`, never on the middleware.
 """
 
@@ -34,7 +41,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from starlette.requests import Request
 from starlette.routing import Host, Match, Mount, Router
@@ -42,7 +49,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._redis import RedisLike, serve_with_lifespan_close
 from ..errors import BackendUnavailable, CacheNotConfigured, DuplicateMiddleware
-from ..sessions import SessionMiddleware
+from ..sessions import Session, SessionMiddleware
 from ._cache import DEFAULT_MAX_LIFETIME, Cache
 from ._decorator import RequestState, RouteCache, current, route_config
 from ._entry import Entry, content_etag, encode, etag_matches, served_headers
@@ -65,6 +72,16 @@ logger = logging.getLogger("asgi_redis_kit.cache")
 
 SCOPE_KEY = "asgi_redis_kit.cache"
 _MAX_DEPTH = 64
+_NO_SESSION = object()
+_SESSION_HANDLE: property = vars(Session)["handle"]
+
+
+def _loaded_handle(session: Session) -> str | None:
+    """``session.handle`` as Session itself defines it: the placeholder a failed
+    load leaves raises (a 503) on any use of its own properties, and it has no
+    record (no handle) anyway."""
+    handle = _SESSION_HANDLE.__get__(session, Session)
+    return handle if isinstance(handle, str) else None
 
 
 def _match(
@@ -197,6 +214,7 @@ class CacheMiddleware:
         self.sessions: SessionMiddleware | None = None
         self._cookie_name = "session"
         self._config_error: ValueError | None = None
+        self._warned_foreign = False
 
     def _find_sessions(self, scope: Scope) -> None:
         """Learn the session cookie's name from our SessionMiddleware in the app.
@@ -220,6 +238,19 @@ class CacheMiddleware:
                 "(the cache learns the name from SessionMiddleware) or set it to "
                 f"{actual!r}"
             )
+
+    def warn_foreign_session(self, session: object) -> None:
+        if self._warned_foreign:
+            return
+        self._warned_foreign = True
+        logger.warning(
+            "CacheMiddleware runs inside a session middleware it cannot ask whether "
+            "the session was read (scope['session'] is a %s); responses of routes "
+            "without vary_on_session=True are not stored. Put CacheMiddleware outside "
+            "the session middleware (add it last with app.add_middleware, or first in "
+            "middleware=[...]).",
+            type(session).__name__,
+        )
 
     def cookie_name(self, scope: Scope) -> str:
         """The session cookie's name (found on the first request)."""
@@ -343,6 +374,9 @@ class _Exchange:
         self.stats = self.cache.stats
         self.headers = header_map(scope)
         self.cookie_name = middleware.cookie_name(scope)
+        # A session middleware outside us already loaded the session (and sees no
+        # Vary we could act on from here): it, not the cookie, says who asks.
+        self.outer_session: object = scope.get("session", _NO_SESSION)
 
     # -- entry points ------------------------------------------------------------------
 
@@ -373,6 +407,7 @@ class _Exchange:
             tags=config.filled_tags(self.path_params) if config.tags else (),
             custom=None if config.key is None else await self.custom_key(),
             headers=headers,
+            session=self.session_identity() if config.vary_on_session else "cookie",
         )
         try:
             found = await cache.lookup(key, lease=True)
@@ -514,6 +549,24 @@ class _Exchange:
 
     # -- helpers -----------------------------------------------------------------------
 
+    def session_identity(self) -> bytes | Literal["cookie"] | None:
+        """Who the session says the user is, for a ``vary_on_session`` key."""
+        outer = self.outer_session
+        if isinstance(outer, Session):
+            handle = _loaded_handle(outer)  # None: new, unknown, ended or unavailable
+            return None if handle is None else handle.encode()
+        return "cookie"
+
+    def session_read(self) -> bool:
+        """Whether a session loaded outside us was (or may have been) read."""
+        outer = self.outer_session
+        if outer is _NO_SESSION:
+            return False  # inside us a SessionMiddleware says so with Vary: Cookie
+        if isinstance(outer, Session):
+            return outer.accessed
+        self.middleware.warn_foreign_session(outer)
+        return True
+
     async def custom_key(self) -> bytes | None:
         if self.config.key is None:
             return None
@@ -633,6 +686,8 @@ class _Exchange:
                 not_stored = "backend"
             if not_stored is None and self.state.ran is not config:
                 not_stored = "route"
+            if not_stored is None and not config.vary_on_session and self.session_read():
+                not_stored = "session"
             if not_stored is None:
                 not_stored = response_store_reason(
                     status,

@@ -200,3 +200,76 @@ async def test_a_session_cookie_option_that_contradicts_the_session_middleware_f
         await log_in(client, "carol")
         assert (await client.get("/me")).text == "private page of carol"
         assert (await client.get("/me")).headers["x-cache"] == "HIT"
+
+
+@pytest.mark.parametrize("cookie_name", ["session", "sid"])
+async def test_a_cache_inside_the_session_middleware_keeps_pages_apart(
+    framework: Framework, options: dict[str, dict[str, Any]], cookie_name: str
+) -> None:
+    """``[SessionMiddleware, CacheMiddleware]`` (what FastAPI's add_middleware
+    order makes easy): the cache sees no ``Vary: Cookie`` from inside, so it
+    asks the loaded session. A shared route whose handler read it is not
+    stored; ``vary_on_session`` entries key on the loaded session, and a
+    cookie whose session is gone counts as no session."""
+    app = session_app(
+        framework,
+        cache=options["cache"],
+        session={**options["session"], "cookie_name": cookie_name},
+        order="session-outside",
+    )
+    async with client_for(app) as alice, client_for(app) as bob, client_for(app) as thief:
+        alice_cookie = await log_in(alice, "alice")
+        await log_in(bob, "bob")
+        first = await alice.get("/whoami")
+        assert (first.text, first.headers["x-cache-reason"]) == ("private page of alice", "session")
+        assert (await bob.get("/whoami")).text == "private page of bob"
+        # Anonymous visitors still share the shared route.
+        assert (await thief.get("/whoami")).headers["x-cache-reason"] == "session"
+
+        assert (await alice.get("/me")).text == "private page of alice"
+        assert (await alice.get("/me")).headers["x-cache"] == "HIT"
+        assert (await bob.get("/me")).text == "private page of bob"
+        await alice.get("/logout")
+        replayed = await thief.get("/me", headers={"cookie": alice_cookie})
+        assert replayed.text == "private page of anonymous"
+
+
+async def test_a_cache_inside_a_foreign_session_middleware_stores_only_vary_on_session(
+    real_redis: Redis, key_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Inside Starlette's own SessionMiddleware (a plain dict that cannot say
+    whether it was read) only ``vary_on_session`` routes are stored, keyed on
+    the cookie; one warning per middleware suggests moving the cache outside."""
+    from starlette.middleware.sessions import SessionMiddleware as CookieSessions
+
+    async def login(request: Request) -> Response:
+        request.session["user"] = request.query_params["user"]
+        return PlainTextResponse("welcome")
+
+    @cached(ttl=60)
+    async def whoami(request: Request) -> Response:
+        return PlainTextResponse(_page(request))
+
+    @cached(ttl=60, vary_on_session=True)
+    async def me(request: Request) -> Response:
+        return PlainTextResponse(_page(request))
+
+    app = Starlette(
+        routes=[Route("/login", login), Route("/whoami", whoami), Route("/me", me)],
+        middleware=[
+            Middleware(CookieSessions, secret_key=SECRET),
+            Middleware(CacheMiddleware, redis=real_redis, key_prefix=key_prefix),
+        ],
+    )
+    caplog.set_level("WARNING", logger="asgi_redis_kit.cache")
+    async with client_for(app) as alice, client_for(app) as bob:
+        await log_in(alice, "alice")
+        await log_in(bob, "bob")
+        for _ in range(2):
+            assert (await alice.get("/whoami")).headers["x-cache-reason"] == "session"
+        assert (await bob.get("/whoami")).text == "private page of bob"
+        assert (await alice.get("/me")).text == "private page of alice"
+        assert (await alice.get("/me")).headers["x-cache"] == "HIT"
+        assert (await bob.get("/me")).text == "private page of bob"
+    warnings = [r for r in caplog.records if "outside" in r.getMessage()]
+    assert len(warnings) == 1
