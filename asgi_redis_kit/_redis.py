@@ -7,9 +7,11 @@
   in this process that names the same ``name``; or
 * a ready ``redis.asyncio.Redis`` or ``redis.asyncio.RedisCluster``.
 
-A client made from a URL belongs to us: it gets short timeouts, keepalive,
-health checks, a bounded blocking pool and one quick retry, and we close it on
-ASGI lifespan shutdown or ``aclose()``. A client passed in stays the caller's:
+A client made from a URL belongs to us: it gets a short connect timeout,
+keepalive, health checks, a bounded blocking pool and one quick retry, and we
+close it on ASGI lifespan shutdown or ``aclose()``. It has no socket timeout: it
+is meant for calls through :meth:`Backend.call`, whose deadline bounds each one
+(commands, health checks and connection handshakes alike). A client passed in stays the caller's:
 we never change its settings and never close it, but every call we make through
 :meth:`Backend.call` is still bounded by our own deadline.
 
@@ -78,10 +80,14 @@ def _url_client(url: str, timeout: float, max_connections: int) -> Redis:
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
-        # Waiting for a free connection is bounded like any other call.
+        # Waiting for a free connection and connecting are bounded on their own too.
         timeout=timeout,
         socket_connect_timeout=timeout,
-        socket_timeout=timeout,
+        # No socket timeout (redis-py's default is 5 s): every command, health check
+        # and connection handshake runs inside Backend.call, whose deadline bounds
+        # it, and a socket timeout costs an asyncio.wait_for (a task) per send and a
+        # timeout context per read, about a sixth of a request's CPU.
+        socket_timeout=None,
         socket_keepalive=True,
         health_check_interval=15,
         retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
@@ -95,7 +101,7 @@ class Backend:
     Parameters:
         redis: a URL or a ready client (see the module docstring).
         timeout: the deadline, in seconds, for any single call made through
-            :meth:`call`; also the connect/socket timeout of URL clients.
+            :meth:`call`; also the connect and pool-wait timeout of URL clients.
         max_connections: pool size of URL clients. Callers past it wait up to
             ``timeout`` for a connection, then fail like any other timeout.
     """

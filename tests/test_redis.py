@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 import pytest
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import Connection
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import RedisClusterException, SlotNotCoveredError
@@ -126,6 +126,37 @@ async def test_paused_server_hits_the_deadline_and_the_pool_recovers(
             await client.set("k2", "after")
             assert await client.get("k") == b"before"
             assert await client.get("k2") == b"after"
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.real_redis
+async def test_url_client_is_bounded_by_the_deadline_not_a_socket_timeout(
+    own_redis: RedisProcess,
+) -> None:
+    """URL clients have no socket timeout (it costs a task per send); connects and
+    pool waits keep theirs, and a handshake with a paused server -- connect()
+    succeeds, its first reply never comes -- still ends at the deadline."""
+    backend = Backend(own_redis.url, timeout=0.3)
+    try:
+        assert isinstance(backend.client, Redis)
+        pool = backend.client.connection_pool
+        assert isinstance(pool, BlockingConnectionPool)
+        assert pool.timeout == 0.3
+        assert pool.connection_kwargs["socket_connect_timeout"] == 0.3
+        assert pool.connection_kwargs["socket_timeout"] is None
+        own_redis.pause()
+        started = time.monotonic()
+        try:
+            with pytest.raises(BackendUnavailable):
+                async with backend.call() as client:
+                    await client.ping()
+            elapsed = time.monotonic() - started
+        finally:
+            own_redis.resume()
+        assert elapsed < 3  # generous: "did not hang"
+        async with backend.call() as client:
+            assert await client.ping()
     finally:
         await backend.aclose()
 
