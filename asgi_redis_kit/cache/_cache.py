@@ -46,7 +46,15 @@ from ..errors import BackendUnavailable
 from ._breaker import CircuitBreaker
 from ._entry import Entry, decode
 from ._keys import CacheKey, KeyScheme, request_host
-from ._lock import ACQUIRE, LOOKUP, RELEASE, STORE_AND_RELEASE, SingleFlight, new_token
+from ._lock import (
+    ACQUIRE,
+    LOOKUP,
+    LOOKUP_SESSION,
+    RELEASE,
+    STORE_AND_RELEASE,
+    SingleFlight,
+    new_token,
+)
 from ._policy import DEFAULT_CACHEABLE_STATUSES
 
 logger = logging.getLogger("asgi_redis_kit.cache")
@@ -106,6 +114,19 @@ class Lookup:
     versions: tuple[int, ...]
     token: str | None = None
     locked: bool = False
+    # The session a per-user entry belongs to no longer exists (``entry`` is None).
+    session_gone: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SessionProof:
+    """What a ``vary_on_session`` lookup must prove still exists: the Redis key of
+    the session the request's cookie names, and the session store's backend
+    (``None`` when it is the cache's own Redis server: then the proof rides in
+    the lookup's round trip)."""
+
+    key: str
+    backend: Backend | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -151,6 +172,16 @@ class _Guarded:
             raise
         self._cache._settle(None if suppressed else exc)
         return suppressed
+
+
+async def _session_exists(key: str, backend: Backend) -> bool:
+    """Whether the session store still holds ``key``. A store that does not
+    answer proves nothing: the entry is not served (the app runs instead)."""
+    try:
+        async with backend.call() as client:
+            return bool(await client.exists(key))
+    except BackendUnavailable:
+        return False
 
 
 def _versions(raw: Sequence[Any]) -> tuple[int, ...]:
@@ -244,6 +275,7 @@ class Cache:
         # key that is gone after all is a miss that takes its lease separately.
         self._present: dict[str, float] = {}
         self._lookup_script = client.register_script(LOOKUP)
+        self._lookup_session = client.register_script(LOOKUP_SESSION)
         self._acquire = client.register_script(ACQUIRE)
         self._release = client.register_script(RELEASE)
         self._store = client.register_script(STORE_AND_RELEASE)
@@ -274,7 +306,10 @@ class Cache:
         else:
             self.breaker.abandon()
 
-    async def _mget(self, client: RedisClient, keys: list[str]) -> list[Any]:
+    async def _mget(
+        self, client: RedisClient, keys: list[str], *, exists_last: bool = False
+    ) -> list[Any]:
+        """GET of every key (``exists_last``: EXISTS of the last one), one round trip."""
         if isinstance(client, RedisCluster):
             # Entry, namespace and tag keys live in different slots on purpose
             # (spreading load). One GET per key, pipelined: redis-py sends one
@@ -283,9 +318,18 @@ class Cache:
             # until the move ends, where a single-key one gets ASK, which redis-py
             # follows.
             pipe = client.pipeline()
-            for name in keys:
+            for name in keys[:-1] if exists_last else keys:
                 pipe.get(name)
+            if exists_last:
+                pipe.exists(keys[-1])
             return list(await pipe.execute())
+        if exists_last:
+            # Not reached today (a single server proves sessions in LOOKUP_SESSION).
+            batch = client.pipeline(transaction=False)
+            batch.mget(keys[:-1])
+            batch.exists(keys[-1])
+            values, exists = await batch.execute()
+            return [*values, exists]
         return list(await client.mget(keys))
 
     def _valid(self, raw: bytes | None, versions: tuple[int, ...]) -> Entry | None:
@@ -296,10 +340,18 @@ class Cache:
             return None  # written under an older namespace/URL/tag version
         return entry
 
-    async def lookup(self, key: CacheKey, *, lease: bool = False) -> Lookup:
+    async def lookup(
+        self, key: CacheKey, *, lease: bool = False, session: SessionProof | None = None
+    ) -> Lookup:
         """Entry and versions in one round trip; with ``lease=True`` on a single
         server (not Cluster), also the stampede lease when the entry key is
         absent (then the caller owns ``token``: it stores with it or releases it).
+
+        ``session``: the entry is one user's; it is only returned if that
+        session still exists (else ``session_gone``). On the cache's own server
+        that is checked in the same round trip (the same script on a single
+        server, one more pipelined command on Cluster); on another server, by
+        an EXISTS sent concurrently to the session store.
 
         Concurrent lookups of one key in this process share that round trip: a
         burst on a hot key costs Redis one command, and cannot exhaust the
@@ -311,12 +363,16 @@ class Cache:
         name = (key.entry, lease)
         flight = self._lookups.get(name)
         if flight is not None:
-            return await self._join(key, lease, flight)
+            # A per-user entry's key names its session, so joiners share the proof.
+            return await self._join(key, lease, flight, session)
         flight = self._lookups[name] = _Flight()
         token = new_token() if lease and self._may_be_absent(key) else ""
         outcome: Lookup | BackendUnavailable | None = None
         try:
-            found = await self._lookup(key, token)
+            if session is None:
+                found = await self._lookup(key, token)
+            else:
+                found = await self._lookup(key, token, session)
             outcome = found if found.token is None else replace(found, token=None)
             return found
         except BackendUnavailable as exc:
@@ -348,13 +404,15 @@ class Cache:
             self._present.clear()
         self._present[key.entry] = stored_at + min(lifetime, self.max_lifetime)
 
-    async def _join(self, key: CacheKey, lease: bool, flight: _Flight) -> Lookup:
+    async def _join(
+        self, key: CacheKey, lease: bool, flight: _Flight, session: SessionProof | None
+    ) -> Lookup:
         if flight.outcome is None:
             flight.outcome = asyncio.get_running_loop().create_future()
         # shield: one cancelled request must not cancel what the others wait on.
         outcome = await asyncio.shield(flight.outcome)
         if outcome is None:
-            return await self.lookup(key, lease=lease)
+            return await self.lookup(key, lease=lease, session=session)
         if isinstance(outcome, BackendUnavailable):
             raise BackendUnavailable(*outcome.args) from outcome
         return outcome
@@ -363,10 +421,27 @@ class Cache:
         with contextlib.suppress(BackendUnavailable):
             await self.release(key, token)
 
-    async def _lookup(self, key: CacheKey, token: str) -> Lookup:
+    async def _lookup(
+        self, key: CacheKey, token: str, session: SessionProof | None = None
+    ) -> Lookup:
         """One round trip; ``token``: take the lease with it if the entry is absent."""
+        if session is not None and session.backend is not None:
+            # The session lives on another server: ask it at the same time.
+            found, alive = await asyncio.gather(
+                self._lookup(key, token), _session_exists(session.key, session.backend)
+            )
+            return found if alive else replace(found, entry=None, session_gone=True)
+        alive = True
         async with self._redis() as client:
-            if token:
+            if session is not None and not isinstance(client, RedisCluster):
+                raw = await self._lookup_session(
+                    keys=[key.entry, key.lock, session.key, *key.version_keys],
+                    args=[token, int(self.lock_lease * 1000)],
+                    client=client,
+                )
+                alive = int(raw.pop()) == 1
+                leased = int(raw.pop())
+            elif token:
                 # One atomic step: the entry, its versions, and the lease if the entry
                 # key is absent (a cold miss then needs no round trip of its own for it).
                 raw = await self._lookup_script(
@@ -376,9 +451,18 @@ class Cache:
                 )
                 leased = int(raw.pop())
             else:
-                raw = await self._mget(client, [key.entry, *key.version_keys])
+                names = [key.entry, *key.version_keys]
+                if session is not None:
+                    # Cluster: the session key is in another slot; one more command
+                    # in the same pipeline (see _mget).
+                    raw = await self._mget(client, [*names, session.key], exists_last=True)
+                    alive = int(raw.pop()) == 1
+                else:
+                    raw = await self._mget(client, names)
                 leased = 0
         versions = _versions(raw[1:])
+        if not alive:
+            return Lookup(None, versions, session_gone=True)
         entry = self._valid(raw[0], versions)
         if entry is None:
             self._remember(key, None)

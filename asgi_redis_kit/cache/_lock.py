@@ -45,6 +45,27 @@ found[#found + 1] = leased
 return found
 """
 
+# LOOKUP for a per-user (vary_on_session) entry. KEYS: entry, lease, the session's
+# key, then the version keys. The entry only counts if the session still exists:
+# a logged-out or revoked session's cookie must not get its cached pages, so
+# the lookup proves it in the same step. A gone session takes no lease. Returns
+# what LOOKUP returns, then 1 (session exists) or 0.
+LOOKUP_SESSION = """
+local alive = redis.call('EXISTS', KEYS[3])
+local found = redis.call('MGET', KEYS[1], unpack(KEYS, 4))
+local leased = 0
+if alive == 1 and not found[1] and ARGV[1] ~= '' then
+  if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    leased = 1
+  else
+    leased = -1
+  end
+end
+found[#found + 1] = leased
+found[#found + 1] = alive
+return found
+"""
+
 ACQUIRE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return {1, redis.call('GET', KEYS[2])}

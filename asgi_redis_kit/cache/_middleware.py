@@ -27,7 +27,14 @@ SessionMiddleware it finds in the app on the first request. With a session
 middleware *outside* the cache, ``scope["session"]`` is already loaded when we
 run: a shared route whose handler read it is not stored, and a
 ``vary_on_session`` entry is keyed on the loaded session's handle (a new or
-unknown session is no session) instead of the raw cookie.
+unknown session is no session) instead of the raw cookie. With our
+SessionMiddleware *inside* the cache, a ``vary_on_session`` key is made from
+the cookie's session id (verified with that middleware's signer; a bad
+signature is no session), and its lookup proves the session still exists: an
+EXISTS in the same script on a single server, in the same pipeline on
+Cluster, or sent concurrently to the session store when that is another
+server. A logged-out, revoked or expired session's cookie is never served its
+cached pages: the app runs and sees an anonymous session.
 
 Per-request state lives in a :class:`_Exchange`, never on the middleware.
 """
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import inspect
 import logging
 import random
@@ -43,14 +51,16 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import SentinelConnectionPool
 from starlette.requests import Request
 from starlette.routing import Host, Match, Mount, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .._redis import RedisLike, serve_with_lifespan_close
+from .._redis import Backend, RedisClient, RedisLike, serve_with_lifespan_close
 from ..errors import BackendUnavailable, CacheNotConfigured, DuplicateMiddleware
 from ..sessions import Session, SessionMiddleware
-from ._cache import DEFAULT_MAX_LIFETIME, Cache
+from ._cache import DEFAULT_MAX_LIFETIME, Cache, SessionProof
 from ._decorator import RequestState, RouteCache, current, route_config
 from ._entry import Entry, content_etag, encode, etag_matches, served_headers
 from ._keys import (
@@ -146,6 +156,29 @@ def _find_sessions(app: Any, scope: Scope) -> SessionMiddleware | None:
     return None
 
 
+def _same_server(a: RedisClient, b: RedisClient) -> bool:
+    """Whether two clients surely talk to one Redis server and database (then a
+    session key can be checked in the cache's own round trip)."""
+    if a is b:
+        return True
+    if isinstance(a, RedisCluster) or isinstance(b, RedisCluster):
+        return False
+    pool_a, pool_b = a.connection_pool, b.connection_pool
+    if isinstance(pool_a, SentinelConnectionPool) or isinstance(pool_b, SentinelConnectionPool):
+        return False
+    if pool_a.connection_class is not pool_b.connection_class:
+        return False
+    kwargs_a, kwargs_b = pool_a.connection_kwargs, pool_b.connection_kwargs
+    if not (kwargs_a.get("host") or kwargs_a.get("path")):
+        return False
+    # "server": fakeredis keeps its in-process server among the connection options.
+    names = ("host", "port", "path", "db", "username", "server")
+    return all(
+        kwargs_a.get(name) is kwargs_b.get(name) or kwargs_a.get(name) == kwargs_b.get(name)
+        for name in names
+    )
+
+
 class CacheMiddleware:
     """Response cache for ``@cached`` endpoints. Pure ASGI; owns its :class:`Cache`.
 
@@ -215,6 +248,9 @@ class CacheMiddleware:
         self._cookie_name = "session"
         self._config_error: ValueError | None = None
         self._warned_foreign = False
+        # Where vary_on_session lookups check that the session still exists:
+        # None when the session store shares the cache's server.
+        self.session_backend: Backend | None = None
 
     def _find_sessions(self, scope: Scope) -> None:
         """Learn the session cookie's name from our SessionMiddleware in the app.
@@ -231,6 +267,9 @@ class CacheMiddleware:
             return
         actual = self.sessions.cookie.name
         self._cookie_name = actual
+        store = self.sessions.store.backend
+        if not _same_server(store.client, self.cache.backend.client):
+            self.session_backend = store
         if explicit is not None and explicit != actual:
             self._config_error = ValueError(
                 f"CacheMiddleware(session_cookie={explicit!r}) does not match the cookie "
@@ -377,6 +416,8 @@ class _Exchange:
         # A session middleware outside us already loaded the session (and sees no
         # Vary we could act on from here): it, not the cookie, says who asks.
         self.outer_session: object = scope.get("session", _NO_SESSION)
+        # The session a vary_on_session hit must prove still exists.
+        self.session_proof: SessionProof | None = None
 
     # -- entry points ------------------------------------------------------------------
 
@@ -410,11 +451,16 @@ class _Exchange:
             session=self.session_identity() if config.vary_on_session else "cookie",
         )
         try:
-            found = await cache.lookup(key, lease=True)
+            found = await cache.lookup(key, lease=True, session=self.session_proof)
         except BackendUnavailable:
             await self.bypass("backend")
             return
         entry, versions = found.entry, found.versions
+        if found.session_gone:
+            # Logged out, revoked or expired: its cookie gets none of its pages.
+            # The session middleware treats the request as anonymous; not stored.
+            await self.run_app(key, versions, found.token, None, reason="session")
+            return
         if found.token is not None or found.locked:
             # The entry key was absent: nothing to serve, and the lease is settled.
             await self.fill(key, versions, None, found.token, locked=found.locked)
@@ -489,9 +535,12 @@ class _Exchange:
                 async with asyncio.timeout(cache.lock_wait):
                     await event.wait()
         try:
-            found = await cache.lookup(key)
+            found = await cache.lookup(key, session=self.session_proof)
         except BackendUnavailable:
             found = None
+        if found is not None and found.session_gone:
+            await self.run_app(key, found.versions, None, fallback, reason="session")
+            return
         if found is not None and found.entry is not None and found.entry.is_fresh(cache.clock()):
             self.stats.hits += 1
             await self.serve(found.entry, "HIT")
@@ -550,12 +599,26 @@ class _Exchange:
     # -- helpers -----------------------------------------------------------------------
 
     def session_identity(self) -> bytes | Literal["cookie"] | None:
-        """Who the session says the user is, for a ``vary_on_session`` key."""
+        """Who the session says the user is, for a ``vary_on_session`` key
+        (``None``: no session). With our SessionMiddleware inside, the cookie is
+        verified with its signer and a hit must prove the session still exists
+        (:attr:`session_proof`)."""
         outer = self.outer_session
         if isinstance(outer, Session):
             handle = _loaded_handle(outer)  # None: new, unknown, ended or unavailable
             return None if handle is None else handle.encode()
-        return "cookie"
+        sessions = self.middleware.sessions
+        if outer is not _NO_SESSION or sessions is None:
+            return "cookie"
+        value = session_cookie(self.scope, self.cookie_name, self.headers)
+        verified = None if value is None else sessions.signer.unsign(value)
+        if verified is None:
+            return None  # no cookie, or a bad signature: SessionMiddleware ignores it
+        session_id = verified[0]
+        self.session_proof = SessionProof(
+            sessions.store.session_key(session_id), self.middleware.session_backend
+        )
+        return hashlib.sha256(session_id.encode()).hexdigest().encode()
 
     def session_read(self) -> bool:
         """Whether a session loaded outside us was (or may have been) read."""

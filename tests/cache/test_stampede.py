@@ -234,7 +234,7 @@ async def test_a_lease_whose_requests_were_all_cancelled_is_released(
         await entered.wait()  # cancelled here, as if before the reply was read
         return found
 
-    cache._lookup = lookup_then_hang  # type: ignore[method-assign]
+    cache._lookup = lookup_then_hang  # type: ignore[method-assign, assignment]
     first = asyncio.create_task(cache.lookup(key, lease=True))
     await leased.wait()
     assert await any_redis.get(key.lock) is not None

@@ -16,8 +16,9 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from asgi_redis_kit import CacheMiddleware, Session, SessionMiddleware, cached
+from asgi_redis_kit import CacheMiddleware, Session, SessionMiddleware, SessionStore, cached
 from tests.cache.conftest import Framework
+from tests.support import RedisSpy, counting_client
 
 SECRET = "k" * 32
 Order = Literal["cache-outside", "session-outside"]
@@ -273,3 +274,78 @@ async def test_a_cache_inside_a_foreign_session_middleware_stores_only_vary_on_s
         assert (await bob.get("/me")).text == "private page of bob"
     warnings = [r for r in caplog.records if "outside" in r.getMessage()]
     assert len(warnings) == 1
+
+
+async def test_a_logged_out_or_revoked_cookie_gets_none_of_the_cached_pages(
+    framework: Framework,
+    options: dict[str, dict[str, Any]],
+    real_redis: Redis,
+    key_prefix: str,
+    spy: RedisSpy,
+) -> None:
+    """Checklist 13 with the cache in front: a ``vary_on_session`` hit proves
+    the session still exists in the same round trip as the lookup (the session
+    store shares the cache's Redis here), so after ``clear()`` or
+    ``revoke_user`` a stolen cookie gets an anonymous page, never a HIT."""
+    app = session_app(framework, cache=options["cache"], session=options["session"])
+    async with client_for(app) as alice, client_for(app) as thief:
+        cookie = await log_in(alice, "alice")
+        assert (await alice.get("/me")).headers["x-cache"] == "MISS"
+        spy.reset()
+        hit = await alice.get("/me")
+        assert (hit.text, hit.headers["x-cache"]) == ("private page of alice", "HIT")
+        assert spy.round_trips == 1
+        assert (await thief.get("/me", headers={"cookie": cookie})).headers["x-cache"] == "HIT"
+
+        await alice.get("/logout")
+        replayed = await thief.get("/me", headers={"cookie": cookie})
+        assert replayed.text == "private page of anonymous"
+        assert replayed.headers["x-cache"] != "HIT"
+        assert (await thief.get("/me", headers={"cookie": cookie})).headers["x-cache"] != "HIT"
+
+        cookie = await log_in(alice, "alice")
+        await alice.get("/me")
+        assert (await alice.get("/me")).headers["x-cache"] == "HIT"
+        async with SessionStore(real_redis, key_prefix=key_prefix + "s:") as store:
+            assert await store.revoke_user("alice") == 1
+        replayed = await thief.get("/me", headers={"cookie": cookie})
+        assert replayed.text == "private page of anonymous"
+        # A tampered signature is no session at all: the anonymous entry.
+        name, value = cookie.split("=", 1)
+        tampered = await thief.get("/me", headers={"cookie": f"{name}={value[:-2]}xx"})
+        assert tampered.text == "private page of anonymous"
+
+
+async def test_a_session_store_on_another_client_is_asked_alongside_the_lookup(
+    framework: Framework,
+    options: dict[str, dict[str, Any]],
+    redis_url: str,
+    key_prefix: str,
+    spy: RedisSpy,
+) -> None:
+    """Sessions on their own client: a ``vary_on_session`` hit is one cache
+    round trip plus one EXISTS sent to the session store at the same time."""
+    session_spy = RedisSpy()
+    session_redis = counting_client(redis_url, session_spy)
+    app = session_app(
+        framework,
+        cache=options["cache"],
+        session={**options["session"], "redis": session_redis},
+    )
+    try:
+        async with client_for(app) as alice, client_for(app) as thief:
+            cookie = await log_in(alice, "alice")
+            await alice.get("/me")
+            spy.reset()
+            session_spy.reset()
+            assert (await alice.get("/me")).headers["x-cache"] == "HIT"
+            assert (spy.round_trips, session_spy.round_trips) == (1, 1)
+            assert session_spy.commands == {"EXISTS": 1}
+            await alice.get("/logout")
+            replayed = await thief.get("/me", headers={"cookie": cookie})
+            assert replayed.text == "private page of anonymous"
+    finally:
+        keys = [key async for key in session_redis.scan_iter(match=f"{key_prefix}*")]
+        if keys:
+            await session_redis.delete(*keys)
+        await session_redis.aclose()
