@@ -193,7 +193,10 @@ class Cache:
 
     CacheMiddleware creates one; ``get_cache(request)`` returns it. Create one
     yourself (same ``redis``, ``key_prefix``) in an admin script to invalidate
-    what the app cached.
+    what the app cached::
+
+        async with Cache("redis://localhost:6379/0") as cache:
+            await cache.invalidate_tags("item:42")
 
     Parameters:
         redis: a URL (``redis://``, ``rediss://``, ``unix://``, ``memory://``) or a
@@ -282,6 +285,17 @@ class Cache:
 
     def __repr__(self) -> str:
         return f"<Cache namespace={self.namespace!r} breaker={self.breaker.state}>"
+
+    async def __aenter__(self) -> Cache:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
 
     # -- Redis access, guarded by the breaker -------------------------------------------
 
@@ -545,20 +559,23 @@ class Cache:
     async def invalidate_tags(self, *tags: str) -> int:
         """Invalidate every entry stored with any of ``tags`` (filled templates, e.g.
         ``"item:42"``), in every namespace. O(1) per tag: one INCR, no SCAN.
-        Returns the number of tags bumped."""
+        Returns the number of tags bumped (version counters, not entries)."""
         if tags:
             await self._bump([self.keys.tag_version(tag) for tag in tags])
         return len(tags)
 
     async def invalidate(
         self, url: str | URL | HTTPConnection, *, namespace: str | None = None
-    ) -> None:
+    ) -> int:
         """Invalidate every entry of one path in ``namespace`` (default: the cache's):
         every query string, GET and HEAD, every ``vary=`` variant and every user's
         entry of that host and path.
 
         ``url`` is an absolute URL (``"https://example.com/items/1"``; a query is
-        ignored) or a Request for it. One INCR, no SCAN."""
+        ignored) or a Request for it. One INCR, no SCAN. Returns the number of
+        URLs invalidated (always 1), as :meth:`invalidate_tags` returns the
+        number of tags: version counters bumped, not entries (nobody counts
+        them)."""
         if isinstance(url, HTTPConnection):
             host = request_host(url.scope)
             path = url.scope.get("path", "")
@@ -573,6 +590,7 @@ class Cache:
             path = unquote(parsed.path) or "/"
         url_id = self.keys.url_id(namespace or self.namespace, host, path)
         await self._bump([self.keys.url_version(url_id)])
+        return 1
 
     async def clear(self, namespace: str | None = None) -> int:
         """Drop every entry of ``namespace`` (default: the cache's) in O(1) by bumping

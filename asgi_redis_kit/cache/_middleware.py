@@ -43,11 +43,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import hashlib
 import inspect
 import logging
 import random
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -60,7 +60,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .._redis import Backend, RedisClient, RedisLike, serve_with_lifespan_close
 from ..errors import BackendUnavailable, CacheNotConfigured, DuplicateMiddleware
 from ..sessions import Session, SessionMiddleware
-from ._cache import DEFAULT_MAX_LIFETIME, Cache, SessionProof
+from ._cache import Cache, SessionProof
 from ._decorator import RequestState, RouteCache, current, route_config
 from ._entry import Entry, content_etag, encode, etag_matches, served_headers
 from ._keys import (
@@ -72,7 +72,6 @@ from ._keys import (
     session_cookie,
 )
 from ._policy import (
-    DEFAULT_CACHEABLE_STATUSES,
     request_bypass_reason,
     response_store_reason,
     storable_headers,
@@ -179,6 +178,15 @@ def _same_server(a: RedisClient, b: RedisClient) -> bool:
     )
 
 
+class _Unset(enum.Enum):
+    """The default of CacheMiddleware options: tells "not given" from any value."""
+
+    UNSET = "unset"
+
+
+_UNSET = _Unset.UNSET
+
+
 class CacheMiddleware:
     """Response cache for ``@cached`` endpoints. Pure ASGI; owns its :class:`Cache`.
 
@@ -189,8 +197,9 @@ class CacheMiddleware:
 
     Parameters:
         app: the ASGI app.
-        cache: an existing :class:`Cache` to use instead of making one (then the
-            other options are ignored).
+        cache: an existing :class:`Cache` to use instead of making one. It keeps
+            its own settings: giving any option below with it is a ``ValueError``.
+            :meth:`aclose` leaves it open (lifespan shutdown still closes it).
         redis, key_prefix, namespace, timeout, max_connections, allowed_hosts,
         cacheable_statuses, breaker_threshold, breaker_cooldown, lock_lease,
         lock_wait, max_lifetime, clock: see :class:`Cache`.
@@ -205,40 +214,54 @@ class CacheMiddleware:
         app: ASGIApp,
         /,
         *,
-        redis: RedisLike = "redis://localhost:6379/0",
-        key_prefix: str = "ark:c:",
-        namespace: str = "default",
+        redis: RedisLike | _Unset = _UNSET,
+        key_prefix: str | _Unset = _UNSET,
+        namespace: str | _Unset = _UNSET,
         cache: Cache | None = None,
-        timeout: float = 0.5,
-        max_connections: int = 64,
-        allowed_hosts: Sequence[str] | None = None,
-        cacheable_statuses: Iterable[int] = DEFAULT_CACHEABLE_STATUSES,
-        session_cookie: str | None = None,
-        breaker_threshold: int = 5,
-        breaker_cooldown: float = 5.0,
-        lock_lease: float = 10.0,
-        lock_wait: float = 5.0,
-        max_lifetime: float = DEFAULT_MAX_LIFETIME,
-        clock: Callable[[], float] = time.time,
+        timeout: float | _Unset = _UNSET,
+        max_connections: int | _Unset = _UNSET,
+        allowed_hosts: Sequence[str] | _Unset | None = _UNSET,
+        cacheable_statuses: Iterable[int] | _Unset = _UNSET,
+        session_cookie: str | _Unset | None = _UNSET,
+        breaker_threshold: int | _Unset = _UNSET,
+        breaker_cooldown: float | _Unset = _UNSET,
+        lock_lease: float | _Unset = _UNSET,
+        lock_wait: float | _Unset = _UNSET,
+        max_lifetime: float | _Unset = _UNSET,
+        clock: Callable[[], float] | _Unset = _UNSET,
     ) -> None:
         # Explicit keywords (not **options) so mypy can check
-        # Middleware(CacheMiddleware, ...) calls against them.
-        self.cache = cache or Cache(
-            redis,
-            key_prefix=key_prefix,
-            namespace=namespace,
-            timeout=timeout,
-            max_connections=max_connections,
-            allowed_hosts=allowed_hosts,
-            cacheable_statuses=cacheable_statuses,
-            session_cookie=session_cookie,
-            breaker_threshold=breaker_threshold,
-            breaker_cooldown=breaker_cooldown,
-            lock_lease=lock_lease,
-            lock_wait=lock_wait,
-            max_lifetime=max_lifetime,
-            clock=clock,
-        )
+        # Middleware(CacheMiddleware, ...) calls against them; the defaults are
+        # Cache's, which alone knows them.
+        given: dict[str, Any] = {
+            name: value
+            for name, value in (
+                ("redis", redis),
+                ("key_prefix", key_prefix),
+                ("namespace", namespace),
+                ("timeout", timeout),
+                ("max_connections", max_connections),
+                ("allowed_hosts", allowed_hosts),
+                ("cacheable_statuses", cacheable_statuses),
+                ("session_cookie", session_cookie),
+                ("breaker_threshold", breaker_threshold),
+                ("breaker_cooldown", breaker_cooldown),
+                ("lock_lease", lock_lease),
+                ("lock_wait", lock_wait),
+                ("max_lifetime", max_lifetime),
+                ("clock", clock),
+            )
+            if value is not _UNSET
+        }
+        if cache is not None and given:
+            raise ValueError(
+                f"CacheMiddleware(cache=...) uses that Cache's own settings, so "
+                f"{', '.join(sorted(given))} would be ignored; pass them to Cache(...) "
+                "instead, or drop cache="
+            )
+        # A Cache we make is ours to close (aclose); one passed in stays the caller's.
+        self._owns_cache = cache is None
+        self.cache = cache if cache is not None else Cache(**given)
         self.app = app
         self._router: Router | None = None
         self._warned = False
@@ -251,6 +274,13 @@ class CacheMiddleware:
         # Where vary_on_session lookups check that the session still exists:
         # None when the session store shares the cache's server.
         self.session_backend: Backend | None = None
+
+    async def aclose(self) -> None:
+        """Close the Cache this middleware made (its background refreshes and
+        the Redis client it made from a URL); a ``cache=`` passed in stays open.
+        Lifespan shutdown does this too."""
+        if self._owns_cache:
+            await self.cache.aclose()
 
     def _find_sessions(self, scope: Scope) -> None:
         """Learn the session cookie's name from our SessionMiddleware in the app.

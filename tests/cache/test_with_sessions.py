@@ -16,7 +16,15 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from asgi_redis_kit import CacheMiddleware, Session, SessionMiddleware, SessionStore, cached
+from asgi_redis_kit import (
+    Cache,
+    CacheMiddleware,
+    Session,
+    SessionMiddleware,
+    SessionStore,
+    cached,
+)
+from asgi_redis_kit.cache._middleware import _chain
 from tests.cache.conftest import Framework
 from tests.support import RedisSpy, counting_client
 
@@ -349,3 +357,71 @@ async def test_a_session_store_on_another_client_is_asked_alongside_the_lookup(
         if keys:
             await session_redis.delete(*keys)
         await session_redis.aclose()
+
+
+def _connected(cache: Cache) -> int:
+    client = cache.backend.client
+    assert isinstance(client, Redis)
+    pool = client.connection_pool
+    return sum(1 for connection in pool._available_connections if connection.is_connected)
+
+
+async def test_closing_the_middleware_and_the_cache_and_what_invalidation_returns(
+    framework: Framework,
+    options: dict[str, dict[str, Any]],
+    redis_url: str,
+    key_prefix: str,
+) -> None:
+    """``await middleware.aclose()`` closes the Cache the middleware made from a
+    URL (the README promises it), ``async with Cache(...)`` closes its own, and
+    ``invalidate()`` answers like ``invalidate_tags()``: counters bumped."""
+    prefix = key_prefix + "c:"
+    app = session_app(
+        framework, cache={"redis": redis_url, "key_prefix": prefix}, session=options["session"]
+    )
+    async with client_for(app) as alice:
+        await log_in(alice, "alice")
+        await alice.get("/me")
+        assert (await alice.get("/me")).headers["x-cache"] == "HIT"
+        async with Cache(redis_url, key_prefix=prefix) as admin:
+            assert await admin.invalidate("https://testserver/me") == 1
+            assert await admin.invalidate_tags("a", "b") == 2
+            assert await admin.invalidate_tags() == 0
+            assert _connected(admin) == 1
+        assert _connected(admin) == 0
+        assert (await alice.get("/me")).headers["x-cache"] == "MISS"
+        middleware = next(
+            layer for layer in _chain(app.middleware_stack) if isinstance(layer, CacheMiddleware)
+        )
+        assert _connected(middleware.cache) >= 1
+        await middleware.aclose()
+        assert _connected(middleware.cache) == 0
+
+    # A Cache passed in stays the caller's.
+    async with Cache(redis_url, key_prefix=prefix) as mine:
+        wrapped = CacheMiddleware(app, cache=mine)
+        await mine.clear()
+        await wrapped.aclose()
+        assert await mine.clear() == 2  # still open
+
+
+@pytest.mark.parametrize(
+    "ignored",
+    [{"redis": "redis://localhost:6379/0"}, {"key_prefix": "x:"}, {"session_cookie": "sid"}],
+)
+async def test_options_a_given_cache_would_ignore_are_rejected(
+    options: dict[str, dict[str, Any]], redis_url: str, ignored: dict[str, Any]
+) -> None:
+    async with Cache(redis_url) as cache:
+        with pytest.raises(ValueError, match=rf"cache=.*{next(iter(ignored))}"):
+            CacheMiddleware(
+                session_app("starlette", cache={}, session=options["session"]),
+                cache=cache,
+                **ignored,
+            )
+        app = session_app(
+            "starlette", cache={"cache": cache, **ignored}, session=options["session"]
+        )
+        async with client_for(app) as client:
+            with pytest.raises(ValueError, match="cache="):
+                await client.get("/me")
