@@ -53,6 +53,7 @@ from typing import Any, Literal
 
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
+from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.routing import Host, Match, Mount, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -142,7 +143,14 @@ def _chain(app: Any) -> Iterator[Any]:
         if isinstance(app, Router):
             return
         inner = getattr(app, "app", None)
-        app = inner if inner is not None else getattr(app, "middleware_stack", None)
+        if inner is None and isinstance(app, Starlette):
+            if app.middleware_stack is None:
+                # CacheMiddleware wrapping a Starlette/FastAPI app that has not run
+                # yet: build its stack now, exactly as its first __call__ would,
+                # so the SessionMiddleware in it is found before the first key.
+                app.middleware_stack = app.build_middleware_stack()
+            inner = app.middleware_stack
+        app = inner
 
 
 def _find_sessions(app: Any, scope: Scope) -> SessionMiddleware | None:

@@ -425,3 +425,23 @@ async def test_options_a_given_cache_would_ignore_are_rejected(
         async with client_for(app) as client:
             with pytest.raises(ValueError, match="cache="):
                 await client.get("/me")
+
+
+async def test_a_cache_wrapping_a_whole_application_finds_its_session_middleware(
+    framework: Framework, options: dict[str, dict[str, Any]]
+) -> None:
+    """``CacheMiddleware(app)`` around an application whose middleware stack is
+    built on its first call still learns the cookie name and proves sessions."""
+    inner = session_app(framework, cache={}, session={**options["session"], "cookie_name": "sid"})
+    inner.user_middleware = [m for m in inner.user_middleware if m.cls is not CacheMiddleware]
+    app = CacheMiddleware(inner, **options["cache"])
+    async with client_for(app) as alice, client_for(app) as bob, client_for(app) as thief:
+        cookie = await log_in(alice, "alice")
+        await log_in(bob, "bob")
+        assert (await alice.get("/me")).text == "private page of alice"
+        assert (await bob.get("/me")).text == "private page of bob"
+        await alice.get("/logout")
+        assert (await thief.get("/me", headers={"cookie": cookie})).text == (
+            "private page of anonymous"
+        )
+    await app.aclose()
