@@ -9,16 +9,15 @@ would write them.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
-from starlette.middleware import Middleware
 
-from asgi_redis_kit import SessionMiddleware, cached, get_cache
+from asgi_redis_kit import cached, get_cache
 
 from . import pages, web
-from .settings import COOKIE_NAME, COOKIE_PATH, REPORT_TAG, REPORT_TTL, Settings
+from .settings import REPORT_TAG, REPORT_TTL, Settings
 
 FRAMEWORK = "FastAPI"
 
@@ -43,25 +42,15 @@ def _back(path: str = "/") -> RedirectResponse:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The FastAPI example app; ``settings`` defaults to the environment's."""
     settings = settings or Settings.from_env()
-    # Listed outermost first, exactly as in the Starlette app: the cache wraps
-    # the sessions so a HIT is answered without loading a session.
+    middleware, store = web.middleware(settings, FRAMEWORK)
     app = FastAPI(
         title="asgi_redis_kit example",
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
-        middleware=[
-            Middleware(web.ExposeCacheStatus, instance=settings.instance, framework=FRAMEWORK),
-            Middleware(web.response_cache, redis=settings.redis_url),
-            Middleware(
-                SessionMiddleware,
-                secret_key=settings.secret_key,
-                redis=settings.redis_url,
-                cookie_name=COOKIE_NAME,
-                path=COOKIE_PATH,
-            ),
-        ],
+        middleware=middleware,
     )
+    app.state.store = store
     app.state.settings = settings
     app.state.framework = FRAMEWORK
 
@@ -129,13 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return _back("/report")
 
     @app.get("/healthz")
-    async def healthz(request: Request) -> dict[str, str]:
-        return {
-            "status": "ok",
-            "app": "asgi_redis_kit example",
-            "framework": FRAMEWORK,
-            "instance": settings.instance,
-            "redis": settings.redis_label,
-        }
+    async def healthz(request: Request) -> dict[str, Any]:
+        return await web.health(request)
 
     return app

@@ -15,15 +15,14 @@ Routes (the FastAPI twin in ``fastapi_app`` serves the same ones):
 from __future__ import annotations
 
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
 from starlette.routing import Route
 
-from asgi_redis_kit import SessionMiddleware, cached, get_cache
+from asgi_redis_kit import cached, get_cache
 
 from . import pages, web
-from .settings import COOKIE_NAME, COOKIE_PATH, REPORT_TAG, REPORT_TTL, Settings
+from .settings import REPORT_TAG, REPORT_TTL, Settings
 
 FRAMEWORK = "Starlette"
 
@@ -112,16 +111,7 @@ async def invalidate_report(request: Request) -> RedirectResponse | PlainTextRes
 
 
 async def healthz(request: Request) -> JSONResponse:
-    settings = web.settings_of(request)
-    return JSONResponse(
-        {
-            "status": "ok",
-            "app": "asgi_redis_kit example",
-            "framework": FRAMEWORK,
-            "instance": settings.instance,
-            "redis": settings.redis_label,
-        }
-    )
+    return JSONResponse(await web.health(request))
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -137,20 +127,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/report/invalidate", invalidate_report, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
     ]
-    # Listed outermost first. The cache must wrap the sessions so a HIT is
-    # answered without loading a session at all.
-    middleware = [
-        Middleware(web.ExposeCacheStatus, instance=settings.instance, framework=FRAMEWORK),
-        Middleware(web.response_cache, redis=settings.redis_url),
-        Middleware(
-            SessionMiddleware,
-            secret_key=settings.secret_key,
-            redis=settings.redis_url,
-            cookie_name=COOKIE_NAME,
-            path=COOKIE_PATH,
-        ),
-    ]
+    middleware, store = web.middleware(settings, FRAMEWORK)
     app = Starlette(routes=routes, middleware=middleware)
+    app.state.store = store
     app.state.settings = settings
     app.state.framework = FRAMEWORK
     return app

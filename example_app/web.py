@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from starlette.datastructures import MutableHeaders
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from asgi_redis_kit import CacheMiddleware, Session
+from asgi_redis_kit import CacheMiddleware, Session, SessionMiddleware, SessionStore
 
 from .pages import Status
-from .settings import COOKIE_NAME, Settings
+from .settings import COOKIE_NAME, COOKIE_PATH, Settings
 
 MAX_FORM_BYTES = 4096
 MAX_NAME_LENGTH = 40
@@ -27,6 +29,44 @@ MAX_NAME_LENGTH = 40
 def settings_of(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
+
+
+def middleware(settings: Settings, framework: str) -> tuple[list[Middleware], SessionStore]:
+    """Both apps' middleware, outermost first, and the session store inside it.
+
+    The cache wraps the sessions so a HIT is answered without loading a session.
+    The store is made here so /healthz can ask it about Redis; SessionMiddleware
+    still closes it at lifespan shutdown.
+    """
+    store = SessionStore(settings.redis_url)
+    stack = [
+        Middleware(ExposeCacheStatus, instance=settings.instance, framework=framework),
+        Middleware(response_cache, redis=settings.redis_url),
+        Middleware(
+            SessionMiddleware,
+            secret_key=settings.secret_key,
+            store=store,
+            cookie_name=COOKIE_NAME,
+            path=COOKIE_PATH,
+        ),
+    ]
+    return stack, store
+
+
+async def health(request: Request) -> dict[str, Any]:
+    """/healthz: "ok", or "degraded" when Redis does not answer (sessions then
+    answer 503 and the cache steps aside, but the instance still serves)."""
+    settings = settings_of(request)
+    store: SessionStore = request.app.state.store
+    redis_ok = await store.ping()
+    return {
+        "status": "ok" if redis_ok else "degraded",
+        "redis_reachable": redis_ok,
+        "app": "asgi_redis_kit example",
+        "framework": request.app.state.framework,
+        "instance": settings.instance,
+        "redis": settings.redis_label,
+    }
 
 
 def status_of(request: Request) -> Status:

@@ -39,6 +39,7 @@ import orjson
 from redis.exceptions import NoScriptError, ResponseError
 
 from .._redis import DEFAULT_MAX_CONNECTIONS, DEFAULT_TIMEOUT, Backend, RedisClient, RedisLike
+from ..errors import BackendUnavailable
 
 logger = logging.getLogger("asgi_redis_kit.sessions")
 
@@ -253,6 +254,16 @@ class SessionStore:
     async def aclose(self) -> None:
         """Close the Redis client if the store created it from a URL."""
         await self.backend.aclose()
+
+    async def ping(self) -> bool:
+        """Whether Redis answers within the deadline: for health endpoints, which
+        should report "degraded" rather than fail when it does not."""
+        try:
+            async with self.backend.call() as client:
+                await client.ping()
+        except BackendUnavailable:
+            return False
+        return True
 
     # -- keys and time ------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from starlette.types import ASGIApp
 from example_app import fastapi_app, starlette_app
 from example_app.settings import COOKIE_NAME, Settings
 from tests.example_app.helpers import by_id, lifespan, visits
+from tests.support import RedisProcess
 
 AppFactory = Callable[[Settings], ASGIApp]
 FACTORIES: dict[str, AppFactory] = {
@@ -218,3 +219,26 @@ async def test_healthz_and_status_area(app: ASGIApp, client: httpx.AsyncClient) 
     assert by_id(page, "instance") == body["instance"]
     assert by_id(page, "framework") == body["framework"]
     assert by_id(page, "redis") == "embedded in-process Redis"
+
+
+@pytest.mark.real_redis
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+async def test_healthz_reports_degraded_while_redis_is_down(
+    name: str, own_redis: RedisProcess
+) -> None:
+    """Checklist 31: with Redis gone the instance keeps answering and says so;
+    the cached report still renders (the cache fails open)."""
+    settings = Settings(redis_url=own_redis.url, instance="degraded", report_delay=0.01)
+    application = FACTORIES[name](settings)
+    async with lifespan(application), make_client(application) as http:
+        assert (await http.get("/healthz")).json()["status"] == "ok"
+        own_redis.stop()
+        health = await http.get("/healthz")
+        assert health.status_code == 200
+        assert health.json()["status"] == "degraded"
+        assert health.json()["redis_reachable"] is False
+        report = await http.get("/report")
+        assert report.status_code == 200
+        assert report.headers["x-cache"] == "BYPASS"
+        own_redis.start()
+        assert (await http.get("/healthz")).json()["status"] == "ok"

@@ -526,3 +526,16 @@ async def test_using_an_unloadable_session_is_a_503_in_every_framework_and_order
             await app.aclose()
         else:
             await run_lifespan(app)
+
+
+async def test_ping_reports_whether_redis_answers(own_redis: RedisProcess) -> None:
+    """Checklist 31's "health reports degraded": health endpoints ask the store."""
+    store = SessionStore(own_redis.url, timeout=TIMEOUT)
+    try:
+        assert await store.ping() is True
+        own_redis.stop()
+        assert await store.ping() is False
+        own_redis.start()
+        assert await store.ping() is True
+    finally:
+        await store.aclose()
