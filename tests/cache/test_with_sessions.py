@@ -26,7 +26,7 @@ from asgi_redis_kit import (
 )
 from asgi_redis_kit.cache._middleware import _chain
 from tests.cache.conftest import Framework
-from tests.support import RedisSpy, counting_client
+from tests.support import RedisSpy, counting_client, free_port
 
 SECRET = "k" * 32
 Order = Literal["cache-outside", "session-outside"]
@@ -445,3 +445,36 @@ async def test_a_cache_wrapping_a_whole_application_finds_its_session_middleware
             "private page of anonymous"
         )
     await app.aclose()
+
+
+async def test_a_session_that_failed_to_load_outside_the_cache_is_no_session(
+    framework: Framework, options: dict[str, dict[str, Any]]
+) -> None:
+    """Session store down, SessionMiddleware outside the cache: the placeholder
+    session it leaves is never touched by the cache (touching it answers 503),
+    and counts as no session; a handler that uses it gets the 503, never stored."""
+    from asgi_redis_kit.sessions._cookie import CookieSigner
+
+    app = session_app(
+        framework,
+        cache=options["cache"],
+        session={**options["session"], "redis": f"redis://127.0.0.1:{free_port()}/0"},
+        order="session-outside",
+    )
+
+    @cached(ttl=60, vary_on_session=True)
+    async def news(request: Request) -> Response:
+        return PlainTextResponse("news")  # never reads the session
+
+    app.router.routes.append(Route("/news", news))
+    cookie = {"cookie": "session=" + CookieSigner(SECRET).sign("a" * 43)}
+    async with client_for(app) as user:
+        for state in ("MISS", "HIT"):
+            served = await user.get("/news", headers=cookie)
+            assert (served.status_code, served.text, served.headers["x-cache"]) == (
+                200,
+                "news",
+                state,
+            )
+        for _ in range(2):
+            assert (await user.get("/me", headers=cookie)).status_code == 503
