@@ -41,7 +41,8 @@ def middleware(settings: Settings, framework: str) -> tuple[list[Middleware], Se
     store = SessionStore(settings.redis_url)
     stack = [
         Middleware(ExposeCacheStatus, instance=settings.instance, framework=framework),
-        Middleware(response_cache, redis=settings.redis_url),
+        # The cache learns the session cookie's name from SessionMiddleware.
+        Middleware(CacheMiddleware, redis=settings.redis_url),
         Middleware(
             SessionMiddleware,
             secret_key=settings.secret_key,
@@ -133,18 +134,6 @@ async def build_report(delay: float) -> tuple[str, list[tuple[str, int]]]:
     ]
     stamp = built.strftime("%Y-%m-%d %H:%M:%S.") + f"{built.microsecond // 1000:03d} UTC"
     return stamp, rows
-
-
-def response_cache(app: ASGIApp, *, redis: str) -> ASGIApp:
-    """``CacheMiddleware`` configured for this app.
-
-    Users write ``Middleware(CacheMiddleware, redis=...)``; it goes through this
-    function only because ``CacheMiddleware.__init__`` takes ``**options``, which
-    mypy --strict cannot match against Starlette's ``Middleware`` factory type.
-    """
-    # session_cookie: the cache must know our cookie's name to tell per-user
-    # responses apart (its default is "session").
-    return CacheMiddleware(app, redis=redis, session_cookie=COOKIE_NAME)
 
 
 class ExposeCacheStatus:
