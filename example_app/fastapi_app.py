@@ -56,18 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse)
     async def home(request: Request) -> HTMLResponse:
-        session = web.session_of(request)
-        visits = await session.incr("visits")
-        user = session.user_id
-        count = len(await session.store.user_sessions(user)) if user else 0
-        html = pages.home_page(
-            visits=visits,
-            user=user,
-            user_sessions=count,
-            handle=session.handle,
-            status=web.status_of(request),
-        )
-        return HTMLResponse(html)
+        return HTMLResponse(await web.home(request))
 
     @app.post("/reset", dependencies=[SameOrigin])
     async def reset(request: Request) -> RedirectResponse:

@@ -37,18 +37,7 @@ def _back(path: str = "/") -> RedirectResponse:
 
 
 async def home(request: Request) -> HTMLResponse:
-    session = web.session_of(request)
-    visits = await session.incr("visits")
-    user = session.user_id
-    count = len(await session.store.user_sessions(user)) if user else 0
-    html = pages.home_page(
-        visits=visits,
-        user=user,
-        user_sessions=count,
-        handle=session.handle,
-        status=web.status_of(request),
-    )
-    return HTMLResponse(html)
+    return HTMLResponse(await web.home(request))
 
 
 async def reset(request: Request) -> RedirectResponse | PlainTextResponse:

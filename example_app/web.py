@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from asgi_redis_kit import CacheMiddleware, Session, SessionMiddleware, SessionStore
 
+from . import pages
 from .pages import Status
 from .settings import COOKIE_NAME, COOKIE_PATH, Settings
 
@@ -76,6 +77,22 @@ def status_of(request: Request) -> Status:
         instance=settings.instance,
         framework=request.app.state.framework,
         redis=settings.redis_label,
+    )
+
+
+async def home(request: Request) -> str:
+    """The visit counter, as both apps serve it at ``/``."""
+    session = session_of(request)
+    # incr, not session["visits"] += 1: concurrent tabs never lose a visit.
+    visits = await session.incr("visits")
+    user = session.user_id
+    count = len(await session.store.user_sessions(user)) if user else 0
+    return pages.home_page(
+        visits=visits,
+        user=user,
+        user_sessions=count,
+        handle=session.handle,
+        status=status_of(request),
     )
 
 
