@@ -61,13 +61,15 @@ class SessionMiddleware:
         timeout: deadline in seconds of every Redis call.
         max_connections: pool size of a client made from a URL.
         retry_after: the ``Retry-After`` seconds sent with a 503.
-        store: a ready :class:`SessionStore`, instead of ``redis``/``key_prefix``/
-            timeouts.
+        store: a ready :class:`SessionStore`, instead of ``redis``, ``key_prefix``,
+            ``idle_timeout``, ``absolute_lifetime``, ``timeout`` and ``max_connections``
+            (giving any of those too is an error, not a silent no-op).
     """
 
     def __init__(
         self,
         app: ASGIApp,
+        /,
         *,
         secret_key: str | Secret | Sequence[str],
         redis: RedisLike = "redis://localhost:6379/0",
@@ -100,6 +102,22 @@ class SessionMiddleware:
         if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0:
             raise ValueError(f"retry_after must be a whole number of seconds, got {retry_after!r}")
         self.retry_after = retry_after
+        if store is not None:
+            given = {
+                "redis": redis,
+                "key_prefix": key_prefix,
+                "idle_timeout": idle_timeout,
+                "absolute_lifetime": absolute_lifetime,
+                "timeout": timeout,
+                "max_connections": max_connections,
+            }
+            defaults = SessionMiddleware.__init__.__kwdefaults__ or {}
+            ignored = [name for name, value in given.items() if value != defaults[name]]
+            if ignored:
+                raise ValueError(
+                    f"store= already carries the Redis settings, so {', '.join(ignored)} "
+                    "would be ignored; set them on the SessionStore instead"
+                )
         self.store = store or SessionStore(
             Backend(redis, timeout=timeout, max_connections=max_connections),
             key_prefix=key_prefix,

@@ -357,3 +357,15 @@ async def test_a_replayed_copy_of_a_finished_scope_is_not_a_duplicate(
     await app({**scopes[0]}, receive, send)
     assert sent[0]["status"] == 200
     assert sent[1]["body"] == b'{"a":1}'
+
+
+def test_store_with_redis_options_is_an_error_not_a_silent_no_op() -> None:
+    """store= carries the Redis settings; repeating them on the middleware would
+    be ignored, so it is refused with the names of the offending options."""
+    store = SessionStore("memory://store-conflict")
+    with pytest.raises(ValueError, match="key_prefix, timeout would be ignored"):
+        SessionMiddleware(
+            PlainTextResponse("x"), secret_key=SECRET, store=store, key_prefix="x:", timeout=2
+        )
+    # Cookie settings are not the store's, so they go with store= fine.
+    SessionMiddleware(PlainTextResponse("x"), secret_key=SECRET, store=store, cookie_name="sid")
