@@ -1,4 +1,7 @@
-"""``python -m bench [--quick] [--only sessions|cache] [-n N] [--rounds R] [--out PATH]``"""
+"""``python -m bench [--quick] [--only sessions|cache] [-n N] [--rounds R] [--out PATH]``
+
+``python -m bench soak [--minutes M] [--rps R] [--latency-ms L]``: the soak run
+(``bench/soak.py``)."""
 
 from __future__ import annotations
 
@@ -84,10 +87,15 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
     signal.signal(signal.SIGTERM, _on_sigterm)
     # Ctrl-C must reach us even when a shell started us in the background.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    if argv[:1] == ["soak"]:
+        from . import soak
+
+        return soak.main(argv[1:])
+    args = _parse(argv)
     # Only a complete run replaces the committed results.
     partial = args.quick or args.only or args.no_e2e
     name = "quick.md" if args.quick else "partial.md" if partial else "latest.md"

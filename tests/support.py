@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -137,3 +139,172 @@ def counting_client(url: str, spy: RedisSpy, **kwargs: Any) -> Redis:
         **kwargs,
     )
     return client
+
+
+class DelayProxy:
+    """An asyncio TCP proxy on loopback in front of a Redis server that delays what
+    flows through it, for tests and the soak bench (it needs no pytest).
+
+    ``latency`` (seconds) may be changed at any time, e.g. ``proxy.latency = 0.05``;
+    it applies to chunks read from then on. It is a delay line, not a queue of
+    sleeps: each chunk read from one side is written to the other ``latency`` after
+    it arrived, in order, so pipelined traffic is not slowed further.
+
+    Parameters:
+        upstream_port, upstream_host: the Redis server behind the proxy.
+        latency: the delay added to every chunk flowing in ``direction``.
+        direction: ``"replies"`` (server to client, the default: a command runs at
+            once in Redis and its reply arrives late, so a client that gives up
+            waiting gives up *mid-reply*), ``"requests"``, or ``"both"``.
+        split: when above 0, the first ``split`` bytes of each delayed chunk go at
+            once and only the rest waits, leaving the client holding half a reply.
+        port: the port to listen on; a free one by default. It is kept across
+            ``stop()`` and ``start()``.
+
+    ``open_connections`` counts client connections open right now, ``accepted``
+    all of them ever, ``peak`` the most open at once, and ``discarded`` the
+    chunks still waiting in the delay line when their connection closed (replies
+    a client gave up on). ``chunks["requests"]`` and ``chunks["replies"]`` count the
+    reads from each side: one per write burst, so a command or a whole pipeline
+    is usually one, which makes ``chunks["requests"]`` a count of round trips.
+    """
+
+    def __init__(
+        self,
+        upstream_port: int,
+        *,
+        upstream_host: str = "127.0.0.1",
+        latency: float = 0.0,
+        direction: str = "replies",
+        split: int = 0,
+        port: int = 0,
+    ) -> None:
+        if direction not in ("replies", "requests", "both"):
+            raise ValueError(f"direction must be replies, requests or both, got {direction!r}")
+        self.upstream_host = upstream_host
+        self.upstream_port = upstream_port
+        self.latency = latency
+        self.direction = direction
+        self.split = split
+        self.port = port
+        self.open_connections = 0
+        self.accepted = 0
+        self.peak = 0
+        self.discarded = 0
+        self.chunks: Counter[str] = Counter()
+        self._server: asyncio.Server | None = None
+        self._links: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> DelayProxy:
+        if self._server is not None:
+            return self
+        self._server = await asyncio.start_server(self._link, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        """Stop listening and close every connection, delayed data included."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for task in list(self._links):
+            task.cancel()
+        # Each link closes its own sockets on the way out; bounded by the timeout.
+        if self._links:
+            await asyncio.wait(list(self._links), timeout=10)
+        if server is not None:
+            await server.wait_closed()
+
+    async def __aenter__(self) -> DelayProxy:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._links.add(task)
+        up_writer: asyncio.StreamWriter | None = None
+        try:
+            try:
+                up_reader, up_writer = await asyncio.open_connection(
+                    self.upstream_host, self.upstream_port
+                )
+            except OSError:
+                return
+            self.open_connections += 1
+            self.accepted += 1
+            self.peak = max(self.peak, self.open_connections)
+            try:
+                pipes = [
+                    asyncio.create_task(self._pipe(reader, up_writer, "requests")),
+                    asyncio.create_task(self._pipe(up_reader, writer, "replies")),
+                ]
+                try:
+                    # Either side closing ends the link (Redis has no half-close).
+                    await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for pipe in pipes:
+                        pipe.cancel()
+                    await asyncio.gather(*pipes, return_exceptions=True)
+            finally:
+                self.open_connections -= 1
+        except asyncio.CancelledError:
+            # Only stop() cancels a link, and the task ends here: asyncio logs a
+            # client_connected_cb task that ends cancelled as an unhandled error.
+            pass
+        finally:
+            for w in (writer, up_writer):
+                if w is not None:
+                    w.close()
+                    with contextlib.suppress(OSError, asyncio.CancelledError):
+                        await w.wait_closed()
+            self._links.discard(task)
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, side: str
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        delayed = self.direction in (side, "both")
+        line: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+
+        async def feed() -> None:
+            try:
+                while chunk := await reader.read(65536):
+                    self.chunks[side] += 1
+                    now = loop.time()
+                    latency = self.latency if delayed else 0.0
+                    if latency > 0 and 0 < self.split < len(chunk):
+                        line.put_nowait((now, chunk[: self.split]))
+                        line.put_nowait((now + latency, chunk[self.split :]))
+                    else:
+                        line.put_nowait((now + latency, chunk))
+            except OSError:
+                pass
+            finally:
+                line.put_nowait(None)
+
+        feeder = asyncio.create_task(feed())
+        holding = False  # a chunk taken from the line and not yet written
+        try:
+            while (item := await line.get()) is not None:
+                holding = True
+                due, chunk = item
+                wait = due - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                writer.write(chunk)
+                holding = False
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            feeder.cancel()
+            await asyncio.gather(feeder, return_exceptions=True)
+            left = [line.get_nowait() for _ in range(line.qsize())]
+            self.discarded += holding + sum(1 for item in left if item is not None)
