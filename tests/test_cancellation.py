@@ -172,8 +172,16 @@ async def test_backend_calls_abandoned_mid_reply_leave_every_caller_its_own_valu
         proxy.split = split
         executed = await gets_executed(admin)
         results = await abandon(proxy, backend, mode, [get(k) for k in values])
-        expected = BackendUnavailable if mode == "deadline" else asyncio.CancelledError
-        assert [type(r) for r in results] == [expected] * N
+        if mode == "deadline":
+            assert [type(r) for r in results] == [BackendUnavailable] * N
+        else:
+            # Callers queued behind the pool may give up waiting for a connection
+            # (the URL client's pool wait is the short deadline it was made with)
+            # before the cancel reaches them, on a slow machine. Either way none
+            # of them may have returned a value.
+            kinds = {type(r) for r in results}
+            assert kinds <= {asyncio.CancelledError, BackendUnavailable}, kinds
+            assert sum(isinstance(r, asyncio.CancelledError) for r in results) >= POOL
         # The commands did run in Redis: their replies were in flight when abandoned.
         assert await gets_executed(admin) - executed >= POOL
 
