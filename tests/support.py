@@ -18,6 +18,16 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
 
 
+def stop_process(proc: subprocess.Popen[Any]) -> None:
+    """Terminate ``proc``, and kill it if it has not gone within 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -76,8 +86,7 @@ class RedisProcess:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.resume()
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
+            stop_process(self.proc)
         self.proc = None
 
     def pause(self) -> None:

@@ -26,8 +26,7 @@ from tests.scaleout.servers import (
 pytestmark = pytest.mark.real_redis
 
 
-@pytest.fixture(scope="session")
-def cluster() -> Iterator[ClusterDeployment]:
+def _cluster() -> Iterator[ClusterDeployment]:
     try:
         deployment = ClusterDeployment(masters=3)
     except ServerStartError as exc:
@@ -36,6 +35,11 @@ def cluster() -> Iterator[ClusterDeployment]:
         yield deployment
     finally:
         deployment.close()
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[ClusterDeployment]:
+    yield from _cluster()
 
 
 @pytest.fixture
@@ -106,14 +110,7 @@ async def sentinel_master(
 @pytest.fixture
 def own_cluster() -> Iterator[ClusterDeployment]:
     """A cluster of this test's own, for killing and restarting masters."""
-    try:
-        deployment = ClusterDeployment(masters=3)
-    except ServerStartError as exc:
-        pytest.fail(f"could not start a Redis Cluster for the scale-out tests: {exc}")
-    try:
-        yield deployment
-    finally:
-        deployment.close()
+    yield from _cluster()
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from tests.support import free_port
+from tests.support import free_port, stop_process
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 10.0
@@ -129,12 +129,7 @@ class ServerProcess:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+            stop_process(self.proc)
         self.proc = None
 
     def kill(self) -> None:
