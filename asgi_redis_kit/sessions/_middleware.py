@@ -7,7 +7,9 @@ something. Changes are saved when the response starts -- the last moment a
 ``Set-Cookie`` can still be added -- and only for statuses below 500.
 
 Websocket connections get the session too, read-only: there is no response to
-carry a cookie, so changes made there are not saved.
+carry a cookie, so changes made there are not saved. When Redis is down, a
+websocket that uses its session is closed with 1013 "Try Again Later"; one that
+does not is served as usual.
 
 Sessions fail closed: when Redis does not answer, a request that needs the session
 gets a 503 with ``Retry-After`` and no ``Set-Cookie``, instead of an anonymous
@@ -146,16 +148,13 @@ class SessionMiddleware:
         except BackendUnavailable as exc:
             # The message names only the error type; Redis' own text may hold a key.
             logger.warning("session store unavailable while loading a session: %s", exc)
-            if kind == "websocket":
-                await self._unavailable(scope, send)
-                return
             # Only a request that uses its session needs Redis: the 503 waits for that.
             session = UnavailableSession(self.store, retry_after=self.retry_after)
         scope["session"] = session
         if kind == "websocket":
             # Websockets read the session; there is no response to carry a cookie,
             # so changes made there are not saved.
-            await self.app(scope, receive, send)
+            await self._serve_websocket(scope, receive, send)
             return
         responder = _Responder(self, scope, session, send)
         try:
@@ -167,7 +166,37 @@ class SessionMiddleware:
             if responder.started:
                 raise
             logger.warning("session store unavailable during the request: %s", exc)
-            await self._unavailable(scope, send)
+            await self._unavailable(send)
+
+    async def _serve_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        session: Session = scope["session"]
+        # Starlette answers our SessionStoreUnavailable (an HTTPException) with a
+        # 503 denial response, which is only valid before accept and on servers with
+        # the extension; anywhere else the socket is closed with 1013 "Try Again
+        # Later" instead (before accept the server answers that with a 403).
+        can_deny = "websocket.http.response" in scope.get("extensions", {})
+        accepted = closed = False
+
+        async def watch(message: Message) -> None:
+            nonlocal accepted, closed
+            kind = message["type"]
+            denial = kind.startswith("websocket.http.response.")
+            if denial and session._store_failed and (accepted or not can_deny):
+                if not closed:
+                    closed = True
+                    await send({"type": "websocket.close", "code": 1013})
+                return
+            accepted = accepted or kind == "websocket.accept"
+            closed = closed or kind == "websocket.close" or denial
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except BackendUnavailable as exc:
+            # The session was used while Redis was down, and nothing answered it.
+            logger.warning("session store unavailable during a websocket: %s", exc)
+            if not closed:
+                await send({"type": "websocket.close", "code": 1013})
 
     def _mark(self, scope: Scope) -> None:
         marker = scope.get(_MARK)
@@ -213,11 +242,7 @@ class SessionMiddleware:
             )
         return Session(self.store, retry_after=self.retry_after)
 
-    async def _unavailable(self, scope: Scope, send: Send) -> None:
-        if scope["type"] == "websocket":
-            # 1013 "Try Again Later"; before accept the server turns it into a 403.
-            await send({"type": "websocket.close", "code": 1013})
-            return
+    async def _unavailable(self, send: Send) -> None:
         await send(
             {
                 "type": "http.response.start",
@@ -271,7 +296,7 @@ class _Responder:
             # An error handler between us and the failure (Starlette's
             # ServerErrorMiddleware inside ours) made a 500 of the store's 503.
             self.replaced = True
-            await self.middleware._unavailable(self.scope, self.send_downstream)
+            await self.middleware._unavailable(self.send_downstream)
             return
         if message["status"] >= 500:
             session._discard()
@@ -286,7 +311,7 @@ class _Responder:
                     time.monotonic() - started,
                 )
                 self.replaced = True
-                await self.middleware._unavailable(self.scope, self.send_downstream)
+                await self.middleware._unavailable(self.send_downstream)
                 return
         message.setdefault("headers", [])
         headers = MutableHeaders(scope=message)

@@ -139,6 +139,17 @@ def build_app(
         await websocket.send_json(dict(websocket.session))
         await websocket.close()
 
+    async def ws_early(websocket: WebSocket) -> None:
+        room = websocket.session.get("room")
+        await websocket.accept()
+        await websocket.send_text(f"room {room}")
+        await websocket.close()
+
+    async def ws_plain(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text("no session needed")
+        await websocket.close()
+
     routes = [
         Route("/read", read),
         Route("/noop", noop),
@@ -157,6 +168,8 @@ def build_app(
         Route("/stream", stream),
         Route("/whoami", whoami),
         WebSocketRoute("/ws", ws),
+        WebSocketRoute("/ws-plain", ws_plain),
+        WebSocketRoute("/ws-early", ws_early),
     ]
     middleware = [Middleware(SessionMiddleware, redis=redis, **options)] if wrap else []
     return Starlette(routes=routes, middleware=middleware)

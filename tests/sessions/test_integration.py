@@ -19,7 +19,7 @@ from starlette.middleware.sessions import SessionMiddleware as StarletteSessionM
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
-from starlette.types import ASGIApp, Message
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from asgi_redis_kit import (
     DuplicateMiddleware,
@@ -90,7 +90,12 @@ async def test_fastapi_visit_counter_login_and_plain_handlers(
 # -- websockets --------------------------------------------------------------------
 
 
-async def run_websocket(app: ASGIApp, headers: list[tuple[bytes, bytes]]) -> list[Message]:
+async def run_websocket(
+    app: ASGIApp,
+    headers: list[tuple[bytes, bytes]],
+    path: str = "/ws",
+    extensions: dict[str, Any] | None = None,
+) -> list[Message]:
     inbox: list[Message] = [
         {"type": "websocket.connect"},
         {"type": "websocket.disconnect", "code": 1000},
@@ -107,14 +112,15 @@ async def run_websocket(app: ASGIApp, headers: list[tuple[bytes, bytes]]) -> lis
         "type": "websocket",
         "asgi": {"version": "3.0"},
         "scheme": "ws",
-        "path": "/ws",
-        "raw_path": b"/ws",
+        "path": path,
+        "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
         "headers": headers,
         "subprotocols": [],
         "client": ("127.0.0.1", 1),
         "server": ("t", 80),
+        "extensions": extensions or {},
     }
     await app(scope, receive, send)
     return sent
@@ -130,7 +136,7 @@ async def test_websocket_reads_the_session(app: Starlette, client: httpx.AsyncCl
     assert sent[1]["text"] == "{}"
 
 
-async def test_websocket_with_redis_down_is_closed_with_try_again_later(
+async def test_websocket_with_redis_down_is_closed_with_try_again_later_if_it_uses_the_session(
     own_redis: RedisProcess, make_client: Callable[..., httpx.AsyncClient]
 ) -> None:
     mw = SessionMiddleware(
@@ -139,10 +145,54 @@ async def test_websocket_with_redis_down_is_closed_with_try_again_later(
     try:
         client = make_client(mw)
         await client.post("/set", json={"a": 1})
-        cookie = client.cookies["session"]
+        cookie = [(b"cookie", f"session={client.cookies['session']}".encode())]
         own_redis.stop()
-        sent = await run_websocket(mw, [(b"cookie", f"session={cookie}".encode())])
+        # /ws accepts, then reads the session: it is closed with 1013, never a 500.
+        sent = await run_websocket(mw, cookie)
+        assert sent == [
+            {"type": "websocket.accept", "subprotocol": None, "headers": []},
+            {"type": "websocket.close", "code": 1013},
+        ]
+        # A socket that never touches its session does not need Redis.
+        sent = await run_websocket(mw, cookie, path="/ws-plain")
+        kinds = [message["type"] for message in sent]
+        assert kinds == ["websocket.accept", "websocket.send", "websocket.close"]
+        assert sent[1]["text"] == "no session needed"
+        # Used before accept: a 503 denial response where the server can send one
+        # (Starlette's answer to our HTTPException), else close 1013 (a 403).
+        sent = await run_websocket(
+            mw, cookie, path="/ws-early", extensions={"websocket.http.response": {}}
+        )
+        assert sent[0]["type"] == "websocket.http.response.start"
+        assert sent[0]["status"] == 503
+        assert (b"retry-after", b"5") in sent[0]["headers"]
+        sent = await run_websocket(mw, cookie, path="/ws-early")
         assert sent == [{"type": "websocket.close", "code": 1013}]
+    finally:
+        await mw.aclose()
+
+
+async def test_websocket_app_without_exception_handling_is_closed_with_try_again_later(
+    own_redis: RedisProcess, make_client: Callable[..., httpx.AsyncClient]
+) -> None:
+    """A bare ASGI websocket app lets SessionStoreUnavailable reach the middleware."""
+
+    async def bare(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.accept"})
+            await send({"type": "websocket.send", "text": str(dict(scope["session"]))})
+            return
+        await build_app(None, wrap=False)(scope, receive, send)
+
+    mw = SessionMiddleware(bare, secret_key=SECRET, redis=own_redis.url, timeout=0.5)
+    try:
+        client = make_client(mw)
+        await client.post("/set", json={"a": 1})
+        cookie = [(b"cookie", f"session={client.cookies['session']}".encode())]
+        assert (await run_websocket(mw, cookie))[1]["text"] == "{'a': 1}"
+        own_redis.stop()
+        sent = await run_websocket(mw, cookie)
+        assert sent == [{"type": "websocket.accept"}, {"type": "websocket.close", "code": 1013}]
     finally:
         await mw.aclose()
 
