@@ -33,15 +33,24 @@ def _app(cache: Cache, *routes: Route, inner: list[Middleware] | None = None) ->
 async def test_entries_expire_at_ttl_plus_jitter_on_real_redis(
     real_redis: Redis, key_prefix: str
 ) -> None:
-    @cached(ttl=1, jitter=0.5)
-    async def short(request: Request) -> Response:
+    @cached(ttl=60, jitter=30)
+    async def spread(request: Request) -> Response:
         return PlainTextResponse("x" * 10)
 
+    @cached(ttl=1, jitter=0.5)
+    async def short(request: Request) -> Response:
+        return PlainTextResponse("y" * 10)
+
+    async def entry_keys() -> set[bytes]:
+        return {k async for k in real_redis.scan_iter(match=f"{key_prefix}*:e:*")}
+
     cache = Cache(real_redis, key_prefix=key_prefix)
-    async with client_for(_app(cache, Route("/s", short))) as client:
+    async with client_for(_app(cache, Route("/j", spread), Route("/s", short))) as client:
+        # Jitter, on entries that outlive the test: checking 20 of them takes no
+        # race against their expiry, however slow the machine.
         for n in range(20):
-            assert (await client.get(f"/s?n={n}")).headers["x-cache"] == "MISS"
-        keys = [k async for k in real_redis.scan_iter(match=f"{key_prefix}*:e:*")]
+            assert (await client.get(f"/j?n={n}")).headers["x-cache"] == "MISS"
+        keys = await entry_keys()
         assert len(keys) == 20
         lifetimes = set()
         for key in keys:
@@ -49,15 +58,19 @@ async def test_entries_expire_at_ttl_plus_jitter_on_real_redis(
             assert isinstance(raw, bytes)
             entry = decode(raw)
             assert entry is not None
-            assert 1 <= entry.fresh_for <= 1.5
+            assert 60 <= entry.fresh_for <= 90
             lifetimes.add(entry.fresh_for)
-            assert 0 < await real_redis.pttl(key) <= 1500
+            assert 0 < await real_redis.pttl(key) <= 90_000
         assert len(lifetimes) > 1  # jitter spreads expiry
-        assert (await client.get("/s?n=0")).headers["x-cache"] == "HIT"
+        # Expiry, on one short entry (1 to 1.5 s).
+        assert (await client.get("/s")).headers["x-cache"] == "MISS"
+        (short_key,) = await entry_keys() - keys
+        assert (await client.get("/s")).headers["x-cache"] == "HIT"
+        assert 0 < await real_redis.pttl(short_key) <= 1500
         await asyncio.sleep(1.6)
         # Never served after expiry: gone from Redis, and a miss.
-        assert not [k async for k in real_redis.scan_iter(match=f"{key_prefix}*:e:*")]
-        assert (await client.get("/s?n=0")).headers["x-cache"] == "MISS"
+        assert short_key not in await entry_keys()
+        assert (await client.get("/s")).headers["x-cache"] == "MISS"
     await cache.aclose()
 
 
@@ -68,7 +81,10 @@ async def test_cache_busting_queries_leave_no_immortal_keys(
     async def page(request: Request) -> Response:
         return PlainTextResponse("small")
 
-    cache = Cache(real_redis, key_prefix=key_prefix, max_lifetime=60)
+    # A generous deadline: a lookup or store that misses it fails open and leaves
+    # no entry, and 50 concurrent requests on one event loop can delay a reply past
+    # the default 0.5 s on a loaded machine.
+    cache = Cache(real_redis, key_prefix=key_prefix, max_lifetime=60, timeout=5)
     async with client_for(_app(cache, Route("/p", page))) as client:
         for batch in range(20):
             await asyncio.gather(*(client.get(f"/p?bust={batch}-{n}") for n in range(50)))

@@ -40,7 +40,7 @@ async def test_miss_hit_tags_and_namespace_clear(
     cluster: ClusterDeployment, cluster_client: RedisCluster, redis_log: CommandLog
 ) -> None:
     calls = Calls()
-    async with browser(build_app(cluster_client, calls)) as client:
+    async with browser(build_app(cluster_client, calls, cache_timeout=5)) as client:
         items = [str(n) for n in range(1, 9)]
         for item in items:
             assert (await fetch(client, f"/items/{item}"))[0] == "MISS"
@@ -74,7 +74,7 @@ async def test_stampede_runs_the_handler_once_across_two_workers(
     """Two app instances (two single-flight tables, as in two processes) share the
     cluster: only the Redis lease lock can keep the handler to one run."""
     calls = Calls()
-    worker_a, worker_b = build_app(cluster_client, calls), build_app(cluster_client, calls)
+    worker_a, worker_b = (build_app(cluster_client, calls, cache_timeout=5) for _ in range(2))
     async with browser(worker_a) as a, browser(worker_b) as b:
         results = await asyncio.gather(*(fetch(c, "/slow") for c in [a, b] * 15))
         assert calls["slow"] == 1, f"handler ran {calls['slow']} times for one cold key"

@@ -177,8 +177,12 @@ async def test_ten_times_the_pool_size_waits_then_succeeds_or_degrades(
     statuses = [r.status_code for r in responses]
     assert set(statuses) <= {200, 503}
     assert statuses.count(200) >= 4
-    counted = max(int(r.text) for r in responses if r.status_code == 200)
-    assert (await client.get("/read")).json()["n"] == counted
+    counted = sorted(int(r.text) for r in responses if r.status_code == 200)
+    assert len(set(counted)) == len(counted), counted  # each success its own increment
+    stored = (await client.get("/read")).json()["n"]
+    # A request whose increment ran in Redis but whose reply came after the
+    # deadline answered 503: only those may take the count past the last 200.
+    assert counted[-1] <= stored <= counted[-1] + statuses.count(503), (counted, stored)
 
 
 async def test_redis_down_at_startup(

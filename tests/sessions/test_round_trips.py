@@ -32,7 +32,7 @@ from redis.asyncio import Redis
 from asgi_redis_kit import SessionStore
 from tests.support import RedisSpy
 
-from .conftest import build_app, cookie_of
+from .conftest import build_app, cookie_of, session_id_of
 
 pytestmark = pytest.mark.real_redis
 
@@ -134,15 +134,24 @@ async def test_clear_is_two_round_trips(client: httpx.AsyncClient, spy: RedisSpy
 
 
 async def test_idle_refresh_is_throttled(
-    real_redis: Redis, key_prefix: str, spy: RedisSpy, make_client: Callable[..., httpx.AsyncClient]
+    real_redis: Redis,
+    key_prefix: str,
+    spy: RedisSpy,
+    peek: Redis,
+    make_client: Callable[..., httpx.AsyncClient],
 ) -> None:
     """The TTL is refreshed at most once per tenth of the idle timeout."""
-    client = make_client(build_app(real_redis, key_prefix=key_prefix, idle_timeout=3))
+    idle_ms = 60_000
+    client = make_client(build_app(real_redis, key_prefix=key_prefix, idle_timeout=60))
     await _warm(client, spy)
     for _ in range(5):
         await client.get("/read")
     assert "PEXPIRE" not in spy.commands  # fresh TTL: nothing to refresh
-    await asyncio.sleep(0.5)  # more than a tenth of 3 s
+    # Age the record by more than a tenth of the idle timeout, as if the session
+    # had been idle that long (not by sleeping: a tenth of a short idle timeout is
+    # a window a loaded machine can miss, both here and between the reads below).
+    key = f"{key_prefix}{session_id_of(client.cookies['session'])}"
+    assert await peek.pexpire(key, idle_ms - idle_ms // 10 - 1_000)
     spy.reset()
     await client.get("/read")
     await client.get("/read")
