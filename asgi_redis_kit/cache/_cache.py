@@ -78,12 +78,14 @@ class CacheStats:
     stores: int = 0
     refreshes: int = 0
     errors: int = 0
+    #: answered with another request's response, in flight while Redis failed
+    coalesced: int = 0
     bypass: Counter[str] = field(default_factory=Counter)
     not_stored: Counter[str] = field(default_factory=Counter)
 
     def reset(self) -> None:
         self.hits = self.misses = self.stale = self.not_modified = 0
-        self.stores = self.refreshes = self.errors = 0
+        self.stores = self.refreshes = self.errors = self.coalesced = 0
         self.bypass.clear()
         self.not_stored.clear()
 
@@ -96,6 +98,7 @@ class CacheStats:
             "stores": self.stores,
             "refreshes": self.refreshes,
             "errors": self.errors,
+            "coalesced": self.coalesced,
             "bypass": dict(self.bypass),
             "not_stored": dict(self.not_stored),
         }

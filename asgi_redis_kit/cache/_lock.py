@@ -1,10 +1,12 @@
 """Stampede protection: in-process single-flight plus a Redis lease lock.
 
 In one process, the first request that misses a key becomes its *leader*; later
-requests for the same key wait on an ``asyncio.Event`` and then re-read the
+requests for the same key wait on its :class:`Flight` and then re-read the
 stored entry from Redis. They are never handed the leader's response object:
 that response may carry one user's headers, and only what passed the storage
-rules is shareable.
+rules is shareable. When Redis fails (before the lookup, or on the store) the
+leader leaves that shareable entry on its flight instead, so a burst against a
+down or slow Redis still runs the handler once per key in this process.
 
 Across processes, the leader takes a lease ``SET <lock> <token> NX PX <lease>``.
 On a single Redis server the lookup script (``LOOKUP``) does this itself, in
@@ -27,6 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+
+from ._entry import Entry
 
 # KEYS: entry, lease, then the version keys; ARGV: token ('' = only read), lease ms.
 # Returns the entry, the versions, and 1 (lease taken), -1 (entry absent, lease
@@ -94,24 +98,35 @@ def new_token() -> str:
     return secrets.token_hex(16)
 
 
+class Flight(asyncio.Event):
+    """One key's refill in progress in this process; set when it is over.
+
+    ``entry``: what the leader's response would have stored, left here only when
+    Redis could not take it, for the requests that waited on this flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entry: Entry | None = None
+
+
 class SingleFlight:
     """Who leads each key in this process. Shared across requests on purpose:
     it is coordination between them, not state of any one of them."""
 
     def __init__(self) -> None:
-        self._events: dict[str, asyncio.Event] = {}
+        self._flights: dict[str, Flight] = {}
 
-    def lead(self, key: str) -> asyncio.Event | None:
-        """An event to set when done if the caller now leads ``key``, else None."""
-        if key in self._events:
+    def lead(self, key: str) -> Flight | None:
+        """A flight to end with :meth:`done` if the caller now leads ``key``, else None."""
+        if key in self._flights:
             return None
-        event = self._events[key] = asyncio.Event()
-        return event
+        flight = self._flights[key] = Flight()
+        return flight
 
-    def waiting_on(self, key: str) -> asyncio.Event | None:
-        return self._events.get(key)
+    def waiting_on(self, key: str) -> Flight | None:
+        return self._flights.get(key)
 
-    def done(self, key: str, event: asyncio.Event) -> None:
-        if self._events.get(key) is event:
-            del self._events[key]
-        event.set()
+    def done(self, key: str, flight: Flight) -> None:
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        flight.set()

@@ -21,6 +21,9 @@ Per request:
    checked against the response rules and stored (with the lease released in
    the same round trip) before it is sent; a streamed one passes through
    unbuffered. A cold miss thus costs two round trips, a hit one.
+5. When Redis fails, the request bypasses the cache but keeps the single-flight:
+   requests for a key that another one is running wait for it and get its
+   response when the storage rules allow it (``X-Cache-Reason: coalesced``).
 
 Sessions: the middleware learns the session cookie's name from the
 SessionMiddleware it finds in the app on the first request. With a session
@@ -72,6 +75,7 @@ from ._keys import (
     request_host,
     session_cookie,
 )
+from ._lock import Flight
 from ._policy import (
     request_bypass_reason,
     response_store_reason,
@@ -491,7 +495,7 @@ class _Exchange:
         try:
             found = await cache.lookup(key, lease=True, session=self.session_proof)
         except BackendUnavailable:
-            await self.bypass("backend")
+            await self.without_redis(key)
             return
         entry, versions = found.entry, found.versions
         if found.session_gone:
@@ -531,8 +535,8 @@ class _Exchange:
         """Lead (or follow) the refill of ``key``. ``token``: a lease the lookup
         already took for us; ``locked``: the lookup saw another holder's lease."""
         cache = self.cache
-        event = cache.flights.lead(key.digest)
-        if event is None:
+        flight = cache.flights.lead(key.digest)
+        if flight is None:
             if token is not None:
                 # Our lookup took the lease although a leader here already runs
                 # (its lease had expired): that leader stores; give ours back.
@@ -559,19 +563,40 @@ class _Exchange:
                 self.stats.hits += 1
                 await self.serve(entry, "HIT")
                 return
-            await self.run_app(key, versions, token, fallback)
+            await self.run_app(key, versions, token, fallback, flight=flight)
         finally:
-            cache.flights.done(key.digest, event)
+            cache.flights.done(key.digest, flight)
+
+    async def without_redis(self, key: CacheKey) -> None:
+        """Redis failed before the entry could be read: the request bypasses the
+        cache. Requests for the same key meanwhile still wait for this one run of
+        the handler and get what it would have stored, so a burst against a down
+        or slow Redis does not become a burst against the app."""
+        flights = self.cache.flights
+        flight = flights.lead(key.digest)
+        if flight is None:
+            await self.follow(key, None)
+            return
+        try:
+            await self.bypass("backend", flight)
+        finally:
+            flights.done(key.digest, flight)
 
     async def follow(self, key: CacheKey, fallback: Entry | None) -> None:
         """Wait for this process's leader, then re-read what it stored. The
         leader's response itself is never shared: it may belong to one user."""
         cache = self.cache
-        event = cache.flights.waiting_on(key.digest)
-        if event is not None:
+        flight = cache.flights.waiting_on(key.digest)
+        if flight is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(cache.lock_wait):
-                    await event.wait()
+                    await flight.wait()
+            shared = flight.entry
+            if shared is not None and shared.is_fresh(cache.clock()):
+                # The leader could not store it: Redis has nothing to re-read.
+                self.stats.coalesced += 1
+                await self.serve(shared, "HIT", "coalesced")
+                return
         try:
             found = await cache.lookup(key, session=self.session_proof)
         except BackendUnavailable:
@@ -604,12 +629,12 @@ class _Exchange:
         return None
 
     def schedule_refresh(self, key: CacheKey, versions: tuple[int, ...]) -> None:
-        event = self.cache.flights.lead(key.digest)
-        if event is None:
+        flight = self.cache.flights.lead(key.digest)
+        if flight is None:
             return  # a refresh (or a miss) for this key is already running here
-        self.cache.spawn(self.refresh(key, versions, event))
+        self.cache.spawn(self.refresh(key, versions, flight))
 
-    async def refresh(self, key: CacheKey, versions: tuple[int, ...], event: asyncio.Event) -> None:
+    async def refresh(self, key: CacheKey, versions: tuple[int, ...], flight: Flight) -> None:
         state = RequestState()
         current.set(state)  # this task runs in a copy of the request's context
         refresher = _Exchange(
@@ -632,7 +657,7 @@ class _Exchange:
         except Exception:
             logger.exception("background refresh of a stale cache entry failed")
         finally:
-            self.cache.flights.done(key.digest, event)
+            self.cache.flights.done(key.digest, flight)
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -677,13 +702,26 @@ class _Exchange:
             value = await value
         return value if isinstance(value, bytes) else str(value).encode()
 
-    async def bypass(self, reason: str) -> None:
+    async def bypass(self, reason: str, flight: Flight | None = None) -> None:
+        """Run the app around the cache. With ``flight``, a response the rules
+        would store (a complete body in one message) is left on it as an entry."""
         self.stats.bypass[reason] += 1
         extra = _x_cache("BYPASS", reason)
+        start: Message | None = None
 
         async def send(message: Message) -> None:
+            nonlocal start
             if message["type"] == "http.response.start":
+                start = message
                 message = _with_headers(message, extra)
+            elif flight is not None and start is not None:
+                if message["type"] == "http.response.body" and not message.get("more_body"):
+                    status: int = start["status"]
+                    headers = list(start.get("headers", ()))
+                    body: bytes = message.get("body", b"")
+                    if self.not_stored_reason(status, headers, body) is None:
+                        flight.entry = self.build_entry(status, headers, body, ())
+                start = None
             await self.send(message)
 
         await self.app(self.scope, self.receive, send)
@@ -703,6 +741,26 @@ class _Exchange:
 
     def keyed_headers(self) -> list[str]:
         return ["host", *FORWARDING_HEADERS, *self.config.vary]
+
+    def not_stored_reason(
+        self, status: int, headers: Sequence[tuple[bytes, bytes]], body: bytes
+    ) -> str | None:
+        """Why the rules forbid storing this complete response (None: store it)."""
+        config = self.config
+        if self.state.ran is not config:
+            return "route"
+        if not config.vary_on_session and self.session_read():
+            return "session"
+        reason = response_store_reason(
+            status,
+            headers,
+            statuses=self.cache.cacheable_statuses,
+            keyed_headers=self.keyed_headers(),
+            vary_on_session=config.vary_on_session,
+        )
+        if reason is None and len(body) > config.max_size:
+            return "size"
+        return reason
 
     def build_entry(
         self,
@@ -741,10 +799,12 @@ class _Exchange:
         store: bool = True,
         reason: str | None = None,
         count: bool = True,
+        flight: Flight | None = None,
     ) -> None:
         """Run the app; store its answer if the rules allow; serve ``fallback``
-        (stale-if-error) instead of an exception or a 5xx."""
-        cache, config, stats = self.cache, self.config, self.stats
+        (stale-if-error) instead of an exception or a 5xx. An entry Redis failed
+        to take is left on ``flight`` for this process's waiting requests."""
+        cache, stats = self.cache, self.stats
         if count:
             stats.misses += 1
         held: Message | None = None
@@ -785,20 +845,8 @@ class _Exchange:
                 return
             if not_stored is None and not store:
                 not_stored = "backend"
-            if not_stored is None and self.state.ran is not config:
-                not_stored = "route"
-            if not_stored is None and not config.vary_on_session and self.session_read():
-                not_stored = "session"
             if not_stored is None:
-                not_stored = response_store_reason(
-                    status,
-                    headers,
-                    statuses=cache.cacheable_statuses,
-                    keyed_headers=self.keyed_headers(),
-                    vary_on_session=config.vary_on_session,
-                )
-            if not_stored is None and len(body) > config.max_size:
-                not_stored = "size"
+                not_stored = self.not_stored_reason(status, headers, body)
             if not_stored is None:
                 entry = self.build_entry(status, headers, body, versions)
                 try:
@@ -806,6 +854,8 @@ class _Exchange:
                     token = None  # released by the store script
                 except BackendUnavailable:
                     not_stored = "backend"
+                    if flight is not None:
+                        flight.entry = entry
                 else:
                     await self.serve(entry, "MISS")
                     return

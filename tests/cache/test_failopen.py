@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from starlette.types import Message
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from asgi_redis_kit import Cache, CacheMiddleware
 from asgi_redis_kit.cache._breaker import CircuitBreaker
@@ -78,6 +79,83 @@ async def test_paused_redis_costs_one_deadline_not_a_hang(
             own_redis.resume()
     assert {r.status_code for r in responses} == {200}
     assert {r.headers["x-cache"] for r in responses} == {"BYPASS"}
+    await cache.aclose()
+
+
+class Arrivals:
+    """Counts the requests that reached the app; ``all_in`` is set at ``expected``."""
+
+    def __init__(self, app: ASGIApp, expected: int) -> None:
+        self.app, self.left, self.all_in = app, expected, asyncio.Event()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            self.left -= 1
+            if self.left == 0:
+                self.all_in.set()
+        await self.app(scope, receive, send)
+
+
+async def _open_gate_when_all_arrived(calls: Calls, arrivals: Arrivals) -> None:
+    """Hold the first handler run until every request reached the app, and a
+    little longer: a request that came after the run ended would lead a new one."""
+    assert calls.gate is not None
+    await calls.entered.wait()
+    await arrivals.all_in.wait()
+    await asyncio.sleep(0.2)
+    calls.gate.set()
+
+
+@pytest.mark.parametrize("fault", ["stopped", "paused"])
+async def test_a_burst_while_redis_fails_runs_the_handler_once(
+    framework: Framework, own_redis: RedisProcess, fault: str
+) -> None:
+    """Redis refusing connections, or too slow to answer within the deadline: the
+    cache can neither serve nor store, but 50 concurrent requests for one page
+    still make one handler run, whose response the other 49 get."""
+    cache = Cache(own_redis.url, timeout=0.2)
+    calls = Calls(gate=asyncio.Event())
+    app = Arrivals(build(framework, cache, calls), 50)
+    async with client_for(app) as client:
+        if fault == "stopped":
+            own_redis.stop()
+        else:
+            own_redis.pause()
+        try:
+            opener = asyncio.create_task(_open_gate_when_all_arrived(calls, app))
+            responses = await asyncio.gather(*(client.get("/page") for _ in range(50)))
+            await opener
+        finally:
+            if fault == "paused":
+                own_redis.resume()
+    assert calls["page"] == 1
+    assert {(r.status_code, r.text) for r in responses} == {(200, "<h1>page 1</h1>")}
+    labels = Counter((r.headers["x-cache"], r.headers["x-cache-reason"]) for r in responses)
+    assert labels == {("BYPASS", "backend"): 1, ("HIT", "coalesced"): 49}
+    assert cache.stats.coalesced == 49
+    await cache.aclose()
+
+
+async def test_a_response_the_rules_refuse_is_not_shared_while_redis_fails(
+    framework: Framework, own_redis: RedisProcess
+) -> None:
+    """/whoami reads the session: two users waiting on one run each get their own."""
+    cache = Cache(own_redis.url, timeout=0.2)
+    calls = Calls(gate=asyncio.Event())
+    app = Arrivals(build(framework, cache, calls), 2)
+    async with client_for(app) as client:
+        own_redis.stop()
+        opener = asyncio.create_task(_open_gate_when_all_arrived(calls, app))
+        ada, bob = await asyncio.gather(
+            client.get("/whoami", headers={"cookie": "session=ada"}),
+            client.get("/whoami", headers={"cookie": "session=bob"}),
+        )
+        await opener
+    assert (ada.status_code, bob.status_code) == (200, 200)
+    assert ada.text.startswith("user ada call ")
+    assert bob.text.startswith("user bob call ")
+    assert calls["whoami"] == 2
+    assert cache.stats.coalesced == 0
     await cache.aclose()
 
 
