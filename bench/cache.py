@@ -28,6 +28,7 @@ from starlette.types import ASGIApp
 
 from ._asgi import Lifespan, Reply, call
 from ._measure import Case, Plan, Row, Scenario, measure
+from ._server import free_port
 from ._traffic import Traffic
 
 TTL = 600
@@ -487,6 +488,67 @@ async def _stampede(tool: Tool, admin: Redis, route: str, label: str) -> Row:
     return row
 
 
+async def _outage(tool: Tool, route: str, label: str) -> Row:
+    """TRIALS bursts while the tool's Redis refuses connections: what the clients
+    get, and how often the handler runs per burst."""
+    row = Row(label, ours=tool.ours and route == "slow")
+    runs: list[int] = []
+    answers: Counter[str] = Counter()
+    try:
+        for _ in range(TRIALS):
+            tool.calls[route] = 0
+            burst = (call(tool.app, f"/{route}") for _ in range(STAMPEDE))
+            replies = await asyncio.wait_for(asyncio.gather(*burst, return_exceptions=True), 60)
+            runs.append(tool.calls[route])
+            answers.update(
+                str(r.status) if isinstance(r, Reply) else f"raised {type(r).__name__}"
+                for r in replies
+            )
+        total = STAMPEDE * TRIALS
+        shown = ", ".join(f"{k} x{v}" for k, v in sorted(answers.items()))
+        row.correctness = (
+            f"answers {shown} (of {total}); handler ran {', '.join(map(str, runs))}x "
+            f"(per burst of {STAMPEDE})"
+        )
+    except Exception as exc:
+        row.error = f"{type(exc).__name__}: {exc}"[:160]
+    return row
+
+
+async def _outage_scenario() -> tuple[Scenario, list[str]]:
+    """The same tools, each pointed at a port where no Redis listens."""
+    tools, problems = build_tools(f"redis://127.0.0.1:{free_port()}/0")
+    tools = [t for t in tools if "slow" in t.routes or "slow-lock" in t.routes]
+    rows: list[Row] = []
+    for tool in tools:
+        try:
+            async with Lifespan(tool.app):
+                if "slow" in tool.routes:
+                    rows.append(await _outage(tool, "slow", tool.name))
+                if "slow-lock" in tool.routes:
+                    label = (
+                        "cashews (lock=True)"
+                        if "cashews" in tool.name
+                        else "aiocache cached_stampede"
+                    )
+                    rows.append(await _outage(tool, "slow-lock", label))
+        except Exception as exc:
+            rows.append(Row(tool.name, ours=tool.ours, error=f"{type(exc).__name__}: {exc}"[:160]))
+        finally:
+            for close in tool.closers:
+                with contextlib.suppress(Exception):
+                    await close()
+    scenario = Scenario(
+        "cache-f",
+        f"Cache (f): Redis down, {STAMPEDE} concurrent requests",
+        f"The tools' Redis URL names a port nobody listens on; {STAMPEDE} concurrent GET /slow "
+        f"(the handler sleeps {SLOW_SECONDS * 1000:.0f} ms), {TRIALS} bursts per tool. "
+        "Ideal: every answer a 200, and the handler still runs once per burst.",
+        rows,
+    )
+    return scenario, [p.replace("cache: ", "cache (f): ", 1) for p in problems]
+
+
 async def run(
     url: str, admin: Redis, plan: Plan, index: list[int]
 ) -> tuple[list[Scenario], list[str]]:
@@ -574,6 +636,9 @@ async def run(
                 stampede_rows,
             )
         )
+        outage, outage_problems = await _outage_scenario()
+        scenarios.append(outage)
+        problems += [p for p in outage_problems if p not in problems]
     finally:
         for lifespan in reversed(lifespans):
             await lifespan.__aexit__(None, None, None)
