@@ -133,7 +133,7 @@ class SessionProof:
 
 
 @dataclass(eq=False, slots=True)
-class _Flight:
+class _SharedLookup:
     """A lookup round trip in progress. Requests for the same key that arrive
     meanwhile wait on ``outcome`` (made when the first of them arrives) instead
     of sending their own: the found Lookup (never its lease token), the
@@ -270,7 +270,7 @@ class Cache:
         self.stats = CacheStats()
         self.flights = SingleFlight()
         self._background: set[asyncio.Task[None]] = set()
-        self._lookups: dict[tuple[str, bool], _Flight] = {}
+        self._lookups: dict[tuple[str, bool], _SharedLookup] = {}
         client = self.backend.client
         # On Cluster the version keys live in other slots than the entry: no script
         # can read them with it, so a miss takes its lease in a round trip of its own.
@@ -382,7 +382,7 @@ class Cache:
         if flight is not None:
             # A per-user entry's key names its session, so joiners share the proof.
             return await self._join(key, lease, flight, session)
-        flight = self._lookups[name] = _Flight()
+        flight = self._lookups[name] = _SharedLookup()
         token = new_token() if lease and self._may_be_absent(key) else ""
         outcome: Lookup | BackendUnavailable | None = None
         try:
@@ -422,7 +422,7 @@ class Cache:
         self._present[key.entry] = stored_at + min(lifetime, self.max_lifetime)
 
     async def _join(
-        self, key: CacheKey, lease: bool, flight: _Flight, session: SessionProof | None
+        self, key: CacheKey, lease: bool, flight: _SharedLookup, session: SessionProof | None
     ) -> Lookup:
         if flight.outcome is None:
             flight.outcome = asyncio.get_running_loop().create_future()

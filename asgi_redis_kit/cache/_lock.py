@@ -102,11 +102,19 @@ class Flight(asyncio.Event):
     """One key's refill in progress in this process; set when it is over.
 
     ``entry``: what the leader's response would have stored, left here only when
-    Redis could not take it, for the requests that waited on this flight."""
+    Redis could not take it, for the requests that waited on this flight; it is
+    set as soon as that entry exists, not when the leader's app returns (which
+    may be after its background tasks). ``without_redis``: the leader runs
+    without Redis, so its waiters have nothing to re-read there."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, without_redis: bool = False) -> None:
         super().__init__()
         self.entry: Entry | None = None
+        self.without_redis = without_redis
+
+    def share(self, entry: Entry) -> None:
+        self.entry = entry
+        self.set()
 
 
 class SingleFlight:
@@ -116,11 +124,11 @@ class SingleFlight:
     def __init__(self) -> None:
         self._flights: dict[str, Flight] = {}
 
-    def lead(self, key: str) -> Flight | None:
+    def lead(self, key: str, *, without_redis: bool = False) -> Flight | None:
         """A flight to end with :meth:`done` if the caller now leads ``key``, else None."""
         if key in self._flights:
             return None
-        flight = self._flights[key] = Flight()
+        flight = self._flights[key] = Flight(without_redis=without_redis)
         return flight
 
     def waiting_on(self, key: str) -> Flight | None:

@@ -458,6 +458,13 @@ class _Exchange:
         # A session middleware outside us already loaded the session (and sees no
         # Vary we could act on from here): it, not the cookie, says who asks.
         self.outer_session: object = scope.get("session", _NO_SESSION)
+        # What a session middleware we cannot ask held before the app ran.
+        self.outer_before: dict[Any, Any] | None = (
+            dict(self.outer_session)
+            if isinstance(self.outer_session, Mapping)
+            and not isinstance(self.outer_session, Session)
+            else None
+        )
         # The session a vary_on_session hit must prove still exists.
         self.session_proof: SessionProof | None = None
 
@@ -573,7 +580,7 @@ class _Exchange:
         the handler and get what it would have stored, so a burst against a down
         or slow Redis does not become a burst against the app."""
         flights = self.cache.flights
-        flight = flights.lead(key.digest)
+        flight = flights.lead(key.digest, without_redis=True)
         if flight is None:
             await self.follow(key, None)
             return
@@ -596,6 +603,9 @@ class _Exchange:
                 # The leader could not store it: Redis has nothing to re-read.
                 self.stats.coalesced += 1
                 await self.serve(shared, "HIT", "coalesced")
+                return
+            if flight.without_redis:
+                await self.bypass("backend")
                 return
         try:
             found = await cache.lookup(key, session=self.session_proof)
@@ -693,6 +703,18 @@ class _Exchange:
         self.middleware.warn_foreign_session(outer)
         return True
 
+    def session_changed(self) -> bool:
+        """Whether the handler changed a session loaded outside us. Its save, and
+        the Set-Cookie of a new session, come after we see the response: stored,
+        the page of one visitor's new session would be every anonymous visitor's,
+        and a hit would skip the change anyway."""
+        outer = self.outer_session
+        if isinstance(outer, Session):
+            return outer._changed_since_save()
+        if self.outer_before is not None and isinstance(outer, Mapping):
+            return dict(outer) != self.outer_before
+        return False
+
     async def custom_key(self) -> bytes | None:
         if self.config.key is None:
             return None
@@ -720,7 +742,7 @@ class _Exchange:
                     headers = list(start.get("headers", ()))
                     body: bytes = message.get("body", b"")
                     if self.not_stored_reason(status, headers, body) is None:
-                        flight.entry = self.build_entry(status, headers, body, ())
+                        flight.share(self.build_entry(status, headers, body, ()))
                 start = None
             await self.send(message)
 
@@ -750,6 +772,8 @@ class _Exchange:
         if self.state.ran is not config:
             return "route"
         if not config.vary_on_session and self.session_read():
+            return "session"
+        if self.session_changed():
             return "session"
         reason = response_store_reason(
             status,
@@ -852,10 +876,12 @@ class _Exchange:
                 try:
                     await cache.store(key, encode(entry), entry.lifetime, token)
                     token = None  # released by the store script
+                    if flight is not None:
+                        flight.set()  # waiters re-read it now, not after background tasks
                 except BackendUnavailable:
                     not_stored = "backend"
                     if flight is not None:
-                        flight.entry = entry
+                        flight.share(entry)
                 else:
                     await self.serve(entry, "MISS")
                     return

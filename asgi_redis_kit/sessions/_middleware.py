@@ -190,9 +190,18 @@ class SessionMiddleware:
             closed = closed or kind == "websocket.close" or denial
             await send(message)
 
+        async def listen() -> Message:
+            nonlocal closed
+            message = await receive()
+            # A client that left needs no close, and its server would refuse one.
+            closed = closed or message["type"] == "websocket.disconnect"
+            return message
+
         try:
-            await self.app(scope, receive, watch)
+            await self.app(scope, listen, watch)
         except BackendUnavailable as exc:
+            if not session._store_failed:
+                raise  # not the session's: another Redis user in the handler failed
             # The session was used while Redis was down, and nothing answered it.
             logger.warning("session store unavailable during a websocket: %s", exc)
             if not closed:

@@ -348,6 +348,9 @@ class UnavailableSession(Session):
     def __repr__(self) -> str:
         return "<Session unavailable: the session store did not answer>"
 
+    def _changed_since_save(self) -> bool:
+        return False  # nothing can change it: every write raises
+
     # Starlette's request.session calls this: asking for the session is using it.
     def mark_accessed(self) -> None:
         self._fail()

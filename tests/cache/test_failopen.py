@@ -12,9 +12,15 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from asgi_redis_kit import Cache, CacheMiddleware
+from asgi_redis_kit import Cache, CacheMiddleware, cached
 from asgi_redis_kit.cache._breaker import CircuitBreaker
 from tests.cache.conftest import Calls, Framework, build, client_for, starlette_app
 from tests.support import RedisProcess
@@ -156,6 +162,53 @@ async def test_a_response_the_rules_refuse_is_not_shared_while_redis_fails(
     assert bob.text.startswith("user bob call ")
     assert calls["whoami"] == 2
     assert cache.stats.coalesced == 0
+    # The waiter does not ask the failed Redis again: both simply bypassed.
+    for response in (ada, bob):
+        assert (response.headers["x-cache"], response.headers["x-cache-reason"]) == (
+            "BYPASS",
+            "backend",
+        )
+    assert cache.stats.bypass["backend"] == 2
+    assert cache.stats.misses == 0
+    await cache.aclose()
+
+
+async def test_waiters_get_the_response_without_waiting_for_its_background_task(
+    own_redis: RedisProcess,
+) -> None:
+    """The leader's app returns only after its BackgroundTask; its waiters are
+    answered as soon as its response exists (here the task waits for them)."""
+    runs: list[int] = []
+    answered = asyncio.Event()
+    started = asyncio.Event()
+
+    async def after_response() -> None:
+        await answered.wait()
+
+    @cached(ttl=60)
+    async def page(request: Request) -> Response:
+        runs.append(1)
+        started.set()
+        await asyncio.sleep(0.2)  # the waiters pile up
+        return PlainTextResponse("page", background=BackgroundTask(after_response))
+
+    # Waiters would otherwise wait for the leader's end up to lock_wait: far beyond
+    # the did-not-hang bound below.
+    cache = Cache(own_redis.url, timeout=0.2, lock_wait=120)
+    app = Starlette(
+        routes=[Route("/page", page)], middleware=[Middleware(CacheMiddleware, cache=cache)]
+    )
+    own_redis.stop()
+    async with client_for(app) as client:
+        leader = asyncio.create_task(client.get("/page"))
+        await started.wait()
+        async with asyncio.timeout(30):  # did not hang
+            waiters = await asyncio.gather(*(client.get("/page") for _ in range(5)))
+        answered.set()
+        assert (await leader).text == "page"
+    assert [w.text for w in waiters] == ["page"] * 5
+    assert {w.headers["x-cache-reason"] for w in waiters} == {"coalesced"}
+    assert runs == [1]
     await cache.aclose()
 
 

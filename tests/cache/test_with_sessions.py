@@ -4,6 +4,7 @@ tricks (checklist 13 and 22 together)."""
 
 from __future__ import annotations
 
+import secrets
 from typing import Any, Literal
 
 import httpx
@@ -282,6 +283,45 @@ async def test_a_cache_inside_a_foreign_session_middleware_stores_only_vary_on_s
         assert (await bob.get("/me")).text == "private page of bob"
     warnings = [r for r in caplog.records if "outside" in r.getMessage()]
     assert len(warnings) == 1
+
+
+async def _form(request: Request) -> Response:
+    """A per-visitor form: the first visit stores a CSRF token in a new session."""
+    session = request.session
+    if "csrf" not in session:
+        session["csrf"] = secrets.token_hex(8)
+    return PlainTextResponse(f"form with token {session['csrf']}")
+
+
+@pytest.mark.parametrize("order", ["cache-outside", "session-outside", "starlette-outside"])
+async def test_a_response_that_changed_the_session_is_never_stored(
+    options: dict[str, dict[str, Any]], order: str
+) -> None:
+    """A ``vary_on_session`` page whose handler writes a new visitor's session:
+    stored under the no-session key, the first visitor's CSRF token would be
+    every anonymous visitor's. With the cache outside, the Set-Cookie keeps it
+    out; with a session middleware outside (ours or Starlette's), which saves
+    and sets the cookie after the cache saw the response, the change does."""
+    from starlette.middleware.sessions import SessionMiddleware as CookieSessions
+
+    form = cached(ttl=60, vary_on_session=True)(_form)
+    layers = [
+        Middleware(CacheMiddleware, **options["cache"]),
+        Middleware(SessionMiddleware, secret_key=SECRET, **options["session"]),
+    ]
+    if order == "session-outside":
+        layers.reverse()
+    elif order == "starlette-outside":
+        layers = [Middleware(CookieSessions, secret_key=SECRET), layers[0]]
+    app = Starlette(routes=[Route("/form", form)], middleware=layers)
+    async with client_for(app) as alice, client_for(app) as bob:
+        alice_page = await alice.get("/form")
+        bob_page = await bob.get("/form")
+        assert alice_page.text != bob_page.text, "bob was served alice's token"
+        assert "set-cookie" in bob_page.headers
+        # With its session saved, alice's page is cached for alice alone.
+        assert (await alice.get("/form")).text == alice_page.text
+        assert (await bob.get("/form")).text == bob_page.text
 
 
 async def test_a_logged_out_or_revoked_cookie_gets_none_of_the_cached_pages(

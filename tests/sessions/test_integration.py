@@ -22,6 +22,7 @@ from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from asgi_redis_kit import (
+    BackendUnavailable,
     DuplicateMiddleware,
     Session,
     SessionMiddleware,
@@ -193,6 +194,39 @@ async def test_websocket_app_without_exception_handling_is_closed_with_try_again
         own_redis.stop()
         sent = await run_websocket(mw, cookie)
         assert sent == [{"type": "websocket.accept"}, {"type": "websocket.close", "code": 1013}]
+    finally:
+        await mw.aclose()
+
+
+async def test_websocket_other_redis_errors_pass_and_a_client_that_left_gets_no_close(
+    own_redis: RedisProcess, make_client: Callable[..., httpx.AsyncClient]
+) -> None:
+    async def other_redis_user(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "websocket.accept"})
+        raise BackendUnavailable("the handler's own Redis call failed")
+
+    async def reads_after_disconnect(scope: Scope, receive: Receive, send: Send) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        assert (await receive())["type"] == "websocket.disconnect"
+        dict(scope["session"])  # e.g. logging in a finally block, with Redis down
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        handlers = {"/other": other_redis_user, "/late": reads_after_disconnect}
+        if scope["type"] == "websocket":
+            await handlers[scope["path"]](scope, receive, send)
+            return
+        await build_app(None, wrap=False)(scope, receive, send)
+
+    mw = SessionMiddleware(app, secret_key=SECRET, redis=own_redis.url, timeout=0.5)
+    try:
+        client = make_client(mw)
+        await client.post("/set", json={"a": 1})
+        cookie = [(b"cookie", f"session={client.cookies['session']}".encode())]
+        with pytest.raises(BackendUnavailable, match="own Redis call"):
+            await run_websocket(mw, cookie, path="/other")
+        own_redis.stop()
+        assert await run_websocket(mw, cookie, path="/late") == [{"type": "websocket.accept"}]
     finally:
         await mw.aclose()
 
