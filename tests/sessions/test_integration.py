@@ -173,34 +173,17 @@ async def test_websocket_with_redis_down_is_closed_with_try_again_later_if_it_us
         await mw.aclose()
 
 
-async def test_websocket_app_without_exception_handling_is_closed_with_try_again_later(
+async def test_bare_websocket_apps_get_1013_only_for_their_sessions_failure(
     own_redis: RedisProcess, make_client: Callable[..., httpx.AsyncClient]
 ) -> None:
-    """A bare ASGI websocket app lets SessionStoreUnavailable reach the middleware."""
+    """A bare ASGI websocket app lets SessionStoreUnavailable reach the middleware:
+    it closes with 1013, except for a client that already left (no close to send
+    then). A Redis error that is not the session's passes through."""
 
-    async def bare(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket":
-            await send({"type": "websocket.accept"})
-            await send({"type": "websocket.send", "text": str(dict(scope["session"]))})
-            return
-        await build_app(None, wrap=False)(scope, receive, send)
+    async def reads_session(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.send", "text": str(dict(scope["session"]))})
 
-    mw = SessionMiddleware(bare, secret_key=SECRET, redis=own_redis.url, timeout=0.5)
-    try:
-        client = make_client(mw)
-        await client.post("/set", json={"a": 1})
-        cookie = [(b"cookie", f"session={client.cookies['session']}".encode())]
-        assert (await run_websocket(mw, cookie))[1]["text"] == "{'a': 1}"
-        own_redis.stop()
-        sent = await run_websocket(mw, cookie)
-        assert sent == [{"type": "websocket.accept"}, {"type": "websocket.close", "code": 1013}]
-    finally:
-        await mw.aclose()
-
-
-async def test_websocket_other_redis_errors_pass_and_a_client_that_left_gets_no_close(
-    own_redis: RedisProcess, make_client: Callable[..., httpx.AsyncClient]
-) -> None:
     async def other_redis_user(scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "websocket.accept"})
         raise BackendUnavailable("the handler's own Redis call failed")
@@ -212,7 +195,11 @@ async def test_websocket_other_redis_errors_pass_and_a_client_that_left_gets_no_
         dict(scope["session"])  # e.g. logging in a finally block, with Redis down
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        handlers = {"/other": other_redis_user, "/late": reads_after_disconnect}
+        handlers = {
+            "/ws": reads_session,
+            "/other": other_redis_user,
+            "/late": reads_after_disconnect,
+        }
         if scope["type"] == "websocket":
             await handlers[scope["path"]](scope, receive, send)
             return
@@ -223,9 +210,12 @@ async def test_websocket_other_redis_errors_pass_and_a_client_that_left_gets_no_
         client = make_client(mw)
         await client.post("/set", json={"a": 1})
         cookie = [(b"cookie", f"session={client.cookies['session']}".encode())]
+        assert (await run_websocket(mw, cookie))[1]["text"] == "{'a': 1}"
         with pytest.raises(BackendUnavailable, match="own Redis call"):
             await run_websocket(mw, cookie, path="/other")
         own_redis.stop()
+        sent = await run_websocket(mw, cookie)
+        assert sent == [{"type": "websocket.accept"}, {"type": "websocket.close", "code": 1013}]
         assert await run_websocket(mw, cookie, path="/late") == [{"type": "websocket.accept"}]
     finally:
         await mw.aclose()
