@@ -29,7 +29,9 @@ pytestmark = pytest.mark.real_redis
 
 
 async def test_redis_stopped_then_restarted(framework: Framework, own_redis: RedisProcess) -> None:
-    cache = Cache(own_redis.url, timeout=0.2, breaker_threshold=3, breaker_cooldown=0.3)
+    # A stopped Redis refuses at once, so a long deadline costs nothing; the
+    # cool-down is long enough that the seven calls below all fall inside it.
+    cache = Cache(own_redis.url, timeout=2, breaker_threshold=3, breaker_cooldown=2)
     calls = Calls()
     async with client_for(build(framework, cache, calls)) as client:
         assert (await client.get("/page")).headers["x-cache"] == "MISS"
@@ -46,7 +48,7 @@ async def test_redis_stopped_then_restarted(framework: Framework, own_redis: Red
         assert cache.stats.errors == 3
         assert cache.breaker.state == "open"
         own_redis.start()
-        await asyncio.sleep(0.4)  # the cool-down; then one probe is let through
+        await asyncio.sleep(2.1)  # the cool-down; then one probe is let through
         probe = await client.get("/page?after=1")
         assert probe.headers["x-cache"] == "MISS"
         assert state_of(cache.breaker) == "closed"
