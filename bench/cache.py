@@ -154,7 +154,10 @@ def _fastapi_cache2(url: str) -> Tool:
 
     calls: Counter[str] = Counter()
     client = _client(url)
-    # Its README: FastAPICache.init(RedisBackend(redis), prefix=...) at startup.
+    # Its README: FastAPICache.init(RedisBackend(redis), prefix=...) at startup. It
+    # is one global whose init() ignores every call after the first: reset it, so
+    # this app really gets the backend it is built with (scenario (f) builds twice).
+    FastAPICache.reset()
     FastAPICache.init(RedisBackend(client), prefix="fastapi-cache")
     app = FastAPI()
 
