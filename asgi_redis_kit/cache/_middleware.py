@@ -704,16 +704,15 @@ class _Exchange:
         return True
 
     def session_changed(self) -> bool:
-        """Whether the handler changed a session loaded outside us. Its save, and
-        the Set-Cookie of a new session, come after we see the response: stored,
-        the page of one visitor's new session would be every anonymous visitor's,
-        and a hit would skip the change anyway."""
+        """Whether the handler changed its session. A hit would skip the change.
+        And with the session middleware outside us, its save and the Set-Cookie
+        of a new session come after we see the response: stored, one visitor's
+        new session's page would be every anonymous visitor's."""
         outer = self.outer_session
-        if isinstance(outer, Session):
-            return outer._changed_since_save()
         if self.outer_before is not None and isinstance(outer, Mapping):
             return dict(outer) != self.outer_before
-        return False
+        session = outer if outer is not _NO_SESSION else self.scope.get("session")
+        return isinstance(session, Session) and session._changed_this_request()
 
     async def custom_key(self) -> bytes | None:
         if self.config.key is None:

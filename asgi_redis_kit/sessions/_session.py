@@ -90,6 +90,8 @@ class Session(dict[str, Any]):
         self._retry_after = retry_after
         # This request was told the store is down (SessionStoreUnavailable raised).
         self._store_failed = False
+        # This request changed the stored session (incr, or a save that wrote).
+        self._wrote = False
 
     def __repr__(self) -> str:
         # Never the id: reprs end up in logs and tracebacks.
@@ -190,6 +192,7 @@ class Session(dict[str, Any]):
                 self._store_failed = True
                 raise SessionStoreUnavailable(self._retry_after) from exc
             if value is not None:
+                self._wrote = True
                 dict.__setitem__(self, key, value)
                 self._snapshot[key] = orjson.dumps(value)
                 return value
@@ -255,6 +258,7 @@ class Session(dict[str, Any]):
                 fields[USER] = self._user.encode()
         refreshed = bool(fields or deleted)
         if refreshed:
+            self._wrote = True
             result = await store.save(
                 self._id,
                 create=False,
@@ -284,6 +288,7 @@ class Session(dict[str, Any]):
         store = self._store
         if not encoded and self._user is None:
             # Empty sessions are never stored; just finish what regenerate/clear began.
+            self._wrote = self._wrote or bool(self._drop)
             await store.delete(self._drop)
             self._drop = []
             return CookieAction("expire") if self._cleared and self._presented else None
@@ -294,6 +299,7 @@ class Session(dict[str, Any]):
         fields[CREATED] = str(created).encode()
         if self._user is not None:
             fields[USER] = self._user.encode()
+        self._wrote = True
         await store.save(
             session_id, create=True, fields=fields, ttl_ms=ttl, drop=self._drop, bind=self._user
         )
@@ -316,6 +322,10 @@ class Session(dict[str, Any]):
         """The response is an error: drop this request's changes."""
         self._saved = True
         self._warned_late = True
+
+    def _changed_this_request(self) -> bool:
+        """Whether this request changed the session, saved or not yet."""
+        return self._wrote or self._changed_since_save()
 
     def _late_changes(self) -> bool:
         """True once if the session changed after it was saved (while streaming)."""
@@ -350,6 +360,9 @@ class UnavailableSession(Session):
 
     def _changed_since_save(self) -> bool:
         return False  # nothing can change it: every write raises
+
+    def _changed_this_request(self) -> bool:
+        return False
 
     # Starlette's request.session calls this: asking for the session is using it.
     def mark_accessed(self) -> None:

@@ -324,6 +324,37 @@ async def test_a_response_that_changed_the_session_is_never_stored(
         assert (await bob.get("/form")).text == bob_page.text
 
 
+@pytest.mark.parametrize("order", ["cache-outside", "session-outside"])
+@pytest.mark.parametrize("write", ["assign", "incr"])
+async def test_a_page_that_changes_a_logged_in_session_is_not_stored(
+    options: dict[str, dict[str, Any]], order: str, write: str
+) -> None:
+    """A hit would skip the handler's change: each view must still count."""
+
+    @cached(ttl=60, vary_on_session=True)
+    async def views(request: Request) -> Response:
+        session = Session.of(request)
+        if write == "incr":
+            count = await session.incr("views")
+        else:
+            count = session["views"] = session.get("views", 0) + 1
+        return PlainTextResponse(f"view {count}")
+
+    layers = [
+        Middleware(CacheMiddleware, **options["cache"]),
+        Middleware(SessionMiddleware, secret_key=SECRET, **options["session"]),
+    ]
+    app = Starlette(
+        routes=[Route("/login", _login), Route("/views", views)],
+        middleware=layers if order == "cache-outside" else layers[::-1],
+    )
+    async with client_for(app) as alice:
+        await log_in(alice, "alice")
+        pages = [await alice.get("/views") for _ in range(3)]
+    assert [page.text for page in pages] == ["view 1", "view 2", "view 3"]
+    assert {page.headers["x-cache-reason"] for page in pages} == {"session"}
+
+
 async def test_a_logged_out_or_revoked_cookie_gets_none_of_the_cached_pages(
     framework: Framework,
     options: dict[str, dict[str, Any]],
