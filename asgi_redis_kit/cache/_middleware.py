@@ -772,8 +772,6 @@ class _Exchange:
             return "route"
         if not config.vary_on_session and self.session_read():
             return "session"
-        if self.session_changed():
-            return "session"
         reason = response_store_reason(
             status,
             headers,
@@ -783,6 +781,8 @@ class _Exchange:
         )
         if reason is None and len(body) > config.max_size:
             return "size"
+        if reason is None and self.session_changed():  # last: it encodes the session
+            return "session"
         return reason
 
     def build_entry(
@@ -876,7 +876,9 @@ class _Exchange:
                     await cache.store(key, encode(entry), entry.lifetime, token)
                     token = None  # released by the store script
                     if flight is not None:
-                        flight.set()  # waiters re-read it now, not after background tasks
+                        # Waiters re-read it now, not after the app's background tasks,
+                        # and a later miss on this key may lead a flight of its own.
+                        cache.flights.done(key.digest, flight)
                 except BackendUnavailable:
                     not_stored = "backend"
                     if flight is not None:
