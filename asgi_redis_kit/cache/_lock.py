@@ -99,7 +99,8 @@ def new_token() -> str:
 
 
 class Flight(asyncio.Event):
-    """One key's refill in progress in this process; set when it is over.
+    """One key's refill in progress in this process; set when its waiters may go
+    on (the entry exists, is stored, or the leader is done).
 
     ``entry``: what the leader's response would have stored, left here only when
     Redis could not take it, for the requests that waited on this flight; it is
