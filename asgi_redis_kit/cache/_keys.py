@@ -26,8 +26,9 @@ The parts, in order:
 8. one bit: "the request carries the session cookie", so anonymous and
    cookie-bearing requests never share an entry, plus a hash of the session
    cookie's value when the route sets ``vary_on_session=True`` (per-user entries).
-   The cookie is read from every ``Cookie`` header, as SessionMiddleware reads
-   it; a request naming it twice never gets this far (see ``cookie_values``).
+   The cookie is read with SessionMiddleware's own ``cookie_values`` (every
+   ``Cookie`` header, every value); a request naming it twice never gets this
+   far: Starlette's parser would see another value than the session does.
    When the middleware can ask the session instead (a SessionMiddleware of
    ours outside the cache), the per-user part is the loaded session's handle,
    and a new or unknown session adds none: it is no session.
@@ -60,6 +61,8 @@ from typing import Literal
 from urllib.parse import parse_qsl, urlencode
 
 from starlette.types import Scope
+
+from ..sessions._cookie import cookie_values
 
 KEY_VERSION = b"ark-cache-key-v1"
 
@@ -115,23 +118,6 @@ def canonical_query(query_string: bytes) -> str:
     pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
     # sorted() is stable: repeated names keep their relative order.
     return urlencode(sorted(pairs, key=lambda pair: pair[0]))
-
-
-def cookie_values(scope: Scope, name: str) -> list[str]:
-    """Every value sent for cookie ``name``, in order, across every ``Cookie``
-    header: what SessionMiddleware reads (it takes the first that verifies).
-    Starlette's own parser sees only the first header and keeps the last value
-    of a repeated name, so a request naming the cookie more than once is
-    ambiguous and the middleware bypasses the cache for it."""
-    found: list[str] = []
-    for key, raw in scope.get("headers", ()):
-        if key.lower() != b"cookie":
-            continue
-        for part in raw.decode("latin-1").split(";"):
-            cookie_name, sep, value = part.strip().partition("=")
-            if sep and cookie_name.strip() == name:
-                found.append(value.strip().strip('"'))
-    return found
 
 
 def session_cookie(

@@ -64,13 +64,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .._redis import Backend, RedisClient, RedisLike, serve_with_lifespan_close
 from ..errors import BackendUnavailable, CacheNotConfigured, DuplicateMiddleware
 from ..sessions import Session, SessionMiddleware
+from ..sessions._cookie import cookie_values
 from ._cache import Cache, SessionProof
 from ._decorator import RequestState, RouteCache, current, route_config
 from ._entry import Entry, content_etag, encode, etag_matches, served_headers
 from ._keys import (
     FORWARDING_HEADERS,
     CacheKey,
-    cookie_values,
     header_map,
     request_host,
     session_cookie,
