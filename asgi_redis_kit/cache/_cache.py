@@ -49,7 +49,6 @@ from ._keys import CacheKey, KeyScheme, request_host
 from ._lock import (
     ACQUIRE,
     LOOKUP,
-    LOOKUP_SESSION,
     RELEASE,
     STORE_AND_RELEASE,
     SingleFlight,
@@ -281,7 +280,6 @@ class Cache:
         # key that is gone after all is a miss that takes its lease separately.
         self._present: dict[str, float] = {}
         self._lookup_script = client.register_script(LOOKUP)
-        self._lookup_session = client.register_script(LOOKUP_SESSION)
         self._acquire = client.register_script(ACQUIRE)
         self._release = client.register_script(RELEASE)
         self._store = client.register_script(STORE_AND_RELEASE)
@@ -341,7 +339,7 @@ class Cache:
                 pipe.exists(keys[-1])
             return list(await pipe.execute())
         if exists_last:
-            # Not reached today (a single server proves sessions in LOOKUP_SESSION).
+            # Not reached today (a single server proves sessions in the LOOKUP script).
             batch = client.pipeline(transaction=False)
             batch.mget(keys[:-1])
             batch.exists(keys[-1])
@@ -450,22 +448,18 @@ class Cache:
             return found if alive else replace(found, entry=None, session_gone=True)
         alive = True
         async with self._redis() as client:
-            if session is not None and not isinstance(client, RedisCluster):
-                raw = await self._lookup_session(
-                    keys=[key.entry, key.lock, session.key, *key.version_keys],
-                    args=[token, int(self.lock_lease * 1000)],
-                    client=client,
-                )
-                alive = int(raw.pop()) == 1
-                leased = int(raw.pop())
-            elif token:
+            # On one server the lookup script also proves the session still exists.
+            single = not isinstance(client, RedisCluster)
+            session_keys = [session.key] if session is not None and single else []
+            if token or session_keys:
                 # One atomic step: the entry, its versions, and the lease if the entry
                 # key is absent (a cold miss then needs no round trip of its own for it).
                 raw = await self._lookup_script(
-                    keys=[key.entry, key.lock, *key.version_keys],
-                    args=[token, int(self.lock_lease * 1000)],
+                    keys=[key.entry, key.lock, *session_keys, *key.version_keys],
+                    args=[token, int(self.lock_lease * 1000), len(session_keys)],
                     client=client,
                 )
+                alive = int(raw.pop()) == 1
                 leased = int(raw.pop())
             else:
                 names = [key.entry, *key.version_keys]

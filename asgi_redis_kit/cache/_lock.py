@@ -32,31 +32,19 @@ import secrets
 
 from ._entry import Entry
 
-# KEYS: entry, lease, then the version keys; ARGV: token ('' = only read), lease ms.
-# Returns the entry, the versions, and 1 (lease taken), -1 (entry absent, lease
-# held by someone else) or 0 (entry present, or no lease asked for).
+# KEYS: entry, lease, the session's key when ARGV[3] is '1', then the version keys;
+# ARGV: token ('' = only read), lease ms, '1' to prove a session. Returns the entry,
+# the versions, 1 (lease taken), -1 (entry absent, lease held by someone else) or 0
+# (entry present, or no lease asked for), then 1 (the session exists, or none was
+# asked about) or 0. A per-user (vary_on_session) entry only counts while its
+# session exists: a logged-out or revoked session's cookie must not get its cached
+# pages, so the lookup proves it in the same step; a gone session takes no lease.
 LOOKUP = """
-local found = redis.call('MGET', KEYS[1], unpack(KEYS, 3))
-local leased = 0
-if not found[1] and ARGV[1] ~= '' then
-  if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-    leased = 1
-  else
-    leased = -1
-  end
+local alive, first = 1, 3
+if ARGV[3] == '1' then
+  alive, first = redis.call('EXISTS', KEYS[3]), 4
 end
-found[#found + 1] = leased
-return found
-"""
-
-# LOOKUP for a per-user (vary_on_session) entry. KEYS: entry, lease, the session's
-# key, then the version keys. The entry only counts if the session still exists:
-# a logged-out or revoked session's cookie must not get its cached pages, so
-# the lookup proves it in the same step. A gone session takes no lease. Returns
-# what LOOKUP returns, then 1 (session exists) or 0.
-LOOKUP_SESSION = """
-local alive = redis.call('EXISTS', KEYS[3])
-local found = redis.call('MGET', KEYS[1], unpack(KEYS, 4))
+local found = redis.call('MGET', KEYS[1], unpack(KEYS, first))
 local leased = 0
 if alive == 1 and not found[1] and ARGV[1] ~= '' then
   if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
