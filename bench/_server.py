@@ -9,9 +9,9 @@ import shutil
 import subprocess
 from types import TracebackType
 
-from tests.support import RedisProcess, free_port
+from tests.support import RedisProcess, free_port, wait_for_port
 
-__all__ = ["BenchRedis", "free_port", "redis_server_version"]
+__all__ = ["BenchRedis", "free_port", "redis_server_version", "wait_for_port"]
 
 
 def redis_server_version() -> str:

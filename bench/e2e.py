@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from ._measure import Row, Scenario
-from ._server import free_port
+from ._server import free_port, wait_for_port
 from ._traffic import commandstats
 
 CONNECTIONS = 8
@@ -71,23 +70,11 @@ def _uvicorn_flavour() -> str:
     return f"({http}, {loop} loop)"
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"uvicorn exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("uvicorn did not start")
-
-
-def _spawn(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def _spawn(factory: str, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """uvicorn serving ``factory`` (``module:function``) on a loopback ``port``."""
     return subprocess.Popen(
         [
-            sys.executable, "-m", "uvicorn", "--factory", "bench._e2e_app:make",
+            sys.executable, "-m", "uvicorn", "--factory", factory,
             "--host", "127.0.0.1", "--port", str(port),
             "--no-access-log", "--log-level", "warning",
         ],
@@ -165,11 +152,11 @@ async def _family(
             row = Row(
                 label, ours=tool == "ours", reference=tool in ("starlette-cookie", "no-cache")
             )
-            servers.append(_Server(tool, row, _spawn(port, env), port))
+            servers.append(_Server(tool, row, _spawn("bench._e2e_app:make", port, env), port))
         live: list[_Server] = []
         for server in servers:
             try:
-                await asyncio.to_thread(_wait_port, server.port, server.proc)
+                await asyncio.to_thread(wait_for_port, server.port, server.proc)
                 server.conns = await _open(server.port, login)
                 await _round(server.conns, path, CONNECTIONS * 20)  # warm-up
                 live.append(server)

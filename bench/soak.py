@@ -44,8 +44,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from asgi_redis_kit import CacheMiddleware, Session, SessionMiddleware, cached
 from tests.support import DelayProxy
 
-from ._server import BenchRedis, free_port, redis_server_version
-from .e2e import _stop, _uvicorn_flavour, _wait_port
+from ._server import BenchRedis, free_port, redis_server_version, wait_for_port
+from .e2e import _spawn, _stop, _uvicorn_flavour
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -611,21 +611,6 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _spawn(port: int, url: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "SOAK_REDIS_URL": url}
-    return subprocess.Popen(
-        [
-            sys.executable, "-m", "uvicorn", "--factory", "bench.soak:make_app",
-            "--host", "127.0.0.1", "--port", str(port),
-            "--no-access-log", "--log-level", "warning",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )  # fmt: skip
-
-
 def main(argv: list[str]) -> int:
     args = _parse(argv)
     out: Path = args.out or RESULTS / f"soak-{args.minutes}m.md"
@@ -635,8 +620,9 @@ def main(argv: list[str]) -> int:
         with BenchRedis() as redis, ProxyProcess(redis.port, args.latency_ms / 1000) as proxy:
             try:
                 port = free_port()
-                server = _spawn(port, proxy.url)
-                _wait_port(port, server)
+                env = {**os.environ, "SOAK_REDIS_URL": proxy.url}
+                server = _spawn("bench.soak:make_app", port, env)
+                wait_for_port(port, server)
                 minutes, soak = asyncio.run(_run(args, port, redis, proxy, server.pid))
                 if server.poll() is not None:
                     raise RuntimeError(f"uvicorn exited with {server.returncode} during the soak")

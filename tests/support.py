@@ -35,6 +35,20 @@ def free_port() -> int:
         return port
 
 
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    """Wait until ``proc`` (a server we started) accepts connections on ``port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"the server did not listen on port {port} within {timeout:.0f} s")
+
+
 class RedisProcess:
     """A throwaway ``redis-server`` on a free loopback port that tests may stop,
     restart, pause (SIGSTOP) and resume. Nothing is persisted to disk."""

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,24 +13,11 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from tests.support import free_port
+from tests.support import free_port, wait_for_port
 
 pytestmark = pytest.mark.real_redis
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"uvicorn exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"uvicorn did not listen on {port}")
 
 
 @pytest.fixture
@@ -53,7 +38,7 @@ def workers(redis_url: str, key_prefix: str) -> Iterator[list[str]]:
                 env=env,
             )  # fmt: skip
             procs.append(proc)
-            _wait_for_port(port, proc)
+            wait_for_port(port, proc)
             urls.append(f"http://127.0.0.1:{port}")
         yield urls
     finally:
