@@ -96,24 +96,9 @@ async def test_a_stuck_lease_delays_but_never_blocks(
     await cache.aclose()
 
 
-def _plain_key(key_prefix: str, path: str) -> CacheKey:
-    """The keys of a plain GET of ``path``: no vary, tags, session or custom key."""
-    scope = {"type": "http", "method": "GET", "path": path, "headers": []}
-    return KeyScheme(key_prefix).for_request(
-        scope,
-        namespace="default",
-        host="h",
-        vary=(),
-        session_cookie_name="session",
-        vary_on_session=False,
-        tags=(),
-        custom=None,
-    )
-
-
 async def test_release_only_deletes_our_own_lease(real_redis: Redis, key_prefix: str) -> None:
     cache = Cache(real_redis, key_prefix=key_prefix)
-    key = _plain_key(key_prefix, "/x")
+    key = _key(key_prefix, "/x")
     token, _ = await cache.acquire(key, (0, 0))
     assert token is not None
     assert await cache.acquire(key, (0, 0)) == (None, None)  # held
@@ -129,7 +114,7 @@ async def test_release_only_deletes_our_own_lease(real_redis: Redis, key_prefix:
 
 async def test_lease_has_an_expiry(real_redis: Redis, key_prefix: str) -> None:
     cache = Cache(real_redis, key_prefix=key_prefix, lock_lease=5)
-    key = _plain_key(key_prefix, "/y")
+    key = _key(key_prefix, "/y")
     token, _ = await cache.acquire(key, (0, 0))
     assert token is not None
     assert 0 < await real_redis.pttl(key.lock) <= 5000
