@@ -459,12 +459,7 @@ class _Exchange:
         # Vary we could act on from here): it, not the cookie, says who asks.
         self.outer_session: object = scope.get("session", _NO_SESSION)
         # What a session middleware we cannot ask held before the app ran.
-        self.outer_before: dict[Any, Any] | None = (
-            dict(self.outer_session)
-            if isinstance(self.outer_session, Mapping)
-            and not isinstance(self.outer_session, Session)
-            else None
-        )
+        self.outer_before: dict[Any, Any] | None = None
         # The session a vary_on_session hit must prove still exists.
         self.session_proof: SessionProof | None = None
 
@@ -745,7 +740,7 @@ class _Exchange:
                 start = None
             await self.send(message)
 
-        await self.app(self.scope, self.receive, send)
+        await self.call_app(send)
 
     async def serve(self, entry: Entry, state: str, reason: str | None = None) -> None:
         now = self.cache.clock()
@@ -759,6 +754,14 @@ class _Exchange:
         headers = served_headers(entry, now, state=state, reason=reason)
         await self.send({"type": "http.response.start", "status": entry.status, "headers": headers})
         await self.send({"type": "http.response.body", "body": entry.body})
+
+    async def call_app(self, send: Send) -> None:
+        """Run the app, noting first what a foreign session outside us holds (taken
+        here, not per request: a hit never runs the app and never needs it)."""
+        outer = self.outer_session
+        if isinstance(outer, Mapping) and not isinstance(outer, Session):
+            self.outer_before = dict(outer)
+        await self.app(self.scope, self.receive, send)
 
     def keyed_headers(self) -> list[str]:
         return ["host", *FORWARDING_HEADERS, *self.config.vary]
@@ -891,7 +894,7 @@ class _Exchange:
             await self.send(message)
 
         try:
-            await self.app(self.scope, self.receive, send)
+            await self.call_app(send)
         except Exception:
             if fallback is None or mode != "holding":
                 raise
