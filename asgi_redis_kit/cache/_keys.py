@@ -13,12 +13,15 @@ The parts, in order:
 2. namespace.
 3. method class: ``GET`` for GET and HEAD (a HEAD is answered from the GET entry).
 4. scheme (``scope["scheme"]``, already rewritten by a trusted proxy-headers
-   middleware if one runs outside us) and host (``Host`` header, lower-cased).
+   middleware if one runs outside us) and host: the ``Host`` header exactly as
+   the app reads it, which must already be canonical (see :func:`canonical_host`;
+   any other Host bypasses the cache).
 5. ``root_path`` and the routed path as the router saw it, or the value of the
    route's custom ``key=`` function instead of path and query.
-6. the query string in canonical order: pairs sorted by name, values of a
-   repeated name kept in their original order (``?a=2&a=1`` is not ``?a=1&a=2``
-   to a handler that reads ``getlist``).
+6. the raw query string with its pairs in canonical order: sorted by decoded
+   name, values of a repeated name kept in their original order (``?a=2&a=1``
+   is not ``?a=1&a=2`` to a handler that reads ``getlist``), every pair byte
+   for byte as the app sees it (see :func:`canonical_query`).
 7. forwarding headers (``X-Forwarded-Host``, ``X-Forwarded-Proto``,
    ``X-Forwarded-Prefix``, ``Forwarded``) - apps behind a proxy build URLs from
    them, so a request carrying a poisoned value gets its own entry and can never
@@ -54,11 +57,13 @@ change the hash slot.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
+import re
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import unquote_plus
 
 from starlette.types import Scope
 
@@ -69,6 +74,13 @@ KEY_VERSION = b"ark-cache-key-v1"
 FORWARDING_HEADERS = ("x-forwarded-host", "x-forwarded-proto", "x-forwarded-prefix", "forwarded")
 _FORWARDING_NAMES = tuple(name.encode() for name in FORWARDING_HEADERS)
 _MEMO_SIZE = 4096
+# A Host header already in canonical form: lower-case DNS labels (or an IPv4
+# address), or a bracketed IPv6 address, and an optional port without a leading zero.
+_LABEL = rb"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?"
+_CANONICAL_HOST = re.compile(
+    rb"(?:" + _LABEL + rb"(?:\." + _LABEL + rb")*|\[(?P<ipv6>[0-9a-f:.]+)\])"
+    rb"(?::(?P<port>[1-9][0-9]{0,4}))?"
+)
 
 
 def _digest(parts: Iterable[bytes]) -> str:
@@ -105,6 +117,8 @@ def header_map(scope: Scope) -> dict[bytes, bytes]:
 
 
 def request_host(scope: Scope, headers: Mapping[bytes, bytes] | None = None) -> str:
+    """A lenient reading of the request's host, for naming a URL to invalidate
+    (keys are built from :func:`canonical_host` instead)."""
     host = header(scope, b"host") if headers is None else headers.get(b"host")
     if host is not None:
         return host.decode("latin-1").strip().lower().rstrip(".")
@@ -114,10 +128,61 @@ def request_host(scope: Scope, headers: Mapping[bytes, bytes] | None = None) -> 
     return ""
 
 
+def canonical_host(scope: Scope) -> str | None:
+    """The host a cache key names, or ``None`` when the request's Host is not
+    already in canonical form (the request then bypasses the cache).
+
+    Starlette builds ``request.url`` and ``url_for`` from the first raw ``host``
+    header when it parses, and from ``scope["server"]`` when it does not. A key
+    that normalised the header (case, spaces, a trailing dot) would let one
+    request with ``Host: example.com\\xa0`` store a page linking to the server's
+    bind address under the key every plain ``example.com`` request hits. So a
+    key names the Host only when the request has exactly one ``host`` header,
+    lower-case ``name[:port]``, whose bytes are exactly what the app sees.
+    Anything else -- control or non-ASCII bytes, whitespace, upper case, a
+    trailing dot or empty label, a port with a leading zero or over 65535, a
+    second Host header, a ``Host`` header name Starlette does not read -- is
+    never keyed. Browsers always send the canonical form. Without a Host
+    header the app uses ``scope["server"]``, and so does the key."""
+    found: bytes | None = None
+    for name, value in scope.get("headers", ()):
+        if name.lower() != b"host":
+            continue
+        if found is not None or name != b"host":
+            return None
+        found = value
+    if found is None:
+        server = scope.get("server")
+        return f"{server[0]}:{server[1]}".lower() if server else ""
+    match = _CANONICAL_HOST.fullmatch(found)
+    if match is None:
+        return None
+    port = match["port"]
+    if port is not None and int(port) > 65535:
+        return None
+    ipv6 = match["ipv6"]
+    if ipv6 is not None:
+        try:
+            ipaddress.IPv6Address(ipv6.decode("ascii"))
+        except ValueError:
+            return None
+    return found.decode("ascii")
+
+
 def canonical_query(query_string: bytes) -> str:
-    pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
+    """The raw query with its ``&``-separated pairs in a canonical order.
+
+    Pairs stay byte for byte what the app sees (``%41`` and ``A`` are different
+    keys: ``request.url`` shows the bytes it got, and a key that decoded them
+    would let one spelling's page be served for another). They are ordered by
+    decoded name, so two spellings of one name cannot swap which value a
+    handler reads last; a repeated name keeps its values' relative order
+    (``?a=2&a=1`` is not ``?a=1&a=2`` to a handler that reads ``getlist``).
+    Reordering whole pairs brings no byte into a page that the other order
+    lacks."""
+    pairs = query_string.decode("latin-1").split("&")
     # sorted() is stable: repeated names keep their relative order.
-    return urlencode(sorted(pairs, key=lambda pair: pair[0]))
+    return "&".join(sorted(pairs, key=lambda pair: unquote_plus(pair.partition("=")[0])))
 
 
 def session_cookie(

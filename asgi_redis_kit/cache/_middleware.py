@@ -71,8 +71,8 @@ from ._entry import Entry, content_etag, encode, etag_matches, served_headers
 from ._keys import (
     FORWARDING_HEADERS,
     CacheKey,
+    canonical_host,
     header_map,
-    request_host,
     session_cookie,
 )
 from ._lock import Flight
@@ -467,7 +467,11 @@ class _Exchange:
 
     async def run(self) -> None:
         cache, config, scope, headers = self.cache, self.config, self.scope, self.headers
-        host = request_host(scope, headers)
+        host = canonical_host(scope)
+        if host is None:
+            # The app would see another host than any key could name.
+            await self.bypass("host")
+            return
         reason = request_bypass_reason(
             scope,
             public=config.public,

@@ -18,7 +18,9 @@ from nor stored in the cache, and the response says ``X-Cache: BYPASS`` with
   honour them answer a different method or path than the one the key names.
   (Forwarding headers such as ``X-Forwarded-Host`` are keyed instead; see
   ``_keys``.)
-* ``host``          - a ``Host`` outside ``allowed_hosts``.
+* ``host``          - a ``Host`` outside ``allowed_hosts``, or one not already in
+  canonical form (``_keys.canonical_host``: the key must name exactly what the
+  app sees).
 * ``cookie``        - the session cookie appears more than once (in one or
   several ``Cookie`` headers): SessionMiddleware uses the first value that
   verifies, other parsers the last, so no key can be trusted to name the
