@@ -91,9 +91,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return _back()
 
     @app.get("/report", response_class=HTMLResponse)
-    @cached(ttl=REPORT_TTL, tags=[REPORT_TAG])
+    @cached(ttl=REPORT_TTL, tags=[REPORT_TAG], ignores_session=True)
     async def report(request: Request) -> HTMLResponse:
-        # Never touch request.session here: the page is shared by every visitor.
+        # Never touch request.session here: ignores_session=True shares the page
+        # with every visitor, logged in or not.
         delay = web.settings_of(request).report_delay
         built_at, rows = await web.build_report(delay)
         html = pages.report_page(

@@ -79,9 +79,10 @@ async def logout_everywhere(request: Request) -> RedirectResponse | PlainTextRes
     return _back()
 
 
-@cached(ttl=REPORT_TTL, tags=[REPORT_TAG])
+@cached(ttl=REPORT_TTL, tags=[REPORT_TAG], ignores_session=True)
 async def report(request: Request) -> HTMLResponse:
-    # Never touch request.session here: the page is shared by every visitor.
+    # Never touch request.session here: ignores_session=True shares the page
+    # with every visitor, logged in or not.
     built_at, rows = await web.build_report(web.settings_of(request).report_delay)
     html = pages.report_page(
         built_at=built_at,

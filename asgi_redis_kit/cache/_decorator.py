@@ -42,6 +42,7 @@ class RouteCache:
     tags: tuple[str, ...] = ()
     public: bool = False
     vary_on_session: bool = False
+    ignores_session: bool = False
     stale_while_revalidate: float = 0
     stale_if_error: float = 0
     namespace: str | None = None
@@ -91,6 +92,7 @@ def cached(
     tags: Sequence[str] = (),
     public: bool = False,
     vary_on_session: bool = False,
+    ignores_session: bool = False,
     stale_while_revalidate: float = 0,
     stale_if_error: float = 0,
     namespace: str | None = None,
@@ -115,6 +117,12 @@ def cached(
         public: allow requests carrying ``Authorization`` to use the cache.
         vary_on_session: store responses that read the session (``Vary: Cookie``),
             one entry per session cookie value.
+        ignores_session: promise that the handler never reads the session, so
+            its response is shared by visitors whose sessions hold data. Without
+            it such a response is not stored: reads through ``scope["session"]``,
+            ``dict(...)`` or ``orjson.dumps`` cannot all be seen, so a session
+            with data counts as read. A read that is seen (``request.session``)
+            still keeps the response out of the cache.
         stale_while_revalidate: seconds after ``ttl`` during which the old entry is
             served at once while one background refresh runs (RFC 5861).
         stale_if_error: seconds after ``ttl`` during which the old entry is served
@@ -137,6 +145,11 @@ def cached(
         raise ValueError(f"max_size must not be negative, got {max_size!r}")
     if isinstance(vary, str) or isinstance(tags, str):
         raise TypeError("vary= and tags= take a list of strings, not one string")
+    if vary_on_session and ignores_session:
+        raise ValueError(
+            "vary_on_session=True (one entry per session) and ignores_session=True "
+            "(one entry for every session) contradict each other; pick one"
+        )
     if namespace is not None and not namespace:
         raise ValueError("namespace must be a non-empty string or None")
     config = RouteCache(
@@ -146,6 +159,7 @@ def cached(
         tags=tuple(tags),
         public=public,
         vary_on_session=vary_on_session,
+        ignores_session=ignores_session,
         stale_while_revalidate=stale_while_revalidate,
         stale_if_error=stale_if_error,
         namespace=namespace,

@@ -325,11 +325,12 @@ class CacheMiddleware:
             return
         self._warned_foreign = True
         logger.warning(
-            "CacheMiddleware runs inside a session middleware it cannot ask whether "
-            "the session was read (scope['session'] is a %s); responses of routes "
-            "without vary_on_session=True are not stored. Put CacheMiddleware outside "
-            "the session middleware (add it last with app.add_middleware, or first in "
-            "middleware=[...]).",
+            "scope['session'] is a %s, not asgi_redis_kit's Session: the cache cannot "
+            "tell whether a handler read it, so a response of a route without "
+            "vary_on_session=True is stored only when that session is empty (and, "
+            "with the session middleware inside the cache, the request has no "
+            "cookie). Use asgi_redis_kit.SessionMiddleware to cache pages for "
+            "visitors who have a session.",
             type(session).__name__,
         )
 
@@ -693,14 +694,43 @@ class _Exchange:
         return hashlib.sha256(session_id.encode()).hexdigest().encode()
 
     def session_read(self) -> bool:
-        """Whether a session loaded outside us was (or may have been) read."""
+        """Whether the response may depend on a session's contents (review
+        finding 2). Reads cannot all be seen: a handler, or the auth or CSRF
+        library it calls, may read ``scope["session"]`` directly, through any
+        dict method, ``dict(s)``, ``{**s}``, ``json.dumps`` or C code such as
+        ``orjson.dumps``. So, by design, a session that holds data the handler
+        could reach counts as read, whatever path it took; an empty one has
+        nothing to give away unless it was asked for.
+
+        * our Session, outside or inside us: :attr:`Session.exposed`;
+        * another middleware's mapping outside us: it held data before the app
+          ran, or holds some now;
+        * another middleware's mapping inside us (loaded after we ran, so its
+          contents before the handler are unknown): it holds data, or the
+          request carries any cookie that could be its;
+        * anything else in ``scope["session"]``: read.
+
+        A route marked ``ignores_session`` promised not to read it: only a read
+        that is seen (our Session's :attr:`~Session.accessed`) counts there."""
         outer = self.outer_session
-        if outer is _NO_SESSION:
-            return False  # inside us a SessionMiddleware says so with Vary: Cookie
-        if isinstance(outer, Session):
-            return outer.accessed
-        self.middleware.warn_foreign_session(outer)
-        return True
+        if self.config.ignores_session:
+            session = outer if outer is not _NO_SESSION else self.scope.get("session")
+            return isinstance(session, Session) and session.accessed
+        if outer is not _NO_SESSION:
+            if isinstance(outer, Session):
+                return outer.exposed
+            self.middleware.warn_foreign_session(outer)
+            if isinstance(outer, Mapping):
+                return bool(self.outer_before) or len(outer) > 0
+            return True
+        inner = self.scope.get("session", _NO_SESSION)
+        if inner is _NO_SESSION or inner is None:
+            return False
+        if isinstance(inner, Session):
+            return inner.exposed
+        self.middleware.warn_foreign_session(inner)
+        empty = isinstance(inner, Mapping) and len(inner) == 0
+        return not empty or b"cookie" in self.headers
 
     def session_changed(self) -> bool:
         """Whether the handler changed its session. A hit would skip the change.
@@ -777,8 +807,6 @@ class _Exchange:
         config = self.config
         if self.state.ran is not config:
             return "route"
-        if not config.vary_on_session and self.session_read():
-            return "session"
         reason = response_store_reason(
             status,
             headers,
@@ -786,6 +814,8 @@ class _Exchange:
             keyed_headers=self.keyed_headers(),
             vary_on_session=config.vary_on_session,
         )
+        if reason is None and not config.vary_on_session and self.session_read():
+            return "session"
         if reason is None and len(body) > config.max_size:
             return "size"
         if reason is None and self.session_changed():  # last: it encodes the session

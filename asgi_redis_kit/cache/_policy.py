@@ -36,11 +36,13 @@ Responses (decided after the handler ran; the response is still sent, marked
 * ``cache-control`` - ``private``, ``no-store`` or ``no-cache``.
 * ``vary``          - ``Vary: *``, or a ``Vary`` naming a request header the key
   does not include: a stored answer could be served to a request it does not fit.
-* ``session``       - the handler read the session, on a route without
+* ``session``       - the handler may have read the session, on a route without
   ``vary_on_session=True``: ``Vary: Cookie`` from a session middleware inside
-  the cache, or ``scope["session"].accessed`` of our Session loaded by a
-  SessionMiddleware outside it. A foreign session mapping outside the cache
-  (Starlette's own SessionMiddleware) cannot tell, so it always counts as read.
+  the cache, or a session that was asked for or holds data, in either
+  middleware order. Reads through ``scope["session"]``, ``dict(...)`` or C code
+  such as ``orjson.dumps`` cannot all be seen, so data within reach counts as
+  read (``_middleware._Exchange.session_read`` has the rules per middleware);
+  a route marked ``ignores_session=True`` counts only the reads that are seen.
 * ``size``          - a body over ``max_size`` bytes.
 * ``streaming``     - the app streamed its body (``more_body``); it passes
   through unbuffered.

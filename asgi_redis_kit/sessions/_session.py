@@ -48,7 +48,7 @@ class Session(dict[str, Any]):
       committed at once (not rolled back when the handler fails);
     * :meth:`bind_user` / :attr:`user_id` -- the per-user index behind
       :meth:`SessionStore.user_sessions` and :meth:`SessionStore.revoke_user`;
-    * :attr:`accessed`, :attr:`is_new`, :attr:`handle`, :attr:`store`.
+    * :attr:`accessed`, :attr:`exposed`, :attr:`is_new`, :attr:`handle`, :attr:`store`.
 
     Use :meth:`Session.of` to get it with its real type (Starlette types
     ``request.session`` as a plain dict).
@@ -114,6 +114,16 @@ class Session(dict[str, Any]):
     def mark_accessed(self) -> None:
         """Called by Starlette's ``request.session``: the response varies on it."""
         self.accessed = True
+
+    @property
+    def exposed(self) -> bool:
+        """Whether a response may depend on this session: it was asked for
+        (:attr:`accessed`), or it holds or held data this request could reach by
+        a path no hook sees -- ``scope["session"]`` read by C code such as
+        ``orjson.dumps``, ``dict(...)``, ``{**session}`` -- so a shared cache
+        must treat it as read. Never raises, even on the stand-in for a session
+        whose load failed."""
+        return self.accessed or bool(self._snapshot) or dict.__len__(self) > 0
 
     @property
     def is_new(self) -> bool:

@@ -149,6 +149,10 @@ def starlette_app(calls: Calls, middleware: list[Middleware]) -> Starlette:
     async def page(request: Request) -> Response:
         return HTMLResponse(await _page(calls, "page"))
 
+    @cached(ttl=60, ignores_session=True)
+    async def shared(request: Request) -> Response:
+        return HTMLResponse(await _page(calls, "shared"))
+
     @cached(ttl=60, tags=["item:{item_id}", "items"])
     async def item(request: Request) -> Response:
         calls.counts["item"] += 1
@@ -221,6 +225,7 @@ def starlette_app(calls: Calls, middleware: list[Middleware]) -> Starlette:
     return Starlette(
         routes=[
             Route("/page", page, methods=["GET", "POST"]),
+            Route("/shared", shared),
             Route("/items/{item_id:int}", item),
             Route("/echo", echo),
             Route("/lang", lang),
@@ -251,6 +256,11 @@ def fastapi_app(calls: Calls, middleware: list[Middleware]) -> FastAPI:
     @cached(ttl=60)
     async def page(dep: str = Depends(dependency)) -> str:
         return await _page(calls, "page")
+
+    @app.get("/shared", response_class=HTMLResponse)
+    @cached(ttl=60, ignores_session=True)
+    async def shared() -> str:
+        return await _page(calls, "shared")
 
     @app.get("/items/{item_id}", response_model=Item)
     @cached(ttl=60, tags=["item:{item_id}", "items"])

@@ -195,7 +195,7 @@ async def test_a_hit_does_not_load_the_session(
         request.session["visits"] = request.session.get("visits", 0) + 1
         return PlainTextResponse(f"Número de visitas: {request.session['visits']}")
 
-    @cached(ttl=60, tags=["report"])
+    @cached(ttl=60, tags=["report"], ignores_session=True)
     async def report(request: Request) -> Response:
         return PlainTextResponse("slow report")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from redis.asyncio import Redis
 
-from asgi_redis_kit import Cache, SessionMiddleware
+from asgi_redis_kit import Cache, SessionMiddleware, cached
 from asgi_redis_kit.cache._policy import host_allowed
 from tests.cache.conftest import Harness
 
@@ -114,13 +114,28 @@ async def test_vary_on_session_gives_each_user_an_entry(harness: Harness) -> Non
     assert anonymous.text == "anonymous call 3"
 
 
-async def test_cookie_bearing_users_share_a_route_that_never_reads_the_session(
+async def test_sessions_with_data_share_only_a_route_that_ignores_the_session(
     harness: Harness,
 ) -> None:
-    alice = await harness.client.get("/page", headers={"cookie": "session=alice"})
-    bob = await harness.client.get("/page", headers={"cookie": "session=bob"})
-    anonymous = await harness.client.get("/page")
-    assert [r.headers["x-cache"] for r in (alice, bob, anonymous)] == ["MISS", "HIT", "MISS"]
+    """FakeSession puts the cookie's value in the session: a session with data
+    counts as read (its readers cannot all be seen), unless the route promises
+    otherwise; anonymous and cookie-bearing requests never share an entry."""
+    for path in ("/page", "/shared"):
+        alice = await harness.client.get(path, headers={"cookie": "session=alice"})
+        bob = await harness.client.get(path, headers={"cookie": "session=bob"})
+        anonymous = await harness.client.get(path)
+        again = await harness.client.get(path)
+        states = [r.headers["x-cache"] for r in (alice, bob, anonymous, again)]
+        if path == "/page":
+            assert states == ["MISS", "MISS", "MISS", "HIT"]
+            assert bob.headers["x-cache-reason"] == "session"
+        else:
+            assert states == ["MISS", "HIT", "MISS", "HIT"]
+
+
+def test_a_route_cannot_both_vary_on_and_ignore_the_session() -> None:
+    with pytest.raises(ValueError, match="contradict"):
+        cached(ttl=1, vary_on_session=True, ignores_session=True)
 
 
 @pytest.mark.parametrize(
