@@ -1,7 +1,5 @@
-"""``python -m bench [--quick] [--only sessions|cache] [-n N] [--rounds R] [--out PATH]``
-
-``python -m bench soak [--minutes M] [--rps R] [--latency-ms L]``: the soak run
-(``bench/soak.py``)."""
+"""``python -m bench``: the comparison with the peers, or ``python -m bench soak``
+(``bench/soak.py``). ``./dev bench [args]`` runs it in the project venv."""
 
 from __future__ import annotations
 
@@ -22,7 +20,15 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    # Plain text: argparse prints description and epilog as they are.
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Compare asgi_redis_kit with its peers in one run on this machine and\n"
+        "write a markdown report (method: bench/README.md). ./dev bench runs this.",
+        epilog="the soak run:\n  python -m bench soak [--minutes M] [--rps R] [--latency-ms L] "
+        "[--concurrency C] [--out PATH]\n  (python -m bench soak --help for its options)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--quick", action="store_true", help="fewer rounds and requests (~1 min)")
     p.add_argument("--only", choices=["sessions", "cache"], help="run one family of scenarios")
     p.add_argument("-n", type=int, help="requests per tool per round")

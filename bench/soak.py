@@ -597,11 +597,19 @@ def render(minutes: list[Minute], soak: Soak, took: float) -> str:
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench soak", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench soak",
+        description="Serve the app under a steady load with injected Redis latency; write "
+        "bench/results/soak-<minutes>m.md.",
+    )
     p.add_argument("--minutes", type=int, default=2, help="recorded minutes (default 2)")
     p.add_argument("--rps", type=float, default=100.0, help="target requests/s (default 100)")
-    p.add_argument("--latency-ms", type=float, default=50.0, help="injected Redis latency")
-    p.add_argument("--concurrency", type=int, default=64, help="max requests in flight")
+    p.add_argument(
+        "--latency-ms", type=float, default=50.0, help="injected Redis latency in ms (default 50)"
+    )
+    p.add_argument(
+        "--concurrency", type=int, default=64, help="max requests in flight (default 64)"
+    )
     p.add_argument("--out", type=Path, help="default: bench/results/soak-<minutes>m.md")
     args = p.parse_args(argv)
     if not (1 <= args.minutes <= 180 and 0 < args.rps <= 2000 and 1 <= args.concurrency <= 512):

@@ -197,6 +197,11 @@ def report_page(
   <p class="muted">Building this page takes about {build_seconds:.1f} s. It is cached
   in Redis for the route's TTL under the tag <code>report</code>, so every instance
   shares one copy.</p>
+  <p class="muted" id="browser-cache">The library would tell your browser
+  <code>Cache-Control: max-age</code> (the entry's remaining TTL), and the browser would
+  reuse its own copy without asking. This demo sends <code>no-cache</code> instead, so
+  every reload reaches the server and the badge below is about this response: a reload
+  costs one Redis round trip, and an unchanged page comes back as a 304.</p>
   <div class="row">
     <span>This response: <span class="pill" id="cache-status">…</span></span>
     <span>Built at <b class="mono" id="built-at">{escape(built_at)}</b>

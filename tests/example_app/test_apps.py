@@ -3,6 +3,7 @@ embedded Redis per test: the counter, login/logout, and the cached report."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 
@@ -152,6 +153,22 @@ async def test_report_miss_hit_and_invalidate(client: httpx.AsyncClient) -> None
     third = await client.get("/report")
     assert third.headers["x-cache"] == "MISS"
     assert by_id(third.text, "built-at") != built
+
+
+async def test_report_page_explains_its_no_cache(client: httpx.AsyncClient) -> None:
+    """The library would send ``max-age`` (the entry's remaining TTL); the demo sends
+    ``no-cache`` so every reload reaches the server and the HIT/MISS badge is about
+    this response. The page must say so, and revalidating must be the cheap 304."""
+    for expected in ("MISS", "HIT"):
+        response = await client.get("/report")
+        assert response.headers["x-cache"] == expected
+        assert response.headers["cache-control"] == "no-cache"
+        note = re.search(r'id="browser-cache"[^>]*>(.*?)</p>', response.text, re.DOTALL)
+        assert note is not None, "the report page does not explain its Cache-Control"
+        assert "no-cache" in note.group(1)
+        assert "max-age" in note.group(1)
+    again = await client.get("/report", headers={"if-none-match": response.headers["etag"]})
+    assert again.status_code == 304
 
 
 async def test_report_is_shared_between_visitors(app: ASGIApp) -> None:
