@@ -22,16 +22,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from asgi_redis_kit import Cache, CacheMiddleware, cached
 from asgi_redis_kit.cache._breaker import CircuitBreaker
-from tests.cache.conftest import Calls, Framework, build, client_for, starlette_app
+from tests.cache.conftest import Calls, Clock, Framework, build, client_for, starlette_app
 from tests.support import RedisProcess
 
 pytestmark = pytest.mark.real_redis
 
 
 async def test_redis_stopped_then_restarted(framework: Framework, own_redis: RedisProcess) -> None:
-    # A stopped Redis refuses at once, so a long deadline costs nothing; the
-    # cool-down is long enough that the seven calls below all fall inside it.
-    cache = Cache(own_redis.url, timeout=2, breaker_threshold=3, breaker_cooldown=2)
+    # A stopped Redis refuses at once, so a long deadline costs nothing. The
+    # cache's clock also times the breaker's cool-down: the ten calls below all
+    # fall inside it however slow the machine, and it ends without a real wait.
+    clock = Clock()
+    cache = Cache(own_redis.url, timeout=2, breaker_threshold=3, breaker_cooldown=5, clock=clock)
     calls = Calls()
     async with client_for(build(framework, cache, calls)) as client:
         assert (await client.get("/page")).headers["x-cache"] == "MISS"
@@ -48,7 +50,8 @@ async def test_redis_stopped_then_restarted(framework: Framework, own_redis: Red
         assert cache.stats.errors == 3
         assert cache.breaker.state == "open"
         own_redis.start()
-        await asyncio.sleep(2.1)  # the cool-down; then one probe is let through
+        assert state_of(cache.breaker) == "open"  # Redis is back, but the cool-down runs
+        clock.advance(5)  # the cool-down; then one probe is let through
         probe = await client.get("/page?after=1")
         assert probe.headers["x-cache"] == "MISS"
         assert state_of(cache.breaker) == "closed"
@@ -240,6 +243,25 @@ def test_breaker_states() -> None:
     assert (breaker.state, breaker.allow()) == ("closed", True)
     with pytest.raises(ValueError, match="breaker_threshold"):
         CircuitBreaker(threshold=0)
+
+
+def test_a_clock_stepped_back_ends_the_cool_down_instead_of_stretching_it() -> None:
+    """The cache times its breaker with its wall clock (``Cache(clock=...)``), which
+    NTP may step back: an open breaker then lets one probe through at once (the
+    worst case is one early probe), rather than bypassing the cache until the
+    clock has caught up with the time it opened at."""
+    now = [1_000.0]
+    breaker = CircuitBreaker(threshold=1, cooldown=5, clock=lambda: now[0])
+    breaker.failure()
+    assert (breaker.state, breaker.allow()) == ("open", False)
+    now[0] -= 3600  # stepped back an hour
+    assert breaker.allow()  # the probe
+    assert not breaker.allow()
+    breaker.failure()  # it failed: a new cool-down from the stepped-back time
+    now[0] += 4
+    assert (breaker.state, breaker.allow()) == ("open", False)
+    now[0] += 1
+    assert breaker.allow()
 
 
 async def test_lifespan_shutdown_closes_an_owned_client(redis_url: str) -> None:
