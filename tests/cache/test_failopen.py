@@ -18,12 +18,13 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message
 
 from asgi_redis_kit import Cache, CacheMiddleware, cached
 from asgi_redis_kit.cache._breaker import CircuitBreaker
+from asgi_redis_kit.cache._lock import Flight, SingleFlight
 from tests.cache.conftest import Calls, Clock, Framework, build, client_for, starlette_app
-from tests.support import RedisProcess
+from tests.support import RedisProcess, Tally
 
 pytestmark = pytest.mark.real_redis
 
@@ -93,28 +94,31 @@ async def test_paused_redis_costs_one_deadline_not_a_hang(
     await cache.aclose()
 
 
-class Arrivals:
-    """Counts the requests that reached the app; ``all_in`` is set at ``expected``."""
+class Followers(SingleFlight):
+    """The cache's single-flight, counting the requests that found a leader to wait
+    on: each waits right after asking, so once ``tally`` reaches a burst's size
+    less one, the burst is waiting and the leader may finish. (A request that came
+    after the leader's run ended would lead a run of its own.)"""
 
-    def __init__(self, app: ASGIApp, expected: int) -> None:
-        self.app, self.left, self.all_in = app, expected, asyncio.Event()
+    def __init__(self) -> None:
+        super().__init__()
+        self.tally = Tally()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            self.left -= 1
-            if self.left == 0:
-                self.all_in.set()
-        await self.app(scope, receive, send)
+    def waiting_on(self, key: str) -> Flight | None:
+        flight = super().waiting_on(key)
+        if flight is not None:
+            self.tally.add()
+        return flight
 
 
-async def _open_gate_when_all_arrived(calls: Calls, arrivals: Arrivals) -> None:
-    """Hold the first handler run until every request reached the app, and a
-    little longer: a request that came after the run ended would lead a new one."""
+async def _open_gate_once_followed(calls: Calls, followers: Followers, count: int) -> None:
     assert calls.gate is not None
-    await calls.entered.wait()
-    await arrivals.all_in.wait()
-    await asyncio.sleep(0.2)
-    calls.gate.set()
+    try:
+        async with asyncio.timeout(20):  # the assertions then say what went wrong
+            await calls.entered.wait()
+            await followers.tally.reach(count)
+    finally:
+        calls.gate.set()
 
 
 @pytest.mark.parametrize("fault", ["stopped", "paused"])
@@ -125,15 +129,15 @@ async def test_a_burst_while_redis_fails_runs_the_handler_once(
     cache can neither serve nor store, but 50 concurrent requests for one page
     still make one handler run, whose response the other 49 get."""
     cache = Cache(own_redis.url, timeout=0.2)
+    cache.flights = followers = Followers()
     calls = Calls(gate=asyncio.Event())
-    app = Arrivals(build(framework, cache, calls), 50)
-    async with client_for(app) as client:
+    async with client_for(build(framework, cache, calls)) as client:
         if fault == "stopped":
             own_redis.stop()
         else:
             own_redis.pause()
         try:
-            opener = asyncio.create_task(_open_gate_when_all_arrived(calls, app))
+            opener = asyncio.create_task(_open_gate_once_followed(calls, followers, 49))
             responses = await asyncio.gather(*(client.get("/page") for _ in range(50)))
             await opener
         finally:
@@ -152,11 +156,11 @@ async def test_a_response_the_rules_refuse_is_not_shared_while_redis_fails(
 ) -> None:
     """/whoami reads the session: two users waiting on one run each get their own."""
     cache = Cache(own_redis.url, timeout=0.2)
+    cache.flights = followers = Followers()
     calls = Calls(gate=asyncio.Event())
-    app = Arrivals(build(framework, cache, calls), 2)
-    async with client_for(app) as client:
+    async with client_for(build(framework, cache, calls)) as client:
         own_redis.stop()
-        opener = asyncio.create_task(_open_gate_when_all_arrived(calls, app))
+        opener = asyncio.create_task(_open_gate_once_followed(calls, followers, 1))
         ada, bob = await asyncio.gather(
             client.get("/whoami", headers={"cookie": "session=ada"}),
             client.get("/whoami", headers={"cookie": "session=bob"}),
@@ -186,6 +190,7 @@ async def test_waiters_get_the_response_without_waiting_for_its_background_task(
     runs: list[int] = []
     answered = asyncio.Event()
     started = asyncio.Event()
+    followers = Followers()
 
     async def after_response() -> None:
         await answered.wait()
@@ -194,12 +199,13 @@ async def test_waiters_get_the_response_without_waiting_for_its_background_task(
     async def page(request: Request) -> Response:
         runs.append(1)
         started.set()
-        await asyncio.sleep(0.2)  # the waiters pile up
+        await followers.tally.reach(5)
         return PlainTextResponse("page", background=BackgroundTask(after_response))
 
     # Waiters would otherwise wait for the leader's end up to lock_wait: far beyond
     # the did-not-hang bound below.
     cache = Cache(own_redis.url, timeout=0.2, lock_wait=120)
+    cache.flights = followers
     app = Starlette(
         routes=[Route("/page", page)], middleware=[Middleware(CacheMiddleware, cache=cache)]
     )
