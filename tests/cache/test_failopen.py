@@ -98,7 +98,8 @@ class Followers(SingleFlight):
     """The cache's single-flight, counting the requests that found a leader to wait
     on: each waits right after asking, so once ``tally`` reaches a burst's size
     less one, the burst is waiting and the leader may finish. (A request that came
-    after the leader's run ended would lead a run of its own.)"""
+    after the leader's run ended would lead a run of its own.) It only counts,
+    changing nothing: nothing outside the cache shows that a request waits."""
 
     def __init__(self) -> None:
         super().__init__()
