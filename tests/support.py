@@ -16,6 +16,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 
 def stop_process(proc: subprocess.Popen[Any]) -> None:
@@ -47,6 +48,38 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20)
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"the server did not listen on port {port} within {timeout:.0f} s")
+
+
+class Tally:
+    """A count that a test waits on (``await tally.reach(n)``) where a sleep would
+    only hope that enough had happened meanwhile."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._changed = asyncio.Event()
+
+    def add(self) -> None:
+        self.count += 1
+        self._changed.set()
+
+    async def reach(self, count: int) -> None:
+        while self.count < count:
+            self._changed.clear()
+            await self._changed.wait()
+
+
+class Arrivals(Tally):
+    """An ASGI wrapper counting the HTTP requests that reached ``app``: ``await
+    app.reach(n)`` returns once a burst of ``n`` is in flight."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        super().__init__()
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            self.add()
+        await self.app(scope, receive, send)
 
 
 class RedisProcess:
@@ -190,6 +223,9 @@ class DelayProxy:
     a client gave up on). ``chunks["requests"]`` and ``chunks["replies"]`` count the
     reads from each side: one per write burst, so a command or a whole pipeline
     is usually one, which makes ``chunks["requests"]`` a count of round trips.
+    ``await proxy.until_chunks(side, n)`` waits for ``chunks[side]`` to reach ``n``:
+    once a reply has been read from Redis, its command has run there, and while
+    the latency holds it back, its client is waiting for it.
     """
 
     def __init__(
@@ -217,6 +253,7 @@ class DelayProxy:
         self.chunks: Counter[str] = Counter()
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.Task[None]] = set()
+        self._chunk_read = asyncio.Event()
 
     @property
     def url(self) -> str:
@@ -241,6 +278,11 @@ class DelayProxy:
             await asyncio.wait(list(self._links), timeout=10)
         if server is not None:
             await server.wait_closed()
+
+    async def until_chunks(self, side: str, count: int) -> None:
+        while self.chunks[side] < count:
+            self._chunk_read.clear()
+            await self._chunk_read.wait()
 
     async def __aenter__(self) -> DelayProxy:
         return await self.start()
@@ -300,6 +342,7 @@ class DelayProxy:
             try:
                 while chunk := await reader.read(65536):
                     self.chunks[side] += 1
+                    self._chunk_read.set()
                     now = loop.time()
                     latency = self.latency if delayed else 0.0
                     if latency > 0 and 0 < self.split < len(chunk):

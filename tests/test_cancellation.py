@@ -110,11 +110,7 @@ async def abandon(
     try:
         async with asyncio.timeout(HANG):
             if mode == "cancel":
-
-                async def in_flight() -> bool:
-                    return proxy.chunks["replies"] - replies_before >= POOL
-
-                await wait_for(in_flight, f"{POOL} replies to wait in the proxy")
+                await proxy.until_chunks("replies", replies_before + POOL)
                 for task in tasks:
                     task.cancel()
             return await asyncio.gather(*tasks, return_exceptions=True)

@@ -5,6 +5,11 @@ open       no call goes to Redis (the cache is bypassed) until ``cooldown``
            seconds have passed since it opened.
 half-open  exactly one probe call is let through; success closes the breaker,
            failure opens it for another cool-down.
+
+``clock`` is the cache's own clock (``Cache(clock=...)``), so the tests that move
+it also move the cool-down. That is a wall clock, which NTP may step back: a
+clock found earlier than the opening time ends the cool-down (one early probe)
+instead of stretching it until the clock catches up, maybe hours of bypassed cache.
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ class CircuitBreaker:
     def state(self) -> State:
         if self._opened_at is None:
             return "closed"
-        if self._probing or self._clock() - self._opened_at >= self.cooldown:
+        elapsed = self._clock() - self._opened_at
+        if self._probing or not 0 <= elapsed < self.cooldown:
             return "half-open"
         return "open"
 

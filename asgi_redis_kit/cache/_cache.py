@@ -261,7 +261,9 @@ class Cache:
         self.allowed_hosts = None if allowed_hosts is None else [h.lower() for h in allowed_hosts]
         self.cacheable_statuses = frozenset(cacheable_statuses)
         self.session_cookie = session_cookie
-        self.breaker = CircuitBreaker(threshold=breaker_threshold, cooldown=breaker_cooldown)
+        self.breaker = CircuitBreaker(
+            threshold=breaker_threshold, cooldown=breaker_cooldown, clock=clock
+        )
         self.lock_lease = lock_lease
         self.lock_wait = lock_wait
         self.max_lifetime = max_lifetime

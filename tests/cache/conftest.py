@@ -56,7 +56,6 @@ class Calls:
     counts: Counter[str] = field(default_factory=Counter)
     fail: bool = False
     gate: asyncio.Event | None = None
-    delay: float = 0.0
     # Set whenever a handler starts, so tests can wait for it without polling.
     entered: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -110,8 +109,6 @@ async def _page(calls: Calls, name: str) -> str:
     calls.entered.set()
     if calls.gate is not None:
         await calls.gate.wait()
-    if calls.delay:
-        await asyncio.sleep(calls.delay)
     if calls.fail:
         raise RuntimeError("handler failed")
     return f"<h1>{name} {calls.counts[name]}</h1>"

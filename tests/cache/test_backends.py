@@ -8,6 +8,7 @@ from redis.asyncio import Redis
 
 from asgi_redis_kit import Cache
 from tests.cache.conftest import Calls, Clock, Framework, build, client_for
+from tests.support import Arrivals
 
 
 async def test_core_behaviours_on_fake_and_real_redis(
@@ -17,11 +18,13 @@ async def test_core_behaviours_on_fake_and_real_redis(
     cache = Cache(any_redis, key_prefix=key_prefix, clock=clock)
     gate = asyncio.Event()
     calls = Calls(gate=gate)
-    async with client_for(build(framework, cache, calls)) as client:
-        # Stampede: one handler call for 50 concurrent cold requests.
+    app = Arrivals(build(framework, cache, calls))
+    async with client_for(app) as client:
+        # Stampede: one handler call for 50 concurrent cold requests (one that has
+        # not joined the leader when the gate opens finds its entry).
         pending = asyncio.gather(*(client.get("/page") for _ in range(50)))
         await calls.entered.wait()
-        await asyncio.sleep(0.1)  # let the others queue behind the leader
+        await app.reach(50)
         gate.set()
         responses = await pending
         assert calls["page"] == 1

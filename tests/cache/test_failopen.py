@@ -18,20 +18,23 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message
 
 from asgi_redis_kit import Cache, CacheMiddleware, cached
 from asgi_redis_kit.cache._breaker import CircuitBreaker
-from tests.cache.conftest import Calls, Framework, build, client_for, starlette_app
-from tests.support import RedisProcess
+from asgi_redis_kit.cache._lock import Flight, SingleFlight
+from tests.cache.conftest import Calls, Clock, Framework, build, client_for, starlette_app
+from tests.support import RedisProcess, Tally
 
 pytestmark = pytest.mark.real_redis
 
 
 async def test_redis_stopped_then_restarted(framework: Framework, own_redis: RedisProcess) -> None:
-    # A stopped Redis refuses at once, so a long deadline costs nothing; the
-    # cool-down is long enough that the seven calls below all fall inside it.
-    cache = Cache(own_redis.url, timeout=2, breaker_threshold=3, breaker_cooldown=2)
+    # A stopped Redis refuses at once, so a long deadline costs nothing. The
+    # cache's clock also times the breaker's cool-down: the ten calls below all
+    # fall inside it however slow the machine, and it ends without a real wait.
+    clock = Clock()
+    cache = Cache(own_redis.url, timeout=2, breaker_threshold=3, breaker_cooldown=5, clock=clock)
     calls = Calls()
     async with client_for(build(framework, cache, calls)) as client:
         assert (await client.get("/page")).headers["x-cache"] == "MISS"
@@ -48,7 +51,8 @@ async def test_redis_stopped_then_restarted(framework: Framework, own_redis: Red
         assert cache.stats.errors == 3
         assert cache.breaker.state == "open"
         own_redis.start()
-        await asyncio.sleep(2.1)  # the cool-down; then one probe is let through
+        assert state_of(cache.breaker) == "open"  # Redis is back, but the cool-down runs
+        clock.advance(5)  # the cool-down; then one probe is let through
         probe = await client.get("/page?after=1")
         assert probe.headers["x-cache"] == "MISS"
         assert state_of(cache.breaker) == "closed"
@@ -90,28 +94,32 @@ async def test_paused_redis_costs_one_deadline_not_a_hang(
     await cache.aclose()
 
 
-class Arrivals:
-    """Counts the requests that reached the app; ``all_in`` is set at ``expected``."""
+class Followers(SingleFlight):
+    """The cache's single-flight, counting the requests that found a leader to wait
+    on: each waits right after asking, so once ``tally`` reaches a burst's size
+    less one, the burst is waiting and the leader may finish. (A request that came
+    after the leader's run ended would lead a run of its own.) It only counts,
+    changing nothing: nothing outside the cache shows that a request waits."""
 
-    def __init__(self, app: ASGIApp, expected: int) -> None:
-        self.app, self.left, self.all_in = app, expected, asyncio.Event()
+    def __init__(self) -> None:
+        super().__init__()
+        self.tally = Tally()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            self.left -= 1
-            if self.left == 0:
-                self.all_in.set()
-        await self.app(scope, receive, send)
+    def waiting_on(self, key: str) -> Flight | None:
+        flight = super().waiting_on(key)
+        if flight is not None:
+            self.tally.add()
+        return flight
 
 
-async def _open_gate_when_all_arrived(calls: Calls, arrivals: Arrivals) -> None:
-    """Hold the first handler run until every request reached the app, and a
-    little longer: a request that came after the run ended would lead a new one."""
+async def _open_gate_once_followed(calls: Calls, followers: Followers, count: int) -> None:
     assert calls.gate is not None
-    await calls.entered.wait()
-    await arrivals.all_in.wait()
-    await asyncio.sleep(0.2)
-    calls.gate.set()
+    try:
+        async with asyncio.timeout(20):  # the assertions then say what went wrong
+            await calls.entered.wait()
+            await followers.tally.reach(count)
+    finally:
+        calls.gate.set()
 
 
 @pytest.mark.parametrize("fault", ["stopped", "paused"])
@@ -122,15 +130,15 @@ async def test_a_burst_while_redis_fails_runs_the_handler_once(
     cache can neither serve nor store, but 50 concurrent requests for one page
     still make one handler run, whose response the other 49 get."""
     cache = Cache(own_redis.url, timeout=0.2)
+    cache.flights = followers = Followers()
     calls = Calls(gate=asyncio.Event())
-    app = Arrivals(build(framework, cache, calls), 50)
-    async with client_for(app) as client:
+    async with client_for(build(framework, cache, calls)) as client:
         if fault == "stopped":
             own_redis.stop()
         else:
             own_redis.pause()
         try:
-            opener = asyncio.create_task(_open_gate_when_all_arrived(calls, app))
+            opener = asyncio.create_task(_open_gate_once_followed(calls, followers, 49))
             responses = await asyncio.gather(*(client.get("/page") for _ in range(50)))
             await opener
         finally:
@@ -149,11 +157,11 @@ async def test_a_response_the_rules_refuse_is_not_shared_while_redis_fails(
 ) -> None:
     """/whoami reads the session: two users waiting on one run each get their own."""
     cache = Cache(own_redis.url, timeout=0.2)
+    cache.flights = followers = Followers()
     calls = Calls(gate=asyncio.Event())
-    app = Arrivals(build(framework, cache, calls), 2)
-    async with client_for(app) as client:
+    async with client_for(build(framework, cache, calls)) as client:
         own_redis.stop()
-        opener = asyncio.create_task(_open_gate_when_all_arrived(calls, app))
+        opener = asyncio.create_task(_open_gate_once_followed(calls, followers, 1))
         ada, bob = await asyncio.gather(
             client.get("/whoami", headers={"cookie": "session=ada"}),
             client.get("/whoami", headers={"cookie": "session=bob"}),
@@ -183,6 +191,7 @@ async def test_waiters_get_the_response_without_waiting_for_its_background_task(
     runs: list[int] = []
     answered = asyncio.Event()
     started = asyncio.Event()
+    followers = Followers()
 
     async def after_response() -> None:
         await answered.wait()
@@ -191,12 +200,13 @@ async def test_waiters_get_the_response_without_waiting_for_its_background_task(
     async def page(request: Request) -> Response:
         runs.append(1)
         started.set()
-        await asyncio.sleep(0.2)  # the waiters pile up
+        await followers.tally.reach(5)
         return PlainTextResponse("page", background=BackgroundTask(after_response))
 
     # Waiters would otherwise wait for the leader's end up to lock_wait: far beyond
     # the did-not-hang bound below.
     cache = Cache(own_redis.url, timeout=0.2, lock_wait=120)
+    cache.flights = followers
     app = Starlette(
         routes=[Route("/page", page)], middleware=[Middleware(CacheMiddleware, cache=cache)]
     )
@@ -240,6 +250,25 @@ def test_breaker_states() -> None:
     assert (breaker.state, breaker.allow()) == ("closed", True)
     with pytest.raises(ValueError, match="breaker_threshold"):
         CircuitBreaker(threshold=0)
+
+
+def test_a_clock_stepped_back_ends_the_cool_down_instead_of_stretching_it() -> None:
+    """The cache times its breaker with its wall clock (``Cache(clock=...)``), which
+    NTP may step back: an open breaker then lets one probe through at once (the
+    worst case is one early probe), rather than bypassing the cache until the
+    clock has caught up with the time it opened at."""
+    now = [1_000.0]
+    breaker = CircuitBreaker(threshold=1, cooldown=5, clock=lambda: now[0])
+    breaker.failure()
+    assert (breaker.state, breaker.allow()) == ("open", False)
+    now[0] -= 3600  # stepped back an hour
+    assert breaker.allow()  # the probe
+    assert not breaker.allow()
+    breaker.failure()  # it failed: a new cool-down from the stepped-back time
+    now[0] += 4
+    assert (breaker.state, breaker.allow()) == ("open", False)
+    now[0] += 1
+    assert breaker.allow()
 
 
 async def test_lifespan_shutdown_closes_an_owned_client(redis_url: str) -> None:

@@ -4,30 +4,36 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
+from typing import Any
+from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 
 from asgi_redis_kit import Cache
-from asgi_redis_kit.cache._cache import Lookup
 from asgi_redis_kit.cache._keys import CacheKey, KeyScheme
 from asgi_redis_kit.cache._lock import ACQUIRE, LOOKUP, STORE_AND_RELEASE
 from tests.cache.conftest import Calls, Framework, Harness, build, client_for
-from tests.support import RedisSpy
+from tests.support import Arrivals, DelayProxy, RedisSpy
 
 
-async def _open_gate_when_called(calls: Calls, name: str) -> None:
-    """Let the first handler call finish once the other requests had time to pile up."""
+async def _open_gate_once(calls: Calls, arrived: Awaitable[Any]) -> None:
+    """Let the first handler call finish once the whole burst is in flight. A
+    request that has not joined the leader by then finds its stored entry, so
+    only a broken stampede guard runs the handler more than once."""
     assert calls.gate is not None
     await calls.entered.wait()
-    await asyncio.sleep(0.2)
+    await arrived
     calls.gate.set()
 
 
 async def test_200_concurrent_cold_requests_run_the_handler_once(harness: Harness) -> None:
     harness.calls.gate = asyncio.Event()
-    opener = asyncio.create_task(_open_gate_when_called(harness.calls, "page"))
-    responses = await asyncio.gather(*(harness.client.get("/page") for _ in range(200)))
-    await opener
+    app = Arrivals(harness.app)
+    async with client_for(app) as client:
+        opener = asyncio.create_task(_open_gate_once(harness.calls, app.reach(200)))
+        responses = await asyncio.gather(*(client.get("/page") for _ in range(200)))
+        await opener
     assert harness.calls["page"] == 1
     assert {r.text for r in responses} == {"<h1>page 1</h1>"}
     assert sorted({r.headers["x-cache"] for r in responses}) == ["HIT", "MISS"]
@@ -45,9 +51,11 @@ async def test_two_processes_sharing_redis_run_the_handler_once(
     # connection, behind 200 requests on one event loop) can miss it on a loaded
     # machine, and every request then fails open and runs the handler.
     caches = [Cache(redis_url, key_prefix=key_prefix, timeout=5) for _ in range(2)]
-    clients = [client_for(build(framework, cache, calls)) for cache in caches]
+    apps = [Arrivals(build(framework, cache, calls)) for cache in caches]
+    clients = [client_for(app) for app in apps]
     try:
-        opener = asyncio.create_task(_open_gate_when_called(calls, "page"))
+        arrived = asyncio.gather(*(app.reach(100) for app in apps))
+        opener = asyncio.create_task(_open_gate_once(calls, arrived))
         responses = await asyncio.gather(*(clients[n % 2].get("/page") for n in range(200)))
         await opener
         assert calls["page"] == 1
@@ -65,12 +73,14 @@ async def test_waiters_never_get_a_per_user_response(harness: Harness) -> None:
     """The leader's answer read the session (not storable): waiters re-read the
     cache, find nothing, and each runs the handler for its own user."""
     harness.calls.gate = asyncio.Event()
-    opener = asyncio.create_task(_open_gate_when_called(harness.calls, "whoami"))
+    app = Arrivals(harness.app)
     users = [f"user{n}" for n in range(20)]
-    responses = await asyncio.gather(
-        *(harness.client.get("/whoami", headers={"cookie": f"session={u}"}) for u in users)
-    )
-    await opener
+    async with client_for(app) as client:
+        opener = asyncio.create_task(_open_gate_once(harness.calls, app.reach(len(users))))
+        responses = await asyncio.gather(
+            *(client.get("/whoami", headers={"cookie": f"session={u}"}) for u in users)
+        )
+        await opener
     for user, response in zip(users, responses, strict=True):
         assert response.text.startswith(f"user {user} call")
         assert response.headers["x-cache"] == "MISS"
@@ -200,40 +210,45 @@ async def test_lookups_sharing_a_lease_hand_it_to_exactly_one_request(
 
 
 async def test_a_lease_whose_requests_were_all_cancelled_is_released(
-    any_redis: Redis, key_prefix: str
+    framework: Framework, redis_url: str, real_redis: Redis, key_prefix: str
 ) -> None:
     """The request that sent the lookup is cancelled after its script took the
-    lease: nobody will store with that token, so it is released, and the
-    requests that waited on that lookup look up for themselves."""
-    cache = Cache(any_redis, key_prefix=key_prefix)
-    key = _key(key_prefix, "/cancelled")
-    entered = asyncio.Event()
-    leased = asyncio.Event()
-    real_lookup = cache._lookup
+    lease, while Redis' reply is still on its way (a DelayProxy holds it back):
+    nobody will store with that token, so it is released, and the request that
+    waited on that lookup looks up for itself and fills the page."""
+    calls = Calls()
+    async with DelayProxy(urlsplit(redis_url).port or 6379) as proxy:
+        # No deadline in the way (only the cancel ends the wait below); a lease
+        # left behind would cost the other request lock_wait, then show in Redis.
+        cache = Cache(proxy.url, key_prefix=key_prefix, timeout=30, lock_wait=2)
+        try:
+            async with client_for(build(framework, cache, calls)) as client:
+                # Connect and load the scripts while nothing is held back.
+                assert (await client.get("/items/0")).headers["x-cache"] == "MISS"
+                proxy.latency = 30
+                sent, replied = proxy.chunks["requests"], proxy.chunks["replies"]
+                first = asyncio.create_task(client.get("/page"))
+                joiner = asyncio.create_task(client.get("/page"))
+                await proxy.until_chunks("replies", replied + 1)
+                # One lookup for both requests; it ran in Redis and took the lease.
+                assert proxy.chunks["requests"] == sent + 1
+                assert len(await _leases(real_redis, key_prefix)) == 1
+                proxy.latency = 0
+                first.cancel()
+                await asyncio.gather(first, return_exceptions=True)
+                assert first.cancelled()
+                response = await joiner  # neither cancelled nor failed with it
+                await cache.wait_background()
+                assert (response.status_code, response.headers["x-cache"]) == (200, "MISS")
+                assert calls["page"] == 1
+                assert await _leases(real_redis, key_prefix) == []
+                assert (await client.get("/page")).headers["x-cache"] == "HIT"
+        finally:
+            await cache.aclose()
 
-    async def lookup_then_hang(key: CacheKey, token: str) -> Lookup:
-        found = await real_lookup(key, token)
-        leased.set()
-        await entered.wait()  # cancelled here, as if before the reply was read
-        return found
 
-    cache._lookup = lookup_then_hang  # type: ignore[method-assign, assignment]
-    first = asyncio.create_task(cache.lookup(key, lease=True))
-    await leased.wait()
-    assert await any_redis.get(key.lock) is not None
-    joiner = asyncio.create_task(cache.lookup(key, lease=True))
-    await asyncio.sleep(0)  # the joiner now waits on the first one's lookup
-    cache._lookup = real_lookup  # type: ignore[method-assign]
-    first.cancel()
-    await asyncio.gather(first, return_exceptions=True)
-    assert first.cancelled()
-    found = await joiner  # it looked up for itself, neither cancelled nor failed
-    await cache.wait_background()
-    # The cancelled request's lease is gone; the only lease left is the joiner's own
-    # (if its lookup ran after the release; before it, it saw the lease held).
-    assert found.locked == (found.token is None)
-    assert await any_redis.get(key.lock) == (None if found.token is None else found.token.encode())
-    await cache.aclose()
+async def _leases(redis: Redis, key_prefix: str) -> list[bytes]:
+    return [k async for k in redis.scan_iter(match=f"{key_prefix}*:l:*")]
 
 
 async def test_hits_use_mget_and_a_vanished_or_expired_entry_is_still_a_leased_miss(

@@ -33,13 +33,19 @@ class Calls(Counter[str]):
 
 
 def build_app(
-    redis: RedisLike, calls: Calls, *, cache: bool = True, cache_timeout: float = 0.5
+    redis: RedisLike,
+    calls: Calls,
+    *,
+    cache: bool = True,
+    cache_timeout: float = 0.5,
+    gate: asyncio.Event | None = None,
 ) -> Starlette:
     """Sessions (and, with ``cache``, the response cache outside them) on ``redis``.
 
     ``cache_timeout`` is the cache's deadline (its default, 0.5 s, unless a test
     raises it): a burst that misses it fails open, which a loaded machine can make
-    happen in a test that counts errors or handler runs."""
+    happen in a test that counts errors or handler runs. ``/slow`` waits for
+    ``gate`` (a test sets it once its burst is in flight)."""
 
     async def visits(request: Request) -> Response:
         count = await Session.of(request).incr("visits")
@@ -80,7 +86,8 @@ def build_app(
     @cached(ttl=60)
     async def slow(request: Request) -> Response:
         calls["slow"] += 1
-        await asyncio.sleep(0.3)
+        if gate is not None:
+            await gate.wait()
         return PlainTextResponse(f"slow run {calls['slow']}")
 
     async def invalidate(request: Request) -> Response:

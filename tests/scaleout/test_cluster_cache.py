@@ -15,6 +15,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from tests.scaleout.apps import Calls, browser, build_app, ok_json
 from tests.scaleout.servers import ClusterDeployment, CommandLog, hash_tag
+from tests.support import Arrivals
 
 pytestmark = pytest.mark.real_redis
 
@@ -73,10 +74,21 @@ async def test_stampede_runs_the_handler_once_across_two_workers(
 ) -> None:
     """Two app instances (two single-flight tables, as in two processes) share the
     cluster: only the Redis lease lock can keep the handler to one run."""
-    calls = Calls()
-    worker_a, worker_b = (build_app(cluster_client, calls, cache_timeout=5) for _ in range(2))
+    calls, gate = Calls(), asyncio.Event()
+    worker_a, worker_b = (
+        Arrivals(build_app(cluster_client, calls, cache_timeout=5, gate=gate)) for _ in range(2)
+    )
+
+    async def open_gate() -> None:
+        # The whole burst is in flight: one that had not found the lease by now
+        # finds the stored entry.
+        await asyncio.gather(worker_a.reach(15), worker_b.reach(15))
+        gate.set()
+
     async with browser(worker_a) as a, browser(worker_b) as b:
+        opener = asyncio.create_task(open_gate())
         results = await asyncio.gather(*(fetch(c, "/slow") for c in [a, b] * 15))
+        await opener
         assert calls["slow"] == 1, f"handler ran {calls['slow']} times for one cold key"
         assert {body for _, body in results} == {"slow run 1"}
         assert {cache for cache, _ in results} <= {"MISS", "HIT"}

@@ -19,8 +19,12 @@ from redis.asyncio import Redis
 
 from tests.scaleout.apps import Calls, browser, build_app, ok_json, session_id
 from tests.scaleout.servers import HOST, CommandLog, SentinelDeployment
+from tests.support import Tally
 
-pytestmark = pytest.mark.real_redis
+# A failover takes ~12 s on an idle machine, and its steps wait up to 15-20 s each
+# (Sentinel accepting the failover, the promotion, the demotion, RECOVERY_WINDOW)
+# so that a stuck one says which it was: more than the suite's 60 s in the worst case.
+pytestmark = [pytest.mark.real_redis, pytest.mark.timeout(180)]
 
 RECOVERY_WINDOW = 20.0  # seconds; generous, Sentinel usually needs about one
 
@@ -48,23 +52,32 @@ class Traffic:
         self.session: list[httpx.Response] = []
         self.cache: list[httpx.Response] = []
         self.stop = asyncio.Event()
+        self.rounds = Tally()
         self.task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Traffic:
         self.task = asyncio.create_task(self.run())
-        await asyncio.sleep(0.2)
+        await self.more(3)  # flowing before the switch...
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await asyncio.sleep(0.3)
+        await self.more(5)  # ...and after it
         self.stop.set()
         assert self.task is not None
         await self.task
+
+    async def more(self, rounds: int) -> None:
+        """Wait for ``rounds`` more rounds of requests (or for the traffic to fail)."""
+        assert self.task is not None
+        enough = asyncio.ensure_future(self.rounds.reach(self.rounds.count + rounds))
+        await asyncio.wait([enough, self.task], return_when=asyncio.FIRST_COMPLETED)
+        enough.cancel()
 
     async def run(self) -> None:
         while not self.stop.is_set():
             self.session.append(await self.app.get("/show"))
             self.cache.append(await self.anonymous.get("/items/1"))
+            self.rounds.add()
             await asyncio.sleep(0.02)
 
     def check(self, *states: dict[str, object]) -> None:
