@@ -17,7 +17,7 @@ from typing import Any, Literal, NoReturn
 from starlette.requests import HTTPConnection
 
 from ..errors import BackendUnavailable, SessionNotLoaded, SessionStoreUnavailable
-from ._codec import encode, encode_all
+from ._codec import check, encode, encode_all
 from ._store import CREATED, DATA, EMPTIED, GONE, USER, Record, SessionStore, handle_of
 
 logger = logging.getLogger("asgi_redis_kit.sessions")
@@ -101,18 +101,18 @@ class Session(dict[str, Any]):
     # (see _codec). Nested mutation is only seen by the save, which raises then.
 
     def __setitem__(self, key: str, value: Any) -> None:
-        encode(key, value)
-        super().__setitem__(key, value)
+        check(key, value)
+        dict.__setitem__(self, key, value)
 
     def setdefault(self, key: str, default: Any = None) -> Any:
         if key not in self:
-            encode(key, default)
+            check(key, default)
         return super().setdefault(key, default)
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         new = dict(*args, **kwargs)  # all or nothing: check every value first
         for key, value in new.items():
-            encode(key, value)
+            check(key, value)
         super().update(new)
 
     # mypy sets |= against dict.__or__; typeshed's own dict.__ior__ needs this ignore too.

@@ -233,6 +233,10 @@ def _values_app(redis: Any, key_prefix: str) -> Starlette:
         request.session["box"]["items"].append(REFUSED[request.path_params["name"]][0]())
         return PlainTextResponse("ok")
 
+    async def assign_refused(request: Request) -> Response:
+        request.session["when"] = REFUSED[request.path_params["name"]][0]()
+        return PlainTextResponse("not reached")
+
     async def dump(request: Request) -> Response:
         return PlainTextResponse(repr(dict(request.session)))
 
@@ -245,6 +249,7 @@ def _values_app(redis: Any, key_prefix: str) -> Starlette:
         Route("/check/{name}", check),
         Route("/box", box, methods=["POST"]),
         Route("/add-refused/{name}", add_refused, methods=["POST"]),
+        Route("/assign-refused/{name}", assign_refused, methods=["POST"]),
         Route("/dump", dump),
     ]
     middleware = [
@@ -370,6 +375,22 @@ def test_bad_session_keys_raise_at_assignment(key: Any, fake_redis: Redis) -> No
     with pytest.raises(TypeError, match="session key"):
         session.update({key: 1})
     assert dict(session) == {}
+
+
+@pytest.mark.parametrize("name", ["datetime", "set", "int enum", "tuple dict key"])
+async def test_refused_assignment_raises_in_the_handler(
+    name: str, fake_redis: Redis, key_prefix: str
+) -> None:
+    """The traceback points at the handler's line, not at the middleware's save."""
+    app = _values_app(fake_redis, key_prefix)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app), base_url="http://testserver"
+    ) as client:
+        with pytest.raises(TypeError, match=r"session\['when'\]") as caught:
+            await client.post(f"/assign-refused/{name}")
+    frames = [entry.name for entry in caught.traceback]
+    assert "assign_refused" in frames
+    assert frames[frames.index("assign_refused") + 1] == "__setitem__"
 
 
 @pytest.mark.parametrize("name", ["datetime", "tuple dict key", "contains itself", "set"])
