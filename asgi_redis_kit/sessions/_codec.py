@@ -12,6 +12,8 @@ Accepted, exact types only, nested in any combination:
 * ``list``, ``tuple``, and ``dict`` whose keys are ``str``, ``int``, ``float``,
   ``bool`` or ``None``.
 
+The session keys themselves are ``str`` (valid UTF-8: they name Redis hash fields).
+
 That is everything Starlette's cookie session (``json.dumps``) accepts, without the
 type changes ``json`` makes (tuple -> list, ``{1: x}`` -> ``{"1": x}``).
 
@@ -27,12 +29,20 @@ faithfully means restoring each ``tzinfo`` implementation (``ZoneInfo``, fixed
 offsets, pytz) and ``fold``, while the app knows whether it meant an instant or a
 wall-clock time and can store the string or number it wants (``.isoformat()``).
 
+Where the error surfaces: :class:`Session` checks every top-level store
+(``session[k] = v``, ``update``, ``setdefault``, ``|=``), so the TypeError points at
+the handler's own line. A refused value put inside a stored one
+(``session["cart"].append(when)``) is only seen by the save as the response starts,
+which raises the same TypeError: the app's 500, with the stored session left as it was.
+
 Two stored forms, told apart by the first byte:
 
 * **plain**: ``orjson.dumps(value)``, whenever orjson alone round-trips the value
   (str, int within 64 bits, finite float, bool, None, list, dict with str keys). It is
   the format of every record written before this module, readable by any JSON tool
   and by older versions; the visit counter stays a plain integer for ``HINCRBY``.
+  (To a version before this module a tagged field looks corrupt: after a rollback,
+  a session holding one starts afresh.)
 * **tagged**: ``b"\\x01"`` (no JSON text starts with it) and then JSON in which every
   array is a node naming its type: ``["l", item, ...]`` list, ``["t", item, ...]``
   tuple, ``["d", key, value, ...]`` dict with a non-str key, ``["i", "-1f"]`` an int

@@ -102,14 +102,14 @@ class Session(dict[str, Any]):
 
     def __setitem__(self, key: str, value: Any) -> None:
         check(key, value)
-        dict.__setitem__(self, key, value)
+        dict.__setitem__(self, key, value)  # not super(): the visit counter's path
 
     def setdefault(self, key: str, default: Any = None) -> Any:
         if key not in self:
             check(key, default)
         return super().setdefault(key, default)
 
-    def update(self, *args: Any, **kwargs: Any) -> None:
+    def update(self, /, *args: Any, **kwargs: Any) -> None:
         new = dict(*args, **kwargs)  # all or nothing: check every value first
         for key, value in new.items():
             check(key, value)
