@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn
 
-import orjson
 from starlette.requests import HTTPConnection
 
 from ..errors import BackendUnavailable, SessionNotLoaded, SessionStoreUnavailable
+from ._codec import check, encode, encode_all
 from ._store import CREATED, DATA, EMPTIED, GONE, USER, Record, SessionStore, handle_of
 
 logger = logging.getLogger("asgi_redis_kit.sessions")
@@ -96,6 +96,29 @@ class Session(dict[str, Any]):
     def __repr__(self) -> str:
         # Never the id: reprs end up in logs and tracebacks.
         return f"<Session {dict.__repr__(self)} new={self.is_new}>"
+
+    # -- storing values: refused at once if they could not come back unchanged ----
+    # (see _codec). Nested mutation is only seen by the save, which raises then.
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        check(key, value)
+        dict.__setitem__(self, key, value)  # not super(): the visit counter's path
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        if key not in self:
+            check(key, default)
+        return super().setdefault(key, default)
+
+    def update(self, /, *args: Any, **kwargs: Any) -> None:
+        new = dict(*args, **kwargs)  # all or nothing: check every value first
+        for key, value in new.items():
+            check(key, value)
+        super().update(new)
+
+    # mypy sets |= against dict.__or__; typeshed's own dict.__ior__ needs this ignore too.
+    def __ior__(self, other: Any) -> Session:  # type: ignore[misc,override]
+        self.update(other)
+        return self
 
     @classmethod
     def of(cls, conn: HTTPConnection) -> Session:
@@ -204,7 +227,7 @@ class Session(dict[str, Any]):
             if value is not None:
                 self._wrote = True
                 dict.__setitem__(self, key, value)
-                self._snapshot[key] = orjson.dumps(value)
+                self._snapshot[key] = encode(key, value)
                 return value
             # Logged out, revoked or expired by another request meanwhile.
             logger.info("session ended during the request; continuing with a new one")
@@ -228,12 +251,7 @@ class Session(dict[str, Any]):
     # -- saving (called by the middleware) ----------------------------------------
 
     def _encoded(self) -> dict[str, bytes]:
-        encoded: dict[str, bytes] = {}
-        for key, value in self.items():
-            if not isinstance(key, str):
-                raise TypeError(f"session keys must be strings, got {key!r}")
-            encoded[key] = orjson.dumps(value)
-        return encoded
+        return encode_all(self)
 
     def _changed_since_save(self) -> bool:
         if self._drop or self._user != self._stored_user:

@@ -7,7 +7,8 @@ Keys (``key_prefix`` defaults to ``ark:s:``)::
 
 Fields of a session hash::
 
-    d:<key>      orjson of ``session[key]`` (a prefix, so no key can clash with metadata)
+    d:<key>      ``session[key]`` as ``_codec`` encodes it (orjson for plain JSON values;
+                 the prefix means no key can clash with metadata)
     m:created    creation time, integer milliseconds since the epoch
     m:user       the bound user id, when there is one
 
@@ -40,6 +41,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from .._redis import DEFAULT_MAX_CONNECTIONS, DEFAULT_TIMEOUT, Backend, RedisClient, RedisLike
 from ..errors import BackendUnavailable
+from ._codec import decode
 
 logger = logging.getLogger("asgi_redis_kit.sessions")
 
@@ -375,7 +377,7 @@ class SessionStore:
             field = _text(name)
             blob = value.encode() if isinstance(value, str) else value
             if field.startswith(DATA):
-                data[field[2:]] = orjson.loads(blob)
+                data[field[2:]] = decode(blob)
                 encoded[field[2:]] = blob
             elif field == CREATED:
                 created_ms = int(blob)
