@@ -15,6 +15,26 @@ is meant for calls through :meth:`Backend.call`, whose deadline bounds each one
 we never change its settings and never close it, but every call we make through
 :meth:`Backend.call` is still bounded by our own deadline.
 
+Event loops. A redis-py client is tied to the event loop that opened its
+connections, yet one app often meets several loops: Starlette's
+``TestClient(app)`` without ``with`` runs every request on a new loop, and
+pytest-asyncio gives every test its own. So what we make from a URL is one
+client *per loop*, made on the loop's first call (the data of a ``memory://``
+server is shared by all of them). Nobody may call ``aclose()`` in those setups
+(no lifespan runs), so each client is also closed without being asked:
+
+* when its loop shuts down (``asyncio.run``, ``asyncio.Runner``, anyio,
+  pytest-asyncio and uvicorn all do): a small async generator, registered with
+  the loop, runs ``aclose()`` from ``loop.shutdown_asyncgens()``;
+* when the Backend is garbage collected while the loop runs: that generator's
+  finalizer schedules the same ``aclose()`` on the loop;
+* when its loop was closed without shutting down: the next loop to call, or
+  garbage collection, or interpreter exit, closes its sockets without awaiting
+  on the dead loop.
+
+A client passed in is used as it is on whatever loop calls: make it on the loop
+that uses it (in the app's lifespan, or per test).
+
 Redis failures are translated here, in one place, into
 :class:`~asgi_redis_kit.errors.BackendUnavailable`; callers decide whether that
 means fail closed (sessions) or fail open (cache).
@@ -25,8 +45,9 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
-from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
+import weakref
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, suppress
 from types import TracebackType
 from typing import Any, TypeAlias
 from urllib.parse import urlsplit
@@ -95,15 +116,86 @@ def _url_client(url: str, timeout: float, max_connections: int) -> Redis:
     return Redis.from_pool(pool)
 
 
+async def _close_at_shutdown(client: Redis) -> AsyncGenerator[None, None]:
+    """Suspended for the life of ``client``'s loop; closing it closes the client.
+
+    An async generator because that is what a loop closes on shutdown
+    (``shutdown_asyncgens``) and what its finalizer closes on the loop when it is
+    garbage collected: asyncio has no other hook into a loop's end.
+    """
+    try:
+        yield
+    finally:
+        await client.aclose()
+
+
+def _abandon(client: Redis) -> None:
+    """Close the sockets of ``client``, whose event loop is closed.
+
+    A closed loop can neither run ``aclose()`` nor the callback by which a
+    transport closes its socket (``close()`` marks the transport closing, then
+    fails to schedule it), so this does that callback's part: it closes the
+    socket. Each destructor involved (redis-py's connection, the stream, the
+    transport) would otherwise report it unclosed (``ResourceWarning``), and
+    asyncio has no public API for a transport whose loop is gone.
+    """
+    pool = client.connection_pool
+    for connection in (*pool._available_connections, *pool._in_use_connections):
+        writer = getattr(connection, "_writer", None)
+        if writer is None:
+            continue
+        connection._writer = connection._reader = None
+        with suppress(RuntimeError):  # "Event loop is closed", once it is marked closing
+            writer.close()
+        transport = writer.transport
+        sock = getattr(transport, "_sock", None)  # None: fakeredis, or not a selector loop
+        if sock is not None:
+            sock.close()
+            transport._sock = None
+
+
+class _Bound:
+    """A client we made, for one event loop, and the guard that closes it."""
+
+    __slots__ = ("client", "guard", "loop")
+
+    def __init__(self, client: Redis, loop: asyncio.AbstractEventLoop) -> None:
+        self.client = client
+        self.loop = loop
+        self.guard = _close_at_shutdown(client)
+        # Run it to its yield now, without a task or a suspension: the first step
+        # registers it with the running loop (the loop's asyncgen hooks).
+        with suppress(StopIteration):
+            self.guard.asend(None).send(None)
+
+    def abandon_if_dead(self) -> bool:
+        """Close a dead loop's client here and now; whether the loop was dead."""
+        if not self.loop.is_closed():
+            return False
+        _abandon(self.client)
+        return True
+
+
+def _abandon_dead(bound: dict[asyncio.AbstractEventLoop, _Bound]) -> None:
+    """At garbage collection or exit: what a live loop will close, it closes."""
+    for entry in list(bound.values()):
+        entry.abandon_if_dead()
+
+
 class Backend:
-    """One Redis client and the knowledge of whether we must close it.
+    """One Redis client per event loop and the knowledge of whether we must close it.
 
     Parameters:
         redis: a URL or a ready client (see the module docstring).
         timeout: the deadline, in seconds, for any single call made through
             :meth:`call`; also the connect and pool-wait timeout of URL clients.
-        max_connections: pool size of URL clients. Callers past it wait up to
-            ``timeout`` for a connection, then fail like any other timeout.
+        max_connections: pool size of URL clients (per event loop). Callers past
+            it wait up to ``timeout`` for a connection, then fail like any other
+            timeout.
+
+    ``client`` is the client of the running loop (with no loop running: the one
+    used last, for its type and connection options); Redis work goes through
+    :meth:`call`, which bounds it.
     """
 
     def __init__(
@@ -116,19 +208,32 @@ class Backend:
         if not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.timeout = timeout
-        self.client: RedisClient
+        client: RedisClient
         if isinstance(redis, str):
-            self.client = _url_client(redis, timeout, max_connections)
+            url = redis
+            client = _url_client(url, timeout, max_connections)
+            self._make: Callable[[], Redis] | None = lambda: _url_client(
+                url, timeout, max_connections
+            )
             self.owned = True
         elif isinstance(redis, Redis | RedisCluster):
-            self.client = redis
+            client = redis
+            self._make = None
             self.owned = False
         else:
             raise TypeError(
                 "redis= takes a URL string or a redis.asyncio.Redis / RedisCluster client, "
                 f"got {type(redis).__name__}"
             )
-        pool = getattr(self.client, "connection_pool", None)
+        # The loop of the last call and its client, in one tuple so a thread that
+        # reads it never pairs one loop with another loop's client.
+        self._current: tuple[asyncio.AbstractEventLoop | None, RedisClient] = (None, client)
+        # Our clients by loop; the first loop to call takes the one made above.
+        self._bound: dict[asyncio.AbstractEventLoop, _Bound] = {}
+        self._spare: Redis | None = client if isinstance(client, Redis) and self.owned else None
+        if self.owned:
+            weakref.finalize(self, _abandon_dead, self._bound)
+        pool = getattr(client, "connection_pool", None)
         # Sentinel(...).master_for(...): see _follow_sentinel.
         self._sentinel = (
             pool if isinstance(pool, SentinelConnectionPool) and pool.is_master else None
@@ -137,7 +242,33 @@ class Backend:
 
     def __repr__(self) -> str:
         # Never show the URL: it may carry a password.
-        return f"<Backend {type(self.client).__name__} owned={self.owned}>"
+        return f"<Backend {type(self._current[1]).__name__} owned={self.owned}>"
+
+    @property
+    def client(self) -> RedisClient:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return self._current[1]
+        current, client = self._current
+        return client if current is loop else self._bind(loop)
+
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> RedisClient:
+        """The client for ``loop``, made on its first call (the slow path)."""
+        if self._make is None:
+            client: RedisClient = self._current[1]  # the caller's, on any loop
+        else:
+            bound = self._bound.get(loop)
+            if bound is None:
+                # Clients of loops that closed without shutting down go now, so a
+                # suite that runs hundreds of loops keeps none of them.
+                for dead in [e for e in self._bound.values() if e.abandon_if_dead()]:
+                    del self._bound[dead.loop]
+                made, self._spare = self._spare or self._make(), None
+                bound = self._bound[loop] = _Bound(made, loop)
+            client = bound.client
+        self._current = (loop, client)
+        return client
 
     def call(self) -> AbstractAsyncContextManager[RedisClient]:
         """Bound the enclosed Redis work by ``timeout`` and translate its failures::
@@ -190,9 +321,19 @@ class Backend:
             self._next_sentinel_check = loop.time() + SENTINEL_CHECK_INTERVAL
 
     async def aclose(self) -> None:
-        """Close the client if we created it; a caller's client is left alone."""
-        if self.owned:
-            await self.client.aclose()
+        """Close the client of this loop if we created it (and those of loops that
+        are closed); a caller's client is left alone. A later call makes a new one.
+        Clients of other running loops are closed when those loops shut down."""
+        if not self.owned:
+            return
+        loop = asyncio.get_running_loop()
+        if self._current[0] is loop:
+            self._current = (None, self._current[1])
+        for dead in [e for e in self._bound.values() if e.abandon_if_dead()]:
+            del self._bound[dead.loop]
+        bound = self._bound.pop(loop, None)
+        if bound is not None:
+            await bound.guard.aclose()  # its finally closes the client
 
 
 class _Call:
@@ -212,6 +353,9 @@ class _Call:
         self.cancelled_before = task.cancelling()
         backend = self.backend
         loop = asyncio.get_running_loop()
+        current, client = backend._current
+        if current is not loop:
+            client = backend._bind(loop)
         self.timer = loop.call_later(backend.timeout, self._expire)
         sentinel = backend._sentinel
         if sentinel is not None and loop.time() >= backend._next_sentinel_check:
@@ -220,7 +364,7 @@ class _Call:
             except BaseException as exc:  # __aexit__ is not called when entering fails
                 await self.__aexit__(type(exc), exc, exc.__traceback__)
                 raise
-        return backend.client
+        return client
 
     def _expire(self) -> None:
         self.ours += 1
