@@ -154,6 +154,15 @@ def _abandon(client: Redis) -> None:
             transport._sock = None
 
 
+def _connected(client: RedisClient) -> bool:
+    """Whether ``client`` has an open connection in its pool (Cluster: unknown, no)."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is None:
+        return False
+    connections = (*pool._available_connections, *pool._in_use_connections)
+    return any(getattr(connection, "_writer", None) is not None for connection in connections)
+
+
 class _Bound:
     """A client we made, for one event loop, and the guard that closes it."""
 
@@ -231,6 +240,7 @@ class Backend:
         # Our clients by loop; the first loop to call takes the one made above.
         self._bound: dict[asyncio.AbstractEventLoop, _Bound] = {}
         self._spare: Redis | None = client if isinstance(client, Redis) and self.owned else None
+        self._lock = threading.Lock()
         if self.owned:
             weakref.finalize(self, _abandon_dead, self._bound)
         pool = getattr(client, "connection_pool", None)
@@ -255,20 +265,33 @@ class Backend:
 
     def _bind(self, loop: asyncio.AbstractEventLoop) -> RedisClient:
         """The client for ``loop``, made on its first call (the slow path)."""
-        if self._make is None:
-            client: RedisClient = self._current[1]  # the caller's, on any loop
-        else:
-            bound = self._bound.get(loop)
-            if bound is None:
-                # Clients of loops that closed without shutting down go now, so a
-                # suite that runs hundreds of loops keeps none of them.
-                for dead in [e for e in self._bound.values() if e.abandon_if_dead()]:
-                    del self._bound[dead.loop]
-                made, self._spare = self._spare or self._make(), None
-                bound = self._bound[loop] = _Bound(made, loop)
-            client = bound.client
-        self._current = (loop, client)
-        return client
+        with self._lock:  # two threads, each with its loop, must not share a client
+            previous, client = self._current
+            if self._make is None:
+                if previous is not None and previous.is_closed() and _connected(client):
+                    raise RuntimeError(
+                        "the Redis client passed as redis= still holds connections of an "
+                        "event loop that is closed, and cannot use them on this one; "
+                        "create it on the loop that uses it (in the app's lifespan, or in "
+                        "each test) and close it there, or pass a URL and let us keep "
+                        "one client per loop"
+                    )
+            else:
+                bound = self._bound.get(loop)
+                if bound is None:
+                    self._drop_dead()
+                    made, self._spare = self._spare or self._make(), None
+                    bound = self._bound[loop] = _Bound(made, loop)
+                client = bound.client
+            self._current = (loop, client)
+            return client
+
+    def _drop_dead(self) -> None:
+        """Close and forget the clients of loops that closed, so a test suite that
+        runs hundreds of loops keeps none of them."""
+        for loop, bound in list(self._bound.items()):
+            if bound.abandon_if_dead():
+                self._bound.pop(loop, None)
 
     def call(self) -> AbstractAsyncContextManager[RedisClient]:
         """Bound the enclosed Redis work by ``timeout`` and translate its failures::
@@ -327,11 +350,11 @@ class Backend:
         if not self.owned:
             return
         loop = asyncio.get_running_loop()
-        if self._current[0] is loop:
-            self._current = (None, self._current[1])
-        for dead in [e for e in self._bound.values() if e.abandon_if_dead()]:
-            del self._bound[dead.loop]
-        bound = self._bound.pop(loop, None)
+        with self._lock:
+            if self._current[0] is loop:
+                self._current = (None, self._current[1])
+            self._drop_dead()
+            bound = self._bound.pop(loop, None)
         if bound is not None:
             await bound.guard.aclose()  # its finally closes the client
 
