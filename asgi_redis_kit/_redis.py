@@ -26,11 +26,10 @@ server is shared by all of them). Nobody may call ``aclose()`` in those setups
 * when its loop shuts down (``asyncio.run``, ``asyncio.Runner``, anyio,
   pytest-asyncio and uvicorn all do): a small async generator, registered with
   the loop, runs ``aclose()`` from ``loop.shutdown_asyncgens()``;
-* when the Backend is garbage collected while the loop runs: that generator's
-  finalizer schedules the same ``aclose()`` on the loop;
-* when its loop was closed without shutting down: the next loop to call, or
-  garbage collection, or interpreter exit, closes its sockets without awaiting
-  on the dead loop.
+* when its loop was closed without shutting down: the next loop to call closes
+  its sockets, without awaiting on the dead loop;
+* when the Backend is garbage collected, or the interpreter exits: every client
+  left is closed then, on its loop's thread if that loop still runs.
 
 A client passed in is used as it is on whatever loop calls: make it on the loop
 that uses it (in the app's lifespan, or per test).
@@ -129,14 +128,15 @@ async def _close_at_shutdown(client: Redis) -> AsyncGenerator[None, None]:
         await client.aclose()
 
 
-def _abandon(client: Redis) -> None:
-    """Close the sockets of ``client``, whose event loop is closed.
+def _drop_connections(client: Redis) -> None:
+    """Close the connections of ``client`` now, without awaiting; run it in the
+    thread of their loop, or when that loop is closed.
 
-    A closed loop can neither run ``aclose()`` nor the callback by which a
-    transport closes its socket (``close()`` marks the transport closing, then
-    fails to schedule it), so this does that callback's part: it closes the
-    socket. Each destructor involved (redis-py's connection, the stream, the
-    transport) would otherwise report it unclosed (``ResourceWarning``), and
+    On a live loop the transport closes its socket on the loop's next turn. A
+    closed loop cannot run that callback (``close()`` marks the transport
+    closing, then fails to schedule it), so its part is done here: the socket is
+    closed. Either way redis-py's connection, the stream and the transport are
+    told, or each destructor reports the socket unclosed (``ResourceWarning``);
     asyncio has no public API for a transport whose loop is gone.
     """
     pool = client.connection_pool
@@ -145,13 +145,14 @@ def _abandon(client: Redis) -> None:
         if writer is None:
             continue
         connection._writer = connection._reader = None
-        with suppress(RuntimeError):  # "Event loop is closed", once it is marked closing
+        try:
             writer.close()
-        transport = writer.transport
-        sock = getattr(transport, "_sock", None)  # None: fakeredis, or not a selector loop
-        if sock is not None:
-            sock.close()
-            transport._sock = None
+        except RuntimeError:  # "Event loop is closed"
+            transport = writer.transport
+            sock = getattr(transport, "_sock", None)  # None: fakeredis, or not a selector loop
+            if sock is not None:
+                sock.close()
+                transport._sock = None
 
 
 def _connected(client: RedisClient) -> bool:
@@ -177,18 +178,36 @@ class _Bound:
         with suppress(StopIteration):
             self.guard.asend(None).send(None)
 
-    def abandon_if_dead(self) -> bool:
-        """Close a dead loop's client here and now; whether the loop was dead."""
+    def drop_if_dead(self) -> bool:
+        """Close the client of a closed loop here and now; whether it was closed."""
         if not self.loop.is_closed():
             return False
-        _abandon(self.client)
+        _drop_connections(self.client)
         return True
 
+    def drop(self) -> None:
+        """Close the client now, from any thread (garbage collection, exit)."""
+        loop = self.loop
+        if loop.is_running() and not _runs_here(loop):
+            loop.call_soon_threadsafe(_drop_connections, self.client)
+        else:
+            _drop_connections(self.client)
 
-def _abandon_dead(bound: dict[asyncio.AbstractEventLoop, _Bound]) -> None:
-    """At garbage collection or exit: what a live loop will close, it closes."""
+
+def _runs_here(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+def _drop_all(bound: dict[asyncio.AbstractEventLoop, _Bound]) -> None:
+    """The Backend is gone (garbage collected, or the interpreter exits): close
+    its clients now. Not left to the guards' own finalizers: the Backend's
+    garbage often holds the clients too, and their connections would report
+    themselves unclosed in the same collection, before any scheduled close ran."""
     for entry in list(bound.values()):
-        entry.abandon_if_dead()
+        entry.drop()
 
 
 class Backend:
@@ -242,7 +261,7 @@ class Backend:
         self._spare: Redis | None = client if isinstance(client, Redis) and self.owned else None
         self._lock = threading.Lock()
         if self.owned:
-            weakref.finalize(self, _abandon_dead, self._bound)
+            weakref.finalize(self, _drop_all, self._bound)
         pool = getattr(client, "connection_pool", None)
         # Sentinel(...).master_for(...): see _follow_sentinel.
         self._sentinel = (
@@ -290,7 +309,7 @@ class Backend:
         """Close and forget the clients of loops that closed, so a test suite that
         runs hundreds of loops keeps none of them."""
         for loop, bound in list(self._bound.items()):
-            if bound.abandon_if_dead():
+            if bound.drop_if_dead():
                 self._bound.pop(loop, None)
 
     def call(self) -> AbstractAsyncContextManager[RedisClient]:

@@ -176,6 +176,23 @@ def test_no_unclosed_connection_when_a_loop_closes_without_shutting_down(
     assert _resource_warnings(caught) == []
 
 
+def test_connections_close_when_their_loop_shuts_down(
+    own_redis: RedisProcess, key_prefix: str
+) -> None:
+    """Not later, at the next loop or gc: a suite that keeps its apps alive must
+    not pile up connections, one pool per finished loop."""
+    with sync_redis.Redis.from_url(own_redis.url) as admin:
+        baseline = len(admin.client_list())
+        app, _ = make_app(own_redis.url, key_prefix)
+        client = TestClient(app)
+        for _ in range(3):
+            assert client.get("/visit").status_code == 200
+            assert client.get("/page").status_code == 200
+            # The request's loop has ended: Redis saw its connections close.
+            assert len(admin.client_list()) == baseline
+        client.close()
+
+
 async def test_an_app_dropped_while_its_loop_runs_closes_its_connections(
     own_redis: RedisProcess, key_prefix: str
 ) -> None:
@@ -205,20 +222,34 @@ def test_interpreter_exit_after_testclient_without_with_is_silent(
     """The whole pattern in a fresh interpreter under ``-W error``: nothing is
     closed by hand, and nothing may be reported as unclosed, at gc or at exit."""
     script = textwrap.dedent(f"""
-        import gc, warnings
+        import asyncio, gc, warnings
+        import httpx
         with warnings.catch_warnings():
             from starlette.exceptions import StarletteDeprecationWarning
             warnings.simplefilter("ignore", StarletteDeprecationWarning)
             from starlette.testclient import TestClient
         from tests.test_event_loops import make_app
 
+        kept = []  # alive until exit
         for url in ({redis_url!r}, "memory://exit"):
             app, calls = make_app(url, {key_prefix!r})
             client = TestClient(app)
             for _ in range(3):
                 assert client.get("/visit").status_code == 200
                 assert client.get("/page").status_code == 200
-            keep = app  # still alive at exit
+            kept.append(app)
+
+        async def visit(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                assert (await client.get("/visit")).status_code == 200
+
+        # A loop closed by hand, with no later loop to clean up after it.
+        app, calls = make_app({redis_url!r}, {key_prefix!r})
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(visit(app))
+        loop.close()
+        kept.append(app)
         gc.collect()
         print("ok")
     """)

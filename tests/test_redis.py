@@ -395,4 +395,4 @@ def test_callers_client_with_connections_of_a_closed_loop_is_a_clear_error(
     _run_on_new_loop(backend)  # leaves a connection of that (now closed) loop pooled
     with pytest.raises(RuntimeError, match="create it on the loop that uses it"):
         _run_on_new_loop(backend)
-    _redis._abandon(client)  # tidy up what the test itself left behind
+    _redis._drop_connections(client)  # tidy up what the test itself left behind
