@@ -150,10 +150,11 @@ def test_no_unclosed_connection_after_testclient_without_lifespan(
 
 
 def test_no_unclosed_connection_when_a_loop_closes_without_shutting_down(
-    redis_url: str, key_prefix: str
+    own_redis: RedisProcess, key_prefix: str
 ) -> None:
     """A loop closed by hand (no ``shutdown_asyncgens``) cannot close anything any
-    more; the next loop disposes of its connections without awaiting on it."""
+    more; the next loop disposes of its connections without awaiting on it, and
+    garbage collection of those of the last one."""
 
     async def visit(app: FastAPI) -> str:
         transport = httpx.ASGITransport(app=app)
@@ -161,18 +162,25 @@ def test_no_unclosed_connection_when_a_loop_closes_without_shutting_down(
             await client.get("/page")
             return (await client.get("/visit")).text
 
-    with warnings.catch_warnings(record=True) as caught:
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        sync_redis.Redis.from_url(own_redis.url) as admin,
+    ):
         warnings.simplefilter("always")
-        app, _ = make_app(redis_url, key_prefix)
+        baseline = len(admin.client_list())
+        app, _ = make_app(own_redis.url, key_prefix)
         loop = asyncio.new_event_loop()
         assert loop.run_until_complete(visit(app)) == "1"
         loop.close()
+        assert len(admin.client_list()) > baseline
         assert asyncio.run(visit(app)) == "1"  # a new client, a new cookie jar
+        assert len(admin.client_list()) == baseline  # the app is alive, nothing is open
         loop = asyncio.new_event_loop()
         assert loop.run_until_complete(visit(app)) == "1"
         loop.close()
         del app
         gc.collect()
+        assert len(admin.client_list()) == baseline
     assert _resource_warnings(caught) == []
 
 
