@@ -118,9 +118,9 @@ def _url_client(url: str, timeout: float, max_connections: int) -> Redis:
 async def _close_at_shutdown(client: Redis) -> AsyncGenerator[None, None]:
     """Suspended for the life of ``client``'s loop; closing it closes the client.
 
-    An async generator because that is what a loop closes on shutdown
-    (``shutdown_asyncgens``) and what its finalizer closes on the loop when it is
-    garbage collected: asyncio has no other hook into a loop's end.
+    An async generator because that is what a loop closes, while it can still
+    await, as it shuts down (``shutdown_asyncgens``): asyncio has no other hook
+    into a loop's end.
     """
     try:
         yield
@@ -237,9 +237,11 @@ class Backend:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.timeout = timeout
         client: RedisClient
+        # A URL client not yet used: the first loop to call takes it.
+        self._spare: Redis | None = None
         if isinstance(redis, str):
             url = redis
-            client = _url_client(url, timeout, max_connections)
+            client = self._spare = _url_client(url, timeout, max_connections)
             self._make: Callable[[], Redis] | None = lambda: _url_client(
                 url, timeout, max_connections
             )
@@ -256,9 +258,8 @@ class Backend:
         # The loop of the last call and its client, in one tuple so a thread that
         # reads it never pairs one loop with another loop's client.
         self._current: tuple[asyncio.AbstractEventLoop | None, RedisClient] = (None, client)
-        # Our clients by loop; the first loop to call takes the one made above.
+        # Our clients by loop.
         self._bound: dict[asyncio.AbstractEventLoop, _Bound] = {}
-        self._spare: Redis | None = client if isinstance(client, Redis) and self.owned else None
         self._lock = threading.Lock()
         if self.owned:
             weakref.finalize(self, _drop_all, self._bound)
