@@ -31,8 +31,11 @@ server is shared by all of them). Nobody may call ``aclose()`` in those setups
 * when the Backend is garbage collected, or the interpreter exits: every client
   left is closed then, on its loop's thread if that loop still runs.
 
-A client passed in is used as it is on whatever loop calls: make it on the loop
-that uses it (in the app's lifespan, or per test).
+A client passed in is used as it is on whatever loop calls; its connections
+belong to the loop that opened them. So close it (``await client.aclose()``)
+before that loop ends -- at lifespan shutdown, or in a test's teardown -- and it
+reconnects on the next loop; or build the app, client included, per test. Reused
+on a new loop with connections of a closed one, it is a clear ``RuntimeError``.
 
 Redis failures are translated here, in one place, into
 :class:`~asgi_redis_kit.errors.BackendUnavailable`; callers decide whether that

@@ -26,7 +26,7 @@ from starlette.exceptions import StarletteDeprecationWarning
 from starlette.routing import Route
 
 from tests.compat import shim
-from tests.compat.upstream import load_test_module
+from tests.compat.upstream import load_test_module, sdist
 
 with warnings.catch_warnings():
     # Starlette 1.x warns when its TestClient falls back to httpx (no httpx2).
@@ -103,3 +103,8 @@ def test_non_positive_max_age_is_refused(max_age: int) -> None:
             secret_key="example",
             max_age=max_age,
         )
+
+
+def test_a_failed_download_is_an_error_not_a_skip() -> None:
+    with pytest.raises(RuntimeError, match=r"could not download starlette==0\.0\.0"):
+        sdist("0.0.0")  # no such release on PyPI
