@@ -15,6 +15,28 @@ is meant for calls through :meth:`Backend.call`, whose deadline bounds each one
 we never change its settings and never close it, but every call we make through
 :meth:`Backend.call` is still bounded by our own deadline.
 
+Event loops. A redis-py client is tied to the event loop that opened its
+connections, yet one app often meets several loops: Starlette's
+``TestClient(app)`` without ``with`` runs every request on a new loop, and
+pytest-asyncio gives every test its own. So what we make from a URL is one
+client *per loop*, made on the loop's first call (the data of a ``memory://``
+server is shared by all of them). Nobody may call ``aclose()`` in those setups
+(no lifespan runs), so each client is also closed without being asked:
+
+* when its loop shuts down (``asyncio.run``, ``asyncio.Runner``, anyio,
+  pytest-asyncio and uvicorn all do): a small async generator, registered with
+  the loop, runs ``aclose()`` from ``loop.shutdown_asyncgens()``;
+* when its loop was closed without shutting down: the next loop to call closes
+  its sockets, without awaiting on the dead loop;
+* when the Backend is garbage collected, or the interpreter exits: every client
+  left is closed then, on its loop's thread if that loop still runs.
+
+A client passed in is used as it is on whatever loop calls; its connections
+belong to the loop that opened them. So close it (``await client.aclose()``)
+before that loop ends -- at lifespan shutdown, or in a test's teardown -- and it
+reconnects on the next loop; or build the app, client included, per test. Reused
+on a new loop with connections of a closed one, it is a clear ``RuntimeError``.
+
 Redis failures are translated here, in one place, into
 :class:`~asgi_redis_kit.errors.BackendUnavailable`; callers decide whether that
 means fail closed (sessions) or fail open (cache).
@@ -25,8 +47,9 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
-from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
+import weakref
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, suppress
 from types import TracebackType
 from typing import Any, TypeAlias
 from urllib.parse import urlsplit
@@ -95,15 +118,115 @@ def _url_client(url: str, timeout: float, max_connections: int) -> Redis:
     return Redis.from_pool(pool)
 
 
+async def _close_at_shutdown(client: Redis) -> AsyncGenerator[None, None]:
+    """Suspended for the life of ``client``'s loop; closing it closes the client.
+
+    An async generator because that is what a loop closes, while it can still
+    await, as it shuts down (``shutdown_asyncgens``): asyncio has no other hook
+    into a loop's end.
+    """
+    try:
+        yield
+    finally:
+        await client.aclose()
+
+
+def _drop_connections(client: Redis) -> None:
+    """Close the connections of ``client`` now, without awaiting; run it in the
+    thread of their loop, or when that loop is closed.
+
+    On a live loop the transport closes its socket on the loop's next turn. A
+    closed loop cannot run that callback (``close()`` marks the transport
+    closing, then fails to schedule it), so its part is done here: the socket is
+    closed. Either way redis-py's connection, the stream and the transport are
+    told, or each destructor reports the socket unclosed (``ResourceWarning``);
+    asyncio has no public API for a transport whose loop is gone.
+    """
+    pool = client.connection_pool
+    for connection in (*pool._available_connections, *pool._in_use_connections):
+        writer = getattr(connection, "_writer", None)
+        if writer is None:
+            continue
+        connection._writer = connection._reader = None
+        try:
+            writer.close()
+        except RuntimeError:  # "Event loop is closed"
+            transport = writer.transport
+            sock = getattr(transport, "_sock", None)  # None: fakeredis, or not a selector loop
+            if sock is not None:
+                sock.close()
+                transport._sock = None
+
+
+def _connected(client: RedisClient) -> bool:
+    """Whether ``client`` has an open connection in its pool (Cluster: unknown, no)."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is None:
+        return False
+    connections = (*pool._available_connections, *pool._in_use_connections)
+    return any(getattr(connection, "_writer", None) is not None for connection in connections)
+
+
+class _Bound:
+    """A client we made, for one event loop, and the guard that closes it."""
+
+    __slots__ = ("client", "guard", "loop")
+
+    def __init__(self, client: Redis, loop: asyncio.AbstractEventLoop) -> None:
+        self.client = client
+        self.loop = loop
+        self.guard = _close_at_shutdown(client)
+        # Run it to its yield now, without a task or a suspension: the first step
+        # registers it with the running loop (the loop's asyncgen hooks).
+        with suppress(StopIteration):
+            self.guard.asend(None).send(None)
+
+    def drop_if_dead(self) -> bool:
+        """Close the client of a closed loop here and now; whether it was closed."""
+        if not self.loop.is_closed():
+            return False
+        _drop_connections(self.client)
+        return True
+
+    def drop(self) -> None:
+        """Close the client now, from any thread (garbage collection, exit)."""
+        loop = self.loop
+        if loop.is_running() and not _runs_here(loop):
+            loop.call_soon_threadsafe(_drop_connections, self.client)
+        else:
+            _drop_connections(self.client)
+
+
+def _runs_here(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+def _drop_all(bound: dict[asyncio.AbstractEventLoop, _Bound]) -> None:
+    """The Backend is gone (garbage collected, or the interpreter exits): close
+    its clients now. Not left to the guards' own finalizers: the Backend's
+    garbage often holds the clients too, and their connections would report
+    themselves unclosed in the same collection, before any scheduled close ran."""
+    for entry in list(bound.values()):
+        entry.drop()
+
+
 class Backend:
-    """One Redis client and the knowledge of whether we must close it.
+    """One Redis client per event loop and the knowledge of whether we must close it.
 
     Parameters:
         redis: a URL or a ready client (see the module docstring).
         timeout: the deadline, in seconds, for any single call made through
             :meth:`call`; also the connect and pool-wait timeout of URL clients.
-        max_connections: pool size of URL clients. Callers past it wait up to
-            ``timeout`` for a connection, then fail like any other timeout.
+        max_connections: pool size of URL clients (per event loop). Callers past
+            it wait up to ``timeout`` for a connection, then fail like any other
+            timeout.
+
+    ``client`` is the client of the running loop (with no loop running: the one
+    used last, for its type and connection options); Redis work goes through
+    :meth:`call`, which bounds it.
     """
 
     def __init__(
@@ -116,19 +239,34 @@ class Backend:
         if not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.timeout = timeout
-        self.client: RedisClient
+        client: RedisClient
+        # A URL client not yet used: the first loop to call takes it.
+        self._spare: Redis | None = None
         if isinstance(redis, str):
-            self.client = _url_client(redis, timeout, max_connections)
+            url = redis
+            client = self._spare = _url_client(url, timeout, max_connections)
+            self._make: Callable[[], Redis] | None = lambda: _url_client(
+                url, timeout, max_connections
+            )
             self.owned = True
         elif isinstance(redis, Redis | RedisCluster):
-            self.client = redis
+            client = redis
+            self._make = None
             self.owned = False
         else:
             raise TypeError(
                 "redis= takes a URL string or a redis.asyncio.Redis / RedisCluster client, "
                 f"got {type(redis).__name__}"
             )
-        pool = getattr(self.client, "connection_pool", None)
+        # The loop of the last call and its client, in one tuple so a thread that
+        # reads it never pairs one loop with another loop's client.
+        self._current: tuple[asyncio.AbstractEventLoop | None, RedisClient] = (None, client)
+        # Our clients by loop.
+        self._bound: dict[asyncio.AbstractEventLoop, _Bound] = {}
+        self._lock = threading.Lock()
+        if self.owned:
+            weakref.finalize(self, _drop_all, self._bound)
+        pool = getattr(client, "connection_pool", None)
         # Sentinel(...).master_for(...): see _follow_sentinel.
         self._sentinel = (
             pool if isinstance(pool, SentinelConnectionPool) and pool.is_master else None
@@ -137,7 +275,46 @@ class Backend:
 
     def __repr__(self) -> str:
         # Never show the URL: it may carry a password.
-        return f"<Backend {type(self.client).__name__} owned={self.owned}>"
+        return f"<Backend {type(self._current[1]).__name__} owned={self.owned}>"
+
+    @property
+    def client(self) -> RedisClient:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return self._current[1]
+        current, client = self._current
+        return client if current is loop else self._bind(loop)
+
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> RedisClient:
+        """The client for ``loop``, made on its first call (the slow path)."""
+        with self._lock:  # two threads, each with its loop, must not share a client
+            previous, client = self._current
+            if self._make is None:
+                if previous is not None and previous.is_closed() and _connected(client):
+                    raise RuntimeError(
+                        "the Redis client passed as redis= still holds connections of an "
+                        "event loop that is closed, and cannot use them on this one; "
+                        "create it on the loop that uses it (in the app's lifespan, or in "
+                        "each test) and close it there, or pass a URL and let us keep "
+                        "one client per loop"
+                    )
+            else:
+                bound = self._bound.get(loop)
+                if bound is None:
+                    self._drop_dead()
+                    made, self._spare = self._spare or self._make(), None
+                    bound = self._bound[loop] = _Bound(made, loop)
+                client = bound.client
+            self._current = (loop, client)
+            return client
+
+    def _drop_dead(self) -> None:
+        """Close and forget the clients of loops that closed, so a test suite that
+        runs hundreds of loops keeps none of them."""
+        for loop, bound in list(self._bound.items()):
+            if bound.drop_if_dead():
+                self._bound.pop(loop, None)
 
     def call(self) -> AbstractAsyncContextManager[RedisClient]:
         """Bound the enclosed Redis work by ``timeout`` and translate its failures::
@@ -190,9 +367,19 @@ class Backend:
             self._next_sentinel_check = loop.time() + SENTINEL_CHECK_INTERVAL
 
     async def aclose(self) -> None:
-        """Close the client if we created it; a caller's client is left alone."""
-        if self.owned:
-            await self.client.aclose()
+        """Close the client of this loop if we created it (and those of loops that
+        are closed); a caller's client is left alone. A later call makes a new one.
+        Clients of other running loops are closed when those loops shut down."""
+        if not self.owned:
+            return
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._current[0] is loop:
+                self._current = (None, self._current[1])
+            self._drop_dead()
+            bound = self._bound.pop(loop, None)
+        if bound is not None:
+            await bound.guard.aclose()  # its finally closes the client
 
 
 class _Call:
@@ -212,6 +399,9 @@ class _Call:
         self.cancelled_before = task.cancelling()
         backend = self.backend
         loop = asyncio.get_running_loop()
+        current, client = backend._current
+        if current is not loop:
+            client = backend._bind(loop)
         self.timer = loop.call_later(backend.timeout, self._expire)
         sentinel = backend._sentinel
         if sentinel is not None and loop.time() >= backend._next_sentinel_check:
@@ -220,7 +410,7 @@ class _Call:
             except BaseException as exc:  # __aexit__ is not called when entering fails
                 await self.__aexit__(type(exc), exc, exc.__traceback__)
                 raise
-        return backend.client
+        return client
 
     def _expire(self) -> None:
         self.ours += 1

@@ -332,3 +332,67 @@ async def test_sentinel_master_is_checked_at_most_every_interval(
         await client.aclose(close_connection_pool=True)
     finally:
         other.close()
+
+
+# -- event loops -----------------------------------------------------------------------
+
+
+def _run_on_new_loop(backend: Backend, *command: str) -> tuple[Any, Any]:
+    """One command (PING by default) through ``backend`` on a loop of its own; the
+    client it used, and the reply."""
+
+    async def call() -> tuple[Any, Any]:
+        async with backend.call() as client:
+            return client, await client.execute_command(*(command or ("PING",)))
+
+    return asyncio.run(call())
+
+
+@pytest.mark.parametrize("kind", ["redis", "memory"])
+def test_url_backend_makes_one_client_per_loop_and_keeps_it(
+    request: pytest.FixtureRequest, kind: str, key_prefix: str
+) -> None:
+    url = request.getfixturevalue("redis_url") if kind == "redis" else f"memory://{key_prefix}"
+    backend = Backend(url)
+
+    async def twice() -> tuple[Any, Any]:
+        first = backend.client
+        async with backend.call() as client:
+            await client.set(f"{key_prefix}k", "v")
+        return first, client
+
+    first, second = asyncio.run(twice())
+    assert first is second  # the same loop keeps its client
+    other, reply = _run_on_new_loop(backend)
+    assert other is not first
+    assert reply
+    # Clients of one URL see the same data (memory:// too: one server per name).
+    _, value = _run_on_new_loop(backend, "GETDEL", f"{key_prefix}k")
+    assert value == b"v"
+
+
+def test_callers_client_is_used_on_every_loop_as_it_is(redis_url: str) -> None:
+    client = Redis.from_url(redis_url)
+    backend = Backend(client)
+
+    async def use_then_close() -> Any:
+        async with backend.call() as used:
+            assert await used.ping()
+        await client.aclose()  # the caller closes it on its loop: reusable on the next
+        return used
+
+    assert asyncio.run(use_then_close()) is client
+    assert asyncio.run(use_then_close()) is client
+
+
+def test_callers_client_with_connections_of_a_closed_loop_is_a_clear_error(
+    redis_url: str,
+) -> None:
+    """Its connections cannot work on another loop; say so and how to fix it, not
+    "Event loop is closed" from deep inside redis-py."""
+    client = Redis.from_url(redis_url)
+    backend = Backend(client)
+    _run_on_new_loop(backend)  # leaves a connection of that (now closed) loop pooled
+    with pytest.raises(RuntimeError, match="create it on the loop that uses it"):
+        _run_on_new_loop(backend)
+    _redis._drop_connections(client)  # tidy up what the test itself left behind

@@ -149,7 +149,10 @@ class CookieSettings:
         domain: str | None,
         partitioned: bool,
         host_prefix: bool,
+        browser_session: bool,
     ) -> None:
+        if not isinstance(browser_session, bool):
+            raise TypeError(f"browser_session must be True or False, got {browser_session!r}")
         if not isinstance(cookie_name, str) or _TOKEN.fullmatch(cookie_name) is None:
             raise ValueError(f"cookie_name={cookie_name!r} is not a valid cookie name")
         if same_site not in ("lax", "strict", "none"):
@@ -183,6 +186,8 @@ class CookieSettings:
         attributes += ["HttpOnly", f"SameSite={same_site.capitalize()}"]
         self._attributes = "; ".join(attributes)
         self._partitioned = partitioned
+        # No Max-Age (nor Expires): the browser drops the cookie when it closes.
+        self._lifetime = not browser_session
         longest = self.set_cookie(_LONGEST_VALUE, _LONGEST_MAX_AGE, scheme="https")
         if len(longest) > MAX_SET_COOKIE:
             raise CookieTooLarge(
@@ -199,6 +204,8 @@ class CookieSettings:
         return tail
 
     def set_cookie(self, value: str, max_age: int, *, scheme: str) -> str:
+        if not self._lifetime:
+            return f"{self.name}={value}; {self._tail(scheme)}"
         return f"{self.name}={value}; Max-Age={max_age}; {self._tail(scheme)}"
 
     def expire_cookie(self, *, scheme: str) -> str:

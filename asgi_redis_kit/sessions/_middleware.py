@@ -58,6 +58,11 @@ class SessionMiddleware:
             ``None`` for no limit.
         same_site, secure, path, domain, partitioned: cookie attributes.
             ``secure="auto"`` sets Secure on https only, so ``http://localhost`` works.
+        browser_session: send the cookie without Max-Age/Expires, so the browser
+            forgets it when it closes (Starlette's ``max_age=None``). The session
+            still ends on the server after ``idle_timeout`` and
+            ``absolute_lifetime``; that matters, as browsers that restore tabs on
+            restart keep such cookies. ``clear()`` still expires the cookie.
         host_prefix: name the cookie ``__Host-<cookie_name>`` (needs Secure, path
             ``/`` and no domain).
         timeout: deadline in seconds of every Redis call.
@@ -85,6 +90,7 @@ class SessionMiddleware:
         domain: str | None = None,
         partitioned: bool = False,
         host_prefix: bool = False,
+        browser_session: bool = False,
         timeout: float = 1.0,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         retry_after: int = 5,
@@ -100,7 +106,16 @@ class SessionMiddleware:
             domain=domain,
             partitioned=partitioned,
             host_prefix=host_prefix,
+            browser_session=browser_session,
         )
+        if idle_timeout is None:
+            # Starlette's max_age=None means "until the browser closes"; a session
+            # that never idles out would live in Redis forever.
+            raise ValueError(
+                "idle_timeout=None would keep abandoned sessions in Redis forever; for a "
+                "cookie that ends when the browser closes, pass browser_session=True "
+                "(the session then still ends after idle_timeout on the server)"
+            )
         if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0:
             raise ValueError(f"retry_after must be a whole number of seconds, got {retry_after!r}")
         self.retry_after = retry_after
