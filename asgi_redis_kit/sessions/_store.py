@@ -622,8 +622,8 @@ class SessionStore:
         result = await self._one(*command)
         if isinstance(result, bytes | str):
             raise TypeError(
-                f"session[{key!r}] does not hold an integer, so it cannot be incremented "
-                f"by {amount!r} (Redis said: {_text(result)})"
+                f"session[{key!r}] does not hold an integer, or adding {amount!r} to it "
+                f"would pass the 64-bit limit (Redis said: {_text(result)})"
             )
         return None if result is None else int(result)
 
