@@ -145,6 +145,9 @@ class Session(dict[str, Any]):
         """Give the session a new id when it is saved, keeping its data (login).
 
         The old record is deleted, so a copy of the old cookie gets an empty session.
+        The new record is kept only if the old one still lived when it was deleted:
+        if it was revoked, logged out or expired during this request, nothing is
+        stored and no cookie is set (the login does not go through).
         """
         self.accessed = True
         old = self._forget_record()
@@ -191,7 +194,9 @@ class Session(dict[str, Any]):
         (new, or regenerated or cleared in this request) it is a local change, saved
         with the rest -- and dropped with the rest on an error. It works on the
         stored value: an unsaved assignment to ``key`` earlier in the same request
-        is replaced by the result.
+        is replaced by the result. If the session was logged out, revoked, expired
+        or rebound by another request meanwhile, the count starts from 0 in an empty
+        session that is not saved: nothing of this request is stored.
         """
         if not isinstance(key, str):
             raise TypeError(f"session keys are strings, got {key!r}")

@@ -10,20 +10,20 @@ id whose session is gone, and the response sets no cookie for a new session.
 
 The second half races ``revoke_user`` itself: a login that rotates the id between
 revoke's taking of the index and its deletes, and a bind in flight while revoke
-runs. The same races run on a real 3-master Cluster (tests/scaleout), where the
-session, its replacement and the user index all live in different slots.
+runs. The same races run on a real 3-master Cluster
+(tests/scaleout/test_cluster_revoke_races.py), where the session, its replacement
+and the user index all live in different slots.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 from redis.asyncio import ConnectionPool, Redis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import RedisCluster
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -31,8 +31,6 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from asgi_redis_kit import Session, SessionMiddleware, SessionStore
-from tests.scaleout.conftest import cluster  # noqa: F401 - the session-wide Cluster
-from tests.scaleout.servers import HOST, ClusterDeployment
 
 from .conftest import SECRET, Gate, cookie_of, session_id_of
 
@@ -282,48 +280,3 @@ async def test_a_bind_in_flight_is_not_lost_from_the_index(
         assert await store.revoke_user("alice") == 1
         assert (await browser.get("/read")).json() == {}
         assert await live_state(peek, key_prefix) == ([], [])
-
-
-# -- the same on a real Cluster ----------------------------------------------------
-
-
-@pytest.fixture
-async def cluster_pair(
-    cluster: ClusterDeployment,  # noqa: F811
-) -> AsyncIterator[tuple[RedisCluster, PausingCluster]]:
-    cluster.flushall()
-    nodes = [ClusterNode(HOST, port) for port in cluster.ports]
-    client = RedisCluster(startup_nodes=nodes, socket_timeout=2, socket_connect_timeout=2)
-    pausing = PausingCluster(
-        startup_nodes=[ClusterNode(HOST, port) for port in cluster.ports], socket_timeout=2
-    )
-    await client.initialize()
-    await pausing.initialize()
-    try:
-        yield client, pausing
-    finally:
-        await pausing.aclose()
-        await client.aclose()
-        cluster.flushall()
-
-
-@pytest.mark.parametrize("op", ["regenerate", "login", "login-as-bob", "rebind", "incr", "write"])
-async def test_on_cluster_revoke_wins_over_a_request_in_flight(
-    cluster_pair: tuple[RedisCluster, PausingCluster], key_prefix: str, op: str
-) -> None:
-    client, _ = cluster_pair
-    await race(client, client, key_prefix, op, "revoke")
-
-
-async def test_on_cluster_the_control_keeps_its_sessions(
-    cluster_pair: tuple[RedisCluster, PausingCluster], key_prefix: str
-) -> None:
-    client, _ = cluster_pair
-    await unraced(client, client, key_prefix)
-
-
-async def test_on_cluster_a_login_racing_revoke_user_is_revoked_too(
-    cluster_pair: tuple[RedisCluster, PausingCluster], key_prefix: str
-) -> None:
-    client, pausing = cluster_pair
-    await login_between_revokes_take_and_delete(client, pausing, client, key_prefix)
