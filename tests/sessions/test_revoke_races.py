@@ -169,6 +169,12 @@ async def unraced(redis: Redis | RedisCluster, peek: Redis | RedisCluster, key_p
                 sessions, dead = await live_state(peek, key_prefix)
                 assert sessions, op
                 assert dead == [], op
+                # Each session is in exactly the index of the user it is bound to.
+                owner = "bob" if op in ("rebind", "login-as-bob") else "alice"
+                store = SessionStore(redis, key_prefix=key_prefix)
+                assert len(await store.user_sessions(owner)) == 1, op
+                other = "alice" if owner == "bob" else "bob"
+                assert await peek.scard(store.user_key(other)) == 0, op  # type: ignore[misc,unused-ignore]
             await browser.post("/logout")
     assert await live_state(peek, key_prefix) == ([], [])
 
