@@ -1,7 +1,8 @@
 """Redis answering with an error reply is an outage, not a bug: a 503, never a 500.
 
 A full Redis (``maxmemory`` reached, ``noeviction``: OOM), a read-only replica
-(READONLY) and a Redis busy running a slow script (BUSY) each answer every session
+(READONLY), a master missing its replicas (NOREPLICAS) and a Redis busy running a
+slow script (BUSY) each answer every session
 path: loading, the first save, an update, ``incr``, ``regenerate``, login, logout,
 the idle-TTL refresh, and ``revoke_user`` / ``user_sessions`` on the store. What
 Redis still allows works as usual (reads; deletes and TTL refreshes on a full
@@ -249,4 +250,22 @@ async def test_a_busy_redis_is_a_503_everywhere(
         with contextlib.suppress(ResponseError):
             await asyncio.wait_for(busy, 10)
         await blocker.aclose()
+    await assert_nothing_lost(redis, prepared)
+
+
+async def test_a_master_without_its_replicas_is_a_503_for_every_write(
+    server: tuple[Redis, Redis],
+) -> None:
+    """``min-replicas-to-write`` unmet: every write answers NOREPLICAS."""
+    redis, peek = server
+    prepared = await prepare(redis, peek)
+    await peek.config_set("min-replicas-to-write", 1)
+    try:
+        await assert_writes_refused(redis, prepared)
+        assert await read(redis, prepared.main) == {"cart": ["book"], "n": 1, "user": "alice"}
+        store = SessionStore(redis, key_prefix=PREFIX)
+        with pytest.raises(BackendUnavailable):
+            await store.revoke_user("alice")
+    finally:
+        await peek.config_set("min-replicas-to-write", 0)
     await assert_nothing_lost(redis, prepared)
