@@ -19,7 +19,7 @@ changed, and must do nothing at all if the session was cleared, revoked or expir
 in the meantime -- a plain HSET would bring a logged-out session back to life when a
 slow request finishes after the logout. The save script checks and writes in one
 atomic step. Scripts run by EVALSHA; after a Redis restart empties the script
-cache, the NOSCRIPT reply makes us load them and repeat the (idempotent) batch.
+cache, the NOSCRIPT reply makes us load them and send again the commands it refused.
 
 Idle timeout is the key's TTL. The absolute lifetime is enforced from ``m:created``
 on load and by never setting a TTL that reaches past it.
@@ -32,7 +32,9 @@ A request loads a session, and while it runs the session is revoked
 then does, it must not bring the session back, nor hand out a copy of it. On
 Cluster the session, its replacement and the user index live in three slots, so no
 script can see them together; the protocol below holds with any interleaving of
-commands, and with a request that fails half-way (Redis errors, timeouts).
+commands. A request that fails half-way (an error reply, a timeout) leaves at worst
+a stale index entry, a new record whose id was never sent, or a logged-out user;
+never a bound record missing from its index.
 
 Invariants:
 
@@ -58,7 +60,7 @@ c. if (b) found it gone or rebound, delete the new record and un-index it: the
 
 ``revoke_user`` takes the index atomically (SMEMBERS + DEL) and deletes every
 listed record still bound to the user; entries of live records bound to someone
-else go back into the index (3). A listed record that is missing may have been
+else go back into the index (2). A listed record that is missing may have been
 replaced by a login that deleted it in (b) after revoke took the index, whose new
 id is then already indexed (a): so revoke takes the index again while a pass meets
 missing records (at most ``REVOKE_PASSES``). A login that runs (b) after revoke
@@ -72,9 +74,11 @@ sent to anyone: harmless, and gone at its idle timeout.
 Ordered steps: a single server runs one connection's commands in order, so the
 steps of a save go in one pipeline; a step that depends on an earlier *reply* (b
 after a; c) is a round trip of its own. On Cluster every step is its own round
-trip. Round trips after the load, single server (Cluster): write, incr, touch 1;
-first save 1 (2 when bound); bind 1 (2); rebind 2 (3); clear 1 (2); regenerate 2
-(4); plus 1 for a save that lost the race and undoes its index add or new record.
+trip. Round trips after the load, single server (Cluster): write, incr, touch 1
+(1); first save 1 (1, or 2 when bound); bind 1 (2); rebind 2 (3); clear 1 (2);
+regenerate 2 (4); plus 1 for a save that lost a race and undoes its index add or
+its new record. ``revoke_user``: 2, plus 2 per extra pass, plus 1 to put entries
+back.
 """
 
 from __future__ import annotations
