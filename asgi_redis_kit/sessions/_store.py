@@ -34,7 +34,7 @@ Cluster the session, its replacement and the user index live in three slots, so 
 script can see them together; the protocol below holds with any interleaving of
 commands. A request that fails half-way (an error reply, a timeout) leaves at worst
 a stale index entry, a new record whose id was never sent, or a logged-out user;
-never a bound record missing from its index.
+never a record that a cookie points to, bound but missing from its index.
 
 Invariants:
 
