@@ -18,7 +18,7 @@ from starlette.requests import HTTPConnection
 
 from ..errors import BackendUnavailable, SessionNotLoaded, SessionStoreUnavailable
 from ._codec import check, encode, encode_all
-from ._store import CREATED, DATA, EMPTIED, GONE, USER, Record, SessionStore, handle_of
+from ._store import CREATED, DATA, SAVED, USER, Record, SessionStore, handle_of
 
 logger = logging.getLogger("asgi_redis_kit.sessions")
 
@@ -83,8 +83,14 @@ class Session(dict[str, Any]):
         self._presented = presented or record is not None
         # clear() was called: the one case where the response expires the cookie.
         self._cleared = False
-        # Records to delete at save: (id, bound user), from regenerate() and clear().
+        # Records to delete at save: (id, bound user), ended by clear().
         self._drop: list[tuple[str, str | None]] = []
+        # The record regenerate() replaces: the new one carries its data and user, so
+        # it is kept only if this one still lives when it is deleted (_store.replace).
+        self._replaces: tuple[str, str | None] | None = None
+        # incr() found the record ended by another request: like a save that finds
+        # it gone, nothing of this request is saved.
+        self._lost = False
         self._saved = False
         self._warned_late = False
         self._retry_after = retry_after
@@ -172,9 +178,14 @@ class Session(dict[str, Any]):
         """Give the session a new id when it is saved, keeping its data (login).
 
         The old record is deleted, so a copy of the old cookie gets an empty session.
+        The new record is kept only if the old one still lived when it was deleted:
+        if it was revoked, logged out or expired during this request, nothing is
+        stored and no cookie is set (the login does not go through).
         """
         self.accessed = True
-        self._forget_record()
+        old = self._forget_record()
+        if old is not None:
+            self._replaces = old
 
     def clear(self) -> None:
         """Log out: empty the session, delete its record and expire the cookie.
@@ -188,7 +199,12 @@ class Session(dict[str, Any]):
         self.accessed = True
         self._cleared = True
         super().clear()
-        self._forget_record()
+        # Nothing is carried over any more: a record regenerate() replaced is just
+        # deleted now, like the loaded one.
+        for old in (self._replaces, self._forget_record()):
+            if old is not None:
+                self._drop.append(old)
+        self._replaces = None
         self._user = None
 
     def bind_user(self, user_id: str) -> None:
@@ -211,7 +227,9 @@ class Session(dict[str, Any]):
         (new, or regenerated or cleared in this request) it is a local change, saved
         with the rest -- and dropped with the rest on an error. It works on the
         stored value: an unsaved assignment to ``key`` earlier in the same request
-        is replaced by the result.
+        is replaced by the result. If the session was logged out, revoked, expired
+        or rebound by another request meanwhile, the count starts from 0 in an empty
+        session that is not saved: nothing of this request is stored.
         """
         if not isinstance(key, str):
             raise TypeError(f"session keys are strings, got {key!r}")
@@ -220,7 +238,7 @@ class Session(dict[str, Any]):
         self.accessed = True
         if self._id is not None:
             try:
-                value = await self._store.incr(self._id, key, amount)
+                value = await self._store.incr(self._id, key, amount, user=self._stored_user)
             except BackendUnavailable as exc:
                 self._store_failed = True
                 raise SessionStoreUnavailable(self._retry_after) from exc
@@ -229,24 +247,27 @@ class Session(dict[str, Any]):
                 dict.__setitem__(self, key, value)
                 self._snapshot[key] = encode(key, value)
                 return value
-            # Logged out, revoked or expired by another request meanwhile.
-            logger.info("session ended during the request; continuing with a new one")
+            # Logged out, revoked, expired or rebound by another request meanwhile:
+            # that wins, so the rest of this request is not saved either.
+            logger.info("session ended during the request; this request's changes are dropped")
             super().clear()
             self._id = None
             self._snapshot = {}
             self._user = self._stored_user = None
+            self._lost = True
         current = self.get(key, 0)
         if isinstance(current, bool) or not isinstance(current, int):
             raise TypeError(f"session[{key!r}] is {current!r}, not an integer")
         self[key] = current + amount
         return current + amount
 
-    def _forget_record(self) -> None:
-        if self._id is not None:
-            self._drop.append((self._id, self._stored_user))
+    def _forget_record(self) -> tuple[str, str | None] | None:
+        """Detach from the loaded record; returns it (id, bound user), if any."""
+        old = None if self._id is None else (self._id, self._stored_user)
         self._id = None
         self._snapshot = {}
         self._stored_user = None
+        return old
 
     # -- saving (called by the middleware) ----------------------------------------
 
@@ -254,7 +275,7 @@ class Session(dict[str, Any]):
         return encode_all(self)
 
     def _changed_since_save(self) -> bool:
-        if self._drop or self._user != self._stored_user:
+        if self._drop or self._replaces or self._user != self._stored_user:
             return True
         try:
             return self._encoded() != self._snapshot
@@ -265,6 +286,9 @@ class Session(dict[str, Any]):
         """Persist what changed, in at most one round trip; say what to do with
         the cookie: set it, expire it (only after :meth:`clear`), or nothing."""
         self._saved = True
+        if self._lost:
+            self._ended()
+            return CookieAction("expire") if self._cleared and self._presented else None
         encoded = self._encoded()
         store = self._store
         if self._id is None:
@@ -279,6 +303,7 @@ class Session(dict[str, Any]):
         deleted = [DATA + k for k in self._snapshot if k not in encoded]
         bind = unbind = None
         if self._user != self._stored_user:
+            # Indexed before the binding commits, un-indexed after (see _store).
             bind, unbind = self._user, self._stored_user
             if self._user is None:
                 deleted.append(USER)
@@ -293,10 +318,11 @@ class Session(dict[str, Any]):
                 fields=fields,
                 deleted=deleted,
                 ttl_ms=ttl,
+                user=self._stored_user,
                 bind=bind,
                 unbind=unbind,
             )
-            if result in (GONE, EMPTIED):
+            if result != SAVED:  # gone, emptied, or bound to someone else meanwhile
                 self._ended()
                 return None
         elif store.touch_due(self._pttl_ms, self._created_ms):
@@ -314,11 +340,12 @@ class Session(dict[str, Any]):
 
     async def _save_new(self, encoded: dict[str, bytes]) -> CookieAction | None:
         store = self._store
+        drop = self._drop + ([self._replaces] if self._replaces else [])
         if not encoded and self._user is None:
             # Empty sessions are never stored; just finish what regenerate/clear began.
-            self._wrote = self._wrote or bool(self._drop)
-            await store.delete(self._drop)
-            self._drop = []
+            self._wrote = self._wrote or bool(drop)
+            await store.delete(drop)
+            self._drop, self._replaces = [], None
             return CookieAction("expire") if self._cleared and self._presented else None
         session_id = new_session_id()
         created = store.now_ms()
@@ -328,13 +355,21 @@ class Session(dict[str, Any]):
         if self._user is not None:
             fields[USER] = self._user.encode()
         self._wrote = True
-        await store.save(
-            session_id, create=True, fields=fields, ttl_ms=ttl, drop=self._drop, bind=self._user
-        )
+        if self._replaces is None:
+            await store.save(
+                session_id, create=True, fields=fields, ttl_ms=ttl, drop=drop, bind=self._user
+            )
+        # clear() moves a replaced record to _drop, so here _drop is empty.
+        elif not await store.replace(
+            self._replaces, session_id, fields=fields, ttl_ms=ttl, user=self._user
+        ):
+            logger.info("session ended during the request; its new id was not kept")
+            self._ended()
+            return None
         self._id, self._created_ms, self._pttl_ms = session_id, created, ttl
         self._snapshot = encoded
         self._stored_user = self._user
-        self._drop = []
+        self._drop, self._replaces = [], None
         return CookieAction("set", session_id, store.cookie_max_age(created))
 
     def _ended(self) -> None:
@@ -344,7 +379,7 @@ class Session(dict[str, Any]):
         self._id = None
         self._snapshot = self._encoded()
         self._stored_user = self._user
-        self._drop = []
+        self._drop, self._replaces = [], None
 
     def _discard(self) -> None:
         """The response is an error: drop this request's changes."""

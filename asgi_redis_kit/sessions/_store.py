@@ -20,10 +20,66 @@ changed, and must do nothing at all if the session was cleared, revoked or expir
 in the meantime -- a plain HSET would bring a logged-out session back to life when a
 slow request finishes after the logout. The save script checks and writes in one
 atomic step. Scripts run by EVALSHA; after a Redis restart empties the script
-cache, the NOSCRIPT reply makes us load them and repeat the (idempotent) batch.
+cache, the NOSCRIPT reply makes us load them and send again the commands it refused.
 
 Idle timeout is the key's TTL. The absolute lifetime is enforced from ``m:created``
 on load and by never setting a TTL that reaches past it.
+
+Revoke, logout and expiry win over every request in flight
+----------------------------------------------------------
+
+A request loads a session, and while it runs the session is revoked
+(``revoke_user``), logged out by another request, or expires. Whatever the request
+then does, it must not bring the session back, nor hand out a copy of it. On
+Cluster the session, its replacement and the user index live in three slots, so no
+script can see them together; the protocol below holds with any interleaving of
+commands. A request that fails half-way (an error reply, a timeout) leaves at worst
+a stale index entry, a new record whose id was never sent, or a logged-out user;
+never a record that a cookie points to, bound but missing from its index.
+
+Invariants:
+
+1. A live record bound to a user is in that user's index (the index is a
+   superset). So an id is indexed *before* an existing record is bound to it, and
+   un-indexed only *after* its record was deleted or rebound.
+2. An index entry whose record is missing is dead for good: a new id is indexed
+   only once its record exists. So ``user_sessions`` and ``revoke_user`` may drop
+   such entries. An entry whose record exists but is bound to someone else (or to
+   nobody) is kept: it may be a binding in flight.
+3. A request writes only to the record it loaded, as it loaded it: every update
+   (save, ``incr``) checks in its script that the record is still live and still
+   bound to the same user (GONE/MOVED otherwise, and the request's changes are
+   dropped, with no Set-Cookie).
+
+``regenerate()`` (login, rotation) carries the old record's data into a new id:
+
+a. create the new record (bound to the new user, if any), then index it;
+b. then delete the old record only if it is still live and bound to the user the
+   request loaded, then un-index it;
+c. if (b) found it gone or rebound, delete the new record and un-index it: the
+   session ended during the request, like a save finding it gone.
+
+``revoke_user`` takes the index atomically (SMEMBERS + DEL) and deletes every
+listed record still bound to the user; entries of live records bound to someone
+else go back into the index (2). A listed record that is missing may have been
+replaced by a login that deleted it in (b) after revoke took the index, whose new
+id is then already indexed (a): so revoke takes the index again while a pass meets
+missing records (at most ``REVOKE_PASSES``). A login that runs (b) after revoke
+deleted the old record sees it gone and drops its new record itself (c).
+
+Ids of sessions that ended by TTL stay in the index until ``user_sessions`` or
+``revoke_user`` meets them, or the index expires; our own deletes un-index at once.
+A request that fails between (a) and (b) can leave a new record whose id was never
+sent to anyone: harmless, and gone at its idle timeout.
+
+Ordered steps: a single server runs one connection's commands in order, so the
+steps of a save go in one pipeline; a step that depends on an earlier *reply* (b
+after a; c) is a round trip of its own. On Cluster every step is its own round
+trip. Round trips after the load, single server (Cluster): write, incr, touch 1
+(1); first save 1 (1, or 2 when bound); bind 1 (2); rebind 2 (3); clear 1 (2);
+regenerate 2 (4); plus 1 for a save that lost a race and undoes its index add or
+its new record. ``revoke_user``: 2, plus 2 per extra pass, plus 1 to put entries
+back.
 """
 
 from __future__ import annotations
@@ -37,6 +93,7 @@ from types import TracebackType
 from typing import Any
 
 import orjson
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 
 from .._redis import DEFAULT_MAX_CONNECTIONS, DEFAULT_TIMEOUT, Backend, RedisClient, RedisLike
@@ -49,45 +106,73 @@ DATA = "d:"
 CREATED = "m:created"
 USER = "m:user"
 
-SAVED, GONE, EMPTIED = 1, 0, 2
+SAVED, GONE, EMPTIED, MOVED = 1, 0, 2, 3
+
+# Passes of revoke_user at most (see the module docstring): each one only follows a
+# session that a login or rotation replaced while the previous pass ran.
+REVOKE_PASSES = 8
 
 
 class _Script:
     def __init__(self, text: str) -> None:
-        self.text = text
-        self.sha = hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+        # Every script may call bound_user(); Redis compiles it once per script.
+        self.text = _BOUND_USER + text
+        self.sha = hashlib.sha1(self.text.encode(), usedforsecurity=False).hexdigest()
 
 
-# ARGV: mode ('1' create: key must not exist; '0' update: key must exist), TTL ms,
-# n, then n field/value pairs, then fields to delete.
-_SAVE = _Script("""
-local exists = redis.call('EXISTS', KEYS[1]) == 1
-if exists == (ARGV[1] == '1') then
-  return 0
+# The user bound to the live session record KEYS[1] ('' when it has none), or false
+# when there is no such record: the key is missing, or holds something that is not
+# one of our records (not a hash, or no creation time). Never an error reply.
+_BOUND_USER = """
+local function bound_user()
+  if redis.call('TYPE', KEYS[1]).ok ~= 'hash'
+      or redis.call('HEXISTS', KEYS[1], 'm:created') == 0 then
+    return false
+  end
+  return redis.call('HGET', KEYS[1], 'm:user') or ''
 end
-local last = 3 + 2 * tonumber(ARGV[3])
-if last > 3 then
-  redis.call('HSET', KEYS[1], unpack(ARGV, 4, last))
+"""
+
+# ARGV: mode ('1' create: the key must not exist; '0' update: the key must be a live
+# record still bound to the user ARGV[2], '' for none), TTL ms, n, then n field/value
+# pairs, then fields to delete. Returns SAVED, GONE, EMPTIED or MOVED (bound to
+# another user now: rebound or logged in by another request).
+_SAVE = _Script("""
+if ARGV[1] == '1' then
+  if redis.call('EXISTS', KEYS[1]) == 1 then
+    return 0
+  end
+else
+  local user = bound_user()
+  if user == false then
+    return 0
+  elseif user ~= ARGV[2] then
+    return 3
+  end
+end
+local last = 4 + 2 * tonumber(ARGV[4])
+if last > 4 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 5, last))
 end
 if last < #ARGV then
   redis.call('HDEL', KEYS[1], unpack(ARGV, last + 1))
   -- An empty session is never stored: delete it once no data and no user is left.
   for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
     if string.sub(field, 1, 2) == 'd:' or field == 'm:user' then
-      redis.call('PEXPIRE', KEYS[1], ARGV[2])
+      redis.call('PEXPIRE', KEYS[1], ARGV[3])
       return 1
     end
   end
   redis.call('DEL', KEYS[1])
   return 2
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """)
 
 # The whole record and its TTL in one command (nil when there is no record). A key
 # that is not a hash (someone SET it) answers the string 'WRONGTYPE': a corrupt
-# record, not an outage; any other error reply stays an error.
+# record, not an outage; any other error reply stays an error (a 503).
 _LOAD = _Script("""
 local fields = redis.pcall('HGETALL', KEYS[1])
 if fields.err then
@@ -102,22 +187,32 @@ end
 return {redis.call('PTTL', KEYS[1]), fields}
 """)
 
-# Counter on an existing session only; the error text comes back as a string.
+# Counter on a live record still bound to the user ARGV[3] ('' for none); nil
+# otherwise. Only the caller's own mistakes come back as a string (the value is not
+# an integer, or the sum overflows 64 bits): every other error reply (OOM,
+# READONLY, ...) is an outage and stays an error reply, so it becomes a 503.
 _INCR = _Script("""
-if redis.call('EXISTS', KEYS[1]) == 0 then
+if bound_user() ~= ARGV[3] then
   return false
 end
 local result = redis.pcall('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
 if type(result) == 'table' and result.err then
-  return result.err
+  local text = tostring(result.err)
+  if text == 'ERR hash value is not an integer'
+      or text == 'ERR increment or decrement would overflow'
+      or text == 'ERR value is not an integer or out of range' then
+    return text
+  end
+  return result
 end
 return result
 """)
 
-# The index lives as long as the longest session it can hold (0: no TTL).
+# Add ids ARGV[2..] to the index; it lives as long as the longest session it can
+# hold (ARGV[1]; 0: no TTL).
 _INDEX_ADD = _Script("""
-redis.call('SADD', KEYS[1], ARGV[1])
-local ttl = tonumber(ARGV[2])
+redis.call('SADD', KEYS[1], unpack(ARGV, 2))
+local ttl = tonumber(ARGV[1])
 if ttl == 0 then
   redis.call('PERSIST', KEYS[1])
 elseif redis.call('PTTL', KEYS[1]) < ttl then
@@ -126,12 +221,26 @@ end
 return 1
 """)
 
-# Revocation deletes a session only if it is still bound to that user.
+# Delete the session only if it is still a live record bound to ARGV[1] ('' for
+# none). 1: deleted; 0: no live record; 2: live but bound to someone else.
 _DELETE_IF_USER = _Script("""
-if redis.call('HGET', KEYS[1], 'm:user') == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+local user = bound_user()
+if user == false then
+  return 0
+elseif user == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
 end
-return 0
+return 2
+""")
+
+# One entry of user_sessions(): nil when there is no live record.
+_INFO = _Script("""
+local user = bound_user()
+if user == false then
+  return false
+end
+return {redis.call('HGET', KEYS[1], 'm:created'), user, redis.call('PTTL', KEYS[1])}
 """)
 
 # Take the whole index atomically, so a login racing a revoke stays indexed.
@@ -141,7 +250,7 @@ redis.call('DEL', KEYS[1])
 return members
 """)
 
-_SCRIPTS = (_LOAD, _SAVE, _INCR, _INDEX_ADD, _DELETE_IF_USER, _TAKE_INDEX)
+_SCRIPTS = (_LOAD, _SAVE, _INCR, _INDEX_ADD, _DELETE_IF_USER, _INFO, _TAKE_INDEX)
 
 
 def handle_of(session_id: str) -> str:
@@ -304,19 +413,40 @@ class SessionStore:
     async def _batch(self, *commands: Command) -> list[Any]:
         """Run ``commands`` in one round trip (on Cluster: one per node involved).
 
-        On NOSCRIPT (a restarted or flushed Redis) load the scripts and run the batch
-        again: every batch we build is safe to repeat.
+        On NOSCRIPT (a restarted or flushed Redis) load the scripts and send again
+        the commands refused with it, which did not run; the others ran once.
         """
         async with self.backend.call() as client:
             results = await self._send(client, commands)
-            if any(isinstance(result, NoScriptError) for result in results):
+            refused = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+            if refused:
                 for script in _SCRIPTS:
                     await client.script_load(script.text)
-                results = await self._send(client, commands)
+                again = await self._send(client, tuple(commands[i] for i in refused))
+                for i, result in zip(refused, again, strict=True):
+                    results[i] = result
             for result in results:
                 if isinstance(result, Exception):
-                    raise result  # inside call(): READONLY, WRONGTYPE... become a 503
+                    raise result  # inside call(): OOM, READONLY, BUSY... become a 503
         return results
+
+    async def _steps(self, *steps: list[Command]) -> list[list[Any]]:
+        """Run ``steps`` so that each takes effect before the next one starts.
+
+        A single server runs one connection's commands in order, so all the steps
+        go in one round trip. On Cluster the steps' keys live on different nodes,
+        which run what they get in any order: each step is its own round trip,
+        sent once the previous one has succeeded.
+        """
+        if not isinstance(self.backend.client, RedisCluster):
+            flat = [command for step in steps for command in step]
+            results = await self._batch(*flat) if flat else []
+            split: list[list[Any]] = []
+            for step in steps:
+                split.append(results[: len(step)])
+                results = results[len(step) :]
+            return split
+        return [await self._batch(*step) if step else [] for step in steps]
 
     async def _one(self, *command: Any) -> Any:
         (result,) = await self._batch(command)
@@ -395,60 +525,111 @@ class SessionStore:
         fields: dict[str, bytes],
         deleted: Iterable[str] = (),
         ttl_ms: int,
-        drop: Iterable[tuple[str, str | None]] = (),
+        user: str | None = None,
         bind: str | None = None,
         unbind: str | None = None,
+        drop: Iterable[tuple[str, str | None]] = (),
     ) -> int:
-        """Write a session in one round trip; returns SAVED, GONE or EMPTIED.
+        """Write a session; returns SAVED, GONE, EMPTIED or MOVED.
 
-        ``fields``/``deleted`` are raw hash fields. ``drop`` lists old sessions
-        (id, bound user) to delete first -- regenerate() and clear(). ``bind`` adds
-        the session to a user's index, ``unbind`` removes it from one.
+        ``fields``/``deleted`` are raw hash fields. An update (``create=False``)
+        writes only if the record is still live and bound to ``user``, the user
+        it was loaded with. ``bind`` adds the session to a user's index (before an
+        update commits, after a creation), ``unbind`` removes it from one once the
+        update committed. ``drop`` lists records (id, bound user) to delete along
+        with a creation: the ones ``clear()`` ended, whose data is not carried over
+        (for ``regenerate()`` see :meth:`replace`).
+
+        One round trip on a single server; a binding change may need a second one
+        (two or three on Cluster).
         """
         key = self.session_key(session_id)
-        drop = list(drop)
-        args: list[Any] = ["1" if create else "0", ttl_ms, len(fields)]
+        args: list[Any] = ["1" if create else "0", user or "", ttl_ms, len(fields)]
         for field, value in fields.items():
             args += [field, value]
         args += list(deleted)
+        save = _script(_SAVE, key, *args)
+        if create:
+            drop = list(drop)
+            (created, *_), _ = await self._steps(
+                [save, *self._kill_commands(drop)],
+                self._index_commands(bind, session_id) + self._unindex_commands(drop),
+            )
+            return int(created)
+        _, (result,) = await self._steps(self._index_commands(bind, session_id), [save])
+        result = int(result)
+        after: list[Command] = []
+        if result in (SAVED, EMPTIED) and unbind is not None:
+            after = self._unindex_commands([(session_id, unbind)])
+        elif result == GONE and bind is not None:
+            # Undo the index add: the session is dead. (MOVED: it lives, bound to
+            # someone; the entry is stale, not dead, and user_sessions skips it.)
+            after = self._unindex_commands([(session_id, bind)])
+        if after:
+            await self._batch(*after)
+        return result
 
-        # Old records go first: if the batch fails half-way, a regenerated
-        # session is lost (the user logs in again) rather than left usable.
-        commands = self._drop_commands(drop)
-        commands.append(_script(_SAVE, key, *args))
-        if unbind is not None:
-            commands.append(("SREM", self.user_key(unbind), session_id))
-        if bind is not None:
-            commands.append(_script(_INDEX_ADD, self.user_key(bind), session_id, self._index_ttl()))
-        results = await self._batch(*commands)
-        # Index of the script's reply: after one DEL (+ one SREM if bound) per old record.
-        return int(results[sum(1 if user is None else 2 for _, user in drop)])
+    async def replace(
+        self,
+        old: tuple[str, str | None],
+        session_id: str,
+        *,
+        fields: dict[str, bytes],
+        ttl_ms: int,
+        user: str | None,
+    ) -> bool:
+        """Store a new session that carries the data of ``old`` (id, bound user) and
+        delete ``old`` -- ``regenerate()``. False, and nothing stored, when ``old``
+        ended meanwhile (revoked, logged out, expired or rebound): the new session
+        must not outlive it. See the module docstring for why this order.
 
-    def _drop_commands(self, drop: Iterable[tuple[str, str | None]]) -> list[Command]:
-        commands: list[Command] = []
-        for old_id, old_user in drop:
-            commands.append(("DEL", self.session_key(old_id)))
-            if old_user is not None:
-                commands.append(("SREM", self.user_key(old_user), old_id))
-        return commands
+        Two round trips on a single server (three when ``old`` was gone), up to
+        four on Cluster.
+        """
+        old_id, old_user = old
+        create = _script(_SAVE, self.session_key(session_id), "1", "", ttl_ms, len(fields))
+        create += tuple(item for pair in fields.items() for item in pair)
+        await self._steps([create], self._index_commands(user, session_id))
+        kill = _script(_DELETE_IF_USER, self.session_key(old_id), old_user or "")
+        (killed,), _ = await self._steps([kill], self._unindex_commands([old]))
+        if int(killed) == 1:
+            return True
+        await self.delete([(session_id, user)])
+        return False
+
+    def _kill_commands(self, drop: Iterable[tuple[str, str | None]]) -> list[Command]:
+        return [("DEL", self.session_key(old_id)) for old_id, _ in drop]
+
+    def _unindex_commands(self, drop: Iterable[tuple[str, str | None]]) -> list[Command]:
+        return [("SREM", self.user_key(user), old_id) for old_id, user in drop if user is not None]
+
+    def _index_commands(self, user: str | None, *session_ids: str) -> list[Command]:
+        if user is None or not session_ids:
+            return []
+        return [_script(_INDEX_ADD, self.user_key(user), self._index_ttl(), *session_ids)]
 
     async def delete(self, drop: Iterable[tuple[str, str | None]]) -> None:
-        """Delete sessions (id, bound user) and their index entries; one round trip."""
-        commands = self._drop_commands(drop)
-        if commands:
-            await self._batch(*commands)
+        """Delete sessions (id, bound user), then their index entries: one round
+        trip on a single server, two on Cluster."""
+        drop = list(drop)
+        if drop:
+            await self._steps(self._kill_commands(drop), self._unindex_commands(drop))
 
     async def touch(self, session_id: str, ttl_ms: int) -> bool:
         """Refresh the idle TTL; False if the session no longer exists."""
         return bool(await self._one("PEXPIRE", self.session_key(session_id), ttl_ms))
 
-    async def incr(self, session_id: str, key: str, amount: int) -> int | None:
-        """Atomically add ``amount`` to ``session[key]``; ``None`` if the session is gone."""
-        result = await self._one(*_script(_INCR, self.session_key(session_id), DATA + key, amount))
+    async def incr(
+        self, session_id: str, key: str, amount: int, *, user: str | None = None
+    ) -> int | None:
+        """Atomically add ``amount`` to ``session[key]``; ``None`` if the session is
+        gone or no longer bound to ``user`` (the user it was loaded with)."""
+        command = _script(_INCR, self.session_key(session_id), DATA + key, amount, user or "")
+        result = await self._one(*command)
         if isinstance(result, bytes | str):
             raise TypeError(
-                f"session[{key!r}] does not hold an integer, so it cannot be incremented "
-                f"(Redis said: {_text(result)})"
+                f"session[{key!r}] does not hold an integer, or adding {amount!r} to it "
+                f"would pass the 64-bit limit (Redis said: {_text(result)})"
             )
         return None if result is None else int(result)
 
@@ -462,30 +643,40 @@ class SessionStore:
     async def user_sessions(self, user_id: str) -> list[SessionInfo]:
         """The live sessions bound to ``user_id``, oldest first.
 
-        Entries of sessions that expired or were rebound are pruned on the way.
+        Entries of sessions that no longer exist are pruned on the way. An entry of
+        a session bound to someone else (or to nobody) is skipped but kept: a
+        request may be binding it to ``user_id`` right now.
         """
+        _check_user(user_id)
         index = self.user_key(user_id)
         members = await self._one("SMEMBERS", index)
         ids = sorted(_text(member) for member in members)
         if not ids:
             return []
-        commands: list[Command] = []
-        for session_id in ids:
-            commands.append(("HMGET", self.session_key(session_id), CREATED, USER))
-            commands.append(("PTTL", self.session_key(session_id)))
-        results = await self._batch(*commands)
+        replies = await self._batch(
+            *(_script(_INFO, self.session_key(session_id)) for session_id in ids)
+        )
         now = self.clock()
         infos: list[SessionInfo] = []
-        stale: list[str] = []
-        for i, session_id in enumerate(ids):
-            (created, bound), pttl = results[2 * i], results[2 * i + 1]
-            if created is None or bound is None or _text(bound) != user_id or pttl == -2:
-                stale.append(session_id)
+        dead: list[str] = []
+        for session_id, reply in zip(ids, replies, strict=True):
+            if not reply:
+                dead.append(session_id)
                 continue
+            created, bound, pttl = reply
+            if _text(bound) != user_id:
+                continue
+            try:
+                created_ms = int(created)
+            except ValueError:  # not one of our records; load() ignores it too
+                dead.append(session_id)
+                continue
+            if self.ttl_ms(created_ms) <= 0:
+                continue  # past its absolute lifetime: gone any moment
             expires_at = now + pttl / 1000 if pttl >= 0 else float("inf")
-            infos.append(SessionInfo(handle_of(session_id), int(created) / 1000, expires_at))
-        if stale:
-            await self._one("SREM", index, *stale)
+            infos.append(SessionInfo(handle_of(session_id), created_ms / 1000, expires_at))
+        if dead:
+            await self._one("SREM", index, *dead)
         infos.sort(key=lambda info: info.created_at)
         return infos
 
@@ -493,29 +684,63 @@ class SessionStore:
         """Delete every session bound to ``user_id`` ("log out everywhere").
 
         Returns how many sessions were deleted. Sessions of other users are never
-        touched, even if the index is stale. Two round trips.
+        touched, even if the index is stale. Two round trips, more when a login or
+        rotation raced it (see the module docstring).
         """
+        _check_user(user_id)
         index = self.user_key(user_id)
-        members = await self._one(*_script(_TAKE_INDEX, index))
-        return await self._delete_bound(user_id, [_text(member) for member in members])
+        deleted = 0
+        keep: list[str] = []
+        for _ in range(REVOKE_PASSES):
+            take = [_script(_TAKE_INDEX, index)]
+            # Entries kept from the last pass go back after this take: the same key,
+            # so the same node and in order, even on Cluster.
+            members, *_ = await self._batch(*take, *self._index_commands(user_id, *keep))
+            keep = []
+            ids = [_text(member) for member in members]
+            if not ids:
+                break
+            replies = await self._batch(
+                *(
+                    _script(_DELETE_IF_USER, self.session_key(session_id), user_id)
+                    for session_id in ids
+                )
+            )
+            gone = False
+            for session_id, reply in zip(ids, replies, strict=True):
+                if reply == 1:
+                    deleted += 1
+                elif reply == 2:
+                    keep.append(session_id)  # maybe being bound to user_id right now
+                else:
+                    gone = True  # maybe replaced by a login, whose new id is indexed now
+            if not gone:
+                break
+        else:
+            logger.warning(
+                "revoke_user stopped after %d passes: logins kept racing it", REVOKE_PASSES
+            )
+        if keep:
+            await self._batch(*self._index_commands(user_id, *keep))
+        return deleted
 
     async def revoke_session(self, user_id: str, handle: str) -> bool:
         """Delete the one session of ``user_id`` whose handle is ``handle``."""
+        _check_user(user_id)
         index = self.user_key(user_id)
         members = await self._one("SMEMBERS", index)
         for session_id in (_text(member) for member in members):
             if handle_of(session_id) == handle:
-                deleted = await self._delete_bound(user_id, [session_id])
-                await self._one("SREM", index, session_id)
-                return deleted == 1
+                reply = await self._one(
+                    *_script(_DELETE_IF_USER, self.session_key(session_id), user_id)
+                )
+                if reply != 2:  # a session bound elsewhere may be being bound to user_id
+                    await self._one("SREM", index, session_id)
+                return bool(reply == 1)
         return False
 
-    async def _delete_bound(self, user_id: str, ids: list[str]) -> int:
-        if not ids:
-            return 0
 
-        # One command per session: their keys live in different cluster slots.
-        commands = [
-            _script(_DELETE_IF_USER, self.session_key(session_id), user_id) for session_id in ids
-        ]
-        return sum(int(deleted) for deleted in await self._batch(*commands))
+def _check_user(user_id: object) -> None:
+    # '' would match the sessions bound to nobody in the scripts.
+    if not isinstance(user_id, str) or not user_id:
+        raise TypeError(f"user_id must be a non-empty string, got {user_id!r}")
