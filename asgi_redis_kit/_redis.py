@@ -8,10 +8,11 @@
 * a ready ``redis.asyncio.Redis`` or ``redis.asyncio.RedisCluster``.
 
 A client made from a URL belongs to us: it gets a short connect timeout,
-keepalive, health checks, a bounded blocking pool and one quick retry, and we
-close it on ASGI lifespan shutdown or ``aclose()``. It has no socket timeout: it
-is meant for calls through :meth:`Backend.call`, whose deadline bounds each one
-(commands, health checks and connection handshakes alike). A client passed in stays the caller's:
+keepalive, health checks, a bounded blocking pool and no retry (a command is
+never sent twice, see ``_url_client``), and we close it on ASGI lifespan
+shutdown or ``aclose()``. It has no socket timeout: it is meant for calls
+through :meth:`Backend.call`, whose deadline bounds each one (commands, health
+checks and connection handshakes alike). A client passed in stays the caller's:
 we never change its settings and never close it, but every call we make through
 :meth:`Backend.call` is still bounded by our own deadline.
 
@@ -58,7 +59,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import SentinelConnectionPool
-from redis.backoff import ExponentialBackoff
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -113,7 +114,13 @@ def _url_client(url: str, timeout: float, max_connections: int) -> Redis:
         socket_timeout=None,
         socket_keepalive=True,
         health_check_interval=15,
-        retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
+        # Never send a command twice. redis-py resends one whose connection broke,
+        # and when that happens after Redis ran it (the reply was lost), the resend
+        # runs it again: one incr counted twice. A broken call is the caller's
+        # "unknown" (a 503, or the cache failing open) instead. Dead pooled
+        # connections are still replaced before use: the pool checks each one
+        # it hands out (ensure_connection) and reconnects one that was closed.
+        retry=Retry(NoBackoff(), retries=0),
     )
     return Redis.from_pool(pool)
 
