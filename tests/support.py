@@ -16,6 +16,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
+from redis.exceptions import OutOfMemoryError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 
@@ -374,3 +375,49 @@ class DelayProxy:
             await asyncio.gather(feeder, return_exceptions=True)
             left = [line.get_nowait() for _ in range(line.qsize())]
             self.discarded += holding + sum(1 for item in left if item is not None)
+
+
+async def fill_until_oom(client: Redis) -> None:
+    """Fill a throwaway server (``noeviction``) until writes fail with OOM."""
+    await client.config_set("maxmemory-policy", "noeviction")
+    used = int((await client.info("memory"))["used_memory"])
+    await client.config_set("maxmemory", used + 2_000_000)
+    # Big values first, then small ones: Redis counts the command being received,
+    # so a big SET can be refused while a small write still fits.
+    for size in (65536, 1024, 16):
+        for i in range(2000):
+            try:
+                await client.set(f"filler:{size}:{i}", b"x" * size)
+            except OutOfMemoryError:
+                break
+    for probe in (client.set("probe", "1"), client.hset("probe:h", "a", "1")):
+        try:
+            await probe
+        except OutOfMemoryError:
+            continue
+        raise AssertionError("the server still accepts writes")
+
+
+def http_scope(
+    path: str = "/page",
+    *,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    query: bytes = b"",
+    server: tuple[str, int] = ("testserver", 80),
+) -> dict[str, Any]:
+    """A raw ASGI HTTP GET scope, for requests an HTTP client would not send or
+    apps driven message by message."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": query,
+        "headers": [(b"host", b"testserver")] if headers is None else headers,
+        "server": server,
+        "client": ("127.0.0.1", 1234),
+    }

@@ -32,7 +32,7 @@ from tests.cache.conftest import (
     fastapi_app,
     starlette_app,
 )
-from tests.support import RedisSpy, counting_client
+from tests.support import RedisSpy, counting_client, http_scope
 
 
 async def test_miss_then_hit_serves_the_same_whole_response(harness: Harness) -> None:
@@ -132,20 +132,7 @@ async def test_a_hit_starts_no_task(harness: Harness) -> None:
     async def send(message: Message) -> None:
         sent.append(message)
 
-    scope: Scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/page",
-        "raw_path": b"/page",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"testserver")],
-        "client": ("127.0.0.1", 1),
-        "server": ("testserver", 80),
-    }
+    scope = http_scope()
     loop.set_task_factory(counting)
     try:
         await harness.app(scope, receive, send)

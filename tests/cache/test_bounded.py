@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -20,6 +19,7 @@ from starlette.types import Message
 from asgi_redis_kit import Cache, CacheMiddleware, cached
 from asgi_redis_kit.cache._entry import decode
 from tests.cache.conftest import client_for
+from tests.support import http_scope
 
 pytestmark = pytest.mark.real_redis
 
@@ -124,20 +124,7 @@ async def test_streaming_passes_through_unbuffered(real_redis: Redis, key_prefix
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 
-    scope: dict[str, Any] = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/stream",
-        "raw_path": b"/stream",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"testserver")],
-        "server": ("testserver", 80),
-        "client": ("127.0.0.1", 1234),
-    }
+    scope = http_scope("/stream")
     task = asyncio.create_task(app(scope, receive, send))
     # The first chunk reaches the client while the app still holds the second.
     async with asyncio.timeout(10):

@@ -12,12 +12,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import OutOfMemoryError
 
 from asgi_redis_kit import Cache
 from asgi_redis_kit.errors import BackendUnavailable
 from tests.cache.conftest import Calls, Clock, build, client_for
-from tests.support import RedisProcess
+from tests.support import RedisProcess, fill_until_oom
 
 pytestmark = pytest.mark.real_redis
 
@@ -29,22 +28,6 @@ async def peek(own_redis: RedisProcess) -> AsyncIterator[Redis]:
         yield client
     finally:
         await client.aclose()
-
-
-async def fill_until_oom(peek: Redis) -> None:
-    await peek.config_set("maxmemory-policy", "noeviction")
-    used = int((await peek.info("memory"))["used_memory"])
-    await peek.config_set("maxmemory", used + 2_000_000)
-    # Big values first, then small ones: Redis counts the command being received,
-    # so a big SET can be refused while a small write still fits.
-    for size in (65536, 1024, 16):
-        for i in range(2000):
-            try:
-                await peek.set(f"filler:{size}:{i}", b"x" * size)
-            except OutOfMemoryError:
-                break
-    with pytest.raises(OutOfMemoryError):
-        await peek.set("probe", "1")
 
 
 async def test_a_full_redis_fails_open_on_every_cache_path(

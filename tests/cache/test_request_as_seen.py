@@ -12,8 +12,6 @@ The requests are raw ASGI calls, because HTTP clients refuse to send such bytes
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from redis.asyncio import Redis
 from starlette.applications import Starlette
@@ -24,6 +22,7 @@ from starlette.routing import Route
 from starlette.types import Message
 
 from asgi_redis_kit import Cache, CacheMiddleware, cached
+from tests.support import http_scope
 
 BIND = ("10.0.0.5", 8000)
 
@@ -43,20 +42,7 @@ def _app(cache: Cache, runs: list[str]) -> Starlette:
 async def _get(
     app: Starlette, headers: list[tuple[bytes, bytes]], query: bytes = b""
 ) -> tuple[dict[bytes, bytes], str]:
-    scope: dict[str, Any] = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/page",
-        "raw_path": b"/page",
-        "root_path": "",
-        "query_string": query,
-        "headers": headers,
-        "server": BIND,
-        "client": ("127.0.0.1", 50000),
-    }
+    scope = http_scope(headers=headers, query=query, server=BIND)
     sent: list[Message] = []
 
     async def receive() -> Message:

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import httpx
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import OutOfMemoryError, ResponseError
+from redis.exceptions import ResponseError
 
 from asgi_redis_kit import SessionStore
 from asgi_redis_kit.errors import BackendUnavailable
-from tests.support import RedisProcess
+from tests.support import RedisProcess, fill_until_oom
 
 from .conftest import build_app, client_for, session_id_of
 
@@ -104,22 +104,6 @@ async def server(own_redis: RedisProcess) -> AsyncIterator[tuple[Redis, Redis]]:
     finally:
         await redis.aclose()
         await peek.aclose()
-
-
-async def fill_until_oom(peek: Redis) -> None:
-    await peek.config_set("maxmemory-policy", "noeviction")
-    used = int((await peek.info("memory"))["used_memory"])
-    await peek.config_set("maxmemory", used + 2_000_000)
-    # Big values first, then small ones: Redis counts the command being received,
-    # so a big SET can be refused while a small write still fits.
-    for size in (65536, 1024, 16):
-        for i in range(2000):
-            try:
-                await peek.set(f"filler:{size}:{i}", b"x" * size)
-            except OutOfMemoryError:
-                break
-    with pytest.raises(OutOfMemoryError):
-        await peek.hset("probe", "a", "1")
 
 
 async def test_a_full_redis_is_a_503_for_every_write_and_never_a_500(
