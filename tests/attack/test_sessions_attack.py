@@ -14,7 +14,7 @@ import math
 import secrets
 import struct
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -118,7 +118,11 @@ def attack_app(
         return PlainTextResponse("ok")
 
     async def logout(request: Request) -> Response:
-        request.session.clear()
+        session = Session.of(request)
+        gate = gates.get(request.query_params.get("gate", ""))
+        if gate is not None:
+            await gate.wait()
+        session.clear()
         return PlainTextResponse("ok")
 
     options: dict[str, Any] = {"store": store} if store else {"redis": redis}
@@ -149,7 +153,7 @@ def browser(app: Any, cookie: str | None = None) -> httpx.AsyncClient:
 
 @pytest.fixture
 async def holding(redis_url: str, key_prefix: str) -> AsyncIterator[Holding]:
-    client = Holding.from_url(redis_url)
+    client = cast("Holding", Holding.from_url(redis_url))
     try:
         yield client
     finally:
@@ -292,7 +296,8 @@ async def test_two_logins_of_one_session_as_two_users_leave_one_clean_winner(
             second = await b.post("/login/bob")
             gates["held"].opened.set()
             lost = await asyncio.wait_for(first, 10)
-            assert cookie_of(second) and not cookie_of(lost)
+            assert cookie_of(second)
+            assert not cookie_of(lost)
         assert await store.user_sessions("alice") == []
         assert len(await store.user_sessions("bob")) == 1
     assert await dead_index_entries(real_redis, key_prefix) == []
@@ -405,16 +410,16 @@ def test_a_nan_keeps_its_payload_bits() -> None:
         b"",
         b"\x01",
         b"\x01[]",
-        b"\x01[\"d\", [1], 2]",
-        b"\x01[\"d\", {}, 2]",
-        b"\x01[\"i\", \"zz\"]",
-        b"\x01[\"s\", \"ff\"]",
-        b"\x01[\"s\", \"d800\"]",
-        b"\x01[\"f\", \"NaN\"]",
-        b"\x01" + b"[\"l\"," * 300 + b"1" + b"]" * 300,
+        b'\x01["d", [1], 2]',
+        b'\x01["d", {}, 2]',
+        b'\x01["i", "zz"]',
+        b'\x01["s", "ff"]',
+        b'\x01["s", "d800"]',
+        b'\x01["f", "NaN"]',
+        b"\x01" + b'["l",' * 300 + b"1" + b"]" * 300,
         b"[" * 2000 + b"]" * 2000,
         b"\xff\xfe",
-        b"\x01{\"a\": [\"q\", 1]}",
+        b'\x01{"a": ["q", 1]}',
     ],
 )
 async def test_crafted_field_bytes_are_an_empty_session_not_a_500(
@@ -499,7 +504,9 @@ async def test_a_stale_cookie_sent_first_does_not_hide_the_live_one(
         live = tab.cookies["session"]
     stale = CookieSigner(SECRET).sign(secrets.token_urlsafe(32))
     async with browser(app) as other:
-        response = await other.get("/whoami", headers={"cookie": f"session={stale}; session={live}"})
+        response = await other.get(
+            "/whoami", headers={"cookie": f"session={stale}; session={live}"}
+        )
         assert response.json() == {"user": "alice"}
 
 
@@ -507,7 +514,7 @@ async def test_a_stale_cookie_sent_first_does_not_hide_the_live_one(
     "header",
     [
         "session=" + "A" * 5000,
-        "session=\"\"",
+        'session=""',
         "session",
         "session=; session=;",
         "session==.=.",
@@ -529,3 +536,142 @@ async def test_hostile_cookie_variants_never_500(
         response = await other.get("/read", headers={"cookie": header.format(live=live)})
         assert response.status_code == 200
         assert response.json() in ({}, {"a": 1})
+
+
+async def test_a_logout_racing_a_rebind_leaves_no_dead_index_entry(
+    real_redis: Redis, key_prefix: str
+) -> None:
+    """FAILS on main (leak). A logout that loaded the session as alice deletes it
+    after another request rebound it to bob: the logout un-indexes alice (the user
+    it loaded), so bob's index keeps a dead id. The same holds for the save that
+    finds the absolute lifetime over (store.delete with the loaded user)."""
+    gates = {"logout": Gate()}
+    store = SessionStore(real_redis, key_prefix=key_prefix, absolute_lifetime=None)
+    app = attack_app(real_redis, key_prefix, gates, store=store)
+    async with browser(app) as tab:
+        await tab.post("/login/alice")
+        logout = asyncio.ensure_future(tab.post("/logout?gate=logout"))
+        await asyncio.wait_for(gates["logout"].reached.wait(), 10)
+        assert (await tab.post("/bind/bob")).status_code == 200
+        gates["logout"].opened.set()
+        assert cookie_of(await asyncio.wait_for(logout, 10)) == ""
+        assert (await tab.get("/whoami")).json() == {"user": None}
+    assert await dead_index_entries(real_redis, key_prefix) == []
+
+
+async def test_a_slow_request_does_not_resign_a_cookie_whose_session_was_rotated(
+    real_redis: Redis, key_prefix: str
+) -> None:
+    """FAILS on main (logs the user out). During a secret-key rotation every request
+    with an old-key cookie gets that cookie re-signed. A slow read-only request that
+    loaded the session before another tab logged in (regenerate: new id, old one
+    deleted) still re-signs the *old* id at the end, without checking it still
+    exists: its Set-Cookie overwrites the new login cookie with a dead one -- the
+    very thing "no Set-Cookie for a session that ended" exists to prevent."""
+    old_app = attack_app(real_redis, key_prefix)  # signs with SECRET only
+    gates = {"held": Gate()}
+    rotating = Starlette(
+        routes=attack_app(real_redis, key_prefix, gates).routes,
+        middleware=[
+            Middleware(
+                SessionMiddleware,
+                secret_key=[SECRET, "the-new-key"],
+                redis=real_redis,
+                key_prefix=key_prefix,
+            )
+        ],
+    )
+    async with browser(old_app) as tab:
+        await tab.post("/set", json={"cart": [1]})
+        old_cookie = tab.cookies["session"]
+    async with browser(rotating, old_cookie) as slow_tab, browser(rotating, old_cookie) as tab:
+        slow = asyncio.ensure_future(slow_tab.post("/held/read-only"))
+        await asyncio.wait_for(gates["held"].reached.wait(), 10)
+        login = await tab.post("/login/alice")
+        assert cookie_of(login)
+        gates["held"].opened.set()
+        response = await asyncio.wait_for(slow, 10)
+        assert response.status_code == 200
+        assert not cookie_of(response), "re-signed the id of a session that no longer exists"
+
+
+async def test_user_sessions_on_a_read_only_replica_still_lists(
+    own_redis: Any, key_prefix: str
+) -> None:
+    """FAILS on main (availability of a read). user_sessions prunes dead entries
+    with an SREM in the same call; on a read-only replica (or during a failover)
+    that write is refused and the whole listing raises BackendUnavailable, though
+    every read it needs succeeded. Pruning is housekeeping: it should not fail the
+    listing."""
+    from tests.support import RedisProcess
+
+    primary = RedisProcess().start()
+    source: Redis = Redis.from_url(primary.url)
+    replica: Redis = Redis.from_url(own_redis.url)
+    try:
+        app = attack_app(source, key_prefix)
+        async with browser(app) as tab:
+            await tab.post("/login/alice")
+        async with browser(app) as tab:
+            await tab.post("/login/alice")
+            await tab.post("/logout")
+        store_on_primary = SessionStore(source, key_prefix=key_prefix)
+        await source.sadd(store_on_primary.user_key("alice"), "x" * 43)  # a dead entry
+        await source.config_set("repl-diskless-sync-delay", 0)  # sync at once
+        await replica.replicaof("127.0.0.1", primary.port)
+        for _ in range(200):
+            if await replica.exists(store_on_primary.user_key("alice")):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the replica never synced")
+        store = SessionStore(replica, key_prefix=key_prefix)
+        assert len(await store.user_sessions("alice")) == 1
+    finally:
+        await replica.replicaof("NO", "ONE")
+        await replica.aclose()
+        await source.aclose()
+        primary.close()
+
+
+def test_one_url_store_serves_threads_each_with_its_own_loop(
+    redis_url: str, key_prefix: str
+) -> None:
+    """Passes: four threads, each running its own loop at the same time, share one
+    SessionStore made from a URL; no cross-loop error, and nothing left unclosed."""
+    import gc
+    import threading
+
+    stores = [SessionStore(redis_url, key_prefix=key_prefix)]
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        store = stores[0]
+
+        async def run() -> None:
+            for i in range(20):
+                assert await store.user_sessions(f"u{n}-{i}") == []
+                assert await store.revoke_user(f"u{n}-{i}") == 0
+
+        try:
+            asyncio.run(run())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    stores.clear()  # the Backend is collected: its clients of finished loops close
+    gc.collect()
+
+
+@pytest.mark.parametrize("seconds", [float("inf"), 1e17])
+def test_an_idle_timeout_redis_cannot_set_is_refused_at_startup(seconds: float) -> None:
+    """FAILS on main (cosmetic / outage by config). idle_timeout=inf is an
+    OverflowError from int(); 1e17 s is accepted, and then every save is an error
+    reply from PEXPIRE ("invalid expire time"): a 503 on every request."""
+    with pytest.raises(ValueError, match="idle_timeout"):
+        SessionStore("redis://127.0.0.1:1/0", idle_timeout=seconds)
