@@ -675,3 +675,99 @@ def test_an_idle_timeout_redis_cannot_set_is_refused_at_startup(seconds: float) 
     reply from PEXPIRE ("invalid expire time"): a 503 on every request."""
     with pytest.raises(ValueError, match="idle_timeout"):
         SessionStore("redis://127.0.0.1:1/0", idle_timeout=seconds)
+
+
+class Rotating(Redis):
+    """A real client that, before each delete revoke_user sends (every second
+    EVALSHA sent on its own: take, delete, take, delete...), lets ``before`` run."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.before: Any = None
+        self.evalshas = 0
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        if self.before is not None and str(args[0]).upper() == "EVALSHA":
+            self.evalshas += 1
+            if self.evalshas % 2 == 0:
+                await self.before()
+        return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+
+async def test_revoke_user_does_not_report_success_while_a_session_escaped(
+    redis_url: str, real_redis: Redis, key_prefix: str
+) -> None:
+    """FAILS on main (security). A stolen cookie whose holder rotates the id (any
+    endpoint calling regenerate()) each time revoke_user is between its take of the
+    index and its delete makes every pass find the old id gone; after
+    REVOKE_PASSES revoke_user gives up with only a log line and returns 0, and the
+    session lives on bound to alice. The caller is told nothing."""
+    rotating = cast("Rotating", Rotating.from_url(redis_url))
+    try:
+        app = attack_app(real_redis, key_prefix)
+        async with browser(app) as thief:
+            await thief.post("/login/alice")
+
+            async def rotate() -> None:
+                assert cookie_of(await thief.post("/rotate"))
+
+            rotating.before = rotate
+            store = SessionStore(rotating, key_prefix=key_prefix)
+            try:
+                revoked = await store.revoke_user("alice")
+            except Exception:
+                revoked = -1  # an error saying the revoke is incomplete is fine too
+            rotating.before = None
+            alive = (await thief.get("/whoami")).json()
+            assert revoked == -1 or alive == {"user": None}, (revoked, alive)
+    finally:
+        await rotating.aclose()
+
+
+async def test_a_shorter_idle_timeout_applies_to_existing_sessions(
+    real_redis: Redis, key_prefix: str
+) -> None:
+    """FAILS on main (security, low). After an incident the idle timeout is cut from
+    1000 s to 10 s. A session stored under the old setting keeps its ~1000 s TTL
+    through every later read: the refresh only ever lengthens a TTL (touch_due),
+    and the load does not clamp one that is longer than the setting allows."""
+    before = SessionStore(real_redis, key_prefix=key_prefix, idle_timeout=1000)
+    async with browser(attack_app(real_redis, key_prefix, store=before)) as tab:
+        await tab.post("/login/alice")
+        cookie = tab.cookies["session"]
+    after = SessionStore(real_redis, key_prefix=key_prefix, idle_timeout=10)
+    async with browser(attack_app(real_redis, key_prefix, store=after), cookie) as tab:
+        assert (await tab.get("/whoami")).json() == {"user": "alice"}
+    pttl = await real_redis.pttl(f"{key_prefix}{session_id_of(cookie)}")
+    assert 0 < pttl <= 10_000, f"the session still idles out in {pttl / 1000:.0f} s"
+
+
+async def test_incr_of_a_key_that_is_not_utf8_is_the_same_type_error_everywhere(
+    real_redis: Redis, key_prefix: str
+) -> None:
+    """FAILS on main (cosmetic). session["\\ud800"] = 1 and incr("\\ud800") on a
+    new session raise the codec's TypeError; incr on a stored session raises
+    redis-py's UnicodeEncodeError instead."""
+
+    async def bump(request: Request) -> Response:
+        session = Session.of(request)
+        session["a"] = 1
+        if request.query_params.get("odd"):
+            try:
+                await session.incr("\ud800")
+            except TypeError:
+                return PlainTextResponse("refused", status_code=400)
+        return PlainTextResponse("ok")
+
+    app = Starlette(
+        routes=[Route("/", bump, methods=["POST"])],
+        middleware=[
+            Middleware(
+                SessionMiddleware, secret_key=SECRET, redis=real_redis, key_prefix=key_prefix
+            )
+        ],
+    )
+    async with browser(app) as tab:
+        assert (await tab.post("/?odd=1")).status_code == 400  # new session: local
+        assert (await tab.post("/")).status_code == 200
+        assert (await tab.post("/?odd=1")).status_code == 400  # stored: Redis
