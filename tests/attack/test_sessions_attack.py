@@ -674,8 +674,8 @@ def test_a_timeout_redis_cannot_set_is_refused_at_startup(option: str, seconds: 
     """FAILS on main (outage by config). inf is an OverflowError from int(); 1e17 s
     is accepted, and then PEXPIRE answers "invalid expire time": with idle_timeout
     every save is a 503, with absolute_lifetime every login (the index TTL)."""
+    options: dict[str, Any] = {option: seconds}
     with pytest.raises(ValueError, match=option):
-        options: dict[str, Any] = {option: seconds}
         SessionStore("redis://127.0.0.1:1/0", **options)
 
 
