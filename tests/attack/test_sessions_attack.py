@@ -19,6 +19,7 @@ from typing import Any, cast
 import httpx
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -29,6 +30,8 @@ from asgi_redis_kit import Session, SessionMiddleware, SessionStore
 from asgi_redis_kit.sessions._codec import decode, encode
 from asgi_redis_kit.sessions._cookie import CookieSigner
 from asgi_redis_kit.sessions._store import handle_of
+from tests.scaleout.conftest import cluster  # noqa: F401 - the shared Cluster fixture
+from tests.scaleout.servers import HOST, ClusterDeployment
 from tests.sessions.conftest import SECRET, Gate, cookie_of, session_id_of
 
 pytestmark = pytest.mark.real_redis
@@ -773,3 +776,72 @@ async def test_incr_of_a_key_that_is_not_utf8_is_the_same_type_error_everywhere(
         assert (await tab.post("/?odd=1")).status_code == 400  # new session: local
         assert (await tab.post("/")).status_code == 200
         assert (await tab.post("/?odd=1")).status_code == 400  # stored: Redis
+
+
+# -- Redis Cluster: the sibling of the rebind race in regenerate() -------------------
+
+
+class HoldingCluster(RedisCluster):
+    """:class:`Holding` for a Cluster client."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.armed = False
+        self.seen = 0
+        self.reached = asyncio.Event()
+        self.opened = asyncio.Event()
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        if self.armed and str(args[0]).upper() == "SREM":
+            self.seen += 1
+            if self.seen == 1:
+                self.reached.set()
+                await self.opened.wait()
+        return await super().execute_command(*args, **options)
+
+
+@pytest.fixture
+async def holding_cluster(
+    cluster: ClusterDeployment,  # noqa: F811 - the fixture imported above
+) -> AsyncIterator[HoldingCluster]:
+    cluster.flushall()
+    client = HoldingCluster(
+        startup_nodes=[ClusterNode(HOST, port) for port in cluster.ports], socket_timeout=2
+    )
+    await client.initialize()
+    try:
+        yield client
+    finally:
+        client.opened.set()
+        await client.aclose()
+        cluster.flushall()
+
+
+async def test_cluster_a_login_that_lost_to_a_rebind_does_not_unindex_the_session(
+    holding_cluster: HoldingCluster, key_prefix: str
+) -> None:
+    """FAILS on main (security, Cluster). A login (regenerate) loaded the session as
+    alice; meanwhile it was rebound to bob. Its step (b) finds it bound to bob
+    (DELETE_IF_USER answers 2) but still sends "SREM alice's index" -- a round trip
+    of its own on Cluster. If, before that SREM lands, another request rebinds the
+    session back to alice, the SREM removes the entry that rebind relied on, and
+    revoke_user("alice") no longer finds a live session bound to her."""
+    client = holding_cluster
+    gates = {"held": Gate()}
+    app = attack_app(client, key_prefix, gates)
+    store = SessionStore(client, key_prefix=key_prefix)
+    async with browser(app) as tab:
+        await tab.post("/login/alice")
+        cookie = tab.cookies["session"]
+        async with browser(app, cookie) as slow:
+            login = asyncio.ensure_future(slow.post("/held/login"))
+            await asyncio.wait_for(gates["held"].reached.wait(), 10)
+            assert (await tab.post("/bind/bob")).status_code == 200
+            client.armed = True  # the login's SREM of alice's index, after its (b)
+            gates["held"].opened.set()
+            await asyncio.wait_for(client.reached.wait(), 10)
+            assert (await tab.post("/bind/alice")).status_code == 200
+            client.opened.set()
+            assert not cookie_of(await asyncio.wait_for(login, 10))  # the login lost
+        assert (await tab.get("/whoami")).json() == {"user": "alice"}
+        assert await store.revoke_user("alice") == 1, "alice's live session escaped revoke"
