@@ -845,3 +845,104 @@ async def test_cluster_a_login_that_lost_to_a_rebind_does_not_unindex_the_sessio
             assert not cookie_of(await asyncio.wait_for(login, 10))  # the login lost
         assert (await tab.get("/whoami")).json() == {"user": "alice"}
         assert await store.revoke_user("alice") == 1, "alice's live session escaped revoke"
+
+
+async def test_a_longer_absolute_lifetime_does_not_let_sessions_outlive_their_index(
+    real_redis: Redis, key_prefix: str
+) -> None:
+    """FAILS on main (security). The index gets its TTL (the absolute lifetime) only
+    when an id is added. Raise absolute_lifetime (30 -> 90 days, say) and a session
+    created before keeps being refreshed up to the new limit, while its user's index
+    still expires at the old one: from then on revoke_user finds nothing and the
+    session, bound to its user, lives on. (The same happens when an admin
+    SessionStore with another absolute_lifetime puts entries back in revoke_user.)"""
+    before = SessionStore(real_redis, key_prefix=key_prefix, absolute_lifetime=1000)
+    async with browser(attack_app(real_redis, key_prefix, store=before)) as tab:
+        await tab.post("/login/alice")
+        cookie = tab.cookies["session"]
+    after = SessionStore(
+        real_redis, key_prefix=key_prefix, idle_timeout=100_000, absolute_lifetime=100_000
+    )
+    async with browser(attack_app(real_redis, key_prefix, store=after), cookie) as tab:
+        assert (await tab.get("/whoami")).json() == {"user": "alice"}  # refreshed
+    session_ttl = await real_redis.pttl(f"{key_prefix}{session_id_of(cookie)}")
+    index_ttl = await real_redis.pttl(after.user_key("alice"))
+    assert session_ttl > 1_000_000  # the refresh applied the new lifetime
+    assert index_ttl < 0 or index_ttl >= session_ttl, "the index expires before the session"
+
+
+async def test_clear_then_bind_in_a_request_whose_session_was_revoked_binds_nothing(
+    real_redis: Redis, key_prefix: str
+) -> None:
+    """FAILS on main (security, medium). regenerate() + bind_user() in a request
+    whose session was revoked meanwhile is dropped (replace() checks the old record),
+    but clear() + bind_user() -- the other common login/re-auth shape, e.g.
+    ``uid = s.user_id; s.clear(); s.bind_user(uid)`` -- creates a new session bound
+    to the revoked user without checking: the revoke is undone by a request that
+    was authorised by the revoked session."""
+    gates = {"held": Gate()}
+
+    async def reauth(request: Request) -> Response:
+        session = Session.of(request)
+        user = session.user_id
+        await gates["held"].wait()
+        session.clear()
+        if user is not None:
+            session.bind_user(user)
+        return PlainTextResponse("ok")
+
+    base = attack_app(real_redis, key_prefix)
+    app = Starlette(
+        routes=[*base.routes, Route("/reauth", reauth, methods=["POST"])],
+        middleware=[
+            Middleware(
+                SessionMiddleware, secret_key=SECRET, redis=real_redis, key_prefix=key_prefix
+            )
+        ],
+    )
+    store = SessionStore(real_redis, key_prefix=key_prefix)
+    async with browser(app) as tab:
+        await tab.post("/login/alice")
+        held = asyncio.ensure_future(tab.post("/reauth"))
+        await asyncio.wait_for(gates["held"].reached.wait(), 10)
+        assert await store.revoke_user("alice") == 1
+        gates["held"].opened.set()
+        response = await asyncio.wait_for(held, 10)
+        assert response.status_code == 200
+        assert (await tab.get("/whoami")).json() == {"user": None}
+        assert await store.user_sessions("alice") == []
+
+
+async def test_an_unchanged_session_of_odd_values_is_never_rewritten(
+    real_redis: Redis, key_prefix: str, spy: Any
+) -> None:
+    """Passes: values in both stored forms, read back three times, cost the loads
+    only (no save: encoding is deterministic, dict order and float bits kept)."""
+
+    async def fill(request: Request) -> Response:
+        session = Session.of(request)
+        session["tuple"] = (1, (2.5, None), [True])
+        session["big"] = -(2**200)
+        session["floats"] = [-0.0, float("nan"), float("-inf"), 1e308, 5e-324]
+        session["keys"] = {7: "a", 2.5: "b", None: "c", True: "d", "z": {"y": 1, "x": 2}}
+        session["text"] = "surrogate \udcff and ☃"
+        session["order"] = {"b": 1, "a": 2}
+        await session.incr("n", 2**62)
+        return PlainTextResponse("ok")
+
+    base = attack_app(real_redis, key_prefix)
+    app = Starlette(
+        routes=[*base.routes, Route("/fill", fill, methods=["POST"])],
+        middleware=[
+            Middleware(
+                SessionMiddleware, secret_key=SECRET, redis=real_redis, key_prefix=key_prefix
+            )
+        ],
+    )
+    async with browser(app) as tab:
+        assert (await tab.post("/fill")).status_code == 200
+        spy.reset()
+        for _ in range(3):
+            assert (await tab.get("/whoami")).status_code == 200
+        assert dict(spy.commands) == {"EVALSHA": 3}
+        assert spy.round_trips == 3
