@@ -4,10 +4,11 @@ Invalidation uses version counters, checked on read, not sets of entry keys:
 
 * every entry records the versions it was stored under: the namespace
   generation, its URL's version and one version per tag;
-* a lookup reads the entry and the current versions in one round trip (a
-  script on a single server, which also takes the stampede lease when the
-  entry is absent; one pipelined GET per key on Redis Cluster, which stays
-  correct while slots migrate), and an entry whose versions differ is a miss;
+* a lookup reads the entry, its URL's vary record (``_keys``) and the current
+  versions in one round trip (a script on a single server, which also takes
+  the stampede lease when the entry is absent; one pipelined GET per key on
+  Redis Cluster, which stays correct while slots migrate), and an entry whose
+  versions differ is a miss;
 * ``clear()``, ``invalidate(url)`` and ``invalidate_tags()`` are one INCR per
   name - O(1), no KEYS/SCAN, no set that grows with cache-busting URLs.
 
@@ -45,7 +46,7 @@ from .._redis import Backend, RedisClient, RedisLike
 from ..errors import BackendUnavailable
 from ._breaker import CircuitBreaker
 from ._entry import Entry, decode
-from ._keys import CacheKey, KeyScheme, request_host
+from ._keys import CacheKey, KeyScheme, record_names, request_host
 from ._lock import (
     ACQUIRE,
     LOOKUP,
@@ -105,19 +106,25 @@ class CacheStats:
 
 @dataclass(frozen=True, slots=True)
 class Lookup:
-    """What one lookup round trip found: the entry if it is still valid for the
-    current namespace/URL/tag versions, and those versions (stored with a new entry).
+    """What one lookup found: the entry if it is still valid for the current
+    namespace/URL/tag versions, and those versions (stored with a new entry).
+
+    ``key`` is the key it looked up: the request's variant as the URL's vary
+    record names it, which every later step (lease, poll, store) uses.
 
     A lookup that asked for the lease and found no entry key also says whether
     it took the lease (``token``: the caller now owns it and must release it or
     store with it) or found it held by someone else (``locked``)."""
 
+    key: CacheKey
     entry: Entry | None
     versions: tuple[int, ...]
     token: str | None = None
     locked: bool = False
     # The session a per-user entry belongs to no longer exists (``entry`` is None).
     session_gone: bool = False
+    # The header names the URL's vary record held when it was read.
+    record: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,6 +371,13 @@ class Cache:
         server (not Cluster), also the stampede lease when the entry key is
         absent (then the caller owns ``token``: it stores with it or releases it).
 
+        The same round trip reads the URL's vary record. When it names other
+        request headers than ``key`` was built with (this process had not met
+        the URL yet, or another one learned more since), ``key`` is not this
+        request's variant: the lookup is repeated once with the variant the
+        record names (the first took no lease), and the names are remembered.
+        The returned ``key`` is the one finally looked up.
+
         ``session``: the entry is one user's; it is only returned if that
         session still exists (else ``session_gone``). On the cache's own server
         that is checked in the same round trip (the same script on a single
@@ -377,6 +391,15 @@ class Cache:
         gets the lease token; the others wait for its outcome and never see the
         token. If that first request is cancelled, the others look up for
         themselves, and a lease its script may have taken is released."""
+        found = await self._shared_lookup(key, lease, session)
+        if found.record == key.learned or found.session_gone:
+            return found
+        # Each request derives the variant from its own header values.
+        return await self._shared_lookup(self.keys.learn(key, found.record), lease, session)
+
+    async def _shared_lookup(
+        self, key: CacheKey, lease: bool, session: SessionProof | None
+    ) -> Lookup:
         name = (key.entry, lease)
         flight = self._lookups.get(name)
         if flight is not None:
@@ -386,10 +409,7 @@ class Cache:
         token = new_token() if lease and self._may_be_absent(key) else ""
         outcome: Lookup | BackendUnavailable | None = None
         try:
-            if session is None:
-                found = await self._lookup(key, token)
-            else:
-                found = await self._lookup(key, token, session)
+            found = await self._lookup(key, token, session)
             outcome = found if found.token is None else replace(found, token=None)
             return found
         except BackendUnavailable as exc:
@@ -429,10 +449,11 @@ class Cache:
         # shield: one cancelled request must not cancel what the others wait on.
         outcome = await asyncio.shield(flight.outcome)
         if outcome is None:
-            return await self.lookup(key, lease=lease, session=session)
+            return await self._shared_lookup(key, lease, session)
         if isinstance(outcome, BackendUnavailable):
             raise BackendUnavailable(*outcome.args) from outcome
-        return outcome
+        # Same entry name, other request: a variant is derived from this one's headers.
+        return replace(outcome, key=key)
 
     async def _release_quietly(self, key: CacheKey, token: str) -> None:
         with contextlib.suppress(BackendUnavailable):
@@ -454,17 +475,23 @@ class Cache:
             single = not isinstance(client, RedisCluster)
             session_keys = [session.key] if session is not None and single else []
             if token or session_keys:
-                # One atomic step: the entry, its versions, and the lease if the entry
-                # key is absent (a cold miss then needs no round trip of its own for it).
+                # One atomic step: the entry, its vary record and versions, and the
+                # lease if the entry key is absent (a cold miss then needs no round
+                # trip of its own for it).
                 raw = await self._lookup_script(
-                    keys=[key.entry, key.lock, *session_keys, *key.version_keys],
-                    args=[token, int(self.lock_lease * 1000), len(session_keys)],
+                    keys=[key.entry, key.lock, key.vary_record, *session_keys, *key.version_keys],
+                    args=[
+                        token,
+                        int(self.lock_lease * 1000),
+                        len(session_keys),
+                        key.record_value,
+                    ],
                     client=client,
                 )
                 alive = int(raw.pop()) == 1
                 leased = int(raw.pop())
             else:
-                names = [key.entry, *key.version_keys]
+                names = [key.entry, key.vary_record, *key.version_keys]
                 if session is not None:
                     # Cluster: the session key is in another slot; one more command
                     # in the same pipeline (see _mget).
@@ -473,17 +500,18 @@ class Cache:
                 else:
                     raw = await self._mget(client, names)
                 leased = 0
-        versions = _versions(raw[1:])
+        versions = _versions(raw[2:])
+        record = record_names(raw[1])
         if not alive:
-            return Lookup(None, versions, session_gone=True)
+            return Lookup(key, None, versions, session_gone=True, record=record)
         entry = self._valid(raw[0], versions)
         if entry is None:
             self._remember(key, None)
         else:
             self._remember(key, entry.lifetime, entry.stored_at)
         if leased == 1:
-            return Lookup(entry, versions, token=token)
-        return Lookup(entry, versions, locked=leased == -1)
+            return Lookup(key, entry, versions, token=token, record=record)
+        return Lookup(key, entry, versions, locked=leased == -1, record=record)
 
     async def poll(self, key: CacheKey, versions: tuple[int, ...]) -> tuple[Entry | None, bool]:
         """The entry, and whether someone still holds its lease."""
@@ -524,22 +552,43 @@ class Cache:
         async with self._redis() as client:
             await self._release(keys=[key.lock], args=[token], client=client)
 
-    async def store(self, key: CacheKey, value: bytes, lifetime: float, token: str | None) -> None:
+    async def store(
+        self,
+        key: CacheKey,
+        value: bytes,
+        lifetime: float,
+        token: str | None,
+        *,
+        vary: Sequence[str] = (),
+    ) -> None:
+        """Store ``value`` for ``key`` and release its lease ``token``.
+
+        ``vary``: the request headers the response varies on that ``key`` does
+        not hold yet (learned from its ``Vary``). The entry then goes under the
+        variant keyed on them as well, and the URL's vary record names them all,
+        in the same round trip."""
+        target = key
+        if not set(vary) <= set(key.learned):
+            target = self.keys.learn(key, sorted({*key.learned, *vary}))
         px = max(1, int(min(lifetime, self.max_lifetime) * 1000))
         async with self._redis() as client:
             if isinstance(client, RedisCluster):
-                # Single-key commands, one pipeline (see _mget): the SET, then the
+                # Single-key commands, one pipeline (see _mget): the SETs, then the
                 # token-checked release.
                 pipe = client.pipeline()
-                pipe.set(key.entry, value, px=px)
+                pipe.set(target.entry, value, px=px)
+                if target.learned:
+                    pipe.set(target.vary_record, target.record_value, px=px)
                 if token:
                     pipe.eval(RELEASE, 1, key.lock, token)
                 await pipe.execute()
             else:
                 await self._store(
-                    keys=[key.entry, key.lock], args=[value, px, token or ""], client=client
+                    keys=[target.entry, key.lock, target.vary_record],
+                    args=[value, px, token or "", target.record_value],
+                    client=client,
                 )
-        self._remember(key, lifetime, self.clock())
+        self._remember(target, lifetime, self.clock())
         self.stats.stores += 1
 
     # -- invalidation ----------------------------------------------------------------------
@@ -567,8 +616,8 @@ class Cache:
         self, url: str | URL | HTTPConnection, *, namespace: str | None = None
     ) -> int:
         """Invalidate every entry of one path in ``namespace`` (default: the cache's):
-        every query string, GET and HEAD, every ``vary=`` variant and every user's
-        entry of that host and path.
+        every query string, GET and HEAD, every variant (``vary=`` or learned
+        from the response's ``Vary``) and every user's entry of that host and path.
 
         ``url`` is an absolute URL (``"https://example.com/items/1"``; a query is
         ignored) or a Request for it. One INCR, no SCAN. Returns the number of

@@ -109,9 +109,10 @@ def cached(
         ttl: seconds an entry is fresh.
         key: ``f(request) -> str | bytes`` (may be async) replacing path and query
             in the key; host, namespace, session and ``vary`` parts stay.
-        vary: request headers whose values are part of the key, e.g.
-            ``("accept-language",)``. A response whose ``Vary`` names a header not
-            listed here (other than ``Cookie``) is not stored.
+        vary: request headers whose values are part of the key from the first
+            request, e.g. ``("accept-language",)``. Headers a response names in
+            its own ``Vary`` (other than ``Cookie``) are learned and keyed too;
+            declaring them only saves a cold process one round trip.
         tags: templates filled from path params (``"item:{item_id}"``) for
             :meth:`Cache.invalidate_tags`.
         public: allow requests carrying ``Authorization`` to use the cache.

@@ -38,18 +38,54 @@ The parts, in order:
 9. the values of every header named in ``vary=``; an absent header and an empty
    one are different parts.
 
+Those parts make the *base* key. A response can name more request headers in
+its own ``Vary`` (GZipMiddleware adds ``Accept-Encoding``, CORSMiddleware
+``Origin``): the cache learns them from the response, as RFC 9111 section 4.1
+and Django's ``learn_cache_key`` do. The base key's *vary record* holds the
+learned names (sorted, lower-case, comma-joined); the entry is stored under
+the *variant* key, the digest of the base digest and, for each learned name,
+the name and the request's value (length-prefixed parts, as above; no learned
+names: the variant is the base). Names already in the base key (``Host``, the
+forwarding headers, ``vary=``) are not learned again, ``Cookie`` keeps its
+session meaning (``_policy``) and ``Vary: *`` is never stored. Learned names
+only grow while the record lives: a response that varies on fewer headers is
+stored under the longer key, which is as correct and never flip-flops.
+
+A process remembers the names per base key (a bounded memo) and builds the
+variant key at once; the lookup reads the record in the same round trip and,
+when it names other headers than the key was built with, looks up again with
+the key it names (a process that meets a URL for the first time pays that
+round trip once).
+
+Header values are normalised before they are keyed, so requests that mean
+the same do not fragment the cache (:func:`vary_value`), for learned and
+``vary=`` headers alike:
+
+* ``Accept``, ``Accept-Charset``, ``Accept-Encoding``, ``Accept-Language``
+  (case-insensitive lists): lower-cased; spaces around ``,``, ``;`` and ``=``
+  and empty list items dropped; a ``q`` weight written canonically
+  (``q=0.50`` is ``q=0.5``, ``q=1`` is dropped as the default). The tokens of
+  ``Accept-Encoding`` are sorted (their order means nothing); the others keep
+  their order, which is a preference a handler may read. A value holding a
+  quoted string is only trimmed: a comma inside quotes is data.
+* any other header: only trimmed of surrounding spaces (``Origin`` is echoed
+  back by CORS; an unknown header's case and spacing may matter to the app).
+* an absent header and an empty one stay different parts.
+
 Redis key layout (``{...}`` is a Redis Cluster hash tag)::
 
     <prefix>{u:<url id>}:e:<key digest>   the entry (status, headers, body, ETag)
     <prefix>{u:<url id>}:l:<key digest>   its lease lock (stampede protection)
+    <prefix>{u:<url id>}:y:<base digest>  the vary record: learned header names
     <prefix>{u:<url id>}:v                version of the URL: invalidate(url) bumps it
     <prefix>{n:<namespace id>}:g          namespace generation: clear() bumps it
     <prefix>{t:<tag id>}:v                version of a tag: invalidate_tags() bumps it
 
 The URL id hashes namespace, host and full path (not the query), so an entry
 and its lock live in one slot, and invalidating a URL reaches every entry of
-that path (every query string, HEAD/GET, per-user, per-``Accept-Language``,
-and routes with a custom ``key=``) with one INCR. Names chosen
+that path (every query string, HEAD/GET, per-user, every ``vary=`` or learned
+variant, and routes with a custom ``key=``) with one INCR; the key digest in
+these names is the variant's. Names chosen
 by users (namespaces, tags) appear hashed, so a ``{`` or ``}`` in them can never
 change the hash slot.
 """
@@ -61,7 +97,7 @@ import ipaddress
 import re
 import struct
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Literal
 from urllib.parse import unquote_plus
 
@@ -81,6 +117,12 @@ _CANONICAL_HOST = re.compile(
     rb"(?:" + _LABEL + rb"(?:\." + _LABEL + rb")*|\[(?P<ipv6>[0-9a-f:.]+)\])"
     rb"(?::(?P<port>[1-9][0-9]{0,4}))?"
 )
+# Request headers whose values are case-insensitive lists of tokens with parameters.
+_TOKEN_LISTS = frozenset({b"accept", b"accept-charset", b"accept-encoding", b"accept-language"})
+# ...of which the order of the tokens carries no meaning (RFC 9110 section 12.5.3).
+_UNORDERED = frozenset({b"accept-encoding"})
+_QVALUE = re.compile(rb"0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?")
+_SPACE = b" \t"
 
 
 def _digest(parts: Iterable[bytes]) -> str:
@@ -185,6 +227,49 @@ def canonical_query(query_string: bytes) -> str:
     return "&".join(sorted(pairs, key=lambda pair: unquote_plus(pair.partition("=")[0])))
 
 
+def vary_value(name: bytes, value: bytes) -> bytes:
+    """``value`` of request header ``name`` (lower-case) as it is keyed: the
+    normalisation the module docstring describes."""
+    if name not in _TOKEN_LISTS or b'"' in value:
+        return value.strip(_SPACE)
+    tokens = [_token(item) for item in value.lower().split(b",")]
+    tokens = [token for token in tokens if token]
+    if name in _UNORDERED:
+        tokens.sort()
+    return b",".join(tokens)
+
+
+def _token(item: bytes) -> bytes:
+    """One list item: ``gzip ; q=0.50`` -> ``gzip;q=0.5``."""
+    value, *parameters = (part.strip(_SPACE) for part in item.split(b";"))
+    kept = [value]
+    for parameter in parameters:
+        name, equals, argument = (part.strip(_SPACE) for part in parameter.partition(b"="))
+        if not name:
+            continue
+        if name == b"q" and _QVALUE.fullmatch(argument):
+            argument = f"{float(argument):.3f}".rstrip("0").rstrip(".").encode()
+            if argument == b"1":
+                continue  # the default weight
+        kept.append(name + equals + argument)
+    return b";".join(kept) if value or len(kept) > 1 else b""
+
+
+def _header_part(name: str, headers: Mapping[bytes, bytes]) -> bytes:
+    """One header's key part; an absent header and an empty one differ."""
+    raw = name.encode("latin-1")
+    value = headers.get(raw)
+    return raw + (b"\x00" if value is None else b"\x01" + vary_value(raw, value))
+
+
+def record_names(raw: bytes | str | None) -> tuple[str, ...]:
+    """The header names a vary record holds (none when it is absent)."""
+    if not raw:
+        return ()
+    text = raw.decode("latin-1") if isinstance(raw, bytes) else raw
+    return tuple(sorted({name for name in text.split(",") if name}))
+
+
 def session_cookie(
     scope: Scope, cookie_name: str, headers: Mapping[bytes, bytes] | None = None
 ) -> str | None:
@@ -197,7 +282,11 @@ def session_cookie(
 
 @dataclass(frozen=True, slots=True)
 class CacheKey:
-    """Every Redis key one request touches, derived once per request."""
+    """Every Redis key one request touches, derived once per request.
+
+    ``base`` is the digest of the request's parts, ``learned`` the header names
+    this key's variant covers beyond them (see the module docstring), and
+    ``digest`` the variant's own digest, which names the entry and its lease."""
 
     digest: str
     entry: str
@@ -205,10 +294,41 @@ class CacheKey:
     url_version: str
     generation: str
     tag_versions: tuple[str, ...]
+    base: str
+    vary_record: str
+    learned: tuple[str, ...] = ()
+    # Where the entry's keys live (``<prefix>{u:<url id>}``), and the request's
+    # headers, to derive another variant from.
+    slot: str = field(default="", repr=False)
+    headers: Mapping[bytes, bytes] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def version_keys(self) -> list[str]:
         return [self.generation, self.url_version, *self.tag_versions]
+
+    @property
+    def record_value(self) -> str:
+        """What the vary record holds when it names exactly ``learned``."""
+        return ",".join(self.learned)
+
+    def varied(self, names: Sequence[str]) -> CacheKey:
+        """This request's key for the variant keyed on ``names`` (sorted, lower-case)."""
+        learned = tuple(names)
+        if learned == self.learned:
+            return self
+        digest = self.base
+        if learned:
+            parts = [self.base.encode(), b"vary"]
+            for name in learned:
+                parts += [name.encode("latin-1"), _header_part(name, self.headers)]
+            digest = _digest(parts)
+        return replace(
+            self,
+            digest=digest,
+            entry=f"{self.slot}:e:{digest}",
+            lock=f"{self.slot}:l:{digest}",
+            learned=learned,
+        )
 
 
 class KeyScheme:
@@ -221,6 +341,18 @@ class KeyScheme:
         # Hot URLs are few; a bounded memo, emptied when full, never grows with
         # cache-busting paths.
         self._url_ids: dict[tuple[str, str, str], str] = {}
+        # The header names each base key's responses vary on, as far as this
+        # process knows (bounded the same way); Redis's vary record decides.
+        self._learned: dict[str, tuple[str, ...]] = {}
+
+    def learn(self, key: CacheKey, names: Sequence[str]) -> CacheKey:
+        """Remember that ``key``'s URL varies on ``names``; the variant key for them."""
+        learned = tuple(names)
+        if self._learned.get(key.base, ()) != learned:
+            if len(self._learned) >= _MEMO_SIZE:
+                self._learned.clear()
+            self._learned[key.base] = learned
+        return key.varied(learned)
 
     def url_id(self, namespace: str, host: str, path: str) -> str:
         name = (namespace, host, path)
@@ -293,17 +425,20 @@ class KeyScheme:
                     parts.append(hashlib.sha256(cookie.encode("latin-1", "replace")).digest())
             elif session is not None:
                 parts.append(b"session:" + session)
-        for name in sorted(vary):
-            value = headers.get(name.encode("latin-1"))
-            parts.append(name.encode("latin-1") + (b"\x00" if value is None else b"\x01" + value))
+        parts += [_header_part(name, headers) for name in sorted(vary)]
         digest = _digest(parts)
         url_id = self.url_id(namespace, host, path)
-        base = f"{self.prefix}{{u:{url_id}}}"
-        return CacheKey(
+        slot = f"{self.prefix}{{u:{url_id}}}"
+        key = CacheKey(
             digest=digest,
-            entry=f"{base}:e:{digest}",
-            lock=f"{base}:l:{digest}",
+            entry=f"{slot}:e:{digest}",
+            lock=f"{slot}:l:{digest}",
             url_version=self.url_version(url_id),
             generation=self.generation(namespace),
             tag_versions=tuple(self.tag_version(tag) for tag in tags),
+            base=digest,
+            vary_record=f"{slot}:y:{digest}",
+            slot=slot,
+            headers=headers,
         )
+        return key.varied(self._learned.get(digest, ()))

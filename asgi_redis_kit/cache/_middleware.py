@@ -20,10 +20,22 @@ Per request:
    ``http.response.start`` back until the first body chunk: a complete body is
    checked against the response rules and stored (with the lease released in
    the same round trip) before it is sent; a streamed one passes through
-   unbuffered. A cold miss thus costs two round trips, a hit one.
+   unbuffered. A cold miss thus costs two round trips, a hit one. A leader
+   that learns its response will not be stored (its status or headers say
+   so, it streams, it is too big) ends its flight and releases its lease
+   right then, so the requests waiting for it, here and in other processes,
+   run the handler at once instead of waiting ``lock_wait`` for nothing.
 5. When Redis fails, the request bypasses the cache but keeps the single-flight:
    requests for a key that another one is running wait for it and get its
    response when the storage rules allow it (``X-Cache-Reason: coalesced``).
+
+Vary: a response whose ``Vary`` names request headers the key does not hold
+(GZipMiddleware's ``Accept-Encoding``, CORSMiddleware's ``Origin``) is stored
+under a variant key holding those headers' values, and the URL's vary record
+names them so that later lookups build that variant's key (``_keys``). Until
+then the key covers fewer headers than the response varies on, so such a
+response is never handed to the requests waiting on the same key: they look
+it up again, under their own variant.
 
 Sessions: the middleware learns the session cookie's name from the
 SessionMiddleware it finds in the app on the first request. With a session
@@ -77,6 +89,7 @@ from ._keys import (
 )
 from ._lock import Flight
 from ._policy import (
+    learned_vary,
     request_bypass_reason,
     response_store_reason,
     storable_headers,
@@ -463,6 +476,8 @@ class _Exchange:
         self.outer_before: dict[Any, Any] | None = None
         # The session a vary_on_session hit must prove still exists.
         self.session_proof: SessionProof | None = None
+        # Whether a waiter already moved on to the variant key its leader learned.
+        self.rekeyed = False
 
     # -- entry points ------------------------------------------------------------------
 
@@ -504,7 +519,8 @@ class _Exchange:
         except BackendUnavailable:
             await self.without_redis(key)
             return
-        entry, versions = found.entry, found.versions
+        # The variant the URL's vary record names for this request's headers.
+        key, entry, versions = found.key, found.entry, found.versions
         if found.session_gone:
             # Logged out, revoked or expired: its cookie gets none of its pages.
             # The session middleware treats the request as anonymous; not stored.
@@ -585,7 +601,7 @@ class _Exchange:
             await self.follow(key, None)
             return
         try:
-            await self.bypass("backend", flight)
+            await self.bypass("backend", key, flight)
         finally:
             flights.done(key.digest, flight)
 
@@ -618,8 +634,17 @@ class _Exchange:
             self.stats.hits += 1
             await self.serve(found.entry, "HIT")
             return
-        versions = found.versions if found is not None else ()
-        await self.run_app(key, versions, None, fallback, store=found is not None)
+        if found is None:
+            await self.run_app(key, (), None, fallback, store=False)
+            return
+        if found.key.entry != key.entry and not self.rekeyed:
+            # The leader learned that responses vary on headers the key lacked:
+            # this request's variant is another key, with a refill of its own
+            # (once: a record that keeps changing must not bounce us forever).
+            self.rekeyed = True
+            await self.fill(found.key, found.versions, fallback)
+            return
+        await self.run_app(found.key, found.versions, None, fallback)
 
     async def wait_for_other_process(
         self, key: CacheKey, versions: tuple[int, ...]
@@ -661,7 +686,7 @@ class _Exchange:
             if token is None:
                 return  # another process refreshes it, or already did
             self.stats.refreshes += 1
-            await refresher.run_app(key, versions, token, None, count=False)
+            await refresher.run_app(key, versions, token, None, count=False, flight=flight)
         except BackendUnavailable:
             return
         except Exception:
@@ -752,29 +777,57 @@ class _Exchange:
             value = await value
         return value if isinstance(value, bytes) else str(value).encode()
 
-    async def bypass(self, reason: str, flight: Flight | None = None) -> None:
-        """Run the app around the cache. With ``flight``, a response the rules
-        would store (a complete body in one message) is left on it as an entry."""
+    async def bypass(
+        self, reason: str, key: CacheKey | None = None, flight: Flight | None = None
+    ) -> None:
+        """Run the app around the cache. With ``key``'s ``flight``, a response the
+        rules would store (a complete body in one message) that fits every request
+        of ``key`` is left on it as an entry; any other ends the flight as soon as
+        that is known, so the requests waiting on it run the app themselves."""
         self.stats.bypass[reason] += 1
         extra = _x_cache("BYPASS", reason)
         start: Message | None = None
+
+        def settle(entry: Entry | None) -> None:
+            nonlocal flight
+            if key is None or flight is None:
+                return
+            if entry is None:
+                self.cache.flights.done(key.digest, flight)
+            else:
+                flight.share(entry)
+            flight = None
 
         async def send(message: Message) -> None:
             nonlocal start
             if message["type"] == "http.response.start":
                 start = message
+                if flight is not None and self.not_stored_reason(
+                    message["status"], message.get("headers", ()), None
+                ):
+                    settle(None)
                 message = _with_headers(message, extra)
             elif flight is not None and start is not None:
-                if message["type"] == "http.response.body" and not message.get("more_body"):
-                    status: int = start["status"]
-                    headers = list(start.get("headers", ()))
-                    body: bytes = message.get("body", b"")
-                    if self.not_stored_reason(status, headers, body) is None:
-                        flight.share(self.build_entry(status, headers, body, ()))
+                settle(self.shareable(start, message, key))
                 start = None
             await self.send(message)
 
         await self.call_app(send)
+
+    def shareable(self, start: Message, message: Message, key: CacheKey | None) -> Entry | None:
+        """The entry a response made of ``start`` and ``message`` would store, if
+        it is complete, the rules allow it, and it fits every request of ``key``
+        (it varies on no header the key lacks)."""
+        if key is None or message["type"] != "http.response.body" or message.get("more_body"):
+            return None
+        status: int = start["status"]
+        headers = list(start.get("headers", ()))
+        body: bytes = message.get("body", b"")
+        if self.not_stored_reason(status, headers, body) is not None:
+            return None
+        if not set(self.learned_vary(headers)) <= set(key.learned):
+            return None
+        return self.build_entry(status, headers, body, ())
 
     async def serve(self, entry: Entry, state: str, reason: str | None = None) -> None:
         now = self.cache.clock()
@@ -800,10 +853,16 @@ class _Exchange:
     def keyed_headers(self) -> list[str]:
         return ["host", *FORWARDING_HEADERS, *self.config.vary]
 
+    def learned_vary(self, headers: Sequence[tuple[bytes, bytes]]) -> tuple[str, ...]:
+        """The request headers the response varies on that the base key lacks."""
+        return learned_vary(headers, self.keyed_headers())
+
     def not_stored_reason(
-        self, status: int, headers: Sequence[tuple[bytes, bytes]], body: bytes
+        self, status: int, headers: Sequence[tuple[bytes, bytes]], body: bytes | None
     ) -> str | None:
-        """Why the rules forbid storing this complete response (None: store it)."""
+        """Why the rules forbid storing this complete response (None: store it).
+        ``body`` None: what is known at the start message already (status and
+        headers, a session read so far); a None answer then decides nothing."""
         config = self.config
         if self.state.ran is not config:
             return "route"
@@ -811,16 +870,17 @@ class _Exchange:
             status,
             headers,
             statuses=self.cache.cacheable_statuses,
-            keyed_headers=self.keyed_headers(),
             vary_on_session=config.vary_on_session,
         )
         if reason is None and not config.vary_on_session and self.session_read():
-            return "session"
-        if reason is None and len(body) > config.max_size:
+            reason = "session"
+        if reason is not None or body is None:
+            return reason
+        if len(body) > config.max_size:
             return "size"
-        if reason is None and self.session_changed():  # last: it encodes the session
+        if self.session_changed():  # last: it encodes the session
             return "session"
-        return reason
+        return None
 
     def build_entry(
         self,
@@ -863,13 +923,25 @@ class _Exchange:
     ) -> None:
         """Run the app; store its answer if the rules allow; serve ``fallback``
         (stale-if-error) instead of an exception or a 5xx. An entry Redis failed
-        to take is left on ``flight`` for this process's waiting requests."""
+        to take is left on ``flight`` for this process's waiting requests (when
+        it fits all of them). As soon as the answer is known not to be stored,
+        ``flight`` ends and the lease ``token`` is released: nobody waits for it."""
         cache, stats = self.cache, self.stats
         if count:
             stats.misses += 1
         held: Message | None = None
         mode = "holding"  # -> "passing" (sent through) or "swallowing" (stale served)
         not_stored = reason
+
+        async def give_up(why: str) -> None:
+            nonlocal token, not_stored
+            not_stored = why
+            if flight is not None:
+                cache.flights.done(key.digest, flight)
+            if token is not None:
+                lease, token = token, None
+                with contextlib.suppress(BackendUnavailable):
+                    await cache.release(key, lease)
 
         async def send(message: Message) -> None:
             nonlocal held, mode, token, not_stored
@@ -880,6 +952,12 @@ class _Exchange:
                 return
             if message["type"] == "http.response.start":
                 held = message
+                if store:
+                    why = not_stored or self.not_stored_reason(
+                        message["status"], message.get("headers", ()), None
+                    )
+                    if why is not None:
+                        await give_up(why)  # e.g. Set-Cookie, no-store: known before the body
                 return
             if held is None:
                 await self.send(message)
@@ -892,9 +970,10 @@ class _Exchange:
                     await self.serve_stale_on_error(fallback)
                     return
                 mode = "passing"
-                not_stored = not_stored or "streaming"
-                stats.not_stored[not_stored] += 1
-                await self.send(_with_headers(held, _x_cache("MISS", not_stored)))
+                why = not_stored or "streaming"
+                await give_up(why)
+                stats.not_stored[why] += 1
+                await self.send(_with_headers(held, _x_cache("MISS", why)))
                 await self.send(message)
                 return
             body: bytes = message.get("body", b"")
@@ -909,8 +988,9 @@ class _Exchange:
                 not_stored = self.not_stored_reason(status, headers, body)
             if not_stored is None:
                 entry = self.build_entry(status, headers, body, versions)
+                vary = self.learned_vary(headers)
                 try:
-                    await cache.store(key, encode(entry), entry.lifetime, token)
+                    await cache.store(key, encode(entry), entry.lifetime, token, vary=vary)
                     token = None  # released by the store script
                     if flight is not None:
                         # Waiters re-read it now, not after the app's background tasks,
@@ -918,11 +998,13 @@ class _Exchange:
                         cache.flights.done(key.digest, flight)
                 except BackendUnavailable:
                     not_stored = "backend"
-                    if flight is not None:
-                        flight.share(entry)
+                    if flight is not None and set(vary) <= set(key.learned):
+                        flight.share(entry)  # it fits every request waiting on this key
                 else:
                     await self.serve(entry, "MISS")
                     return
+            if flight is None or flight.entry is None:
+                await give_up(not_stored)
             stats.not_stored[not_stored] += 1
             await self.send(_with_headers(held, _x_cache("MISS", not_stored)))
             await self.send(message)

@@ -34,8 +34,11 @@ Responses (decided after the handler ran; the response is still sent, marked
   300, 301, 404, 410).
 * ``set-cookie``    - any ``Set-Cookie``: it belongs to one client.
 * ``cache-control`` - ``private``, ``no-store`` or ``no-cache``.
-* ``vary``          - ``Vary: *``, or a ``Vary`` naming a request header the key
-  does not include: a stored answer could be served to a request it does not fit.
+* ``vary``          - ``Vary: *``: the answer may depend on anything about the
+  request, so no stored answer fits another request. Any other header the
+  ``Vary`` names is learned (:func:`learned_vary`, ``_keys``): the response is
+  stored under a key holding that header's value, never served to a request
+  whose value differs.
 * ``session``       - the handler may have read the session, on a route without
   ``vary_on_session=True``: ``Vary: Cookie`` from a session middleware inside
   the cache, or a session that was asked for or holds data, in either
@@ -141,12 +144,17 @@ def cache_control_directives(values: Iterable[bytes]) -> list[str]:
     return [token.split("=", 1)[0].strip() for token in header_tokens(values)]
 
 
+def response_vary(headers: Sequence[tuple[bytes, bytes]]) -> list[str]:
+    """The request header names (lower-case) the response's ``Vary`` lists."""
+    scope_like = {"headers": [(name.lower(), value) for name, value in headers]}
+    return header_tokens(header_values(scope_like, b"vary"))
+
+
 def response_store_reason(
     status: int,
     headers: Sequence[tuple[bytes, bytes]],
     *,
     statuses: frozenset[int],
-    keyed_headers: Iterable[str],
     vary_on_session: bool,
 ) -> str | None:
     if status not in statuses:
@@ -158,17 +166,22 @@ def response_store_reason(
     directives = cache_control_directives(header_values(scope_like, b"cache-control"))
     if {"private", "no-store", "no-cache"} & set(directives):
         return "cache-control"
-    vary = header_tokens(header_values(scope_like, b"vary"))
+    vary = response_vary(headers)
     if "*" in vary:
         return "vary"
-    keyed = {name.lower() for name in keyed_headers}
-    for name in vary:
-        if name == "cookie":
-            if not vary_on_session:
-                return "session"
-        elif name not in keyed:
-            return "vary"
+    if "cookie" in vary and not vary_on_session:
+        return "session"
     return None
+
+
+def learned_vary(
+    headers: Sequence[tuple[bytes, bytes]], keyed_headers: Iterable[str]
+) -> tuple[str, ...]:
+    """The request headers a storable response varies on that the key does not
+    hold yet (``keyed_headers``), sorted: the cache learns them. ``Cookie`` is
+    the session's (see ``session`` above), never learned."""
+    keyed = {name.lower() for name in keyed_headers} | {"cookie", "*"}
+    return tuple(sorted({name for name in response_vary(headers) if name not in keyed}))
 
 
 def storable_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
