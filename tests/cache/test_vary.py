@@ -188,6 +188,22 @@ async def test_vary_star_is_never_stored(
     assert [k async for k in real_redis.scan_iter(match=f"{key_prefix}*")] == []
 
 
+async def test_headers_the_key_already_holds_are_not_learned_and_cookie_stays_a_session(
+    harness: Harness, real_redis: Redis, key_prefix: str
+) -> None:
+    url = "/echo?h=vary:Host, X-Forwarded-Host"
+    assert [(await harness.client.get(url)).headers["x-cache"] for _ in range(2)] == [
+        "MISS",
+        "HIT",
+    ]
+    assert [k async for k in real_redis.scan_iter(match=f"{key_prefix}*:y:*")] == []
+    cookie = [await harness.client.get("/echo?h=vary:Cookie") for _ in range(2)]
+    assert [(r.headers["x-cache"], r.headers["x-cache-reason"]) for r in cookie] == [
+        ("MISS", "session")
+    ] * 2
+    assert [k async for k in real_redis.scan_iter(match=f"{key_prefix}*:y:*")] == []
+
+
 async def test_declared_vary_still_keys_and_learns_nothing(
     harness: Harness, real_redis: Redis, key_prefix: str
 ) -> None:
