@@ -362,8 +362,16 @@ async def test_a_user_id_that_is_not_utf8_is_refused_by_bind_user(
         response = await tab.post("/")
         assert response.status_code == 400, "bind_user accepted a user id it cannot store"
     store = SessionStore(real_redis, key_prefix=key_prefix)
-    with pytest.raises(TypeError):
-        await store.revoke_user(lone)
+    for user in (lone, "a\udfffb"):
+        with pytest.raises(TypeError, match="UTF-8"):
+            await store.revoke_user(user)
+        with pytest.raises(TypeError, match="UTF-8"):
+            await store.user_sessions(user)
+        with pytest.raises(TypeError, match="UTF-8"):
+            await store.revoke_session(user, "0" * 32)
+    # The same class: a key prefix Redis cannot take would fail every request.
+    with pytest.raises(TypeError, match="UTF-8"):
+        SessionStore(real_redis, key_prefix=lone)
 
 
 # -- values -------------------------------------------------------------------------
