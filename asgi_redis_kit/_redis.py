@@ -70,11 +70,26 @@ RedisLike: TypeAlias = str | Redis | RedisCluster
 
 DEFAULT_TIMEOUT = 1.0
 DEFAULT_MAX_CONNECTIONS = 64
+# The longest time, in seconds, any option that becomes a Redis TTL may be. Redis
+# refuses a PEXPIRE whose deadline passes 2**63 ms from the epoch ("invalid expire
+# time"), and int() of an infinity raises: a setting past this would fail every
+# write that uses it, long after startup. A century is generous and far inside both.
+MAX_SECONDS = 100 * 365 * 24 * 3600
 # How often a client of a Sentinel-managed master asks Sentinel who the master is.
 SENTINEL_CHECK_INTERVAL = 0.5
 # Keys of in-process fakeredis servers, created on first use (never at import).
 _memory_servers: dict[str, Any] = {}
 _memory_lock = threading.Lock()
+
+
+def check_seconds(name: str, value: float) -> None:
+    """ValueError naming ``name`` unless ``value`` is at most :data:`MAX_SECONDS`
+    (NaN and infinities never are). Callers check the lower bound themselves."""
+    if not value <= MAX_SECONDS:
+        raise ValueError(
+            f"{name} must be at most {MAX_SECONDS} seconds (100 years), the longest "
+            f"time we let Redis keep anything; got {value!r}"
+        )
 
 
 def _memory_client(name: str) -> Redis:
@@ -264,6 +279,15 @@ class Backend:
             raise TypeError(
                 "redis= takes a URL string or a redis.asyncio.Redis / RedisCluster client, "
                 f"got {type(redis).__name__}"
+            )
+        if client.get_encoder().decode_responses:
+            # Replies must stay bytes: stored values may be any bytes (a corrupt or
+            # hostile field), and redis-py would fail to decode them with an error
+            # that is not a RedisError -- a 500 instead of a fresh session or a miss.
+            raise ValueError(
+                "redis= must be a client made with decode_responses=False (the default); "
+                "asgi_redis_kit decodes replies itself. Pass a URL without "
+                "decode_responses, or a client of its own for the library"
             )
         # The loop of the last call and its client, in one tuple so a thread that
         # reads it never pairs one loop with another loop's client.

@@ -42,7 +42,7 @@ from redis.exceptions import MaxConnectionsError
 from starlette.datastructures import URL
 from starlette.requests import HTTPConnection
 
-from .._redis import Backend, RedisClient, RedisLike
+from .._redis import Backend, RedisClient, RedisLike, check_seconds
 from ..errors import BackendUnavailable
 from ._breaker import CircuitBreaker
 from ._entry import Entry, decode
@@ -262,6 +262,12 @@ class Cache:
             )
         if lock_lease <= 0 or lock_wait < 0 or max_lifetime <= 0:
             raise ValueError("lock_lease and max_lifetime must be positive, lock_wait >= 0")
+        for name, value in (
+            ("lock_lease", lock_lease),
+            ("lock_wait", lock_wait),
+            ("max_lifetime", max_lifetime),
+        ):
+            check_seconds(name, value)
         self.backend = Backend(redis, timeout=timeout, max_connections=max_connections)
         self.keys = KeyScheme(key_prefix)
         self.namespace = namespace

@@ -23,6 +23,7 @@ from typing import Any, TypeVar, cast
 
 from starlette.requests import Request
 
+from .._redis import check_seconds
 from ..errors import CacheNotConfigured
 
 ATTRIBUTE = "__asgi_redis_kit_cache__"
@@ -142,6 +143,13 @@ def cached(
     ):
         if value < 0:
             raise ValueError(f"{name} must not be negative, got {value!r}")
+    for name, value in (
+        ("ttl", ttl),
+        ("stale_while_revalidate", stale_while_revalidate),
+        ("stale_if_error", stale_if_error),
+        ("jitter", jitter),
+    ):
+        check_seconds(name, value)
     if max_size < 0:
         raise ValueError(f"max_size must not be negative, got {max_size!r}")
     if isinstance(vary, str) or isinstance(tags, str):

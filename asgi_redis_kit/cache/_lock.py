@@ -50,7 +50,13 @@ local alive, first = 1, 4
 if ARGV[3] == '1' then
   alive, first = redis.call('EXISTS', KEYS[4]), 5
 end
-local found = redis.call('MGET', KEYS[1], KEYS[3], unpack(KEYS, first))
+local found = redis.call('MGET', KEYS[1], KEYS[3])
+-- In slices: Lua's unpack() refuses more than ~8000 values (a route's many tags).
+for i = first, #KEYS, 1000 do
+  for _, value in ipairs(redis.call('MGET', unpack(KEYS, i, math.min(i + 999, #KEYS)))) do
+    found[#found + 1] = value
+  end
+end
 local leased = 0
 if alive == 1 and not found[1] and ARGV[1] ~= '' and (found[2] or '') == ARGV[4] then
   if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then

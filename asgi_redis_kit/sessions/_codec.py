@@ -47,10 +47,12 @@ Two stored forms, told apart by the first byte:
   array is a node naming its type: ``["l", item, ...]`` list, ``["t", item, ...]``
   tuple, ``["d", key, value, ...]`` dict with a non-str key, ``["i", "-1f"]`` an int
   outside 64 bits (hex: ``str(int)`` has a 4300-digit limit, hex has none),
-  ``["f", "nan" | "-nan" | "inf" | "-inf"]``, ``["s", "<hex>"]`` a str with lone
-  surrogates (its UTF-8 "surrogatepass" bytes). JSON strings, numbers, booleans,
-  null and objects stand for themselves (object values are nodes again). A user's
-  list is always an ``"l"`` node, so no user data can pass for a tag.
+  ``["f", "nan" | "-nan" | "inf" | "-inf"]`` (a NaN with a payload other than
+  ``float("nan")``'s: ``["f", "<16 hex digits>"]``, its 64 bits big-endian),
+  ``["s", "<hex>"]`` a str with lone surrogates (its UTF-8 "surrogatepass" bytes).
+  JSON strings, numbers, booleans, null and objects stand for themselves (object
+  values are nodes again). A user's list is always an ``"l"`` node, so no user data
+  can pass for a tag.
 
 Encoding is deterministic (the same value always gives the same bytes), because the
 session detects changes by comparing them with what it loaded.
@@ -63,6 +65,7 @@ import datetime
 import decimal
 import enum
 import math
+import struct
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -70,6 +73,8 @@ from typing import Any
 import orjson
 
 _TAGGED = b"\x01"
+# What one session may hold, encoded: Redis' default proto-max-bulk-len.
+MAX_SESSION_BYTES = 512 * 1024 * 1024
 _DEPTH = 254  # orjson's nesting limit, which every plain record already respects
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what orjson writes as a JSON integer
 _NONFINITE = frozenset({"nan", "-nan", "inf", "-inf"})  # float() parses each, sign included
@@ -79,7 +84,7 @@ _ACCEPTED = "str, int, float, bool, None, or lists, tuples and dicts of them"
 
 def encode(key: str, value: Any) -> bytes:
     """The bytes stored for ``session[key] = value``; TypeError if it cannot be kept."""
-    if type(key) is not str or not (key.isascii() or _utf8(key)):
+    if type(key) is not str or not (key.isascii() or is_utf8(key)):
         raise TypeError(f"session keys must be str (valid UTF-8), got {key!r}")
     kind = type(value)
     if (
@@ -115,7 +120,12 @@ def check(key: str, value: Any) -> None:
 
 
 def encode_all(data: dict[str, Any]) -> dict[str, bytes]:
-    """:func:`encode` of every item: what a save compares with what it loaded."""
+    """:func:`encode` of every item: what a save compares with what it loaded.
+
+    TypeError past :data:`MAX_SESSION_BYTES`: Redis would refuse the write itself
+    (its ``proto-max-bulk-len``, 512 MiB by default, and a 1 GiB query buffer) by
+    closing the connection, which would read as an outage (a 503) forever.
+    """
     encoded: dict[str, bytes] = {}
     for key, value in data.items():
         # Plain ints and strs inline, as cheap as before this module (the visit
@@ -129,6 +139,13 @@ def encode_all(data: dict[str, Any]) -> dict[str, bytes]:
             except orjson.JSONEncodeError:
                 pass
         encoded[key] = encode(key, value)
+    size = sum(len(key) + len(blob) for key, blob in encoded.items())
+    if size > MAX_SESSION_BYTES:
+        raise TypeError(
+            f"the session holds {size} bytes once encoded, more than the "
+            f"{MAX_SESSION_BYTES} a session may hold (what Redis takes in one command); "
+            "keep large data elsewhere and store its key in the session"
+        )
     return encoded
 
 
@@ -139,7 +156,7 @@ def decode(blob: bytes) -> Any:
     return _untag(orjson.loads(blob[1:]), 0)
 
 
-def _utf8(text: str) -> bool:
+def is_utf8(text: str) -> bool:
     if text.isascii():
         return True
     try:
@@ -196,7 +213,7 @@ def _tagged(value: Any, depth: int) -> Any:
     """``value`` as a tree of JSON types in which every array is a tagged node."""
     kind = type(value)
     if kind is str:
-        if _utf8(value):
+        if is_utf8(value):
             return value
         return _leaf(depth, "s", value.encode("utf-8", "surrogatepass").hex())
     if kind is bool or value is None:
@@ -210,6 +227,9 @@ def _tagged(value: Any, depth: int) -> Any:
             return value
         name = "nan" if math.isnan(value) else "inf"
         sign = "" if math.copysign(1.0, value) > 0 else "-"  # inf * 0 is a NaN with a sign
+        bits = struct.pack(">d", value)
+        if name == "nan" and bits != struct.pack(">d", float(sign + name)):
+            return _leaf(depth, "f", bits.hex())  # a NaN with a payload: all 64 bits
         return _leaf(depth, "f", sign + name)
     if kind is not list and kind is not tuple and kind is not dict:
         raise _Refused(_refusal(value))
@@ -228,7 +248,7 @@ def _tagged(value: Any, depth: int) -> Any:
 
 
 def _tagged_dict(value: dict[Any, Any], depth: int) -> Any:
-    plain_keys = all(type(name) is str and _utf8(name) for name in value)
+    plain_keys = all(type(name) is str and is_utf8(name) for name in value)
     node: Any = {} if plain_keys else ["d"]
     for name, item in value.items():
         if type(name) not in _KEY_TYPES:
@@ -331,6 +351,10 @@ def _untag(node: Any, depth: int) -> Any:
             return int(payload, 16)
         if tag == "f" and payload in _NONFINITE:
             return float(payload)  # a new NaN each time: two NaN keys stay two keys
+        if tag == "f" and len(payload) == 16:
+            (number,) = struct.unpack(">d", bytes.fromhex(payload))
+            if math.isnan(number):  # only NaNs are written this way
+                return number
         if tag == "s":
             return bytes.fromhex(payload).decode("utf-8", "surrogatepass")
     raise ValueError(f"unknown tagged session node {str(tag)[:40]!r}")

@@ -41,6 +41,8 @@ logger = logging.getLogger("asgi_redis_kit.sessions")
 
 _MARK = "asgi_redis_kit.sessions"
 _UNAVAILABLE_BODY = (SESSION_STORE_UNAVAILABLE + "\n").encode()
+# Signed cookies of our name looked up per request at most (see _load).
+_MAX_LOADS = 3
 
 
 class SessionMiddleware:
@@ -245,18 +247,27 @@ class SessionMiddleware:
         scope[_MARK] = self
 
     async def _load(self, scope: Scope) -> Session:
-        """The request's session; touches Redis only for a correctly signed id."""
+        """The request's session; touches Redis only for a correctly signed id.
+
+        Browsers send several cookies of one name when older ones have another Path
+        or Domain, in no order we control: a signed one whose session ended must
+        not hide a live one after it. At most ``_MAX_LOADS`` are looked up, so a
+        request stuffed with signed cookies cannot multiply the Redis work.
+        """
+        presented = False
+        loads = 0
         for value in cookie_values(scope, self.cookie.name):
             verified = self.signer.unsign(value)
             if verified is None:
                 continue
+            if loads == _MAX_LOADS:
+                break
+            loads += 1
             session_id, resign = verified
             record = await self.store.load(session_id)
             if record is None:
-                # Strict mode: an unknown id is never adopted; a save gets a fresh one.
-                # No Set-Cookie otherwise: this cookie may be older than one the
-                # browser has just received (a login answered meanwhile).
-                return Session(self.store, presented=True, retry_after=self.retry_after)
+                presented = True
+                continue
             return Session(
                 self.store,
                 session_id=session_id,
@@ -264,7 +275,10 @@ class SessionMiddleware:
                 resign=resign,
                 retry_after=self.retry_after,
             )
-        return Session(self.store, retry_after=self.retry_after)
+        # Strict mode: an unknown id is never adopted; a save gets a fresh one. No
+        # Set-Cookie otherwise: such a cookie may be older than one the browser has
+        # just received (a login answered meanwhile).
+        return Session(self.store, presented=presented, retry_after=self.retry_after)
 
     async def _unavailable(self, send: Send) -> None:
         await send(

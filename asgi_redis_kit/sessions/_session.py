@@ -18,7 +18,7 @@ from starlette.requests import HTTPConnection
 
 from ..errors import BackendUnavailable, SessionNotLoaded, SessionStoreUnavailable
 from ._codec import check, encode, encode_all
-from ._store import CREATED, DATA, SAVED, USER, Record, SessionStore, handle_of
+from ._store import CREATED, DATA, SAVED, USER, Record, SessionStore, check_user, handle_of
 
 logger = logging.getLogger("asgi_redis_kit.sessions")
 
@@ -210,8 +210,7 @@ class Session(dict[str, Any]):
     def bind_user(self, user_id: str) -> None:
         """Bind the session to ``user_id`` when it is saved, adding it to that user's
         index. Call :meth:`regenerate` at login too, against session fixation."""
-        if not isinstance(user_id, str) or not user_id:
-            raise TypeError(f"user_id must be a non-empty string, got {user_id!r}")
+        check_user(user_id)
         self.accessed = True
         self._user = user_id
 
@@ -231,8 +230,7 @@ class Session(dict[str, Any]):
         or rebound by another request meanwhile, the count starts from 0 in an empty
         session that is not saved: nothing of this request is stored.
         """
-        if not isinstance(key, str):
-            raise TypeError(f"session keys are strings, got {key!r}")
+        check(key, 0)  # the key must be one an assignment accepts (valid UTF-8)
         if isinstance(amount, bool) or not isinstance(amount, int):
             raise TypeError(f"amount must be an int, got {amount!r}")
         self.accessed = True
@@ -325,16 +323,20 @@ class Session(dict[str, Any]):
             if result != SAVED:  # gone, emptied, or bound to someone else meanwhile
                 self._ended()
                 return None
-        elif store.touch_due(self._pttl_ms, self._created_ms):
+        elif self._resign or store.touch_due(self._pttl_ms, self._created_ms):
+            # An old-key cookie is re-signed only once the record is known to live
+            # now: another request may have rotated or ended it since the load, and
+            # the browser may already hold the newer cookie. One PEXPIRE, once.
             refreshed = True
             if not await store.touch(self._id, ttl):
                 self._ended()
                 return None
         self._snapshot = encoded
         self._stored_user = self._user
-        # The cookie must outlive the session: with an absolute lifetime its Max-Age
-        # already does; without one it follows each TTL refresh.
-        if self._resign or (refreshed and store.absolute_ms is None):
+        # A Set-Cookie for an existing id only after this save found the record live
+        # (a write or a touch). The cookie must outlive the session: with an absolute
+        # lifetime its Max-Age already does; without one it follows each TTL refresh.
+        if refreshed and (self._resign or store.absolute_ms is None):
             return CookieAction("set", self._id, store.cookie_max_age(self._created_ms))
         return None
 

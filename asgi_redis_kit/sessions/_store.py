@@ -96,9 +96,16 @@ import orjson
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 
-from .._redis import DEFAULT_MAX_CONNECTIONS, DEFAULT_TIMEOUT, Backend, RedisClient, RedisLike
+from .._redis import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_TIMEOUT,
+    Backend,
+    RedisClient,
+    RedisLike,
+    check_seconds,
+)
 from ..errors import BackendUnavailable
-from ._codec import decode
+from ._codec import decode, is_utf8
 
 logger = logging.getLogger("asgi_redis_kit.sessions")
 
@@ -114,6 +121,9 @@ REVOKE_PASSES = 8
 
 
 class _Script:
+    # Lua's unpack() refuses more than ~8000 values ("too many results to
+    # unpack"), so the scripts pass fields and ids to Redis in slices of 1000
+    # (an even number: HSET takes field/value pairs).
     def __init__(self, text: str) -> None:
         # Every script may call bound_user(); Redis compiles it once per script.
         self.text = _BOUND_USER + text
@@ -152,10 +162,14 @@ else
 end
 local last = 4 + 2 * tonumber(ARGV[4])
 if last > 4 then
-  redis.call('HSET', KEYS[1], unpack(ARGV, 5, last))
+  for i = 5, last, 1000 do
+    redis.call('HSET', KEYS[1], unpack(ARGV, i, math.min(i + 999, last)))
+  end
 end
 if last < #ARGV then
-  redis.call('HDEL', KEYS[1], unpack(ARGV, last + 1))
+  for i = last + 1, #ARGV, 1000 do
+    redis.call('HDEL', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+  end
   -- An empty session is never stored: delete it once no data and no user is left.
   for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
     if string.sub(field, 1, 2) == 'd:' or field == 'm:user' then
@@ -211,7 +225,9 @@ return result
 # Add ids ARGV[2..] to the index; it lives as long as the longest session it can
 # hold (ARGV[1]; 0: no TTL).
 _INDEX_ADD = _Script("""
-redis.call('SADD', KEYS[1], unpack(ARGV, 2))
+for i = 2, #ARGV, 1000 do
+  redis.call('SADD', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
 local ttl = tonumber(ARGV[1])
 if ttl == 0 then
   redis.call('PERSIST', KEYS[1])
@@ -327,8 +343,8 @@ class SessionStore:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if not isinstance(key_prefix, str):
-            raise TypeError(f"key_prefix must be a string, got {key_prefix!r}")
+        if not isinstance(key_prefix, str) or not is_utf8(key_prefix):
+            raise TypeError(f"key_prefix must be a string of valid UTF-8, got {key_prefix!r}")
         if not idle_timeout >= 0.001:
             raise ValueError(
                 f"idle_timeout must be a positive number of seconds, got {idle_timeout!r}"
@@ -338,6 +354,9 @@ class SessionStore:
                 "absolute_lifetime must be a positive number of seconds or None, "
                 f"got {absolute_lifetime!r}"
             )
+        check_seconds("idle_timeout", idle_timeout)
+        if absolute_lifetime is not None:
+            check_seconds("absolute_lifetime", absolute_lifetime)
         self.backend = (
             redis
             if isinstance(redis, Backend)
@@ -405,8 +424,13 @@ class SessionStore:
         return max(1, -(-remaining // 1000))
 
     def touch_due(self, record_pttl: int, created_ms: int) -> bool:
-        """Refresh the idle TTL at most once per tenth of the idle timeout."""
-        return record_pttl < self.ttl_ms(created_ms) - self.idle_ms // 10
+        """Refresh the idle TTL at most once per tenth of the idle timeout -- or at
+        once when the record's TTL is longer than the settings allow now: one
+        stored under a longer ``idle_timeout`` gets the new one on its next request.
+        (The same tenth of slack both ways: app servers' clocks differ a little.)"""
+        allowed = self.ttl_ms(created_ms)
+        slack = self.idle_ms // 10
+        return record_pttl < allowed - slack or record_pttl > allowed + slack
 
     # -- batches ------------------------------------------------------------------
 
@@ -647,7 +671,7 @@ class SessionStore:
         a session bound to someone else (or to nobody) is skipped but kept: a
         request may be binding it to ``user_id`` right now.
         """
-        _check_user(user_id)
+        check_user(user_id)
         index = self.user_key(user_id)
         members = await self._one("SMEMBERS", index)
         ids = sorted(_text(member) for member in members)
@@ -676,7 +700,12 @@ class SessionStore:
             expires_at = now + pttl / 1000 if pttl >= 0 else float("inf")
             infos.append(SessionInfo(handle_of(session_id), created_ms / 1000, expires_at))
         if dead:
-            await self._one("SREM", index, *dead)
+            try:
+                await self._one("SREM", index, *dead)
+            except BackendUnavailable as exc:
+                # Pruning is housekeeping; the listing is what was asked, and it is
+                # complete. (A read-only replica, a failover: the next call prunes.)
+                logger.info("user_sessions could not prune dead index entries: %s", exc)
         infos.sort(key=lambda info: info.created_at)
         return infos
 
@@ -687,7 +716,7 @@ class SessionStore:
         touched, even if the index is stale. Two round trips, more when a login or
         rotation raced it (see the module docstring).
         """
-        _check_user(user_id)
+        check_user(user_id)
         index = self.user_key(user_id)
         deleted = 0
         keep: list[str] = []
@@ -726,7 +755,7 @@ class SessionStore:
 
     async def revoke_session(self, user_id: str, handle: str) -> bool:
         """Delete the one session of ``user_id`` whose handle is ``handle``."""
-        _check_user(user_id)
+        check_user(user_id)
         index = self.user_key(user_id)
         members = await self._one("SMEMBERS", index)
         for session_id in (_text(member) for member in members):
@@ -740,7 +769,9 @@ class SessionStore:
         return False
 
 
-def _check_user(user_id: object) -> None:
+def check_user(user_id: object) -> None:
+    """TypeError unless ``user_id`` can name a user: a non-empty str that Redis can
+    store (valid UTF-8: no lone surrogates such as ``"\\ud800"``)."""
     # '' would match the sessions bound to nobody in the scripts.
-    if not isinstance(user_id, str) or not user_id:
-        raise TypeError(f"user_id must be a non-empty string, got {user_id!r}")
+    if not isinstance(user_id, str) or not user_id or not is_utf8(user_id):
+        raise TypeError(f"user_id must be a non-empty string of valid UTF-8, got {user_id!r}")
