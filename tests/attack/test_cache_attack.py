@@ -1,0 +1,291 @@
+"""Outside review (a2) of the response cache: attacks that broke something, and the
+cheap ones that did not, kept as regression tests.
+
+Each failing test names the broken invariant in its docstring. Every app here is
+a small Starlette app of its own, so what the handler sees is explicit; Redis is
+the suite's real server (``own_redis`` where a test pauses it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.gzip import GZipMiddleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from asgi_redis_kit import Cache, CacheMiddleware, SessionMiddleware, cached
+from tests.support import RedisProcess
+
+pytestmark = pytest.mark.real_redis
+
+SECRET = "a2-attack-secret-key-0123456789abcdef"
+SUPPORTED = ("en", "de", "pt-BR")
+
+
+def _language(request: Request) -> str:
+    """How a hand-rolled handler picks a language: the first tag of the header
+    Starlette gives it, if supported (Starlette has no parser of its own)."""
+    raw = request.headers.get("accept-language") or ""
+    first = raw.split(",")[0].split(";")[0].strip()
+    return first if first in SUPPORTED else "en"
+
+
+def attack_app(
+    cache: Cache, calls: Counter[str], *, sessions: bool = False, gzip: bool = False
+) -> Starlette:
+    @cached(ttl=60)
+    async def greeting(request: Request) -> Response:
+        calls["greeting"] += 1
+        return PlainTextResponse(
+            f"hello in {_language(request)}", headers={"vary": "Accept-Language"}
+        )
+
+    @cached(ttl=60, vary=["accept-language"])
+    async def declared(request: Request) -> Response:
+        calls["declared"] += 1
+        return PlainTextResponse(f"hello in {_language(request)}")
+
+    @cached(ttl=60, vary_on_session=True)
+    async def form(request: Request) -> Response:
+        # A CSRF double-submit form: the token comes from its own cookie, so the
+        # response says Vary: Cookie (as Django's csrf does).
+        calls["form"] += 1
+        token = request.cookies.get("csrftoken", "none")
+        return PlainTextResponse(f"<input name=csrf value={token}>", headers={"vary": "Cookie"})
+
+    @cached(ttl=60)
+    async def links(request: Request) -> Response:
+        # Builds its absolute URL from the proxy's headers, as apps behind a proxy do.
+        calls["links"] += 1
+        host = request.headers.get("x-forwarded-host", request.url.hostname)
+        port = request.headers.get("x-forwarded-port")
+        netloc = f"{host}:{port}" if port else f"{host}"
+        return PlainTextResponse(f"<a href=//{netloc}/next>")
+
+    @cached(ttl=60)
+    async def page(request: Request) -> Response:
+        calls["page"] += 1
+        return PlainTextResponse(f"page {calls['page']} " + "x" * 600)
+
+    middleware = [Middleware(CacheMiddleware, cache=cache)]
+    if sessions:
+        middleware.append(
+            Middleware(SessionMiddleware, secret_key=SECRET, redis=cache.backend.client)
+        )
+    if gzip:
+        middleware.append(Middleware(GZipMiddleware, minimum_size=1))
+    routes = [
+        Route("/greeting", greeting),
+        Route("/declared", declared),
+        Route("/form", form),
+        Route("/links", links),
+        Route("/page", page),
+    ]
+    return Starlette(routes=routes, middleware=middleware)
+
+
+@asynccontextmanager
+async def client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://testserver", timeout=30
+    ) as c:
+        yield c
+
+
+async def raw_get(
+    c: httpx.AsyncClient, url: str, headers: Sequence[tuple[str, str]]
+) -> httpx.Response:
+    """A GET whose header lines are exactly ``headers`` (repeats kept)."""
+    return await c.get(url, headers=list(headers))
+
+
+# -- Vary: Cookie on a vary_on_session route ------------------------------------------------
+
+
+@pytest.mark.parametrize("sessions", [False, True], ids=["no-session-mw", "session-mw"])
+async def test_vary_cookie_on_a_per_user_route_keys_every_cookie(
+    real_redis: Redis, key_prefix: str, sessions: bool
+) -> None:
+    """LEAK. A ``vary_on_session`` route whose response says ``Vary: Cookie``
+    (here a CSRF double-submit token read from its own cookie) must not hand one
+    visitor's cookie-derived page to another. The key keeps only the session
+    cookie's part; two anonymous visitors with different ``csrftoken`` cookies
+    share one entry, so the second gets the first one's token."""
+    cache = Cache(real_redis, key_prefix=key_prefix)
+    calls: Counter[str] = Counter()
+    async with client(attack_app(cache, calls, sessions=sessions)) as c:
+        first = await c.get("/form", headers={"cookie": "csrftoken=AAAA-victim"})
+        second = await c.get("/form", headers={"cookie": "csrftoken=BBBB-attacker"})
+    await cache.aclose()
+    assert "AAAA-victim" in first.text
+    assert "AAAA-victim" not in second.text, second.headers.get("x-cache")
+    assert "BBBB-attacker" in second.text
+
+
+# -- request headers keyed otherwise than the handler reads them ---------------------------
+
+
+@pytest.mark.parametrize("route", ["/greeting", "/declared"], ids=["learned", "vary="])
+async def test_a_repeated_header_line_cannot_poison_the_variant_of_its_joined_value(
+    real_redis: Redis, key_prefix: str, route: str
+) -> None:
+    """POISONING. Starlette's ``request.headers.get`` returns the FIRST line of a
+    repeated header; the key joins all lines with ", " and normalises the result
+    (empty list items dropped). An attacker sending ``Accept-Language:`` (empty)
+    then ``Accept-Language: de`` gets the handler's default page stored under the
+    very variant of every ``Accept-Language: de`` browser. The same rule the
+    Host header has (a second Host bypasses) is missing for keyed headers."""
+    cache = Cache(real_redis, key_prefix=key_prefix)
+    calls: Counter[str] = Counter()
+    async with client(attack_app(cache, calls)) as c:
+        poison = await raw_get(c, route, [("accept-language", ""), ("accept-language", "de")])
+        victim = await raw_get(c, route, [("accept-language", "de")])
+    await cache.aclose()
+    assert poison.text == "hello in en"  # what the handler saw: the first, empty line
+    assert victim.text == "hello in de", victim.headers.get("x-cache")
+
+
+async def test_accept_language_case_folding_cannot_poison_what_browsers_send(
+    real_redis: Redis, key_prefix: str
+) -> None:
+    """POISONING (app-dependent). ``Accept-Language`` values are lower-cased and
+    their spaces dropped before keying, but the handler reads the raw value (a
+    hand-rolled, case-sensitive match, as Starlette offers no parser). One
+    request written ``pt-br`` stores the fallback page under the variant every
+    browser sending ``pt-BR`` hits. The module keys the query byte for byte for
+    exactly this reason ("a key that decoded them would let one spelling's page
+    be served for another"); header values do not get the same rule."""
+    cache = Cache(real_redis, key_prefix=key_prefix)
+    calls: Counter[str] = Counter()
+    async with client(attack_app(cache, calls)) as c:
+        poison = await raw_get(c, "/greeting", [("accept-language", "pt-br")])
+        victim = await raw_get(c, "/greeting", [("accept-language", "pt-BR")])
+    await cache.aclose()
+    assert poison.text == "hello in en"
+    assert victim.text == "hello in pt-BR", victim.headers.get("x-cache")
+
+
+async def test_x_forwarded_port_is_keyed_like_the_other_forwarding_headers(
+    real_redis: Redis, key_prefix: str
+) -> None:
+    """POISONING (app-dependent). The key holds ``X-Forwarded-Host``/``-Proto``/
+    ``-Prefix``/``Forwarded`` because "apps behind a proxy build URLs from them";
+    ``X-Forwarded-Port`` (sent by Traefik, AWS ALB, nginx-ingress; read by
+    Werkzeug's ProxyFix and hand-written URL builders) is not keyed, so one
+    request carrying it stores links to the attacker's port for everyone."""
+    cache = Cache(real_redis, key_prefix=key_prefix)
+    calls: Counter[str] = Counter()
+    async with client(attack_app(cache, calls)) as c:
+        poison = await raw_get(c, "/links", [("x-forwarded-port", "31337")])
+        victim = await c.get("/links")
+    await cache.aclose()
+    assert "31337" in poison.text
+    assert "31337" not in victim.text, victim.headers.get("x-cache")
+
+
+# -- attacks that failed: kept as regression tests -----------------------------------------
+
+
+async def test_gzip_never_reaches_an_identity_client_from_a_cold_process(
+    real_redis: Redis, key_prefix: str
+) -> None:
+    """A second process (cold memo) with an identity client after a gzip client
+    stored its variant: it reads the vary record and gets its own variant."""
+    calls: Counter[str] = Counter()
+    first = Cache(real_redis, key_prefix=key_prefix)
+    second = Cache(real_redis, key_prefix=key_prefix)
+    async with client(attack_app(first, calls, gzip=True)) as c:
+        zipped = await c.get("/page", headers={"accept-encoding": "gzip"})
+    async with client(attack_app(second, calls, gzip=True)) as c:
+        plain = await c.get("/page", headers={"accept-encoding": "identity"})
+        again = await c.get("/page", headers={"accept-encoding": "identity"})
+        none = await c.get("/page", headers={"accept-encoding": ""})
+    await first.aclose()
+    await second.aclose()
+    assert zipped.headers["content-encoding"] == "gzip"
+    for response in (plain, again, none):
+        assert "content-encoding" not in response.headers
+        assert response.content.startswith(b"page ")
+    assert again.headers["x-cache"] == "HIT"
+
+
+async def test_if_none_match_of_the_gzip_variant_is_no_304_for_identity(
+    real_redis: Redis, key_prefix: str
+) -> None:
+    cache = Cache(real_redis, key_prefix=key_prefix)
+    calls: Counter[str] = Counter()
+    async with client(attack_app(cache, calls, gzip=True)) as c:
+        zipped = await c.get("/page", headers={"accept-encoding": "gzip"})
+        etag = zipped.headers["etag"]
+        plain = await c.get("/page", headers={"accept-encoding": "identity"})
+        conditional = await c.get(
+            "/page", headers={"accept-encoding": "identity", "if-none-match": etag}
+        )
+        zipped_304 = await c.get(
+            "/page", headers={"accept-encoding": "gzip", "if-none-match": etag}
+        )
+        head = await c.head("/page", headers={"accept-encoding": "identity"})
+    await cache.aclose()
+    assert plain.headers["etag"] != etag
+    assert conditional.status_code == 200
+    assert "content-encoding" not in conditional.headers
+    assert zipped_304.status_code == 304
+    assert head.status_code == 200
+    assert head.content == b""
+    assert "content-encoding" not in head.headers
+
+
+async def test_invalidate_clear_and_tags_reach_every_variant(
+    real_redis: Redis, key_prefix: str
+) -> None:
+    cache = Cache(real_redis, key_prefix=key_prefix)
+    calls: Counter[str] = Counter()
+    encodings = ("gzip", "identity", "br")
+    async with client(attack_app(cache, calls, gzip=True)) as c:
+
+        async def round_() -> list[str]:
+            return [
+                (await c.get("/page", headers={"accept-encoding": e})).headers["x-cache"]
+                for e in encodings
+            ]
+
+        assert await round_() == ["MISS"] * 3
+        assert await round_() == ["HIT"] * 3
+        await cache.invalidate("http://testserver/page")
+        assert await round_() == ["MISS"] * 3
+        await cache.clear()
+        assert await round_() == ["MISS"] * 3
+    await cache.aclose()
+
+
+async def test_paused_redis_serves_every_variant_without_a_500(
+    own_redis: RedisProcess, key_prefix: str
+) -> None:
+    redis = Redis.from_url(own_redis.url)
+    cache = Cache(redis, key_prefix=key_prefix, timeout=0.2, breaker_threshold=2)
+    calls: Counter[str] = Counter()
+    async with client(attack_app(cache, calls, gzip=True)) as c:
+        await c.get("/page", headers={"accept-encoding": "gzip"})
+        own_redis.pause()
+        try:
+            responses = await asyncio.gather(
+                *(c.get("/page", headers={"accept-encoding": e}) for e in ("gzip", "identity") * 3)
+            )
+        finally:
+            own_redis.resume()
+    await cache.aclose()
+    await redis.aclose()
+    assert {r.status_code for r in responses} == {200}
+    for response, encoding in zip(responses, ("gzip", "identity") * 3, strict=True):
+        assert ("content-encoding" in response.headers) == (encoding == "gzip")
