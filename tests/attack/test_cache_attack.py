@@ -289,3 +289,84 @@ async def test_paused_redis_serves_every_variant_without_a_500(
     assert {r.status_code for r in responses} == {200}
     for response, encoding in zip(responses, ("gzip", "identity") * 3, strict=True):
         assert ("content-encoding" in response.headers) == (encoding == "gzip")
+
+
+# -- sessions ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", ["starlette-outside", "starlette-inside"])
+async def test_a_foreign_session_cookie_name_still_keys_vary_on_session(
+    real_redis: Redis, key_prefix: str, order: str
+) -> None:
+    """LEAK (configuration-dependent). With Starlette's own SessionMiddleware
+    under another cookie name (``session_cookie="sid"``), the cache still keys
+    ``vary_on_session`` routes on a cookie called ``session`` (it learns the name
+    from our SessionMiddleware only), so every logged-in user shares one entry:
+    bob is served alice's private page. A vary_on_session route skips the
+    session-read rule, so nothing else stops it."""
+    from starlette.middleware.sessions import SessionMiddleware as CookieSessions
+
+    async def login(request: Request) -> Response:
+        request.session["user"] = request.query_params["user"]
+        return PlainTextResponse("welcome")
+
+    @cached(ttl=60, vary_on_session=True)
+    async def me(request: Request) -> Response:
+        return PlainTextResponse(f"private page of {request.session.get('user')}")
+
+    layers = [
+        Middleware(CookieSessions, secret_key=SECRET, session_cookie="sid"),
+        Middleware(CacheMiddleware, redis=real_redis, key_prefix=key_prefix),
+    ]
+    if order == "starlette-inside":
+        layers.reverse()
+    app = Starlette(routes=[Route("/login", login), Route("/me", me)], middleware=layers)
+    async with client(app) as alice, client(app) as bob:
+        await alice.get("/login", params={"user": "alice"})
+        await bob.get("/login", params={"user": "bob"})
+        assert (await alice.get("/me")).text == "private page of alice"
+        page = await bob.get("/me")
+    assert page.text == "private page of bob", page.headers.get("x-cache")
+
+
+async def test_our_session_middleware_behind_an_opaque_middleware_still_keys_vary_on_session(
+    real_redis: Redis, key_prefix: str
+) -> None:
+    """LEAK (configuration-dependent). The cookie name is learned by walking the
+    ``.app`` chain; a middleware that keeps its inner app under another name (a
+    closure, ``self._app``) hides our SessionMiddleware(cookie_name="sid") inside
+    the cache, which then keys ``vary_on_session`` on a cookie ``session`` nobody
+    sends: alice's private page is bob's. Not finding the session middleware
+    should fail safe (not store a vary_on_session response whose request carries
+    cookies), not fall back to a guessed name."""
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
+    class Opaque:
+        def __init__(self, app: ASGIApp) -> None:
+            self._inner = app
+
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            await self._inner(scope, receive, send)
+
+    async def login(request: Request) -> Response:
+        request.session["user"] = request.query_params["user"]
+        return PlainTextResponse("welcome")
+
+    @cached(ttl=60, vary_on_session=True)
+    async def me(request: Request) -> Response:
+        return PlainTextResponse(f"private page of {request.session.get('user')}")
+
+    app = Starlette(
+        routes=[Route("/login", login), Route("/me", me)],
+        middleware=[
+            Middleware(CacheMiddleware, redis=real_redis, key_prefix=key_prefix),
+            Middleware(Opaque),
+            Middleware(SessionMiddleware, secret_key=SECRET, redis=real_redis, cookie_name="sid"),
+        ],
+    )
+    async with client(app) as alice, client(app) as bob:
+        await alice.get("/login", params={"user": "alice"})
+        await bob.get("/login", params={"user": "bob"})
+        assert (await alice.get("/me")).text == "private page of alice"
+        page = await bob.get("/me")
+    assert page.text == "private page of bob", page.headers.get("x-cache")
