@@ -370,3 +370,30 @@ async def test_our_session_middleware_behind_an_opaque_middleware_still_keys_var
         assert (await alice.get("/me")).text == "private page of alice"
         page = await bob.get("/me")
     assert page.text == "private page of bob", page.headers.get("x-cache")
+
+
+# -- what a served response tells caches downstream ----------------------------------------
+
+
+async def test_a_declared_vary_is_told_to_downstream_caches(
+    real_redis: Redis, key_prefix: str
+) -> None:
+    """LEAK through a downstream shared cache (CDN, nginx proxy_cache). A route
+    with ``vary=["accept-language"]`` keys its entries on that header, but the
+    served response (MISS and HIT) carries ``Cache-Control: max-age=N`` added by
+    the cache and no ``Vary`` naming the header: any shared cache in front keeps
+    the first variant and serves it to every value (one tenant's, one
+    language's page to all). Django's ``vary_on_headers`` patches ``Vary`` for
+    this reason; the key's hidden parts must be named in ``Vary`` (or the
+    response kept out of shared caches)."""
+    cache = Cache(real_redis, key_prefix=key_prefix)
+    calls: Counter[str] = Counter()
+    async with client(attack_app(cache, calls)) as c:
+        miss = await raw_get(c, "/declared", [("accept-language", "de")])
+        hit = await raw_get(c, "/declared", [("accept-language", "de")])
+    await cache.aclose()
+    assert hit.headers["x-cache"] == "HIT"
+    for response in (miss, hit):
+        assert "max-age" in response.headers["cache-control"]
+        vary = {v.strip().lower() for v in response.headers.get("vary", "").split(",")}
+        assert "accept-language" in vary, dict(response.headers)
