@@ -12,6 +12,7 @@ import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 import pytest
@@ -397,3 +398,62 @@ async def test_a_declared_vary_is_told_to_downstream_caches(
         assert "max-age" in response.headers["cache-control"]
         vary = {v.strip().lower() for v in response.headers.get("vary", "").split(",")}
         assert "accept-language" in vary, dict(response.headers)
+
+
+# -- single-flight and lease across processes ----------------------------------------------
+
+
+async def test_a_waiting_process_re_reads_the_variant_its_leader_learned(
+    real_redis: Redis, redis_url: str, key_prefix: str
+) -> None:
+    """WRONG HANDLER-RUN COUNT. Process B finds process A's lease on the base key
+    and polls the base entry; A's response says ``Vary: Accept-Encoding`` and is
+    stored under the variant key, releasing the base lease. B then sees no entry
+    and no lease and runs the handler again instead of re-reading the variant
+    the vary record now names (in-process followers do re-key: ``follow``)."""
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+    runs: Counter[str] = Counter()
+
+    @cached(ttl=60)
+    async def slow(request: Request) -> Response:
+        runs["slow"] += 1
+        entered.set()
+        await asyncio.wait_for(gate.wait(), timeout=10)
+        return PlainTextResponse("slow page " + "y" * 600)
+
+    def app(cache: Cache) -> Starlette:
+        return Starlette(
+            routes=[Route("/slow", slow)],
+            middleware=[
+                Middleware(CacheMiddleware, cache=cache),
+                Middleware(GZipMiddleware, minimum_size=1),
+            ],
+        )
+
+    polled = asyncio.Event()
+
+    class Polling(Redis):
+        """Process B's client: says when B polls (an MGET of entry and lease)."""
+
+        async def execute_command(self, *args: Any, **options: Any) -> Any:
+            if str(args[0]).upper() == "MGET":
+                polled.set()
+            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+    b_redis = Polling.from_url(redis_url)
+    a = Cache(real_redis, key_prefix=key_prefix, lock_wait=5)
+    b = Cache(b_redis, key_prefix=key_prefix, lock_wait=5)
+    gzip = {"accept-encoding": "gzip"}
+    async with client(app(a)) as ca, client(app(b)) as cb:
+        leader = asyncio.create_task(ca.get("/slow", headers=gzip))
+        await asyncio.wait_for(entered.wait(), timeout=10)
+        waiter = asyncio.create_task(cb.get("/slow", headers=gzip))
+        await asyncio.wait_for(polled.wait(), timeout=10)  # B found the lease and polls
+        gate.set()
+        first, second = await asyncio.wait_for(asyncio.gather(leader, waiter), timeout=20)
+    await a.aclose()
+    await b.aclose()
+    await b_redis.aclose()
+    assert first.text == second.text
+    assert runs["slow"] == 1, second.headers.get("x-cache")
