@@ -457,3 +457,100 @@ async def test_a_waiting_process_re_reads_the_variant_its_leader_learned(
     await b_redis.aclose()
     assert first.text == second.text
     assert runs["slow"] == 1, second.headers.get("x-cache")
+
+
+# -- stale entries, HEAD and variants (attacks that failed) --------------------------------
+
+
+def stale_app(cache: Cache, calls: Counter[str], fail: list[bool]) -> Starlette:
+    @cached(ttl=10, stale_while_revalidate=100, stale_if_error=1000)
+    async def news(request: Request) -> Response:
+        calls["news"] += 1
+        if fail:
+            raise RuntimeError("backend down")
+        return PlainTextResponse(f"news {calls['news']} " + "z" * 600)
+
+    return Starlette(
+        routes=[Route("/news", news)],
+        middleware=[
+            Middleware(CacheMiddleware, cache=cache),
+            Middleware(GZipMiddleware, minimum_size=1),
+        ],
+    )
+
+
+async def test_stale_variants_refresh_with_their_own_encoding(
+    real_redis: Redis, key_prefix: str
+) -> None:
+    from tests.cache.conftest import Clock
+
+    clock = Clock()
+    cache = Cache(real_redis, key_prefix=key_prefix, clock=clock)
+    calls: Counter[str] = Counter()
+    fail: list[bool] = []
+    gzip, plain = {"accept-encoding": "gzip"}, {"accept-encoding": "identity"}
+    async with client(stale_app(cache, calls, fail)) as c:
+        await c.get("/news", headers=gzip)
+        await c.get("/news", headers=plain)
+        clock.advance(20)  # stale, inside stale-while-revalidate
+        stale_plain = await c.get("/news", headers=plain)
+        await cache.wait_background()
+        fresh_plain = await c.get("/news", headers=plain)
+        fresh_zip = await c.get("/news", headers=gzip)  # still stale: its own refresh
+        await cache.wait_background()
+        clock.advance(500)  # past revalidate, inside stale-if-error
+        fail.append(True)
+        error_plain = await c.get("/news", headers=plain)
+        error_zip = await c.get("/news", headers=gzip)
+        head = await c.head("/news", headers=plain)
+    await cache.aclose()
+    assert stale_plain.headers["x-cache"] == "STALE"
+    assert fresh_plain.headers["x-cache"] == "HIT"
+    assert fresh_zip.headers["x-cache"] == "STALE"
+    for response in (stale_plain, fresh_plain, error_plain):
+        assert "content-encoding" not in response.headers
+        assert response.content.startswith(b"news ")
+    assert error_plain.headers["x-cache"] == "STALE"
+    assert error_zip.headers["content-encoding"] == "gzip"
+    assert error_zip.text.startswith("news ")
+    assert head.status_code == 200
+    assert head.headers["x-cache"] == "STALE"
+    assert head.content == b""
+
+
+@pytest.mark.parametrize("order", ["cache-outside", "session-outside"])
+async def test_a_session_bound_to_a_user_counts_as_read_without_data(
+    real_redis: Redis, key_prefix: str, order: str
+) -> None:
+    """LEAK. "A session holding data counts as read whatever path the handler
+    took" -- but a session whose only content is its bound user (``bind_user``
+    at login, no data keys) is not ``exposed``: an auth backend or handler that
+    reads ``scope["session"].user_id`` directly (the path the rule exists for)
+    gets a shared route's page stored, and the next logged-in visitor is served
+    "hello alice"."""
+    from asgi_redis_kit import Session
+
+    async def login(request: Request) -> Response:
+        session = Session.of(request)
+        session.regenerate()
+        session.bind_user(request.query_params["user"])
+        return PlainTextResponse("welcome")
+
+    @cached(ttl=60)
+    async def home(request: Request) -> Response:
+        user = request.scope["session"].user_id  # e.g. an AuthenticationBackend
+        return PlainTextResponse(f"hello {user}")
+
+    layers = [
+        Middleware(CacheMiddleware, redis=real_redis, key_prefix=key_prefix),
+        Middleware(SessionMiddleware, secret_key=SECRET, redis=real_redis),
+    ]
+    if order == "session-outside":
+        layers.reverse()
+    app = Starlette(routes=[Route("/login", login), Route("/home", home)], middleware=layers)
+    async with client(app) as alice, client(app) as bob:
+        await alice.get("/login", params={"user": "alice"})
+        await bob.get("/login", params={"user": "bob"})
+        assert (await alice.get("/home")).text == "hello alice"
+        page = await bob.get("/home")
+    assert page.text == "hello bob", page.headers.get("x-cache")
