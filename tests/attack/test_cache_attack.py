@@ -554,3 +554,66 @@ async def test_a_session_bound_to_a_user_counts_as_read_without_data(
         assert (await alice.get("/home")).text == "hello alice"
         page = await bob.get("/home")
     assert page.text == "hello bob", page.headers.get("x-cache")
+
+
+# -- invalidation by URL -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("testserver:80", "http://testserver/page"),
+        ("testserver", "http://testserver:80/page"),
+        ("xn--bcher-kva.example", "http://bücher.example/page"),
+    ],
+    ids=["port-in-host", "port-in-url", "idna"],
+)
+async def test_invalidate_url_reaches_the_entries_of_the_same_origin(
+    real_redis: Redis, key_prefix: str, host: str, url: str
+) -> None:
+    """WRONG ANSWER (stale after invalidation). ``invalidate(url)`` names the URL
+    by its netloc as written; entries are filed under the Host header exactly
+    as sent. A proxy that always sends the port (nginx ``$host:$server_port``)
+    or a URL written with its default port or in Unicode names the same origin
+    but another URL id, so the invalidation silently reaches nothing."""
+    cache = Cache(real_redis, key_prefix=key_prefix)
+    calls: Counter[str] = Counter()
+    async with client(attack_app(cache, calls)) as c:
+        first = await c.get("/page", headers={"host": host})
+        await cache.invalidate(url)
+        second = await c.get("/page", headers={"host": host})
+    await cache.aclose()
+    assert first.headers["x-cache"] == "MISS"
+    assert second.headers["x-cache"] == "MISS", "invalidate() did not reach the entry"
+
+
+# -- Redis faults --------------------------------------------------------------------------
+
+
+async def test_a_full_redis_keeps_variants_apart_and_never_500s(
+    own_redis: RedisProcess, key_prefix: str
+) -> None:
+    """Out of memory: misses cannot store (nor take a lease); every variant is
+    still answered, each client its own encoding, no 500, and entries stored
+    before are still served."""
+    from tests.support import fill_until_oom
+
+    redis = Redis.from_url(own_redis.url)
+    cache = Cache(redis, key_prefix=key_prefix, timeout=2)
+    calls: Counter[str] = Counter()
+    async with client(attack_app(cache, calls, gzip=True)) as c:
+        stored = await c.get("/page", headers={"accept-encoding": "gzip"})
+        await fill_until_oom(redis)
+        encodings = ("gzip", "identity") * 3
+        responses = await asyncio.gather(
+            *(c.get("/page", headers={"accept-encoding": e}) for e in encodings)
+        )
+        hit = await c.get("/page", headers={"accept-encoding": "gzip"})
+    await cache.aclose()
+    await redis.aclose()
+    assert stored.headers["content-encoding"] == "gzip"
+    assert {r.status_code for r in responses} == {200}
+    for response, encoding in zip(responses, encodings, strict=True):
+        assert ("content-encoding" in response.headers) == (encoding == "gzip")
+        assert response.text.startswith("page ")
+    assert hit.headers["x-cache"] == "HIT"
