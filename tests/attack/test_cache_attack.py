@@ -617,3 +617,40 @@ async def test_a_full_redis_keeps_variants_apart_and_never_500s(
         assert ("content-encoding" in response.headers) == (encoding == "gzip")
         assert response.text.startswith("page ")
     assert hit.headers["x-cache"] == "HIT"
+
+
+@pytest.mark.parametrize("order", ["cache-outside", "session-outside"])
+async def test_an_empty_session_page_is_not_served_to_a_logged_in_user(
+    real_redis: Redis, key_prefix: str, order: str
+) -> None:
+    """POISONING (logged-in users get the logged-out page). A request with a
+    session cookie that names no session (garbage, expired, or a valid empty
+    one) reaches a handler that reads ``scope["session"]`` directly (an auth
+    library's path); the session is empty and was not asked for through
+    ``request.session``, so nothing counts as read, and the guest page is
+    stored under the "carries the session cookie" key, which every logged-in
+    visitor's request also has. Alice, logged in, is served "hello guest"
+    without her handler running."""
+
+    async def login(request: Request) -> Response:
+        request.session["user"] = request.query_params["user"]
+        return PlainTextResponse("welcome")
+
+    @cached(ttl=60)
+    async def home(request: Request) -> Response:
+        user = request.scope["session"].get("user")  # not request.session
+        return PlainTextResponse(f"hello {user or 'guest'}")
+
+    layers = [
+        Middleware(CacheMiddleware, redis=real_redis, key_prefix=key_prefix),
+        Middleware(SessionMiddleware, secret_key=SECRET, redis=real_redis),
+    ]
+    if order == "session-outside":
+        layers.reverse()
+    app = Starlette(routes=[Route("/login", login), Route("/home", home)], middleware=layers)
+    async with client(app) as alice, client(app) as stale:
+        await alice.get("/login", params={"user": "alice"})
+        guest = await stale.get("/home", headers={"cookie": "session=expired-or-garbage"})
+        page = await alice.get("/home")
+    assert guest.text == "hello guest"
+    assert page.text == "hello alice", page.headers.get("x-cache")
