@@ -654,3 +654,43 @@ async def test_an_empty_session_page_is_not_served_to_a_logged_in_user(
         page = await alice.get("/home")
     assert guest.text == "hello guest"
     assert page.text == "hello alice", page.headers.get("x-cache")
+
+
+# -- forwarding headers that only count from a trusted proxy -------------------------------
+
+
+async def test_an_untrusted_x_forwarded_proto_cannot_poison_the_trusted_proxys_entry(
+    real_redis: Redis, key_prefix: str
+) -> None:
+    """POISONING (scheme downgrade). uvicorn's ProxyHeadersMiddleware inside the
+    cache honours ``X-Forwarded-Proto`` only from a trusted proxy. The key holds
+    the raw header value and the scheme as the cache saw it (before the
+    rewrite), not whether the header was honoured: a direct, untrusted client
+    sending ``X-Forwarded-Proto: https`` gets an ``http://`` page stored under
+    the very key of every request the proxy forwards, so real users are served
+    ``http://`` links (mixed content, or a redirect loop for apps that force
+    https)."""
+    from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+    @cached(ttl=60)
+    async def canonical(request: Request) -> Response:
+        return PlainTextResponse(f"<link rel=canonical href={request.url}>")
+
+    app = Starlette(
+        routes=[Route("/canonical", canonical)],
+        middleware=[
+            Middleware(CacheMiddleware, redis=real_redis, key_prefix=key_prefix),
+            Middleware(ProxyHeadersMiddleware, trusted_hosts=["10.0.0.1"]),
+        ],
+    )
+    https = {"x-forwarded-proto": "https"}
+
+    def from_(address: str) -> httpx.AsyncClient:
+        transport = httpx.ASGITransport(app=app, client=(address, 40000))
+        return httpx.AsyncClient(transport=transport, base_url="http://testserver")
+
+    async with from_("6.6.6.6") as attacker, from_("10.0.0.1") as proxy:
+        poison = await attacker.get("/canonical", headers=https)
+        page = await proxy.get("/canonical", headers=https)
+    assert "http://testserver" in poison.text
+    assert "https://testserver" in page.text, page.headers.get("x-cache")
