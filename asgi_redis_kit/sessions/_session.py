@@ -101,7 +101,7 @@ class Session(dict[str, Any]):
 
     def __repr__(self) -> str:
         # Never the id: reprs end up in logs and tracebacks.
-        return f"<Session {dict.__repr__(self)} new={self.is_new}>"
+        return f"<Session {dict.__repr__(self)} new={self._id is None}>"
 
     # -- storing values: refused at once if they could not come back unchanged ----
     # (see _codec). Nested mutation is only seen by the save, which raises then.
@@ -147,25 +147,37 @@ class Session(dict[str, Any]):
     @property
     def exposed(self) -> bool:
         """Whether a response may depend on this session: it was asked for
-        (:attr:`accessed`), or it holds or held data this request could reach by
-        a path no hook sees -- ``scope["session"]`` read by C code such as
-        ``orjson.dumps``, ``dict(...)``, ``{**session}`` -- so a shared cache
-        must treat it as read. Never raises, even on the stand-in for a session
-        whose load failed."""
-        return self.accessed or bool(self._snapshot) or dict.__len__(self) > 0
+        (:attr:`accessed`), or it has a stored record, a bound user or data that
+        this request could reach by a path no hook sees -- ``scope["session"]``
+        read by C code such as ``orjson.dumps``, ``dict(...)``, ``{**session}``,
+        an auth library reading ``user_id`` -- so a shared cache must treat it
+        as read. Never raises, even on the stand-in for a session whose load
+        failed."""
+        return (
+            self.accessed
+            or self._id is not None
+            or self._user is not None
+            or bool(self._snapshot)
+            or dict.__len__(self) > 0
+        )
+
+    # Reading who the session is counts as using it, like reading its data.
 
     @property
     def is_new(self) -> bool:
         """True until the session has a record in Redis."""
+        self.accessed = True
         return self._id is None
 
     @property
     def handle(self) -> str | None:
         """A non-secret name of the stored session (see :class:`SessionInfo`)."""
+        self.accessed = True
         return None if self._id is None else handle_of(self._id)
 
     @property
     def user_id(self) -> str | None:
+        self.accessed = True
         return self._user
 
     @property
