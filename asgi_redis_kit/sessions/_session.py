@@ -301,10 +301,11 @@ class Session(dict[str, Any]):
             return None
         fields = {DATA + k: v for k, v in encoded.items() if self._snapshot.get(k) != v}
         deleted = [DATA + k for k in self._snapshot if k not in encoded]
-        bind = unbind = None
+        bind = None
         if self._user != self._stored_user:
-            # Indexed before the binding commits, un-indexed after (see _store).
-            bind, unbind = self._user, self._stored_user
+            # Indexed before the binding commits; the old user's entry stays, stale,
+            # until the record is deleted (see _store).
+            bind = self._user
             if self._user is None:
                 deleted.append(USER)
             else:
@@ -320,7 +321,6 @@ class Session(dict[str, Any]):
                 ttl_ms=ttl,
                 user=self._stored_user,
                 bind=bind,
-                unbind=unbind,
             )
             if result != SAVED:  # gone, emptied, or bound to someone else meanwhile
                 self._ended()
@@ -347,25 +347,36 @@ class Session(dict[str, Any]):
             await store.delete(drop)
             self._drop, self._replaces = [], None
             return CookieAction("expire") if self._cleared and self._presented else None
-        session_id = new_session_id()
-        created = store.now_ms()
+        # The record this one replaces (regenerate) or ends (clear): the loaded one.
+        old = self._replaces or (self._drop[0] if self._drop else None)
+        # A rotation, or clear() then bind_user() of the user it was bound to,
+        # continues that session: same lifetime, and it must still live (and not
+        # be under revoke) when it is replaced. A login starts a new lifetime.
+        continues = old is not None and old[1] == self._user
+        if continues and self._replaces is None and self._user is None:
+            continues = False  # clear(), then anonymous data: a new session
+        created = self._created_ms if continues else store.now_ms()
         ttl = store.ttl_ms(created)
+        if ttl <= 0:  # the session it continues reached its absolute lifetime
+            await store.delete(drop)
+            self._ended()
+            return None
+        session_id = new_session_id()
         fields = {DATA + k: v for k, v in encoded.items()}
         fields[CREATED] = str(created).encode()
         if self._user is not None:
             fields[USER] = self._user.encode()
         self._wrote = True
-        if self._replaces is None:
+        if old is not None and (continues or self._replaces is not None):
+            # clear() moves a replaced record to _drop, so drop holds old at most.
+            if not await store.replace(old, session_id, fields=fields, ttl_ms=ttl, user=self._user):
+                logger.info("session ended during the request; its new id was not kept")
+                self._ended()
+                return None
+        else:
             await store.save(
                 session_id, create=True, fields=fields, ttl_ms=ttl, drop=drop, bind=self._user
             )
-        # clear() moves a replaced record to _drop, so here _drop is empty.
-        elif not await store.replace(
-            self._replaces, session_id, fields=fields, ttl_ms=ttl, user=self._user
-        ):
-            logger.info("session ended during the request; its new id was not kept")
-            self._ended()
-            return None
         self._id, self._created_ms, self._pttl_ms = session_id, created, ttl
         self._snapshot = encoded
         self._stored_user = self._user
