@@ -327,7 +327,7 @@ class Session(dict[str, Any]):
                 return None
         elif store.touch_due(self._pttl_ms, self._created_ms):
             refreshed = True
-            if not await store.touch(self._id, ttl):
+            if not await store.touch(self._id, ttl, user=self._stored_user):
                 self._ended()
                 return None
         self._snapshot = encoded

@@ -242,6 +242,15 @@ local function noted_users()
 end
 """
 
+# Make the index live at least ARGV[1] ms more; one without a TTL keeps none.
+_INDEX_TTL = _Script("""
+local pttl = redis.call('PTTL', KEYS[1])
+if pttl >= 0 and pttl < tonumber(ARGV[1]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+return 1
+""")
+
 # Delete the session only if it is still a live record bound to ARGV[1] ('' for
 # none). {1, noted users...}: deleted; 0: no live record; 2: live but bound to
 # someone else.
@@ -326,6 +335,7 @@ _TAKE_INDEX = _Script(
     + """
 local now = now_ms()
 local marker = '!r:' .. (now + tonumber(ARGV[1])) .. ':' .. ARGV[2]
+local pttl = redis.call('PTTL', KEYS[1])
 local members = redis.call('SMEMBERS', KEYS[1])
 redis.call('DEL', KEYS[1])
 local taken = {marker}
@@ -337,7 +347,10 @@ for _, member in ipairs(members) do
   end
 end
 redis.call('SADD', KEYS[1], marker)
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
+-- The index keeps its TTL (no TTL: none), so entries put back outlive their sessions.
+if pttl ~= -1 then
+  redis.call('PEXPIRE', KEYS[1], math.max(pttl, tonumber(ARGV[1])))
+end
 return taken
 """
 )
@@ -388,6 +401,7 @@ _SCRIPTS = (
     _SAVE,
     _INCR,
     _INDEX_ADD,
+    _INDEX_TTL,
     _DELETE_IF_USER,
     _KILL,
     _NOTE_USER,
@@ -706,7 +720,8 @@ class SessionStore:
             )
             await self._unindex_noted(drop, killed)
             return int(created)
-        _, (result,) = await self._steps(self._index_commands(bind, session_id), [save])
+        keep = self._keep_index(user, ttl_ms) if bind is None else []
+        _, (result, *_) = await self._steps(self._index_commands(bind, session_id), [save, *keep])
         result = int(result)
         if bind is not None and result == MOVED:
             # Bound to someone else meanwhile, but live: our entry may be relied on
@@ -805,9 +820,20 @@ class SessionStore:
             killed, _ = await self._steps(self._kill_commands(drop), self._unindex_commands(drop))
             await self._unindex_noted(drop, killed)
 
-    async def touch(self, session_id: str, ttl_ms: int) -> bool:
-        """Refresh the idle TTL; False if the session no longer exists."""
-        return bool(await self._one("PEXPIRE", self.session_key(session_id), ttl_ms))
+    async def touch(self, session_id: str, ttl_ms: int, *, user: str | None = None) -> bool:
+        """Refresh the idle TTL (and the index of ``user``, the bound user, so that
+        it outlives the session); False if the session no longer exists."""
+        key = self.session_key(session_id)
+        refreshed, *_ = await self._batch(("PEXPIRE", key, ttl_ms), *self._keep_index(user, ttl_ms))
+        return bool(refreshed)
+
+    def _keep_index(self, user: str | None, ttl_ms: int) -> list[Command]:
+        # Every TTL refresh of a bound session makes its index live at least as
+        # long: the index's own TTL was set when an id was added, maybe by a store
+        # with a shorter absolute lifetime than the one refreshing now.
+        if user is None:
+            return []
+        return [_script(_INDEX_TTL, self.user_key(user), ttl_ms)]
 
     async def incr(
         self, session_id: str, key: str, amount: int, *, user: str | None = None
