@@ -11,6 +11,9 @@ Fields of a session hash::
                  the prefix means no key can clash with metadata)
     m:created    creation time, integer milliseconds since the epoch
     m:user       the bound user id, when there is one
+    m:i:<user>   a note: the id may be in that user's index (set before or with
+                 every index add that the record outlives)
+    m:prev       the handle of the session this one continues (see "successor")
 
 Every script touches exactly one key and no command ever spans two sessions, so
 the scheme works unchanged on Redis Cluster; nothing here uses KEYS or SCAN.
@@ -23,49 +26,74 @@ atomic step. Scripts run by EVALSHA; after a Redis restart empties the script
 cache, the NOSCRIPT reply makes us load them and send again the commands it refused.
 
 Idle timeout is the key's TTL. The absolute lifetime is enforced from ``m:created``
-on load and by never setting a TTL that reaches past it.
+on load and by never setting a TTL that reaches past it. A *successor* -- the new
+record of ``regenerate()``, or of ``clear()`` then ``bind_user()`` of the user the
+loaded record was bound to -- keeps the creation time of the session it continues:
+rotating the id never extends the lifetime. A login (bound to another user, or from
+an anonymous session) starts a new one. Every TTL refresh of a bound session makes
+its index live at least as long (the index's TTL is set when an id is added, maybe
+by a store with a shorter absolute lifetime).
 
 Revoke, logout and expiry win over every request in flight
 ----------------------------------------------------------
 
 A request loads a session, and while it runs the session is revoked
-(``revoke_user``), logged out by another request, or expires. Whatever the request
-then does, it must not bring the session back, nor hand out a copy of it. On
-Cluster the session, its replacement and the user index live in three slots, so no
-script can see them together; the protocol below holds with any interleaving of
-commands. A request that fails half-way (an error reply, a timeout) leaves at worst
-a stale index entry, a new record whose id was never sent, or a logged-out user;
-never a record that a cookie points to, bound but missing from its index.
+(``revoke_user``, ``revoke_session``), logged out by another request, or expires.
+Whatever the request then does, it must not bring the session back, nor hand out a
+copy of it. On Cluster the session, its replacement and the user index live in three
+slots, so no script can see them together; the protocol below holds with any
+interleaving of commands. A request that fails half-way (an error reply, a timeout)
+leaves at worst a stale index entry, a new record whose id was never sent, or a
+logged-out user; never a record that a cookie points to, bound but missing from its
+index.
 
 Invariants:
 
 1. A live record bound to a user is in that user's index (the index is a
    superset). So an id is indexed *before* an existing record is bound to it, and
-   un-indexed only *after* its record was deleted or rebound.
-2. An index entry whose record is missing is dead for good: a new id is indexed
-   only once its record exists. So ``user_sessions`` and ``revoke_user`` may drop
-   such entries. An entry whose record exists but is bound to someone else (or to
-   nobody) is kept: it may be a binding in flight.
-3. A request writes only to the record it loaded, as it loaded it: every update
+   an id is un-indexed only once its record is dead: an id whose record is live
+   may be relied on by a bind in flight (a rebind back to that user, say) whatever
+   it is bound to now, and no script can check record and index together on
+   Cluster. A rebind leaves a stale entry in the old user's index.
+2. An index entry whose record is missing is dead for good: ids are never reused
+   and a new id is indexed only once its record exists. So ``user_sessions`` and
+   ``revoke_user`` may drop such entries. An entry whose record exists but is bound
+   to someone else (or to nobody) is kept.
+3. Our own operations leave no dead entry: every index add is noted in the record
+   (``m:i:<user>``) -- with the write that creates or binds it, or, for a bind that
+   lost its race (MOVED), in a script of its own -- or undone by the adder once the
+   record is found dead. Every delete is a script that names the noted users, whose
+   entries are then removed (safe: the record is dead).
+4. A request writes only to the record it loaded, as it loaded it: every update
    (save, ``incr``) checks in its script that the record is still live and still
    bound to the same user (GONE/MOVED otherwise, and the request's changes are
    dropped, with no Set-Cookie).
 
 ``regenerate()`` (login, rotation) carries the old record's data into a new id:
 
-a. create the new record (bound to the new user, if any), then index it;
+a. create the new record (bound to the new user, if any; a successor names its
+   predecessor in ``m:prev``), then index it -- a successor by _INDEX_SUCCESSOR,
+   which refuses while a revoke of the user is under way (then the new record is
+   deleted, the old one left to the revoke, and the request gets no cookie);
 b. then delete the old record only if it is still live and bound to the user the
-   request loaded, then un-index it;
+   request loaded, then un-index it from every user it noted;
 c. if (b) found it gone or rebound, delete the new record and un-index it: the
-   session ended during the request, like a save finding it gone.
+   session ended during the request, like a save finding it gone. (Rebound: the
+   old id stays indexed, see 1.)
 
-``revoke_user`` takes the index atomically (SMEMBERS + DEL) and deletes every
-listed record still bound to the user; entries of live records bound to someone
-else go back into the index (2). A listed record that is missing may have been
-replaced by a login that deleted it in (b) after revoke took the index, whose new
-id is then already indexed (a): so revoke takes the index again while a pass meets
-missing records (at most ``REVOKE_PASSES``). A login that runs (b) after revoke
-deleted the old record sees it gone and drops its new record itself (c).
+Revocation markers. ``revoke_user`` takes the index atomically (SMEMBERS + DEL) and
+leaves in it a marker (a member ``!r:<deadline>:<token>``; no session id starts with
+"!"), deletes every listed record still bound to the user, puts back the entries of
+live records bound to someone else (2), and removes the marker. A successor indexed
+before the take is in what it took; one indexed after is refused; a login that runs
+(b) after the revoke's delete sees the old record gone and drops its new one (c).
+So one pass ends every session that continues a revoked one. ``revoke_session``
+marks the index the same way (without taking it), reads every listed record's
+``m:prev``, and deletes the session and, transitively, every successor of it. The
+marker lives in the index key itself -- the one key sure to share its slot, whatever
+the user id -- and has a deadline (server time) so that a revoke that dies half-way
+blocks rotations for ``REVOKE_GRACE_MS`` at most. While a revoke runs, a rotation
+of the user's other sessions is refused too: it keeps its old id.
 
 Ids of sessions that ended by TTL stay in the index until ``user_sessions`` or
 ``revoke_user`` meets them, or the index expires; our own deletes un-index at once.
@@ -74,12 +102,13 @@ sent to anyone: harmless, and gone at its idle timeout.
 
 Ordered steps: a single server runs one connection's commands in order, so the
 steps of a save go in one pipeline; a step that depends on an earlier *reply* (b
-after a; c) is a round trip of its own. On Cluster every step is its own round
-trip. Round trips after the load, single server (Cluster): write, incr, touch 1
-(1); first save 1 (1, or 2 when bound); bind 1 (2); rebind 2 (3); clear 1 (2);
-regenerate 2 (4); plus 1 for a save that lost a race and undoes its index add or
-its new record. ``revoke_user``: 2, plus 2 per extra pass, plus 1 to put entries
-back.
+after a successor's index add; un-index after a delete-if-live; c) is a round trip
+of its own. On Cluster every step is its own round trip. Round trips after the
+load, single server (Cluster): write, incr, touch 1 (1); first save 1 (1, or 2 when
+bound); bind or rebind 1 (2); clear 1 (2); login as another user 2 (4); rotation of
+a bound session 3 (4); plus 1 for a save that lost a race and undoes its index add
+or its new record, or a delete whose record noted other users. ``revoke_user``: 3;
+``revoke_session``: 4.
 """
 
 from __future__ import annotations
@@ -768,7 +797,7 @@ class SessionStore:
             add = _script(_INDEX_SUCCESSOR, self.user_key(user), self._index_ttl(), session_id)
             _, (indexed,) = await self._steps([create], [add])
             if int(indexed) == 0:  # a revoke of the user is under way: it ends old
-                await self.delete([(session_id, None)])
+                await self.delete([(session_id, user)])
                 return False
             (killed,) = await self._batch(kill)
         else:
@@ -777,7 +806,8 @@ class SessionStore:
             )
         code, noted = _kill_reply(killed)
         if code == 1:
-            await self._batch(*self._srem_commands(old_id, noted))
+            if noted:  # an anonymous session was in no index
+                await self._batch(*self._srem_commands(old_id, noted))
             return True
         # old is gone (dead for good: un-index it) or live and bound to someone else
         # (an entry a bind in flight may rely on: keep it). Drop the new record.
