@@ -77,6 +77,8 @@ class Session(dict[str, Any]):
         self._created_ms = record.created_ms if record is not None else 0
         self._pttl_ms = record.pttl_ms if record is not None else 0
         self._stored_user = record.user_id if record is not None else None
+        # The line of successors the loaded record belongs to (see _store).
+        self._lineage = record.lineage if record is not None else ""
         self._user = self._stored_user
         self._resign = resign and record is not None
         # The request brought a validly signed cookie (with or without a record).
@@ -369,7 +371,9 @@ class Session(dict[str, Any]):
         self._wrote = True
         if old is not None and (continues or self._replaces is not None):
             # clear() moves a replaced record to _drop, so drop holds old at most.
-            if not await store.replace(old, session_id, fields=fields, ttl_ms=ttl, user=self._user):
+            if not await store.replace(
+                old, session_id, fields=fields, ttl_ms=ttl, user=self._user, lineage=self._lineage
+            ):
                 logger.info("session ended during the request; its new id was not kept")
                 self._ended()
                 return None
@@ -377,6 +381,10 @@ class Session(dict[str, Any]):
             await store.save(
                 session_id, create=True, fields=fields, ttl_ms=ttl, drop=drop, bind=self._user
             )
+        if not (continues and old is not None and self._user is not None):
+            self._lineage = ""
+        elif not self._lineage:
+            self._lineage = handle_of(old[0])
         self._id, self._created_ms, self._pttl_ms = session_id, created, ttl
         self._snapshot = encoded
         self._stored_user = self._user

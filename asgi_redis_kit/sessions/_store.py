@@ -14,6 +14,8 @@ Fields of a session hash::
     m:i:<user>   a note: the id may be in that user's index (set before or with
                  every index add that the record outlives)
     m:prev       the handle of the session this one continues (see "successor")
+    m:root       the handle of the first session of that line (a session without
+                 it is the first of its own)
 
 Every script touches exactly one key and no command ever spans two sessions, so
 the scheme works unchanged on Redis Cluster; nothing here uses KEYS or SCAN.
@@ -137,6 +139,7 @@ CREATED = "m:created"
 USER = "m:user"
 NOTE = "m:i:"  # m:i:<user>: the record may be listed in that user's index
 PREV = "m:prev"  # handle of the record this one continues (regenerate, same user)
+ROOT = "m:root"  # handle of the first record of that line of successors
 
 SAVED, GONE, EMPTIED, MOVED = 1, 0, 2, 3
 
@@ -323,14 +326,15 @@ redis.call('HSET', KEYS[1], 'm:i:' .. ARGV[1], '1')
 return 1
 """)
 
-# {bound user ('' for none), handle of the record it continues ('' for none)}, or
-# nil when there is no live record: the links revoke_session follows.
+# {bound user ('' for none), m:prev, m:root ('' for none)}, or nil when there is
+# no live record: the links revoke_session follows.
 _LINK = _Script("""
 local user = bound_user()
 if user == false then
   return false
 end
-return {user, redis.call('HGET', KEYS[1], 'm:prev') or ''}
+return {user, redis.call('HGET', KEYS[1], 'm:prev') or '',
+        redis.call('HGET', KEYS[1], 'm:root') or ''}
 """)
 
 # One entry of user_sessions(): nil when there is no live record.
@@ -476,6 +480,7 @@ class Record:
     created_ms: int
     user_id: str | None
     pttl_ms: int
+    lineage: str = ""  # m:root: the handle of the first record of its line, if not itself
 
 
 Command = tuple[Any, ...]  # ("HGETALL", key): redis-py parses each reply by its name
@@ -691,6 +696,7 @@ class SessionStore:
         encoded: dict[str, bytes] = {}
         created_ms: int | None = None
         user_id: str | None = None
+        lineage = ""
         pairs = iter(raw)
         for name, value in zip(pairs, pairs, strict=True):
             field = _text(name)
@@ -702,9 +708,11 @@ class SessionStore:
                 created_ms = int(blob)
             elif field == USER:
                 user_id = blob.decode()
+            elif field == ROOT:
+                lineage = blob.decode()
         if created_ms is None:
             raise ValueError("no creation time")
-        return Record(data, encoded, created_ms, user_id, pttl)
+        return Record(data, encoded, created_ms, user_id, pttl, lineage)
 
     async def save(
         self,
@@ -771,8 +779,10 @@ class SessionStore:
         fields: dict[str, bytes],
         ttl_ms: int,
         user: str | None,
+        lineage: str = "",
     ) -> bool:
-        """Store a new session that continues ``old`` (id, bound user) and delete
+        """Store a new session that continues ``old`` (id, bound user; ``lineage``:
+        its ``m:root``, if any) and delete
         ``old`` -- ``regenerate()``, or ``clear()`` then ``bind_user()`` of the same
         user. False, and nothing stored, when ``old`` ended meanwhile (revoked,
         logged out, expired or rebound), or when it stays bound to ``user`` and a
@@ -789,6 +799,7 @@ class SessionStore:
             fields[NOTE + user] = b"1"
         if successor:
             fields[PREV] = handle_of(old_id).encode()
+            fields[ROOT] = (lineage or handle_of(old_id)).encode()
         create = _script(_SAVE, self.session_key(session_id), "1", "", ttl_ms, len(fields))
         create += tuple(item for pair in fields.items() for item in pair)
         kill = _script(_DELETE_IF_USER, self.session_key(old_id), old_user or "")
@@ -980,20 +991,20 @@ class SessionStore:
         marker, *members = marked
         ids = _session_ids(members)
         links = await self._batch(*(_script(_LINK, self.session_key(sid)) for sid in ids))
-        prev = {sid: _text(link[1]) if link else "" for sid, link in zip(ids, links, strict=True)}
-        # The session and its successors: each names the one it continues. A
-        # successor indexed after the marker is refused, so this snapshot has them all.
-        ended, chain = {handle}, []
-        grew = True
-        while grew:
-            grew = False
-            for session_id in ids:
-                if session_id not in chain and (
-                    handle_of(session_id) in ended or prev[session_id] in ended
-                ):
-                    chain.append(session_id)
-                    ended.add(handle_of(session_id))
-                    grew = True
+        # Successors form one line (each deletes the one it continues), named by its
+        # first session's handle. The lines to end: the one ``handle`` is the first
+        # of, the line of a session whose handle or predecessor it is. A successor
+        # indexed after the marker is refused, so this snapshot holds them all.
+        handles = {sid: handle_of(sid) for sid in ids}
+        lines = {sid: handles[sid] for sid in ids}
+        ended = {handle}
+        for sid, link in zip(ids, links, strict=True):
+            if link:
+                prev, root = _text(link[1]), _text(link[2])
+                lines[sid] = root or handles[sid]
+                if handle in (handles[sid], prev):
+                    ended.add(lines[sid])
+        chain = [sid for sid in ids if lines[sid] in ended or handles[sid] == handle]
         deleted, _, after = await self._delete_bound(user_id, chain)
         await self._batch(("SREM", index, marker), *after)
         return deleted > 0
