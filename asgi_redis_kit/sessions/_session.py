@@ -182,7 +182,9 @@ class Session(dict[str, Any]):
         The old record is deleted, so a copy of the old cookie gets an empty session.
         The new record is kept only if the old one still lived when it was deleted:
         if it was revoked, logged out or expired during this request, nothing is
-        stored and no cookie is set (the login does not go through).
+        stored and no cookie is set (the login does not go through). The same holds
+        while a revoke of the bound user runs. When the bound user stays the same (a
+        rotation), the new id keeps the creation time: the absolute lifetime runs on.
         """
         self.accessed = True
         old = self._forget_record()
@@ -193,10 +195,15 @@ class Session(dict[str, Any]):
         """Log out: empty the session, delete its record and expire the cookie.
 
         Data set after ``clear()`` in the same request goes into a new session with
-        a new id. Only ``clear()`` expires the cookie: a session that ended some
-        other way (emptied, revoked, expired, or rotated by a login in another
-        request) gets no ``Set-Cookie``, because the browser may already hold a newer
-        cookie that a ``Max-Age=0`` on this response would erase.
+        a new id. Followed by ``bind_user()`` of the user the session was bound to
+        (a re-authentication), that new session continues the old one like
+        :meth:`regenerate`: same lifetime, and nothing is stored if the old one was
+        revoked, logged out or expired during the request.
+
+        Only ``clear()`` expires the cookie: a session that ended some other way
+        (emptied, revoked, expired, or rotated by a login in another request) gets
+        no ``Set-Cookie``, because the browser may already hold a newer cookie that
+        a ``Max-Age=0`` on this response would erase.
         """
         self.accessed = True
         self._cleared = True

@@ -91,7 +91,11 @@ before the take is in what it took; one indexed after is refused; a login that r
 (b) after the revoke's delete sees the old record gone and drops its new one (c).
 So one pass ends every session that continues a revoked one. ``revoke_session``
 marks the index the same way (without taking it), reads every listed record's
-``m:prev``, and deletes the session and, transitively, every successor of it. The
+``m:prev`` and ``m:root``, and deletes the session and every session of its line
+(successors form one line: each deletes the one it continues). It finds the line
+from the handle of its first session, of a live one, or of the one a live session
+directly continues -- not from a handle that was rotated twice or more before the
+call (only the newest handles are listed, so callers rarely hold one). The
 marker lives in the index key itself -- the one key sure to share its slot, whatever
 the user id -- and has a deadline (server time) so that a revoke that dies half-way
 blocks rotations for ``REVOKE_GRACE_MS`` at most. While a revoke runs, a rotation
