@@ -768,8 +768,8 @@ class SessionStore:
             # Bound to someone else meanwhile, but live: our entry may be relied on
             # by a bind to ``bind`` in flight, so it stays, noted in the record for
             # the delete that ends it -- unless the record died meanwhile.
-            result_noted = await self._one(*_script(_NOTE_USER, key, bind))
-            if int(result_noted) == 0:
+            noted = await self._one(*_script(_NOTE_USER, key, bind))
+            if int(noted) == 0:
                 await self._one("SREM", self.user_key(bind), session_id)
         elif bind is not None and result == GONE:
             await self._one("SREM", self.user_key(bind), session_id)  # dead: safe
@@ -786,30 +786,30 @@ class SessionStore:
         lineage: str = "",
     ) -> bool:
         """Store a new session that continues ``old`` (id, bound user; ``lineage``:
-        its ``m:root``, if any) and delete
-        ``old`` -- ``regenerate()``, or ``clear()`` then ``bind_user()`` of the same
-        user. False, and nothing stored, when ``old`` ended meanwhile (revoked,
-        logged out, expired or rebound), or when it stays bound to ``user`` and a
-        revoke of ``user`` is under way: the new session must not outlive it. See
-        the module docstring for why this order.
+        its ``m:root``, if any) and delete ``old`` -- ``regenerate()``, or ``clear()``
+        then ``bind_user()`` of the same user. False, and nothing stored, when
+        ``old`` ended meanwhile (revoked, logged out, expired or rebound), or when
+        it stays bound to ``user`` and a revoke of ``user`` is under way: the new
+        session must not outlive it. See the module docstring for why this order.
 
         Two round trips on a single server (three when ``old`` stays bound to the
         same user, more when ``old`` was gone), up to four on Cluster.
         """
         old_id, old_user = old
         fields = dict(fields)
-        successor = user is not None and user == old_user
+        # A successor: it stays bound to the same user (see the module docstring).
+        successor = old_user if user == old_user else None
         if user is not None:
             fields[NOTE + user] = b"1"
-        if successor:
+        if successor is not None:
             fields[PREV] = handle_of(old_id).encode()
             fields[ROOT] = (lineage or handle_of(old_id)).encode()
         create = _script(_SAVE, self.session_key(session_id), "1", "", ttl_ms, len(fields))
         create += tuple(item for pair in fields.items() for item in pair)
         kill = _script(_DELETE_IF_USER, self.session_key(old_id), old_user or "")
-        if successor:
-            assert user is not None
-            add = _script(_INDEX_SUCCESSOR, self.user_key(user), self._index_ttl(), session_id)
+        if successor is not None:
+            index = self.user_key(successor)
+            add = _script(_INDEX_SUCCESSOR, index, self._index_ttl(), session_id)
             _, (indexed,) = await self._steps([create], [add])
             if int(indexed) == 0:  # a revoke of the user is under way: it ends old
                 await self.delete([(session_id, user)])
