@@ -77,6 +77,8 @@ class Session(dict[str, Any]):
         self._created_ms = record.created_ms if record is not None else 0
         self._pttl_ms = record.pttl_ms if record is not None else 0
         self._stored_user = record.user_id if record is not None else None
+        # The line of successors the loaded record belongs to (see _store).
+        self._lineage = record.lineage if record is not None else ""
         self._user = self._stored_user
         self._resign = resign and record is not None
         # The request brought a validly signed cookie (with or without a record).
@@ -192,7 +194,9 @@ class Session(dict[str, Any]):
         The old record is deleted, so a copy of the old cookie gets an empty session.
         The new record is kept only if the old one still lived when it was deleted:
         if it was revoked, logged out or expired during this request, nothing is
-        stored and no cookie is set (the login does not go through).
+        stored and no cookie is set (the login does not go through). The same holds
+        while a revoke of the bound user runs. When the bound user stays the same (a
+        rotation), the new id keeps the creation time: the absolute lifetime runs on.
         """
         self.accessed = True
         old = self._forget_record()
@@ -203,10 +207,15 @@ class Session(dict[str, Any]):
         """Log out: empty the session, delete its record and expire the cookie.
 
         Data set after ``clear()`` in the same request goes into a new session with
-        a new id. Only ``clear()`` expires the cookie: a session that ended some
-        other way (emptied, revoked, expired, or rotated by a login in another
-        request) gets no ``Set-Cookie``, because the browser may already hold a newer
-        cookie that a ``Max-Age=0`` on this response would erase.
+        a new id. Followed by ``bind_user()`` of the user the session was bound to
+        (a re-authentication), that new session continues the old one like
+        :meth:`regenerate`: same lifetime, and nothing is stored if the old one was
+        revoked, logged out or expired during the request.
+
+        Only ``clear()`` expires the cookie: a session that ended some other way
+        (emptied, revoked, expired, or rotated by a login in another request) gets
+        no ``Set-Cookie``, because the browser may already hold a newer cookie that
+        a ``Max-Age=0`` on this response would erase.
         """
         self.accessed = True
         self._cleared = True
@@ -311,10 +320,11 @@ class Session(dict[str, Any]):
             return None
         fields = {DATA + k: v for k, v in encoded.items() if self._snapshot.get(k) != v}
         deleted = [DATA + k for k in self._snapshot if k not in encoded]
-        bind = unbind = None
+        bind = None
         if self._user != self._stored_user:
-            # Indexed before the binding commits, un-indexed after (see _store).
-            bind, unbind = self._user, self._stored_user
+            # Indexed before the binding commits; the old user's entry stays, stale,
+            # until the record is deleted (see _store).
+            bind = self._user
             if self._user is None:
                 deleted.append(USER)
             else:
@@ -330,7 +340,6 @@ class Session(dict[str, Any]):
                 ttl_ms=ttl,
                 user=self._stored_user,
                 bind=bind,
-                unbind=unbind,
             )
             if result != SAVED:  # gone, emptied, or bound to someone else meanwhile
                 self._ended()
@@ -340,7 +349,7 @@ class Session(dict[str, Any]):
             # now: another request may have rotated or ended it since the load, and
             # the browser may already hold the newer cookie. One PEXPIRE, once.
             refreshed = True
-            if not await store.touch(self._id, ttl):
+            if not await store.touch(self._id, ttl, user=self._stored_user):
                 self._ended()
                 return None
         self._snapshot = encoded
@@ -361,25 +370,42 @@ class Session(dict[str, Any]):
             await store.delete(drop)
             self._drop, self._replaces = [], None
             return CookieAction("expire") if self._cleared and self._presented else None
-        session_id = new_session_id()
-        created = store.now_ms()
+        # The record this one replaces (regenerate) or ends (clear): the loaded one.
+        old = self._replaces or (self._drop[0] if self._drop else None)
+        # A rotation, or clear() then bind_user() of the user it was bound to,
+        # continues that session: same lifetime, and it must still live (and not
+        # be under revoke) when it is replaced. A login starts a new lifetime.
+        continues = old is not None and old[1] == self._user
+        if continues and self._replaces is None and self._user is None:
+            continues = False  # clear(), then anonymous data: a new session
+        created = self._created_ms if continues else store.now_ms()
         ttl = store.ttl_ms(created)
+        if ttl <= 0:  # the session it continues reached its absolute lifetime
+            await store.delete(drop)
+            self._ended()
+            return None
+        session_id = new_session_id()
         fields = {DATA + k: v for k, v in encoded.items()}
         fields[CREATED] = str(created).encode()
         if self._user is not None:
             fields[USER] = self._user.encode()
         self._wrote = True
-        if self._replaces is None:
+        if old is not None and (continues or self._replaces is not None):
+            # clear() moves a replaced record to _drop, so drop holds old at most.
+            if not await store.replace(
+                old, session_id, fields=fields, ttl_ms=ttl, user=self._user, lineage=self._lineage
+            ):
+                logger.info("session ended during the request; its new id was not kept")
+                self._ended()
+                return None
+        else:
             await store.save(
                 session_id, create=True, fields=fields, ttl_ms=ttl, drop=drop, bind=self._user
             )
-        # clear() moves a replaced record to _drop, so here _drop is empty.
-        elif not await store.replace(
-            self._replaces, session_id, fields=fields, ttl_ms=ttl, user=self._user
-        ):
-            logger.info("session ended during the request; its new id was not kept")
-            self._ended()
-            return None
+        if not (continues and old is not None and self._user is not None):
+            self._lineage = ""
+        elif not self._lineage:
+            self._lineage = handle_of(old[0])
         self._id, self._created_ms, self._pttl_ms = session_id, created, ttl
         self._snapshot = encoded
         self._stored_user = self._user

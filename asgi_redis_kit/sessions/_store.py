@@ -11,6 +11,11 @@ Fields of a session hash::
                  the prefix means no key can clash with metadata)
     m:created    creation time, integer milliseconds since the epoch
     m:user       the bound user id, when there is one
+    m:i:<user>   a note: the id may be in that user's index (set before or with
+                 every index add that the record outlives)
+    m:prev       the handle of the session this one continues (see "successor")
+    m:root       the handle of the first session of that line (a session without
+                 it is the first of its own)
 
 Every script touches exactly one key and no command ever spans two sessions, so
 the scheme works unchanged on Redis Cluster; nothing here uses KEYS or SCAN.
@@ -23,49 +28,78 @@ atomic step. Scripts run by EVALSHA; after a Redis restart empties the script
 cache, the NOSCRIPT reply makes us load them and send again the commands it refused.
 
 Idle timeout is the key's TTL. The absolute lifetime is enforced from ``m:created``
-on load and by never setting a TTL that reaches past it.
+on load and by never setting a TTL that reaches past it. A *successor* -- the new
+record of ``regenerate()``, or of ``clear()`` then ``bind_user()`` of the user the
+loaded record was bound to -- keeps the creation time of the session it continues:
+rotating the id never extends the lifetime. A login (bound to another user, or from
+an anonymous session) starts a new one. Every TTL refresh of a bound session makes
+its index live at least as long (the index's TTL is set when an id is added, maybe
+by a store with a shorter absolute lifetime).
 
 Revoke, logout and expiry win over every request in flight
 ----------------------------------------------------------
 
 A request loads a session, and while it runs the session is revoked
-(``revoke_user``), logged out by another request, or expires. Whatever the request
-then does, it must not bring the session back, nor hand out a copy of it. On
-Cluster the session, its replacement and the user index live in three slots, so no
-script can see them together; the protocol below holds with any interleaving of
-commands. A request that fails half-way (an error reply, a timeout) leaves at worst
-a stale index entry, a new record whose id was never sent, or a logged-out user;
-never a record that a cookie points to, bound but missing from its index.
+(``revoke_user``, ``revoke_session``), logged out by another request, or expires.
+Whatever the request then does, it must not bring the session back, nor hand out a
+copy of it. On Cluster the session, its replacement and the user index live in three
+slots, so no script can see them together; the protocol below holds with any
+interleaving of commands. A request that fails half-way (an error reply, a timeout)
+leaves at worst a stale index entry, a new record whose id was never sent, or a
+logged-out user; never a record that a cookie points to, bound but missing from its
+index.
 
 Invariants:
 
 1. A live record bound to a user is in that user's index (the index is a
    superset). So an id is indexed *before* an existing record is bound to it, and
-   un-indexed only *after* its record was deleted or rebound.
-2. An index entry whose record is missing is dead for good: a new id is indexed
-   only once its record exists. So ``user_sessions`` and ``revoke_user`` may drop
-   such entries. An entry whose record exists but is bound to someone else (or to
-   nobody) is kept: it may be a binding in flight.
-3. A request writes only to the record it loaded, as it loaded it: every update
+   an id is un-indexed only once its record is dead: an id whose record is live
+   may be relied on by a bind in flight (a rebind back to that user, say) whatever
+   it is bound to now, and no script can check record and index together on
+   Cluster. A rebind leaves a stale entry in the old user's index.
+2. An index entry whose record is missing is dead for good: ids are never reused
+   and a new id is indexed only once its record exists. So ``user_sessions`` and
+   ``revoke_user`` may drop such entries. An entry whose record exists but is bound
+   to someone else (or to nobody) is kept.
+3. Our own operations leave no dead entry: every index add is noted in the record
+   (``m:i:<user>``) -- with the write that creates or binds it, or, for a bind that
+   lost its race (MOVED), in a script of its own -- or undone by the adder once the
+   record is found dead. Every delete is a script that names the noted users, whose
+   entries are then removed (safe: the record is dead).
+4. A request writes only to the record it loaded, as it loaded it: every update
    (save, ``incr``) checks in its script that the record is still live and still
    bound to the same user (GONE/MOVED otherwise, and the request's changes are
    dropped, with no Set-Cookie).
 
 ``regenerate()`` (login, rotation) carries the old record's data into a new id:
 
-a. create the new record (bound to the new user, if any), then index it;
+a. create the new record (bound to the new user, if any; a successor names its
+   predecessor in ``m:prev``), then index it -- a successor by _INDEX_SUCCESSOR,
+   which refuses while a revoke of the user is under way (then the new record is
+   deleted, the old one left to the revoke, and the request gets no cookie);
 b. then delete the old record only if it is still live and bound to the user the
-   request loaded, then un-index it;
+   request loaded, then un-index it from every user it noted;
 c. if (b) found it gone or rebound, delete the new record and un-index it: the
-   session ended during the request, like a save finding it gone.
+   session ended during the request, like a save finding it gone. (Rebound: the
+   old id stays indexed, see 1.)
 
-``revoke_user`` takes the index atomically (SMEMBERS + DEL) and deletes every
-listed record still bound to the user; entries of live records bound to someone
-else go back into the index (2). A listed record that is missing may have been
-replaced by a login that deleted it in (b) after revoke took the index, whose new
-id is then already indexed (a): so revoke takes the index again while a pass meets
-missing records (at most ``REVOKE_PASSES``). A login that runs (b) after revoke
-deleted the old record sees it gone and drops its new record itself (c).
+Revocation markers. ``revoke_user`` takes the index atomically (SMEMBERS + DEL) and
+leaves in it a marker (a member ``!r:<deadline>:<token>``; no session id starts with
+"!"), deletes every listed record still bound to the user, puts back the entries of
+live records bound to someone else (2), and removes the marker. A successor indexed
+before the take is in what it took; one indexed after is refused; a login that runs
+(b) after the revoke's delete sees the old record gone and drops its new one (c).
+So one pass ends every session that continues a revoked one. ``revoke_session``
+marks the index the same way (without taking it), reads every listed record's
+``m:prev`` and ``m:root``, and deletes the session and every session of its line
+(successors form one line: each deletes the one it continues). It finds the line
+from the handle of its first session, of a live one, or of the one a live session
+directly continues -- not from a handle that was rotated twice or more before the
+call (only the newest handles are listed, so callers rarely hold one). The
+marker lives in the index key itself -- the one key sure to share its slot, whatever
+the user id -- and has a deadline (server time) so that a revoke that dies half-way
+blocks rotations for ``REVOKE_GRACE_MS`` at most. While a revoke runs, a rotation
+of the user's other sessions is refused too: it keeps its old id.
 
 Ids of sessions that ended by TTL stay in the index until ``user_sessions`` or
 ``revoke_user`` meets them, or the index expires; our own deletes un-index at once.
@@ -74,18 +108,20 @@ sent to anyone: harmless, and gone at its idle timeout.
 
 Ordered steps: a single server runs one connection's commands in order, so the
 steps of a save go in one pipeline; a step that depends on an earlier *reply* (b
-after a; c) is a round trip of its own. On Cluster every step is its own round
-trip. Round trips after the load, single server (Cluster): write, incr, touch 1
-(1); first save 1 (1, or 2 when bound); bind 1 (2); rebind 2 (3); clear 1 (2);
-regenerate 2 (4); plus 1 for a save that lost a race and undoes its index add or
-its new record. ``revoke_user``: 2, plus 2 per extra pass, plus 1 to put entries
-back.
+after a successor's index add; un-index after a delete-if-live; c) is a round trip
+of its own. On Cluster every step is its own round trip. Round trips after the
+load, single server (Cluster): write, incr, touch 1 (1); first save 1 (1, or 2 when
+bound); bind or rebind 1 (2); clear 1 (2); login as another user 2 (4); rotation of
+a bound session 3 (4); plus 1 for a save that lost a race and undoes its index add
+or its new record, or a delete whose record noted other users. ``revoke_user``: 3;
+``revoke_session``: 4.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -112,12 +148,18 @@ logger = logging.getLogger("asgi_redis_kit.sessions")
 DATA = "d:"
 CREATED = "m:created"
 USER = "m:user"
+NOTE = "m:i:"  # m:i:<user>: the record may be listed in that user's index
+PREV = "m:prev"  # handle of the record this one continues (regenerate, same user)
+ROOT = "m:root"  # handle of the first record of that line of successors
 
 SAVED, GONE, EMPTIED, MOVED = 1, 0, 2, 3
 
-# Passes of revoke_user at most (see the module docstring): each one only follows a
-# session that a login or rotation replaced while the previous pass ran.
-REVOKE_PASSES = 8
+# How long a revoke's marker in the index refuses successors at most: a revoke that
+# dies half-way must not block rotations for long; one that runs takes far less.
+REVOKE_GRACE_MS = 60_000
+# A marker is the index member "!r:<deadline, server ms>:<token>"; no session id
+# starts with "!" (they are url-safe base64).
+MARKER = "!"
 
 
 class _Script:
@@ -237,17 +279,82 @@ end
 return 1
 """)
 
+# The users whose index may list KEYS[1] (its notes and its bound user), for the
+# un-index that follows its delete: only then is an SREM of it always safe.
+_NOTED = """
+local function noted_users()
+  local users = {}
+  for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+    if string.sub(field, 1, 4) == 'm:i:' then
+      users[#users + 1] = string.sub(field, 5)
+    end
+  end
+  users[#users + 1] = redis.call('HGET', KEYS[1], 'm:user') or nil
+  return users
+end
+"""
+
+# Make the index live at least ARGV[1] ms more; one without a TTL keeps none.
+_INDEX_TTL = _Script("""
+local pttl = redis.call('PTTL', KEYS[1])
+if pttl >= 0 and pttl < tonumber(ARGV[1]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+return 1
+""")
+
 # Delete the session only if it is still a live record bound to ARGV[1] ('' for
-# none). 1: deleted; 0: no live record; 2: live but bound to someone else.
-_DELETE_IF_USER = _Script("""
+# none). {1, noted users...}: deleted; 0: no live record; 2: live but bound to
+# someone else.
+_DELETE_IF_USER = _Script(
+    _NOTED
+    + """
 local user = bound_user()
 if user == false then
   return 0
 elseif user == ARGV[1] then
+  local users = noted_users()
   redis.call('DEL', KEYS[1])
-  return 1
+  table.insert(users, 1, 1)
+  return users
 end
 return 2
+"""
+)
+
+# Delete the key whatever it holds; the noted users of the record it was.
+_KILL = _Script(
+    _NOTED
+    + """
+if bound_user() == false then
+  redis.call('DEL', KEYS[1])
+  return {}
+end
+local users = noted_users()
+redis.call('DEL', KEYS[1])
+return users
+"""
+)
+
+# Note the user ARGV[1] on a live record (a bind that lost its race left an index
+# entry there); 0 when the record is dead, and the entry can go.
+_NOTE_USER = _Script("""
+if bound_user() == false then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'm:i:' .. ARGV[1], '1')
+return 1
+""")
+
+# {bound user ('' for none), m:prev, m:root ('' for none)}, or nil when there is
+# no live record: the links revoke_session follows.
+_LINK = _Script("""
+local user = bound_user()
+if user == false then
+  return false
+end
+return {user, redis.call('HGET', KEYS[1], 'm:prev') or '',
+        redis.call('HGET', KEYS[1], 'm:root') or ''}
 """)
 
 # One entry of user_sessions(): nil when there is no live record.
@@ -259,14 +366,104 @@ end
 return {redis.call('HGET', KEYS[1], 'm:created'), user, redis.call('PTTL', KEYS[1])}
 """)
 
-# Take the whole index atomically, so a login racing a revoke stays indexed.
-_TAKE_INDEX = _Script("""
+# Revocation markers live in the index itself (the one key certain to share its
+# slot, whatever the user id). A live marker makes _INDEX_SUCCESSOR refuse.
+_MARKERS = """
+local function now_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+local function marker_live(member, now)
+  local deadline = tonumber(string.match(member, '^!r:(%d+):'))
+  return deadline ~= nil and deadline > now
+end
+"""
+
+# ARGV: grace ms, token. Take the whole index atomically (so a login racing a revoke
+# stays indexed) and leave in its place a marker (returned first) that refuses every
+# successor of a taken session until revoke_user removes it. Other revokes' live
+# markers stay.
+_TAKE_INDEX = _Script(
+    _MARKERS
+    + """
+local now = now_ms()
+local marker = '!r:' .. (now + tonumber(ARGV[1])) .. ':' .. ARGV[2]
+local pttl = redis.call('PTTL', KEYS[1])
 local members = redis.call('SMEMBERS', KEYS[1])
 redis.call('DEL', KEYS[1])
-return members
-""")
+local taken = {marker}
+for _, member in ipairs(members) do
+  if string.sub(member, 1, 1) ~= '!' then
+    taken[#taken + 1] = member
+  elseif marker_live(member, now) then
+    redis.call('SADD', KEYS[1], member)
+  end
+end
+redis.call('SADD', KEYS[1], marker)
+-- The index keeps its TTL (no TTL: none), so entries put back outlive their sessions.
+if pttl ~= -1 then
+  redis.call('PEXPIRE', KEYS[1], math.max(pttl, tonumber(ARGV[1])))
+end
+return taken
+"""
+)
 
-_SCRIPTS = (_LOAD, _SAVE, _INCR, _INDEX_ADD, _DELETE_IF_USER, _INFO, _TAKE_INDEX)
+# ARGV: grace ms, token. The index (marker first), with a marker added, for
+# revoke_session; nil, and no marker, when the index is empty.
+_MARK_INDEX = _Script(
+    _MARKERS
+    + """
+local members = redis.call('SMEMBERS', KEYS[1])
+if #members == 0 then
+  return false
+end
+local marker = '!r:' .. (now_ms() + tonumber(ARGV[1])) .. ':' .. ARGV[2]
+redis.call('SADD', KEYS[1], marker)
+table.insert(members, 1, marker)
+return members
+"""
+)
+
+# Index ARGV[2], a successor (a record continuing a session bound to this user),
+# unless a revoke of the user is under way: 0, refused. TTL as _INDEX_ADD.
+_INDEX_SUCCESSOR = _Script(
+    _MARKERS
+    + """
+local now = now_ms()
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if string.sub(member, 1, 1) == '!' then
+    if marker_live(member, now) then
+      return 0
+    end
+    redis.call('SREM', KEYS[1], member)
+  end
+end
+redis.call('SADD', KEYS[1], ARGV[2])
+local ttl = tonumber(ARGV[1])
+if ttl == 0 then
+  redis.call('PERSIST', KEYS[1])
+elseif redis.call('PTTL', KEYS[1]) < ttl then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
+return 1
+"""
+)
+
+_SCRIPTS = (
+    _LOAD,
+    _SAVE,
+    _INCR,
+    _INDEX_ADD,
+    _INDEX_TTL,
+    _DELETE_IF_USER,
+    _KILL,
+    _NOTE_USER,
+    _LINK,
+    _INFO,
+    _TAKE_INDEX,
+    _MARK_INDEX,
+    _INDEX_SUCCESSOR,
+)
 
 
 def handle_of(session_id: str) -> str:
@@ -303,6 +500,7 @@ class Record:
     created_ms: int
     user_id: str | None
     pttl_ms: int
+    lineage: str = ""  # m:root: the handle of the first record of its line, if not itself
 
 
 Command = tuple[Any, ...]  # ("HGETALL", key): redis-py parses each reply by its name
@@ -526,6 +724,7 @@ class SessionStore:
         encoded: dict[str, bytes] = {}
         created_ms: int | None = None
         user_id: str | None = None
+        lineage = ""
         pairs = iter(raw)
         for name, value in zip(pairs, pairs, strict=True):
             field = _text(name)
@@ -537,9 +736,11 @@ class SessionStore:
                 created_ms = int(blob)
             elif field == USER:
                 user_id = blob.decode()
+            elif field == ROOT:
+                lineage = blob.decode()
         if created_ms is None:
             raise ValueError("no creation time")
-        return Record(data, encoded, created_ms, user_id, pttl)
+        return Record(data, encoded, created_ms, user_id, pttl, lineage)
 
     async def save(
         self,
@@ -551,7 +752,6 @@ class SessionStore:
         ttl_ms: int,
         user: str | None = None,
         bind: str | None = None,
-        unbind: str | None = None,
         drop: Iterable[tuple[str, str | None]] = (),
     ) -> int:
         """Write a session; returns SAVED, GONE, EMPTIED or MOVED.
@@ -559,15 +759,19 @@ class SessionStore:
         ``fields``/``deleted`` are raw hash fields. An update (``create=False``)
         writes only if the record is still live and bound to ``user``, the user
         it was loaded with. ``bind`` adds the session to a user's index (before an
-        update commits, after a creation), ``unbind`` removes it from one once the
-        update committed. ``drop`` lists records (id, bound user) to delete along
-        with a creation: the ones ``clear()`` ended, whose data is not carried over
-        (for ``regenerate()`` see :meth:`replace`).
+        update commits, after a creation) and notes that user in the record. The
+        user it leaves keeps a stale entry (see the module docstring). ``drop``
+        lists records (id, bound user) to delete along with a creation: the ones
+        ``clear()`` ended, whose data is not carried over (for ``regenerate()`` see
+        :meth:`replace`).
 
-        One round trip on a single server; a binding change may need a second one
-        (two or three on Cluster).
+        One round trip on a single server (two on Cluster), plus one when a bind
+        lost a race.
         """
         key = self.session_key(session_id)
+        fields = dict(fields)
+        if bind is not None:
+            fields[NOTE + bind] = b"1"
         args: list[Any] = ["1" if create else "0", user or "", ttl_ms, len(fields)]
         for field, value in fields.items():
             args += [field, value]
@@ -575,22 +779,24 @@ class SessionStore:
         save = _script(_SAVE, key, *args)
         if create:
             drop = list(drop)
-            (created, *_), _ = await self._steps(
+            (created, *killed), _ = await self._steps(
                 [save, *self._kill_commands(drop)],
                 self._index_commands(bind, session_id) + self._unindex_commands(drop),
             )
+            await self._unindex_noted(drop, killed)
             return int(created)
-        _, (result,) = await self._steps(self._index_commands(bind, session_id), [save])
+        keep = self._keep_index(user, ttl_ms) if bind is None else []
+        _, (result, *_) = await self._steps(self._index_commands(bind, session_id), [save, *keep])
         result = int(result)
-        after: list[Command] = []
-        if result in (SAVED, EMPTIED) and unbind is not None:
-            after = self._unindex_commands([(session_id, unbind)])
-        elif result == GONE and bind is not None:
-            # Undo the index add: the session is dead. (MOVED: it lives, bound to
-            # someone; the entry is stale, not dead, and user_sessions skips it.)
-            after = self._unindex_commands([(session_id, bind)])
-        if after:
-            await self._batch(*after)
+        if bind is not None and result == MOVED:
+            # Bound to someone else meanwhile, but live: our entry may be relied on
+            # by a bind to ``bind`` in flight, so it stays, noted in the record for
+            # the delete that ends it -- unless the record died meanwhile.
+            noted = await self._one(*_script(_NOTE_USER, key, bind))
+            if int(noted) == 0:
+                await self._one("SREM", self.user_key(bind), session_id)
+        elif bind is not None and result == GONE:
+            await self._one("SREM", self.user_key(bind), session_id)  # dead: safe
         return result
 
     async def replace(
@@ -601,31 +807,73 @@ class SessionStore:
         fields: dict[str, bytes],
         ttl_ms: int,
         user: str | None,
+        lineage: str = "",
     ) -> bool:
-        """Store a new session that carries the data of ``old`` (id, bound user) and
-        delete ``old`` -- ``regenerate()``. False, and nothing stored, when ``old``
-        ended meanwhile (revoked, logged out, expired or rebound): the new session
-        must not outlive it. See the module docstring for why this order.
+        """Store a new session that continues ``old`` (id, bound user; ``lineage``:
+        its ``m:root``, if any) and delete ``old`` -- ``regenerate()``, or ``clear()``
+        then ``bind_user()`` of the same user. False, and nothing stored, when
+        ``old`` ended meanwhile (revoked, logged out, expired or rebound), or when
+        it stays bound to ``user`` and a revoke of ``user`` is under way: the new
+        session must not outlive it. See the module docstring for why this order.
 
-        Two round trips on a single server (three when ``old`` was gone), up to
-        four on Cluster.
+        Two round trips on a single server (three when ``old`` stays bound to the
+        same user, more when ``old`` was gone), up to four on Cluster.
         """
         old_id, old_user = old
+        fields = dict(fields)
+        # A successor: it stays bound to the same user (see the module docstring).
+        successor = old_user if user == old_user else None
+        if user is not None:
+            fields[NOTE + user] = b"1"
+        if successor is not None:
+            fields[PREV] = handle_of(old_id).encode()
+            fields[ROOT] = (lineage or handle_of(old_id)).encode()
         create = _script(_SAVE, self.session_key(session_id), "1", "", ttl_ms, len(fields))
         create += tuple(item for pair in fields.items() for item in pair)
-        await self._steps([create], self._index_commands(user, session_id))
         kill = _script(_DELETE_IF_USER, self.session_key(old_id), old_user or "")
-        (killed,), _ = await self._steps([kill], self._unindex_commands([old]))
-        if int(killed) == 1:
+        if successor is not None:
+            index = self.user_key(successor)
+            add = _script(_INDEX_SUCCESSOR, index, self._index_ttl(), session_id)
+            _, (indexed,) = await self._steps([create], [add])
+            if int(indexed) == 0:  # a revoke of the user is under way: it ends old
+                await self.delete([(session_id, user)])
+                return False
+            (killed,) = await self._batch(kill)
+        else:
+            _, _, (killed,) = await self._steps(
+                [create], self._index_commands(user, session_id), [kill]
+            )
+        code, noted = _kill_reply(killed)
+        if code == 1:
+            if noted:  # an anonymous session was in no index
+                await self._batch(*self._srem_commands(old_id, noted))
             return True
+        # old is gone (dead for good: un-index it) or live and bound to someone else
+        # (an entry a bind in flight may rely on: keep it). Drop the new record.
+        if code == 0 and old_user is not None:
+            await self._one("SREM", self.user_key(old_user), old_id)
         await self.delete([(session_id, user)])
         return False
 
     def _kill_commands(self, drop: Iterable[tuple[str, str | None]]) -> list[Command]:
-        return [("DEL", self.session_key(old_id)) for old_id, _ in drop]
+        return [_script(_KILL, self.session_key(old_id)) for old_id, _ in drop]
 
     def _unindex_commands(self, drop: Iterable[tuple[str, str | None]]) -> list[Command]:
+        # Only ever sent after the record's delete: a dead id may always go.
         return [("SREM", self.user_key(user), old_id) for old_id, user in drop if user is not None]
+
+    def _srem_commands(self, session_id: str, users: Iterable[str]) -> list[Command]:
+        return [("SREM", self.user_key(user), session_id) for user in dict.fromkeys(users)]
+
+    async def _unindex_noted(self, drop: list[tuple[str, str | None]], killed: list[Any]) -> None:
+        """After deleting ``drop``, un-index them from the other users their records
+        noted (a rebind, or a bind that lost a race): rare, one round trip more."""
+        extra: list[Command] = []
+        for (old_id, user), noted in zip(drop, killed, strict=True):
+            others = (_text(name) for name in noted)
+            extra += self._srem_commands(old_id, (name for name in others if name != user))
+        if extra:
+            await self._batch(*extra)
 
     def _index_commands(self, user: str | None, *session_ids: str) -> list[Command]:
         if user is None or not session_ids:
@@ -633,15 +881,28 @@ class SessionStore:
         return [_script(_INDEX_ADD, self.user_key(user), self._index_ttl(), *session_ids)]
 
     async def delete(self, drop: Iterable[tuple[str, str | None]]) -> None:
-        """Delete sessions (id, bound user), then their index entries: one round
-        trip on a single server, two on Cluster."""
+        """Delete sessions (id, user it was loaded with), then un-index them from
+        every user their records noted: one round trip on a single server, two on
+        Cluster (one more when a record was noted for other users)."""
         drop = list(drop)
         if drop:
-            await self._steps(self._kill_commands(drop), self._unindex_commands(drop))
+            killed, _ = await self._steps(self._kill_commands(drop), self._unindex_commands(drop))
+            await self._unindex_noted(drop, killed)
 
-    async def touch(self, session_id: str, ttl_ms: int) -> bool:
-        """Refresh the idle TTL; False if the session no longer exists."""
-        return bool(await self._one("PEXPIRE", self.session_key(session_id), ttl_ms))
+    async def touch(self, session_id: str, ttl_ms: int, *, user: str | None = None) -> bool:
+        """Refresh the idle TTL (and the index of ``user``, the bound user, so that
+        it outlives the session); False if the session no longer exists."""
+        key = self.session_key(session_id)
+        refreshed, *_ = await self._batch(("PEXPIRE", key, ttl_ms), *self._keep_index(user, ttl_ms))
+        return bool(refreshed)
+
+    def _keep_index(self, user: str | None, ttl_ms: int) -> list[Command]:
+        # Every TTL refresh of a bound session makes its index live at least as
+        # long: the index's own TTL was set when an id was added, maybe by a store
+        # with a shorter absolute lifetime than the one refreshing now.
+        if user is None:
+            return []
+        return [_script(_INDEX_TTL, self.user_key(user), ttl_ms)]
 
     async def incr(
         self, session_id: str, key: str, amount: int, *, user: str | None = None
@@ -674,7 +935,7 @@ class SessionStore:
         check_user(user_id)
         index = self.user_key(user_id)
         members = await self._one("SMEMBERS", index)
-        ids = sorted(_text(member) for member in members)
+        ids = sorted(_session_ids(members))
         if not ids:
             return []
         replies = await self._batch(
@@ -713,60 +974,85 @@ class SessionStore:
         """Delete every session bound to ``user_id`` ("log out everywhere").
 
         Returns how many sessions were deleted. Sessions of other users are never
-        touched, even if the index is stale. Two round trips, more when a login or
-        rotation raced it (see the module docstring).
+        touched, even if the index is stale. Three round trips (see the module
+        docstring): take the index leaving a marker, delete, remove the marker.
         """
         check_user(user_id)
         index = self.user_key(user_id)
-        deleted = 0
-        keep: list[str] = []
-        for _ in range(REVOKE_PASSES):
-            take = [_script(_TAKE_INDEX, index)]
-            # Entries kept from the last pass go back after this take: the same key,
-            # so the same node and in order, even on Cluster.
-            members, *_ = await self._batch(*take, *self._index_commands(user_id, *keep))
-            keep = []
-            ids = [_text(member) for member in members]
-            if not ids:
-                break
-            replies = await self._batch(
-                *(
-                    _script(_DELETE_IF_USER, self.session_key(session_id), user_id)
-                    for session_id in ids
-                )
-            )
-            gone = False
-            for session_id, reply in zip(ids, replies, strict=True):
-                if reply == 1:
-                    deleted += 1
-                elif reply == 2:
-                    keep.append(session_id)  # maybe being bound to user_id right now
-                else:
-                    gone = True  # maybe replaced by a login, whose new id is indexed now
-            if not gone:
-                break
-        else:
-            logger.warning(
-                "revoke_user stopped after %d passes: logins kept racing it", REVOKE_PASSES
-            )
-        if keep:
-            await self._batch(*self._index_commands(user_id, *keep))
+        take = _script(_TAKE_INDEX, index, REVOKE_GRACE_MS, secrets.token_hex(8))
+        marker, *members = await self._one(*take)
+        ids = _session_ids(members)
+        deleted, keep, after = await self._delete_bound(user_id, ids)
+        # Entries of records bound elsewhere go back (maybe a bind to user_id in
+        # flight), then the marker goes: the same key, so in order even on Cluster.
+        await self._batch(*self._index_commands(user_id, *keep), ("SREM", index, marker), *after)
         return deleted
 
+    async def _delete_bound(
+        self, user_id: str, ids: list[str]
+    ) -> tuple[int, list[str], list[Command]]:
+        """Delete the records of ``ids`` still bound to ``user_id``: (how many, the
+        ids live and bound elsewhere, the un-index of the deleted and dead ones)."""
+        if not ids:
+            return 0, [], []
+        replies = await self._batch(
+            *(_script(_DELETE_IF_USER, self.session_key(sid), user_id) for sid in ids)
+        )
+        deleted, keep, after = 0, [], []
+        for session_id, reply in zip(ids, replies, strict=True):
+            code, noted = _kill_reply(reply)
+            if code == 1:
+                deleted += 1
+                after += self._srem_commands(session_id, [user_id, *noted])
+            elif code == 2:
+                keep.append(session_id)  # maybe being bound to user_id right now
+            else:
+                after.append(("SREM", self.user_key(user_id), session_id))  # dead
+        return deleted, keep, after
+
     async def revoke_session(self, user_id: str, handle: str) -> bool:
-        """Delete the one session of ``user_id`` whose handle is ``handle``."""
+        """Delete the one session of ``user_id`` whose handle is ``handle``, and any
+        session continuing it (a rotation that raced this call). Four round trips:
+        mark the index, read the links, delete, remove the marker."""
         check_user(user_id)
         index = self.user_key(user_id)
-        members = await self._one("SMEMBERS", index)
-        for session_id in (_text(member) for member in members):
-            if handle_of(session_id) == handle:
-                reply = await self._one(
-                    *_script(_DELETE_IF_USER, self.session_key(session_id), user_id)
-                )
-                if reply != 2:  # a session bound elsewhere may be being bound to user_id
-                    await self._one("SREM", index, session_id)
-                return bool(reply == 1)
-        return False
+        marked = await self._one(
+            *_script(_MARK_INDEX, index, REVOKE_GRACE_MS, secrets.token_hex(8))
+        )
+        if not marked:
+            return False
+        marker, *members = marked
+        ids = _session_ids(members)
+        links = await self._batch(*(_script(_LINK, self.session_key(sid)) for sid in ids))
+        # Successors form one line (each deletes the one it continues), named by its
+        # first session's handle. The lines to end: the one ``handle`` is the first
+        # of, the line of a session whose handle or predecessor it is. A successor
+        # indexed after the marker is refused, so this snapshot holds them all.
+        handles = {sid: handle_of(sid) for sid in ids}
+        lines = {sid: handles[sid] for sid in ids}
+        ended = {handle}
+        for sid, link in zip(ids, links, strict=True):
+            if link:
+                prev, root = _text(link[1]), _text(link[2])
+                lines[sid] = root or handles[sid]
+                if handle in (handles[sid], prev):
+                    ended.add(lines[sid])
+        chain = [sid for sid in ids if lines[sid] in ended or handles[sid] == handle]
+        deleted, _, after = await self._delete_bound(user_id, chain)
+        await self._batch(("SREM", index, marker), *after)
+        return deleted > 0
+
+
+def _kill_reply(reply: Any) -> tuple[int, list[str]]:
+    """(code, noted users) from _DELETE_IF_USER: 1 and the users when it deleted."""
+    if isinstance(reply, list):
+        return int(reply[0]), [_text(user) for user in reply[1:]]
+    return int(reply), []
+
+
+def _session_ids(members: Iterable[bytes | str]) -> list[str]:
+    """The session ids of an index, without its revocation markers."""
+    return [text for text in map(_text, members) if not text.startswith(MARKER)]
 
 
 def check_user(user_id: object) -> None:

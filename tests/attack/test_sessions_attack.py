@@ -198,7 +198,10 @@ async def test_rebind_back_to_the_first_user_keeps_the_session_in_her_index(
         assert (await tab.post("/login/alice")).status_code == 200
         holding.arm("SREM")  # request 1's un-index of alice, after its bind committed
         first = asyncio.ensure_future(tab.post("/bind/bob"))
-        await asyncio.wait_for(holding.reached.wait(), 10)
+        # (A fixed protocol may send no such SREM: then request 1 just finishes.)
+        reached = asyncio.ensure_future(holding.reached.wait())
+        await asyncio.wait({first, reached}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        reached.cancel()
         assert (await tab.post("/bind/alice")).status_code == 200  # request 2
         holding.opened.set()
         assert (await asyncio.wait_for(first, 10)).status_code == 200
@@ -879,7 +882,8 @@ async def test_revoke_user_does_not_report_success_while_a_session_escaped(
             await thief.post("/login/alice")
 
             async def rotate() -> None:
-                assert cookie_of(await thief.post("/rotate"))
+                # A fixed protocol may refuse the rotation (no cookie): that is the fix.
+                assert (await thief.post("/rotate")).status_code == 200
 
             rotating.before = rotate
             store = SessionStore(rotating, key_prefix=key_prefix)
