@@ -37,6 +37,19 @@ then the key covers fewer headers than the response varies on, so such a
 response is never handed to the requests waiting on the same key: they look
 it up again, under their own variant.
 
+A waiter in another process polls the leader's entry; when the lease goes
+away with no entry there, it reads the vary record once and moves to the
+variant the leader stored under, as an in-process follower does.
+
+A route's ``vary=`` names are added to the stored response's ``Vary``, so a
+shared cache in front that is told our ``max-age`` keeps the variants apart.
+
+Proxy headers: a proxy-headers middleware *inside* us (uvicorn's
+``ProxyHeadersMiddleware``, hypercorn's ``ProxyFixMiddleware``, look-alikes by
+name) rewrites the scheme or host after we keyed the request, and only for
+trusted peers; requests carrying a forwarding header then bypass the cache
+(``forwarded``) and one warning says to move it outside.
+
 Sessions: the middleware learns the session cookie's name from the
 SessionMiddleware it finds in the app on the first request. With a session
 middleware *outside* the cache, ``scope["session"]`` is already loaded when we
