@@ -22,10 +22,13 @@ The parts, in order:
    name, values of a repeated name kept in their original order (``?a=2&a=1``
    is not ``?a=1&a=2`` to a handler that reads ``getlist``), every pair byte
    for byte as the app sees it (see :func:`canonical_query`).
-7. forwarding headers (``X-Forwarded-Host``, ``X-Forwarded-Proto``,
-   ``X-Forwarded-Prefix``, ``Forwarded``) - apps behind a proxy build URLs from
-   them, so a request carrying a poisoned value gets its own entry and can never
-   change what a plain request receives.
+7. forwarding headers (:data:`FORWARDING_HEADERS`: ``Forwarded``,
+   ``X-Forwarded-Host``/``-Proto``/``-Port``/``-Prefix`` and the other
+   spellings proxies and frameworks use) - apps behind a proxy build URLs from
+   them, so a request carrying a poisoned value gets its own entry and can
+   never change what a plain request receives. (A proxy-headers middleware
+   *inside* the cache rewrites the scope after we keyed it: the middleware then
+   lets requests that carry any of them bypass the cache, see ``_middleware``.)
 8. one bit: "the request carries the session cookie", so anonymous and
    cookie-bearing requests never share an entry, plus a hash of the session
    cookie's value when the route sets ``vary_on_session=True`` (per-user entries).
@@ -35,8 +38,15 @@ The parts, in order:
    When the middleware can ask the session instead (a SessionMiddleware of
    ours outside the cache), the per-user part is the loaded session's handle,
    and a new or unknown session adds none: it is no session.
-9. the values of every header named in ``vary=``; an absent header and an empty
-   one are different parts.
+9. every header named in ``vary=``.
+
+A keyed header (forwarding, ``vary=`` or learned) is keyed on its *lines*:
+how many there are, and each line's name as sent and value, length-prefixed
+(:func:`header_lines`), never on a joined value. Starlette's
+``request.headers.get`` returns the first line only, ``getlist`` every one,
+and a line whose name is not lower-case is seen by neither; ``Accept-Language:``
+(empty) then ``Accept-Language: de`` must not share the key of a plain ``de``
+request. An absent header (no line) and an empty one (one empty line) differ.
 
 Those parts make the *base* key. A response can name more request headers in
 its own ``Vary`` (GZipMiddleware adds ``Accept-Encoding``, CORSMiddleware
@@ -57,20 +67,20 @@ when it names other headers than the key was built with, looks up again with
 the key it names (a process that meets a URL for the first time pays that
 round trip once).
 
-Header values are normalised before they are keyed, so requests that mean
-the same do not fragment the cache (:func:`vary_value`), for learned and
-``vary=`` headers alike:
-
-* ``Accept``, ``Accept-Charset``, ``Accept-Encoding``, ``Accept-Language``
-  (case-insensitive lists): lower-cased; spaces around ``,``, ``;`` and ``=``
-  and empty list items dropped; a ``q`` weight written canonically
-  (``q=0.50`` is ``q=0.5``, ``q=1`` is dropped as the default). The tokens of
-  ``Accept-Encoding`` are sorted (their order means nothing); the others keep
-  their order, which is a preference a handler may read. A value holding a
-  quoted string is only trimmed: a comma inside quotes is data.
-* any other header: only trimmed of surrounding spaces (``Origin`` is echoed
-  back by CORS; an unknown header's case and spacing may matter to the app).
-* an absent header and an empty one stay different parts.
+Header values are keyed as the app sees them, byte for byte: no case
+folding, no trimming, no respacing, no rewriting of ``q`` weights. A handler
+that reads the raw value (``value.split(",")[0] in SUPPORTED``, a
+case-sensitive ``== "pt-BR"``) decides differently on ``pt-br``, ``de ,en``
+or ``de;q=1`` than on ``pt-BR``, ``de,en`` or ``de``, so any normalisation
+would let one spelling's page be stored for the other's (as with the query).
+Browsers send one spelling per setting, so this fragments nothing that
+matters. The one exception is ``Accept-Encoding`` (:func:`vary_value`), where
+each line's comma-separated tokens are trimmed, empty ones dropped, and the
+rest sorted, each token kept byte for byte: its order means nothing (RFC 9110
+section 12.5.3) and its readers ask whether a coding is listed (Starlette's
+GZipMiddleware: ``"gzip" in value``, case-sensitively), which neither the
+order nor the spaces around a comma can change. A value holding a quoted
+string is kept as sent.
 
 Redis key layout (``{...}`` is a Redis Cluster hash tag)::
 
@@ -81,7 +91,9 @@ Redis key layout (``{...}`` is a Redis Cluster hash tag)::
     <prefix>{n:<namespace id>}:g          namespace generation: clear() bumps it
     <prefix>{t:<tag id>}:v                version of a tag: invalidate_tags() bumps it
 
-The URL id hashes namespace, host and full path (not the query), so an entry
+The URL id hashes namespace, the host's origin (:func:`canonical_origin`:
+lower-case, IDNA-encoded, ports 80 and 443 dropped; the key itself keeps
+the exact Host) and full path (not the query), so an entry
 and its lock live in one slot, and invalidating a URL reaches every entry of
 that path (every query string, HEAD/GET, per-user, every ``vary=`` or learned
 variant, and routes with a custom ``key=``) with one INCR; the key digest in
@@ -92,6 +104,7 @@ change the hash slot.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import re
@@ -105,9 +118,33 @@ from starlette.types import Scope
 
 from ..sessions._cookie import cookie_values
 
-KEY_VERSION = b"ark-cache-key-v1"
+KEY_VERSION = b"ark-cache-key-v2"
 
-FORWARDING_HEADERS = ("x-forwarded-host", "x-forwarded-proto", "x-forwarded-prefix", "forwarded")
+# Request headers a proxy sets and an app (or a library it uses) may build URLs,
+# redirects or its idea of "secure" from: Werkzeug's ProxyFix and Django read
+# X-Forwarded-Host/-Proto/-Port/-Prefix, Rack X-Forwarded-Scheme/-Ssl,
+# gunicorn X-Forwarded-Protocol/-Ssl, nginx recipes X-Scheme, Apache
+# X-Forwarded-Server, IIS/ARR X-Original-Host, Cloudflare CF-Visitor, older
+# ProxyFix recipes X-Script-Name. Per-client ones (X-Forwarded-For, X-Real-IP)
+# are not keyed: the key never names the client address either.
+FORWARDING_HEADERS = (
+    "forwarded",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-scheme",
+    "x-forwarded-protocol",
+    "x-forwarded-ssl",
+    "x-forwarded-server",
+    "x-original-host",
+    "x-host",
+    "x-scheme",
+    "x-url-scheme",
+    "front-end-https",
+    "cf-visitor",
+    "x-script-name",
+)
 _FORWARDING_NAMES = tuple(name.encode() for name in FORWARDING_HEADERS)
 _MEMO_SIZE = 4096
 # A Host header already in canonical form: lower-case DNS labels (or an IPv4
@@ -117,11 +154,6 @@ _CANONICAL_HOST = re.compile(
     rb"(?:" + _LABEL + rb"(?:\." + _LABEL + rb")*|\[(?P<ipv6>[0-9a-f:.]+)\])"
     rb"(?::(?P<port>[1-9][0-9]{0,4}))?"
 )
-# Request headers whose values are case-insensitive lists of tokens with parameters.
-_TOKEN_LISTS = frozenset({b"accept", b"accept-charset", b"accept-encoding", b"accept-language"})
-# ...of which the order of the tokens carries no meaning (RFC 9110 section 12.5.3).
-_UNORDERED = frozenset({b"accept-encoding"})
-_QVALUE = re.compile(rb"0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?")
 _SPACE = b" \t"
 
 
@@ -168,6 +200,32 @@ def request_host(scope: Scope, headers: Mapping[bytes, bytes] | None = None) -> 
     if server:
         return f"{server[0]}:{server[1]}".lower()
     return ""
+
+
+def canonical_origin(host: str) -> str:
+    """``host`` (``name[:port]``, from a Host header or a URL) as one origin is
+    named in URL ids: lower-case, without a trailing dot, IDNA-encoded, and
+    without port 80 or 443. Both are dropped whatever the scheme: behind a
+    TLS-terminating proxy the app's scheme is not the client's, and a URL id
+    that covers both ports of a host only ever invalidates more, never less."""
+    text = host.strip().lower()
+    name, port = text, ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end != -1 and text[end + 1 : end + 2] == ":":
+            name, port = text[: end + 1], text[end + 2 :]
+    elif text.count(":") == 1:
+        name, _, port = text.partition(":")
+    if port.isdigit() and port.isascii():
+        port = str(int(port))
+    if port in ("80", "443"):
+        port = ""
+    name = name.rstrip(".")
+    if not name.isascii():
+        # Not a valid IDN: no Host header spells it otherwise, keep it as it is.
+        with contextlib.suppress(UnicodeError):
+            name = name.encode("idna").decode("ascii")
+    return f"{name}:{port}" if port else name
 
 
 def canonical_host(scope: Scope) -> str | None:
@@ -227,39 +285,43 @@ def canonical_query(query_string: bytes) -> str:
     return "&".join(sorted(pairs, key=lambda pair: unquote_plus(pair.partition("=")[0])))
 
 
+def header_lines(scope: Scope) -> dict[bytes, tuple[tuple[bytes, bytes], ...]]:
+    """Every request header line by lower-cased name: ``(name as sent, value)``
+    in order. A keyed header is keyed on these lines, not on a joined value:
+    Starlette's ``headers.get`` returns the first line only (and sees a line
+    only if its name is already lower-case), ``getlist`` every line, so two
+    requests share a key part only when every reader sees the same in both."""
+    found: dict[bytes, tuple[tuple[bytes, bytes], ...]] = {}
+    for key, value in scope.get("headers", ()):
+        name = key.lower()
+        found[name] = (*found.get(name, ()), (key, value))
+    return found
+
+
 def vary_value(name: bytes, value: bytes) -> bytes:
-    """``value`` of request header ``name`` (lower-case) as it is keyed: the
-    normalisation the module docstring describes."""
-    if name not in _TOKEN_LISTS or b'"' in value:
-        return value.strip(_SPACE)
-    tokens = [_token(item) for item in value.lower().split(b",")]
-    tokens = [token for token in tokens if token]
-    if name in _UNORDERED:
-        tokens.sort()
-    return b",".join(tokens)
+    """One line's ``value`` of request header ``name`` (lower-case) as it is
+    keyed: as sent, except ``Accept-Encoding``'s tokens (see the module docstring)."""
+    if name != b"accept-encoding" or b'"' in value:
+        return value
+    tokens = sorted(token.strip(_SPACE) for token in value.split(b","))
+    return b",".join(token for token in tokens if token)
 
 
-def _token(item: bytes) -> bytes:
-    """One list item: ``gzip ; q=0.50`` -> ``gzip;q=0.5``."""
-    value, *parameters = (part.strip(_SPACE) for part in item.split(b";"))
-    kept = [value]
-    for parameter in parameters:
-        name, equals, argument = (part.strip(_SPACE) for part in parameter.partition(b"="))
-        if not name:
-            continue
-        if name == b"q" and _QVALUE.fullmatch(argument):
-            argument = f"{float(argument):.3f}".rstrip("0").rstrip(".").encode()
-            if argument == b"1":
-                continue  # the default weight
-        kept.append(name + equals + argument)
-    return b";".join(kept) if value or len(kept) > 1 else b""
+def _prefixed(value: bytes) -> bytes:
+    return struct.pack(">I", len(value)) + value
 
 
-def _header_part(name: str, headers: Mapping[bytes, bytes]) -> bytes:
-    """One header's key part; an absent header and an empty one differ."""
-    raw = name.encode("latin-1")
-    value = headers.get(raw)
-    return raw + (b"\x00" if value is None else b"\x01" + vary_value(raw, value))
+def _header_part(
+    name: bytes, lines: Mapping[bytes, Sequence[tuple[bytes, bytes]]], *, normalise: bool
+) -> bytes:
+    """One header's key part: its line count, then each line's name as sent
+    and value, length-prefixed (an absent header has no lines, an empty one a
+    line with an empty value: they differ)."""
+    found = lines.get(name, ())
+    parts = [name, struct.pack(">I", len(found))]
+    for sent, value in found:
+        parts += [_prefixed(sent), _prefixed(vary_value(name, value) if normalise else value)]
+    return b"".join(parts)
 
 
 def record_names(raw: bytes | str | None) -> tuple[str, ...]:
@@ -298,9 +360,11 @@ class CacheKey:
     vary_record: str
     learned: tuple[str, ...] = ()
     # Where the entry's keys live (``<prefix>{u:<url id>}``), and the request's
-    # headers, to derive another variant from.
+    # header lines (:func:`header_lines`), to derive another variant from.
     slot: str = field(default="", repr=False)
-    headers: Mapping[bytes, bytes] = field(default_factory=dict, repr=False, compare=False)
+    headers: Mapping[bytes, Sequence[tuple[bytes, bytes]]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @property
     def version_keys(self) -> list[str]:
@@ -320,7 +384,8 @@ class CacheKey:
         if learned:
             parts = [self.base.encode(), b"vary"]
             for name in learned:
-                parts += [name.encode("latin-1"), _header_part(name, self.headers)]
+                raw = name.encode("latin-1")
+                parts += [raw, _header_part(raw, self.headers, normalise=True)]
             digest = _digest(parts)
         return replace(
             self,
@@ -355,10 +420,13 @@ class KeyScheme:
         return key.varied(learned)
 
     def url_id(self, namespace: str, host: str, path: str) -> str:
+        """The id of ``path`` on ``host``'s origin (:func:`canonical_origin`), so
+        ``invalidate(url)`` reaches it however the URL or the Host spells it."""
         name = (namespace, host, path)
         found = self._url_ids.get(name)
         if found is None:
-            found = _digest([namespace.encode(), host.encode(), path.encode()])[:32]
+            origin = canonical_origin(host)
+            found = _digest([namespace.encode(), origin.encode(), path.encode()])[:32]
             if len(self._url_ids) >= _MEMO_SIZE:
                 self._url_ids.clear()
             self._url_ids[name] = found
@@ -415,9 +483,8 @@ class KeyScheme:
             parts += [b"path", path.encode(), query.encode()]
         else:
             parts += [b"custom", custom]
-        for forwarding in _FORWARDING_NAMES:
-            value = headers.get(forwarding)
-            parts.append(b"\x00" if value is None else b"\x01" + value)
+        lines = header_lines(scope)
+        parts += [_header_part(name, lines, normalise=False) for name in _FORWARDING_NAMES]
         parts.append(b"cookie:1" if cookie is not None else b"cookie:0")
         if vary_on_session:
             if session == "cookie":
@@ -425,7 +492,9 @@ class KeyScheme:
                     parts.append(hashlib.sha256(cookie.encode("latin-1", "replace")).digest())
             elif session is not None:
                 parts.append(b"session:" + session)
-        parts += [_header_part(name, headers) for name in sorted(vary)]
+        parts += [
+            _header_part(name.encode("latin-1"), lines, normalise=True) for name in sorted(vary)
+        ]
         digest = _digest(parts)
         url_id = self.url_id(namespace, host, path)
         slot = f"{self.prefix}{{u:{url_id}}}"
@@ -439,6 +508,6 @@ class KeyScheme:
             base=digest,
             vary_record=f"{slot}:y:{digest}",
             slot=slot,
-            headers=headers,
+            headers=lines,
         )
         return key.varied(self._learned.get(digest, ()))

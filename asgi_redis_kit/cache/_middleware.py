@@ -37,6 +37,19 @@ then the key covers fewer headers than the response varies on, so such a
 response is never handed to the requests waiting on the same key: they look
 it up again, under their own variant.
 
+A waiter in another process polls the leader's entry; when the lease goes
+away with no entry there, it reads the vary record once and moves to the
+variant the leader stored under, as an in-process follower does.
+
+A route's ``vary=`` names are added to the stored response's ``Vary``, so a
+shared cache in front that is told our ``max-age`` keeps the variants apart.
+
+Proxy headers: a proxy-headers middleware *inside* us (uvicorn's
+``ProxyHeadersMiddleware``, hypercorn's ``ProxyFixMiddleware``, look-alikes by
+name) rewrites the scheme or host after we keyed the request, and only for
+trusted peers; requests carrying a forwarding header then bypass the cache
+(``forwarded``) and one warning says to move it outside.
+
 Sessions: the middleware learns the session cookie's name from the
 SessionMiddleware it finds in the app on the first request. With a session
 middleware *outside* the cache, ``scope["session"]`` is already loaded when we
@@ -63,6 +76,7 @@ import hashlib
 import inspect
 import logging
 import random
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -93,6 +107,7 @@ from ._policy import (
     request_bypass_reason,
     response_store_reason,
     storable_headers,
+    with_vary,
 )
 
 logger = logging.getLogger("asgi_redis_kit.cache")
@@ -168,6 +183,33 @@ def _chain(app: Any) -> Iterator[Any]:
                 app.middleware_stack = app.build_middleware_stack()
             inner = app.middleware_stack
         app = inner
+
+
+# Middleware that rewrites the scope (scheme, client, Host) from forwarding
+# headers, when it trusts the peer. Recognised by class, without importing
+# them: uvicorn or hypercorn may be absent, and a class never imported has no
+# instance. Look-alikes of other packages are recognised by name.
+_PROXY_CLASSES = frozenset(
+    {
+        "uvicorn.middleware.proxy_headers.ProxyHeadersMiddleware",
+        "hypercorn.middleware.proxy_fix.ProxyFixMiddleware",
+    }
+)
+_PROXY_NAME = re.compile(r"Proxy(?:Headers|Fix)|Proxied(?:Headers)?|ForwardedHeaders", re.I)
+
+
+def _find_proxy_middleware(app: Any) -> Any | None:
+    """A proxy-headers middleware inside the cache (``app``'s ``.app`` chain).
+    It rewrites the scope after the cache keyed it, from headers it honours
+    only from trusted peers: the key cannot tell an honoured header from an
+    ignored one (see ``_Exchange.run``)."""
+    for found in _chain(app):
+        for cls in type(found).__mro__:
+            if f"{cls.__module__}.{cls.__qualname__}" in _PROXY_CLASSES or _PROXY_NAME.search(
+                cls.__name__
+            ):
+                return found
+    return None
 
 
 def _find_sessions(app: Any, scope: Scope) -> SessionMiddleware | None:
@@ -299,6 +341,9 @@ class CacheMiddleware:
         # Where vary_on_session lookups check that the session still exists:
         # None when the session store shares the cache's server.
         self.session_backend: Backend | None = None
+        # A proxy-headers middleware inside us (found on the first request).
+        self._proxy_checked = False
+        self.inner_proxy: object | None = None
 
     async def aclose(self) -> None:
         """Close the Cache this middleware made (its background refreshes and
@@ -331,6 +376,21 @@ class CacheMiddleware:
                 f"{actual!r} of the SessionMiddleware in this app; drop session_cookie= "
                 "(the cache learns the name from SessionMiddleware) or set it to "
                 f"{actual!r}"
+            )
+
+    def _find_proxy(self) -> None:
+        self._proxy_checked = True
+        self.inner_proxy = _find_proxy_middleware(self.app)
+        if self.inner_proxy is not None:
+            logger.warning(
+                "%s runs inside CacheMiddleware: it rewrites the scheme, client or host "
+                "after the cache keyed the request, and honours forwarding headers only "
+                "from trusted proxies, which no key can tell apart. Requests carrying a "
+                "forwarding header (X-Forwarded-Proto, X-Forwarded-Host, Forwarded, ...) "
+                "now bypass the cache. Add the proxy-headers middleware outside "
+                "CacheMiddleware (or let the server apply it, e.g. uvicorn "
+                "--proxy-headers --forwarded-allow-ips=...).",
+                type(self.inner_proxy).__name__,
             )
 
     def warn_foreign_session(self, session: object) -> None:
@@ -392,6 +452,8 @@ class CacheMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if not self._proxy_checked:
+            self._find_proxy()
         if SCOPE_KEY in scope:
             raise DuplicateMiddleware(
                 "CacheMiddleware is applied twice to the same request; keep one. A common "
@@ -495,6 +557,10 @@ class _Exchange:
             allowed_hosts=cache.allowed_hosts,
             headers=headers,
         )
+        if reason is None and self.middleware.inner_proxy is not None and self.forwarded():
+            # The proxy middleware inside us may rewrite the scope from these
+            # headers, or ignore them (an untrusted peer): no key can tell which.
+            reason = "forwarded"
         if reason is None and len(cookie_values(scope, self.cookie_name)) > 1:
             # The session middleware and a cookie parser may each pick another of
             # the values: the key could name someone else's session.
@@ -574,7 +640,22 @@ class _Exchange:
                     token, entry = await cache.acquire(key, versions)
                     locked = entry is None and token is None
                 if locked:
-                    entry = await self.wait_for_other_process(key, versions)
+                    entry, released = await self.wait_for_other_process(key, versions)
+                    if released and not self.rekeyed:
+                        # The other leader may have stored under a variant its
+                        # response's Vary named (not under ``key``): read the vary
+                        # record once and re-key, as an in-process follower does.
+                        found = await cache.lookup(key, session=self.session_proof)
+                        if found.session_gone:
+                            await self.run_app(key, versions, None, fallback, reason="session")
+                            return
+                        fresh = found.entry is not None and found.entry.is_fresh(cache.clock())
+                        entry = found.entry if fresh else None
+                        if entry is None and found.key.entry != key.entry:
+                            self.rekeyed = True
+                            cache.flights.done(key.digest, flight)
+                            await self.fill(found.key, found.versions, fallback)
+                            return
             except BackendUnavailable:
                 if fallback is not None:
                     # Redis failed after showing us a stale entry: stale-if-error.
@@ -648,7 +729,9 @@ class _Exchange:
 
     async def wait_for_other_process(
         self, key: CacheKey, versions: tuple[int, ...]
-    ) -> Entry | None:
+    ) -> tuple[Entry | None, bool]:
+        """Poll ``key``'s entry while another process holds its lease: the entry,
+        and whether the lease was released without one (False: ``lock_wait`` ran out)."""
         cache = self.cache
         delay = 0.005
         loop = asyncio.get_running_loop()
@@ -658,10 +741,10 @@ class _Exchange:
             delay = min(delay * 1.5, 0.1)
             entry, locked = await cache.poll(key, versions)
             if entry is not None and entry.is_fresh(cache.clock()):
-                return entry
+                return entry, False
             if not locked:
-                return None  # the other leader gave up without storing: run it ourselves
-        return None
+                return None, True
+        return None, False
 
     def schedule_refresh(self, key: CacheKey, versions: tuple[int, ...]) -> None:
         flight = self.cache.flights.lead(key.digest)
@@ -850,6 +933,10 @@ class _Exchange:
             self.outer_before = dict(outer)
         await self.app(self.scope, self.receive, send)
 
+    def forwarded(self) -> bool:
+        """Whether the request carries a forwarding header."""
+        return any(name.encode() in self.headers for name in FORWARDING_HEADERS)
+
     def keyed_headers(self) -> list[str]:
         return ["host", *FORWARDING_HEADERS, *self.config.vary]
 
@@ -898,7 +985,7 @@ class _Exchange:
         )
         return Entry(
             status=status,
-            headers=tuple(storable_headers(headers)),
+            headers=tuple(storable_headers(with_vary(headers, config.vary))),
             body=body,
             etag=app_etag.decode("latin-1") if app_etag else content_etag(body),
             stored_at=self.cache.clock(),

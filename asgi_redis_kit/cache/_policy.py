@@ -25,6 +25,11 @@ from nor stored in the cache, and the response says ``X-Cache: BYPASS`` with
   several ``Cookie`` headers): SessionMiddleware uses the first value that
   verifies, other parsers the last, so no key can be trusted to name the
   session the handler will see.
+* ``forwarded``     - a forwarding header (``_keys.FORWARDING_HEADERS``) while a
+  proxy-headers middleware (uvicorn's ``ProxyHeadersMiddleware``, hypercorn's
+  ``ProxyFixMiddleware``, look-alikes) runs *inside* the cache: it rewrites
+  the scheme or host after the key was made, and only for trusted peers, so
+  no key names what the app will see. Put it outside the cache instead.
 * ``backend``       - Redis is failing or the circuit breaker is open.
 
 Responses (decided after the handler ran; the response is still sent, marked
@@ -193,3 +198,20 @@ def storable_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes
     }
     dropped |= {b"x-cache", b"x-cache-reason", b"age", b"content-length"}
     return [(name, value) for name, value in headers if name.lower() not in dropped]
+
+
+def with_vary(
+    headers: Sequence[tuple[bytes, bytes]], names: Iterable[str]
+) -> list[tuple[bytes, bytes]]:
+    """``headers`` whose ``Vary`` also names ``names`` (a route's ``vary=``), as
+    Django's ``patch_vary_headers`` does: the key holds those headers, so a
+    shared cache in front that is told our max-age must be told them too, or it
+    keeps one variant for every value. Names it lists already (any case) are
+    not repeated; ``Vary: *`` already covers everything."""
+    listed = response_vary(headers)
+    missing = [name for name in dict.fromkeys(names) if name.lower() not in listed]
+    if not missing or "*" in listed:
+        return list(headers)
+    merged = ", ".join([*dict.fromkeys(listed), *missing]).encode("latin-1")
+    kept = [(name, value) for name, value in headers if name.lower() != b"vary"]
+    return [*kept, (b"vary", merged)]
