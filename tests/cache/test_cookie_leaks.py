@@ -262,3 +262,37 @@ async def test_a_hidden_session_middleware_never_shares_a_vary_on_session_page(
     # Not stored at all (keying ``sid`` among the other cookies would be enough
     # to keep the two apart; the fail-safe must not depend on it).
     assert mine.headers["x-cache-reason"] == "session"
+
+
+async def test_a_background_refresh_still_stores_a_logged_in_users_page(
+    real_redis: Redis, key_prefix: str
+) -> None:
+    """The refresh of a stale ``vary_on_session`` entry keys the same user: the
+    fail-safe for unkeyed sessions must not keep it from storing."""
+    from tests.cache.conftest import Clock
+
+    clock = Clock()
+    calls: Counter[str] = Counter()
+
+    @cached(ttl=10, stale_while_revalidate=100, vary_on_session=True)
+    async def me(request: Request) -> Response:
+        calls["me"] += 1
+        return PlainTextResponse(f"page {calls['me']} of {request.session.get('user')}")
+
+    cache = Cache(real_redis, key_prefix=key_prefix, clock=clock)
+    app = Starlette(
+        routes=[Route("/login", login), Route("/me", me)],
+        middleware=[
+            Middleware(CacheMiddleware, cache=cache),
+            Middleware(SessionMiddleware, secret_key=SECRET, redis=real_redis),
+        ],
+    )
+    async with client(app) as alice:
+        await alice.get("/login", params={"user": "alice"})
+        assert (await alice.get("/me")).headers["x-cache"] == "MISS"
+        clock.advance(20)
+        assert (await alice.get("/me")).headers["x-cache"] == "STALE"
+        await cache.wait_background()
+        fresh = await alice.get("/me")
+    await cache.aclose()
+    assert (fresh.headers["x-cache"], fresh.text) == ("HIT", "page 2 of alice")
