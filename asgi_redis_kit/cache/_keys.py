@@ -31,7 +31,10 @@ The parts, in order:
    lets requests that carry any of them bypass the cache, see ``_middleware``.)
 8. one bit: "the request carries the session cookie", so anonymous and
    cookie-bearing requests never share an entry, plus a hash of the session
-   cookie's value when the route sets ``vary_on_session=True`` (per-user entries).
+   cookie's value when the route sets ``vary_on_session=True`` (per-user entries),
+   and then every other cookie as well (:func:`other_cookies`): a per-user page
+   may show any of them, so only requests whose other cookies read the same
+   share it (with none, all of them still do).
    The cookie is read with SessionMiddleware's own ``cookie_values`` (every
    ``Cookie`` header, every value); a request naming it twice never gets this
    far: Starlette's parser would see another value than the session does.
@@ -342,6 +345,40 @@ def session_cookie(
     return values[0] if values else None
 
 
+def other_cookies(scope: Scope, session_cookie_name: str) -> list[bytes]:
+    """Every cookie but the session's, one key part per ``Cookie`` header line.
+
+    A handler reads cookies through Starlette's parser: the first ``Cookie``
+    line only, a repeated name's last value, a quoted value unquoted. So each
+    line is kept apart, in order, and within a line the pairs are sorted by
+    name with a repeated name's values in their original order (a stable sort),
+    each pair the name and value trimmed as Starlette trims them (quotes kept:
+    ``""x""`` and ``x`` differ to it). Two requests that read differently never
+    share a part; the order of different names alone does not split them. The
+    session cookie is left out, as ``cookie_values`` finds it: the key holds who
+    the session is instead."""
+    lines: list[bytes] = []
+    for key, raw in scope.get("headers", ()):
+        if key != b"cookie":
+            continue
+        pairs: list[tuple[str, str]] = []
+        for chunk in raw.decode("latin-1").split(";"):
+            name, sep, value = chunk.partition("=")
+            if not sep:
+                name, value = "", chunk  # Starlette's reading of a chunk without "="
+            name, value = name.strip(), value.strip()
+            if (sep and name == session_cookie_name) or not (name or value):
+                continue
+            pairs.append((name, value))
+        pairs.sort(key=lambda pair: pair[0])
+        lines.append(b"".join(_digest_part(f"{n}={v}".encode("latin-1")) for n, v in pairs))
+    return lines
+
+
+def _digest_part(part: bytes) -> bytes:
+    return struct.pack(">I", len(part)) + part
+
+
 @dataclass(frozen=True, slots=True)
 class CacheKey:
     """Every Redis key one request touches, derived once per request.
@@ -492,6 +529,10 @@ class KeyScheme:
                     parts.append(hashlib.sha256(cookie.encode("latin-1", "replace")).digest())
             elif session is not None:
                 parts.append(b"session:" + session)
+            # A per-user page may show any other cookie too (a CSRF double-submit
+            # token, a theme): ``Vary: Cookie`` means the whole header.
+            cookies = other_cookies(scope, session_cookie_name)
+            parts += [b"cookies:%d" % len(cookies), *cookies]
         parts += [
             _header_part(name.encode("latin-1"), lines, normalise=True) for name in sorted(vary)
         ]

@@ -51,7 +51,16 @@ trusted peers; requests carrying a forwarding header then bypass the cache
 (``forwarded``) and one warning says to move it outside.
 
 Sessions: the middleware learns the session cookie's name from the
-SessionMiddleware it finds in the app on the first request. With a session
+SessionMiddleware (ours or Starlette's) it finds in the app on the first
+request. A request that carries that cookie, or comes with a session loaded
+outside us that came from a cookie or holds data, bypasses a route shared by
+everyone (neither ``vary_on_session`` nor ``ignores_session``) before any
+lookup: an empty session's page must never be served to a live one. A
+``vary_on_session`` key also holds every other cookie (``_keys``). Finding the
+middleware is not relied on: a ``vary_on_session`` response is not stored when
+the key named no one yet the session the handler saw is someone's, nor any
+response when the SessionMiddleware that handled the request (its scope mark)
+reads another cookie than the key named (one warning says so). With a session
 middleware *outside* the cache, ``scope["session"]`` is already loaded when we
 run: a shared route whose handler read it is not stored, and a
 ``vary_on_session`` entry is keyed on the loaded session's handle (a new or
@@ -83,6 +92,7 @@ from typing import Any, Literal
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
 from starlette.applications import Starlette
+from starlette.middleware.sessions import SessionMiddleware as StarletteSessions
 from starlette.requests import Request
 from starlette.routing import Host, Match, Mount, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -91,6 +101,7 @@ from .._redis import Backend, RedisClient, RedisLike, serve_with_lifespan_close
 from ..errors import BackendUnavailable, CacheNotConfigured, DuplicateMiddleware
 from ..sessions import Session, SessionMiddleware
 from ..sessions._cookie import cookie_values
+from ..sessions._middleware import _MARK as SESSIONS_MARK
 from ._cache import Cache, SessionProof
 from ._decorator import RequestState, RouteCache, current, route_config
 from ._entry import Entry, content_etag, encode, etag_matches, served_headers
@@ -212,12 +223,13 @@ def _find_proxy_middleware(app: Any) -> Any | None:
     return None
 
 
-def _find_sessions(app: Any, scope: Scope) -> SessionMiddleware | None:
-    """Our SessionMiddleware in this app: inside us (the ``.app`` chain), else
-    outside us (the middleware stack of the application in ``scope["app"]``)."""
+def _find_sessions(app: Any, scope: Scope) -> SessionMiddleware | StarletteSessions | None:
+    """The session middleware in this app, ours or Starlette's: inside us (the
+    ``.app`` chain), else outside us (the middleware stack of the application
+    in ``scope["app"]``)."""
     for candidate in (app, scope.get("app")):
         for found in _chain(candidate):
-            if isinstance(found, SessionMiddleware):
+            if isinstance(found, SessionMiddleware | StarletteSessions):
                 return found
     return None
 
@@ -271,8 +283,10 @@ class CacheMiddleware:
         cacheable_statuses, breaker_threshold, breaker_cooldown, lock_lease,
         lock_wait, max_lifetime, clock: see :class:`Cache`.
         session_cookie: leave it ``None``: the name is learned on the first
-            request from the SessionMiddleware in the app (inside or outside
-            this middleware), and is ``"session"`` without one. A name that
+            request from the SessionMiddleware in the app, ours or Starlette's
+            (inside or outside this middleware), and is ``"session"`` without
+            one. Set it when a middleware hides the session middleware (keeps
+            its inner app elsewhere than ``.app``): a warning then names it. A name that
             contradicts that SessionMiddleware raises ``ValueError``.
     """
 
@@ -338,6 +352,7 @@ class CacheMiddleware:
         self._cookie_name = "session"
         self._config_error: ValueError | None = None
         self._warned_foreign = False
+        self._warned_cookie_name = False
         # Where vary_on_session lookups check that the session still exists:
         # None when the session store shares the cache's server.
         self.session_backend: Backend | None = None
@@ -360,16 +375,21 @@ class CacheMiddleware:
         ``vary_on_session`` page to another, and silently picking one of two
         contradicting settings hides a configuration the user got wrong."""
         self._sessions_found = True
-        self.sessions = _find_sessions(self.app, scope)
+        found = _find_sessions(self.app, scope)
         explicit = self.cache.session_cookie
-        if self.sessions is None:
+        if found is None:
             self._cookie_name = explicit or "session"
             return
-        actual = self.sessions.cookie.name
+        if isinstance(found, SessionMiddleware):
+            self.sessions = found
+            actual = found.cookie.name
+            store = found.store.backend
+            if not _same_server(store.client, self.cache.backend.client):
+                self.session_backend = store
+        else:
+            # Starlette's: its cookie is the whole signed session, keyed as it is.
+            actual = found.session_cookie
         self._cookie_name = actual
-        store = self.sessions.store.backend
-        if not _same_server(store.client, self.cache.backend.client):
-            self.session_backend = store
         if explicit is not None and explicit != actual:
             self._config_error = ValueError(
                 f"CacheMiddleware(session_cookie={explicit!r}) does not match the cookie "
@@ -405,6 +425,21 @@ class CacheMiddleware:
             "cookie). Use asgi_redis_kit.SessionMiddleware to cache pages for "
             "visitors who have a session.",
             type(session).__name__,
+        )
+
+    def warn_cookie_name(self, actual: str) -> None:
+        if self._warned_cookie_name:
+            return
+        self._warned_cookie_name = True
+        logger.warning(
+            "the SessionMiddleware that handled a request reads the cookie %r, but the "
+            "cache keys on the cookie %r: it could not find that middleware in the app "
+            "(a middleware between them keeps its inner app somewhere other than .app). "
+            "Nothing is stored until this is fixed: pass "
+            "CacheMiddleware(session_cookie=%r), or expose the inner app as .app.",
+            actual,
+            self._cookie_name,
+            actual,
         )
 
     def cookie_name(self, scope: Scope) -> str:
@@ -540,6 +575,8 @@ class _Exchange:
         self.session_proof: SessionProof | None = None
         # Whether a waiter already moved on to the variant key its leader learned.
         self.rekeyed = False
+        # Whether a vary_on_session key holds someone (set by run).
+        self.keyed_user = False
 
     # -- entry points ------------------------------------------------------------------
 
@@ -565,9 +602,19 @@ class _Exchange:
             # The session middleware and a cookie parser may each pick another of
             # the values: the key could name someone else's session.
             reason = "cookie"
+        shared = not (config.vary_on_session or config.ignores_session)
+        if reason is None and shared and self.carries_session():
+            # Checklist 22: a page shared by everyone is never one for a visitor
+            # with a session; nor is an empty session's page served to a live one.
+            reason = "session"
         if reason is not None:
             await self.bypass(reason)
             return
+        identity = self.session_identity() if config.vary_on_session else "cookie"
+        if identity == "cookie":
+            self.keyed_user = session_cookie(scope, self.cookie_name, headers) is not None
+        else:
+            self.keyed_user = identity is not None
         key = cache.keys.for_request(
             scope,
             namespace=config.namespace or cache.namespace,
@@ -578,7 +625,7 @@ class _Exchange:
             tags=config.filled_tags(self.path_params) if config.tags else (),
             custom=None if config.key is None else await self.custom_key(),
             headers=headers,
-            session=self.session_identity() if config.vary_on_session else "cookie",
+            session=identity,
         )
         try:
             found = await cache.lookup(key, lease=True, session=self.session_proof)
@@ -764,6 +811,7 @@ class _Exchange:
             self.config,
             self.path_params,
         )
+        refresher.keyed_user = self.keyed_user  # the same request's key
         try:
             token, _ = await self.cache.acquire(key, versions)
             if token is None:
@@ -839,6 +887,48 @@ class _Exchange:
         self.middleware.warn_foreign_session(inner)
         empty = isinstance(inner, Mapping) and len(inner) == 0
         return not empty or b"cookie" in self.headers
+
+    def carries_session(self) -> bool:
+        """Whether the request comes with a session: the session cookie, or a
+        session already loaded outside us that came from a cookie or holds
+        data (whatever its cookie is called: we may not have found its name)."""
+        if cookie_values(self.scope, self.cookie_name):
+            return True
+        outer = self.outer_session
+        if outer is _NO_SESSION or outer is None:
+            return False
+        if isinstance(outer, Session):
+            return _loaded_handle(outer) is not None or outer.exposed
+        return not isinstance(outer, Mapping) or len(outer) > 0
+
+    def session_holds_data(self) -> bool:
+        """Whether the session the handler could see belongs to someone: ours
+        was loaded from a cookie or holds data; another middleware's mapping
+        holds or held data; anything else in ``scope["session"]`` is unknown."""
+        session = self.outer_session
+        if session is _NO_SESSION:
+            session = self.scope.get("session", _NO_SESSION)
+        if session is _NO_SESSION or session is None:
+            return False
+        if isinstance(session, Session):
+            return (
+                _loaded_handle(session) is not None
+                or dict.__len__(session) > 0
+                or bool(session._snapshot)
+            )
+        if isinstance(session, Mapping):
+            return bool(self.outer_before) or len(session) > 0
+        return True
+
+    def misread_cookie(self) -> bool:
+        """Whether the SessionMiddleware that handled the request reads another
+        cookie than the key named (it hid from us): no key of ours told its
+        visitors apart."""
+        handler = self.scope.get(SESSIONS_MARK)
+        if not isinstance(handler, SessionMiddleware) or handler.cookie.name == self.cookie_name:
+            return False
+        self.middleware.warn_cookie_name(handler.cookie.name)
+        return True
 
     def session_changed(self) -> bool:
         """Whether the handler changed its session. A hit would skip the change.
@@ -960,6 +1050,13 @@ class _Exchange:
             vary_on_session=config.vary_on_session,
         )
         if reason is None and not config.vary_on_session and self.session_read():
+            reason = "session"
+        # The key holds no one, yet the session the handler saw is someone's: its
+        # cookie has a name we did not learn. Never share that page.
+        unkeyed = config.vary_on_session and not self.keyed_user
+        if reason is None and unkeyed and self.session_holds_data():
+            reason = "session"
+        if reason is None and self.misread_cookie():
             reason = "session"
         if reason is not None or body is None:
             return reason

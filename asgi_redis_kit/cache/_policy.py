@@ -30,6 +30,11 @@ from nor stored in the cache, and the response says ``X-Cache: BYPASS`` with
   ``ProxyFixMiddleware``, look-alikes) runs *inside* the cache: it rewrites
   the scheme or host after the key was made, and only for trusted peers, so
   no key names what the app will see. Put it outside the cache instead.
+* ``session``       - on a route with neither ``vary_on_session`` nor
+  ``ignores_session``: the request carries the session cookie, or a session
+  middleware outside the cache loaded a session that came from a cookie or holds
+  data. Such a page is shared by everyone, and an empty (expired, garbage)
+  session's page stored under the cookie-bearing key would reach live ones.
 * ``backend``       - Redis is failing or the circuit breaker is open.
 
 Responses (decided after the handler ran; the response is still sent, marked
@@ -51,6 +56,10 @@ Responses (decided after the handler ran; the response is still sent, marked
   such as ``orjson.dumps`` cannot all be seen, so data within reach counts as
   read (``_middleware._Exchange.session_read`` has the rules per middleware);
   a route marked ``ignores_session=True`` counts only the reads that are seen.
+  Also: a ``vary_on_session`` response whose key named no one while the
+  session the handler saw is someone's (its cookie has a name the cache did not
+  learn), and any response when the SessionMiddleware that handled the request
+  reads another cookie than the key named.
 * ``size``          - a body over ``max_size`` bytes.
 * ``streaming``     - the app streamed its body (``more_body``); it passes
   through unbuffered.

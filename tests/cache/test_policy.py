@@ -88,10 +88,11 @@ async def test_authorization_bypasses_unless_public(harness: Harness) -> None:
 
 async def test_session_reading_response_is_not_shared(harness: Harness) -> None:
     """Checklist 22: a request with a session cookie to a route whose handler
-    reads the session is never served another user's response."""
+    reads the session is never served another user's response: it bypasses the
+    cache before any lookup."""
     a, b = {"cookie": "session=alice"}, {"cookie": "session=bob"}
     first = await harness.client.get("/whoami", headers=a)
-    assert (first.headers["x-cache"], first.headers["x-cache-reason"]) == ("MISS", "session")
+    assert (first.headers["x-cache"], first.headers["x-cache-reason"]) == ("BYPASS", "session")
     assert (await harness.client.get("/whoami", headers=b)).text == "user bob call 2"
     assert (await harness.client.get("/whoami", headers=a)).text == "user alice call 3"
     # Anonymous requests (no cookie, session not read) share one entry.
@@ -119,7 +120,8 @@ async def test_sessions_with_data_share_only_a_route_that_ignores_the_session(
 ) -> None:
     """FakeSession puts the cookie's value in the session: a session with data
     counts as read (its readers cannot all be seen), unless the route promises
-    otherwise; anonymous and cookie-bearing requests never share an entry."""
+    otherwise (a session-cookie request to a shared route bypasses the cache);
+    anonymous and cookie-bearing requests never share an entry."""
     for path in ("/page", "/shared"):
         alice = await harness.client.get(path, headers={"cookie": "session=alice"})
         bob = await harness.client.get(path, headers={"cookie": "session=bob"})
@@ -127,7 +129,7 @@ async def test_sessions_with_data_share_only_a_route_that_ignores_the_session(
         again = await harness.client.get(path)
         states = [r.headers["x-cache"] for r in (alice, bob, anonymous, again)]
         if path == "/page":
-            assert states == ["MISS", "MISS", "MISS", "HIT"]
+            assert states == ["BYPASS", "BYPASS", "MISS", "HIT"]
             assert bob.headers["x-cache-reason"] == "session"
         else:
             assert states == ["MISS", "HIT", "MISS", "HIT"]
@@ -237,7 +239,8 @@ async def test_real_session_middleware_response_is_not_shared(
         assert (await alice.get("/profile")).text == "hello alice"
         assert (await bob.get("/profile")).text == "hello bob"
         assert (await alice.get("/profile")).text == "hello alice"
-    assert cache.stats.not_stored["session"] >= 3
+    # Their session cookies bypass the shared route (checklist 22).
+    assert cache.stats.bypass["session"] >= 3
     await cache.aclose()
 
 
