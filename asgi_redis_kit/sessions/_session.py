@@ -163,22 +163,20 @@ class Session(dict[str, Any]):
             or dict.__len__(self) > 0
         )
 
-    # Reading who the session is counts as using it, like reading its data.
-
     @property
     def is_new(self) -> bool:
         """True until the session has a record in Redis."""
-        self.accessed = True
         return self._id is None
 
     @property
     def handle(self) -> str | None:
         """A non-secret name of the stored session (see :class:`SessionInfo`)."""
-        self.accessed = True
         return None if self._id is None else handle_of(self._id)
 
     @property
     def user_id(self) -> str | None:
+        # Reading who the session belongs to is using it (Vary: Cookie). The cache
+        # needs no such mark: a bound session is exposed anyway.
         self.accessed = True
         return self._user
 
