@@ -2,7 +2,7 @@
 ``bind_user()`` of the same user) keeps its lifetime, cannot outlive a revoke of the
 session it continues, and no delete leaves a dead id in any index.
 
-Siblings of the findings in tests/attack/test_sessions_attack.py, in the shapes
+Siblings of the findings in tests/sessions/test_review_attacks.py, in the shapes
 those tests do not try (see the _store module docstring for the protocol).
 """
 
