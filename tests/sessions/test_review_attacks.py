@@ -187,7 +187,7 @@ async def dead_index_entries(redis: Redis, key_prefix: str) -> list[str]:
 async def test_rebind_back_to_the_first_user_keeps_the_session_in_her_index(
     holding: Holding, key_prefix: str
 ) -> None:
-    """FAILS on main (security). alice -> bob -> alice: request 1 rebinds to bob and
+    """Failed before the fix (security). alice -> bob -> alice: request 1 rebinds to bob and
     is slow to send its un-index of alice; request 2 (loaded as bob) rebinds to alice
     and finishes. Request 1's late SREM then removes the entry request 2 relied on:
     a live session bound to alice is missing from her index, and revoke_user("alice")
@@ -214,7 +214,7 @@ async def test_rebind_back_to_the_first_user_keeps_the_session_in_her_index(
 async def test_a_rebind_that_lost_the_race_leaves_no_dead_index_entry(
     real_redis: Redis, key_prefix: str
 ) -> None:
-    """FAILS on main (leak). Two requests loaded the same session of alice; one
+    """Failed before the fix (leak). Two requests loaded the same session of alice; one
     rebinds it to bob, the other (later) to carol and gets MOVED. The loser's index
     add for carol is kept; when the session then ends (logout), nothing removes it:
     a dead id in carol's index, forever with absolute_lifetime=None (no index TTL),
@@ -240,7 +240,7 @@ async def test_a_rebind_that_lost_the_race_leaves_no_dead_index_entry(
 async def test_revoke_session_racing_a_rotation_still_ends_it(
     holding: Holding, real_redis: Redis, key_prefix: str
 ) -> None:
-    """FAILS on main (security). revoke_session(alice, handle) read alice's index;
+    """Failed before the fix (security). revoke_session(alice, handle) read alice's index;
     before it deletes the session, the browser logs in again (regenerate: the data
     and the binding move to a new id, the old id is deleted). revoke_session then
     finds the old id gone and returns False, and the successor lives on. revoke_user
@@ -356,7 +356,7 @@ def odd_login_app(redis: Any, key_prefix: str, user: str) -> Starlette:
 async def test_a_user_id_that_is_not_utf8_is_refused_by_bind_user(
     real_redis: Redis, key_prefix: str
 ) -> None:
-    """FAILS on main (500). bind_user("\\ud800") is accepted (a non-empty str), and
+    """Failed before the fix (500). bind_user("\\ud800") is accepted (a non-empty str), and
     the save then dies encoding it: UnicodeEncodeError, a 500 from the middleware
     instead of a TypeError on the handler's line (what a session key like that
     gets). The store's admin API raises UnicodeEncodeError, not its TypeError."""
@@ -383,7 +383,7 @@ async def test_a_user_id_that_is_not_utf8_is_refused_by_bind_user(
 async def test_a_session_with_thousands_of_keys_can_still_log_in(
     real_redis: Redis, key_prefix: str
 ) -> None:
-    """FAILS on main (data loss / bogus 503). The save scripts pass every field as
+    """Failed before the fix (data loss / bogus 503). The save scripts pass every field as
     one Lua ``unpack(ARGV, ...)``, which Redis' Lua refuses past ~8000 values
     ("too many results to unpack"). A session that grew to 4500 keys over three
     requests (each saved fine) can no longer be regenerated: every login is a 503
@@ -401,7 +401,7 @@ async def test_a_session_with_thousands_of_keys_can_still_log_in(
 async def test_a_first_save_of_five_thousand_keys_is_not_an_outage(
     real_redis: Redis, key_prefix: str
 ) -> None:
-    """FAILS on main (bogus 503): the same limit on a first save (and on an update
+    """Failed before the fix (bogus 503): the same limit on a first save (and on an update
     changing that many fields): a clear error or a save, not "Redis is down"."""
     app = attack_app(real_redis, key_prefix)
     async with browser(app) as tab:
@@ -486,7 +486,7 @@ async def test_a_cached_route_with_thousands_of_tags_is_cached(
     ],
 )
 def test_a_nan_keeps_its_payload_bits(bits: int) -> None:
-    """FAILS on main (cosmetic: a documented promise). README and _codec say a
+    """Failed before the fix (cosmetic: a documented promise). README and _codec say a
     value comes back with "the same float bits"; a NaN keeps its sign but its
     payload comes back as the canonical quiet NaN. (Siblings: nested, as a dict
     key, and the canonical NaNs keep the stored form older records have.)"""
@@ -572,7 +572,7 @@ async def test_a_crafted_field_on_a_decode_responses_client_is_not_a_500(
 async def test_rotating_the_id_does_not_restart_the_absolute_lifetime(
     real_redis: Redis, key_prefix: str
 ) -> None:
-    """FAILS on main (security). absolute_lifetime is "seconds after creation when a
+    """Failed before the fix (security). absolute_lifetime is "seconds after creation when a
     session ends however active it is", but regenerate() (rotation, no new login)
     gives the successor a fresh creation time: an app that rotates ids periodically,
     as OWASP suggests, or a stolen cookie replayed to any endpoint that rotates,
@@ -599,7 +599,7 @@ async def test_rotating_the_id_does_not_restart_the_absolute_lifetime(
 async def test_a_stale_cookie_sent_first_does_not_hide_the_live_one(
     real_redis: Redis, key_prefix: str
 ) -> None:
-    """FAILS on main (availability). Browsers send two cookies of one name when an
+    """Failed before the fix (availability). Browsers send two cookies of one name when an
     older one has another Path or Domain (say, the app moved from path="/app" to
     "/"), the longer path first. When that first cookie is validly signed but its
     session ended, the middleware stops there: the user looks logged out, and every
@@ -665,7 +665,7 @@ async def test_hostile_cookie_variants_never_500(
 async def test_a_logout_racing_a_rebind_leaves_no_dead_index_entry(
     real_redis: Redis, key_prefix: str
 ) -> None:
-    """FAILS on main (leak). A logout that loaded the session as alice deletes it
+    """Failed before the fix (leak). A logout that loaded the session as alice deletes it
     after another request rebound it to bob: the logout un-indexes alice (the user
     it loaded), so bob's index keeps a dead id. The same holds for the save that
     finds the absolute lifetime over (store.delete with the loaded user)."""
@@ -688,7 +688,7 @@ async def test_a_logout_racing_a_rebind_leaves_no_dead_index_entry(
 async def test_a_slow_request_does_not_resign_a_cookie_whose_session_was_rotated(
     real_redis: Redis, key_prefix: str, other: str, slow_op: str
 ) -> None:
-    """FAILS on main (logs the user out). During a secret-key rotation every request
+    """Failed before the fix (logs the user out). During a secret-key rotation every request
     with an old-key cookie gets that cookie re-signed. A slow read-only request that
     loaded the session before another tab logged in (regenerate: new id, old one
     deleted) still re-signs the *old* id at the end, without checking it still
@@ -730,7 +730,7 @@ async def test_a_slow_request_does_not_resign_a_cookie_whose_session_was_rotated
 async def test_user_sessions_on_a_read_only_replica_still_lists(
     own_redis: Any, key_prefix: str
 ) -> None:
-    """FAILS on main (availability of a read). user_sessions prunes dead entries
+    """Failed before the fix (availability of a read). user_sessions prunes dead entries
     with an SREM in the same call; on a read-only replica (or during a failover)
     that write is refused and the whole listing raises BackendUnavailable, though
     every read it needs succeeded. Pruning is housekeeping: it should not fail the
@@ -803,7 +803,7 @@ def test_one_url_store_serves_threads_each_with_its_own_loop(
 @pytest.mark.parametrize("option", ["idle_timeout", "absolute_lifetime"])
 @pytest.mark.parametrize("seconds", [float("inf"), 1e17, float("nan"), MAX_SECONDS + 1])
 def test_a_timeout_redis_cannot_set_is_refused_at_startup(option: str, seconds: float) -> None:
-    """FAILS on main (outage by config). inf is an OverflowError from int(); 1e17 s
+    """Failed before the fix (outage by config). inf is an OverflowError from int(); 1e17 s
     is accepted, and then PEXPIRE answers "invalid expire time": with idle_timeout
     every save is a 503, with absolute_lifetime every login (the index TTL)."""
     options: dict[str, Any] = {option: seconds}
@@ -870,7 +870,7 @@ class Rotating(Redis):
 async def test_revoke_user_does_not_report_success_while_a_session_escaped(
     redis_url: str, real_redis: Redis, key_prefix: str
 ) -> None:
-    """FAILS on main (security). A stolen cookie whose holder rotates the id (any
+    """Failed before the fix (security). A stolen cookie whose holder rotates the id (any
     endpoint calling regenerate()) each time revoke_user is between its take of the
     index and its delete makes every pass find the old id gone; after
     REVOKE_PASSES revoke_user gives up with only a log line and returns 0, and the
@@ -902,7 +902,7 @@ async def test_revoke_user_does_not_report_success_while_a_session_escaped(
 async def test_a_shorter_idle_timeout_applies_to_existing_sessions(
     real_redis: Redis, key_prefix: str, option: str
 ) -> None:
-    """FAILS on main (security, low). After an incident the idle timeout is cut from
+    """Failed before the fix (security, low). After an incident the idle timeout is cut from
     1000 s to 10 s. A session stored under the old setting keeps its ~1000 s TTL
     through every later read: the refresh only ever lengthens a TTL (touch_due),
     and the load does not clamp one that is longer than the setting allows.
@@ -924,7 +924,7 @@ async def test_a_shorter_idle_timeout_applies_to_existing_sessions(
 async def test_incr_of_a_key_that_is_not_utf8_is_the_same_type_error_everywhere(
     real_redis: Redis, key_prefix: str
 ) -> None:
-    """FAILS on main (cosmetic). session["\\ud800"] = 1 and incr("\\ud800") on a
+    """Failed before the fix (cosmetic). session["\\ud800"] = 1 and incr("\\ud800") on a
     new session raise the codec's TypeError; incr on a stored session raises
     redis-py's UnicodeEncodeError instead."""
 
@@ -994,7 +994,7 @@ async def holding_cluster(
 async def test_cluster_a_login_that_lost_to_a_rebind_does_not_unindex_the_session(
     holding_cluster: HoldingCluster, key_prefix: str
 ) -> None:
-    """FAILS on main (security, Cluster). A login (regenerate) loaded the session as
+    """Failed before the fix (security, Cluster). A login (regenerate) loaded the session as
     alice; meanwhile it was rebound to bob. Its step (b) finds it bound to bob
     (DELETE_IF_USER answers 2) but still sends "SREM alice's index" -- a round trip
     of its own on Cluster. If, before that SREM lands, another request rebinds the
@@ -1024,7 +1024,7 @@ async def test_cluster_a_login_that_lost_to_a_rebind_does_not_unindex_the_sessio
 async def test_a_longer_absolute_lifetime_does_not_let_sessions_outlive_their_index(
     real_redis: Redis, key_prefix: str
 ) -> None:
-    """FAILS on main (security). The index gets its TTL (the absolute lifetime) only
+    """Failed before the fix (security). The index gets its TTL (the absolute lifetime) only
     when an id is added. Raise absolute_lifetime (30 -> 90 days, say) and a session
     created before keeps being refreshed up to the new limit, while its user's index
     still expires at the old one: from then on revoke_user finds nothing and the
@@ -1053,7 +1053,7 @@ async def test_a_longer_absolute_lifetime_does_not_let_sessions_outlive_their_in
 async def test_clear_then_bind_in_a_request_whose_session_was_revoked_binds_nothing(
     real_redis: Redis, key_prefix: str
 ) -> None:
-    """FAILS on main (security, medium). regenerate() + bind_user() in a request
+    """Failed before the fix (security, medium). regenerate() + bind_user() in a request
     whose session was revoked meanwhile is dropped (replace() checks the old record),
     but clear() + bind_user() -- the other common login/re-auth shape, e.g.
     ``uid = s.user_id; s.clear(); s.bind_user(uid)`` -- creates a new session bound
