@@ -451,7 +451,7 @@ async def test_a_session_past_what_redis_takes_is_a_clear_error_not_an_outage(
 async def test_a_cached_route_with_thousands_of_tags_is_cached(
     real_redis: Redis, key_prefix: str
 ) -> None:
-    """FAILED on main: the cache's lookup script had the same unpack() of every
+    """Failed before the fix: the cache's lookup script had the same unpack() of every
     version key (one per tag); past ~8000 tags each lookup failed like an outage."""
     from asgi_redis_kit import CacheMiddleware
 
@@ -537,7 +537,7 @@ async def test_crafted_field_bytes_are_an_empty_session_not_a_500(
 async def test_a_crafted_field_on_a_decode_responses_client_is_not_a_500(
     redis_url: str, real_redis: Redis, key_prefix: str
 ) -> None:
-    """FAILED on main (500, for every request of that cookie). With a caller's client
+    """Failed before the fix (500, for every request of that cookie). With a caller's client
     made with decode_responses=True (which the library otherwise works with), a
     data field that is not UTF-8 makes redis-py raise UnicodeDecodeError while it
     parses the load's reply: not a RedisError, so neither the corrupt-record path
@@ -833,7 +833,7 @@ async def test_the_longest_timeouts_allowed_work_on_redis(
 @pytest.mark.parametrize("seconds", [float("inf"), 1e17, float("nan")])
 @pytest.mark.parametrize("option", ["ttl", "stale_while_revalidate", "stale_if_error", "jitter"])
 def test_a_cache_time_redis_cannot_set_is_refused_by_cached(option: str, seconds: float) -> None:
-    """FAILED on main: the same class in the cache. inf or NaN windows were taken
+    """Failed before the fix: the same class in the cache. inf or NaN windows were taken
     (NaN passes "must not be negative"), then failed each store: int() of an
     infinity, a NaN TTL, or an entry whose JSON turns inf into null."""
     options: dict[str, Any] = {option: seconds}
@@ -844,7 +844,7 @@ def test_a_cache_time_redis_cannot_set_is_refused_by_cached(option: str, seconds
 @pytest.mark.parametrize("seconds", [float("inf"), 1e17, float("nan")])
 @pytest.mark.parametrize("option", ["lock_lease", "lock_wait", "max_lifetime"])
 def test_a_cache_time_redis_cannot_set_is_refused_at_startup(option: str, seconds: float) -> None:
-    """FAILED on main: Cache took them, and every lease or store then failed."""
+    """Failed before the fix: Cache took them, and every lease or store then failed."""
     options: dict[str, Any] = {option: seconds}
     with pytest.raises(ValueError, match=option):
         Cache("redis://127.0.0.1:1/0", **options)
