@@ -264,12 +264,9 @@ end
 return result
 """)
 
-# Add ids ARGV[2..] to the index; it lives as long as the longest session it can
-# hold (ARGV[1]; 0: no TTL).
-_INDEX_ADD = _Script("""
-for i = 2, #ARGV, 1000 do
-  redis.call('SADD', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
-end
+# The end of every script that adds to an index (KEYS[1]): it lives as long as
+# the longest session it can hold (ARGV[1] ms; 0: no TTL).
+_KEEP_INDEX = """
 local ttl = tonumber(ARGV[1])
 if ttl == 0 then
   redis.call('PERSIST', KEYS[1])
@@ -277,7 +274,18 @@ elseif redis.call('PTTL', KEYS[1]) < ttl then
   redis.call('PEXPIRE', KEYS[1], ttl)
 end
 return 1
-""")
+"""
+
+# Add ids ARGV[2..] to the index; it lives as long as the longest session it can
+# hold (ARGV[1]; 0: no TTL).
+_INDEX_ADD = _Script(
+    """
+for i = 2, #ARGV, 1000 do
+  redis.call('SADD', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+"""
+    + _KEEP_INDEX
+)
 
 # The users whose index may list KEYS[1] (its notes and its bound user), for the
 # un-index that follows its delete: only then is an SREM of it always safe.
@@ -439,14 +447,8 @@ for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   end
 end
 redis.call('SADD', KEYS[1], ARGV[2])
-local ttl = tonumber(ARGV[1])
-if ttl == 0 then
-  redis.call('PERSIST', KEYS[1])
-elseif redis.call('PTTL', KEYS[1]) < ttl then
-  redis.call('PEXPIRE', KEYS[1], ttl)
-end
-return 1
 """
+    + _KEEP_INDEX
 )
 
 _SCRIPTS = (
