@@ -1076,10 +1076,9 @@ class _Exchange:
         config = self.config
         fresh = config.ttl + (random.uniform(0, config.jitter) if config.jitter else 0.0)
         app_etag = next((v for n, v in headers if n.lower() == b"etag"), None)
-        per_user = (
-            config.vary_on_session
-            and session_cookie(self.scope, self.cookie_name, self.headers) is not None
-        )
+        # Keyed on the visitor's cookies (the session's or any other): private,
+        # so a shared cache in front does not hand it to others.
+        per_user = config.vary_on_session and b"cookie" in self.headers
         return Entry(
             status=status,
             headers=tuple(storable_headers(with_vary(headers, config.vary))),

@@ -296,3 +296,22 @@ async def test_a_background_refresh_still_stores_a_logged_in_users_page(
         fresh = await alice.get("/me")
     await cache.aclose()
     assert (fresh.headers["x-cache"], fresh.text) == ("HIT", "page 2 of alice")
+
+
+@pytest.mark.parametrize("cookies", [{"theme": "dark"}, {}])
+async def test_a_vary_on_session_page_keyed_on_other_cookies_is_private(
+    real_redis: Redis, key_prefix: str, cookies: dict[str, str]
+) -> None:
+    """Keyed on a visitor's cookies, even without a session cookie, the page is
+    one visitor's: ``private``, so a shared cache in front (which may ignore
+    ``Vary``) keeps it to that visitor. Without any cookie it is everyone's."""
+    cache = Cache(real_redis, key_prefix=key_prefix, timeout=5)
+    calls: Counter[str] = Counter()
+    async with client(cookie_app(cache, calls)) as c:
+        header = {"cookie": "; ".join(f"{k}={v}" for k, v in cookies.items())} if cookies else {}
+        for _ in range(2):
+            response = await c.get("/theme", headers=header)
+            directives = response.headers["cache-control"].split(", ")
+            assert ("private" in directives) == bool(cookies)
+    assert calls["theme"] == 1
+    await cache.aclose()
