@@ -421,3 +421,14 @@ def http_scope(
         "server": server,
         "client": ("127.0.0.1", 1234),
     }
+
+
+class Opaque:
+    """A third-party middleware that keeps its inner app under another name than
+    ``.app``, where the cache's chain walk cannot follow it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._inner = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._inner(scope, receive, send)

@@ -12,7 +12,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message
 
 from asgi_redis_kit import (
     Cache,
@@ -32,7 +32,7 @@ from tests.cache.conftest import (
     fastapi_app,
     starlette_app,
 )
-from tests.support import RedisSpy, counting_client, http_scope
+from tests.support import Opaque, RedisSpy, counting_client, http_scope
 
 
 async def test_miss_then_hit_serves_the_same_whole_response(harness: Harness) -> None:
@@ -271,22 +271,12 @@ async def test_sub_mounts_and_root_path_are_cached(harness: Harness) -> None:
     assert harness.calls["page"] == 2
 
 
-class OpaqueMiddleware:
-    """A third-party middleware that keeps its app under another name."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self._wrapped = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._wrapped(scope, receive, send)
-
-
 async def test_the_route_is_found_behind_a_middleware_that_hides_its_app(
     framework: Framework, real_redis: Redis, key_prefix: str
 ) -> None:
     cache = Cache(real_redis, key_prefix=key_prefix)
     calls = Calls()
-    app = build(framework, cache, calls, extra=[Middleware(OpaqueMiddleware)])
+    app = build(framework, cache, calls, extra=[Middleware(Opaque)])
     async with client_for(app) as client:
         assert (await client.get("/items/5")).headers["x-cache"] == "MISS"
         assert (await client.get("/items/5")).headers["x-cache"] == "HIT"

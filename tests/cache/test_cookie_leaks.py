@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 
-import httpx
 import pytest
 from redis.asyncio import Redis
 from starlette.applications import Starlette
@@ -18,37 +16,19 @@ from starlette.middleware.sessions import SessionMiddleware as CookieSessions
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from asgi_redis_kit import Cache, CacheMiddleware, SessionMiddleware, cached
+from tests.cache.conftest import client_for
+from tests.support import Opaque
 
 pytestmark = pytest.mark.real_redis
 
 SECRET = "c1-cookie-secret-0123456789abcdef0123"
 
 
-class Opaque:
-    """A middleware that keeps its inner app where the cache cannot follow it."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self._inner = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._inner(scope, receive, send)
-
-
 async def login(request: Request) -> Response:
     request.session["user"] = request.query_params["user"]
     return PlainTextResponse("welcome")
-
-
-@asynccontextmanager
-async def client(app: ASGIApp) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(
-        transport=transport, base_url="http://testserver", timeout=30
-    ) as c:
-        yield c
 
 
 def cookie_app(cache: Cache, calls: Counter[str], layers: Sequence[Middleware] = ()) -> Starlette:
@@ -84,7 +64,7 @@ async def test_a_vary_on_session_page_keys_every_other_cookie(
 ) -> None:
     cache = Cache(real_redis, key_prefix=key_prefix)
     calls: Counter[str] = Counter()
-    async with client(cookie_app(cache, calls)) as c:
+    async with client_for(cookie_app(cache, calls)) as c:
         one = await c.get("/theme", headers=first)
         two = await c.get("/theme", headers=second)
     await cache.aclose()
@@ -96,7 +76,7 @@ async def test_requests_with_the_same_other_cookies_still_share(
 ) -> None:
     cache = Cache(real_redis, key_prefix=key_prefix)
     calls: Counter[str] = Counter()
-    async with client(cookie_app(cache, calls)) as c:
+    async with client_for(cookie_app(cache, calls)) as c:
         states = [
             (await c.get("/theme", headers={"cookie": cookie})).headers["x-cache"]
             for cookie in ("theme=dark; a=1", "a=1;theme=dark", "a=1; theme=dark")
@@ -124,7 +104,7 @@ async def test_anonymous_readers_of_a_vary_on_session_page_still_share(
         if order == "session-outside":
             layers.reverse()
         app = Starlette(routes=[Route("/me", me)], middleware=layers)
-        async with client(app) as c:
+        async with client_for(app) as c:
             states = [(await c.get("/me")).headers["x-cache"] for _ in range(2)]
         assert states == ["MISS", "HIT"], order
 
@@ -161,7 +141,7 @@ async def test_a_guest_page_never_reaches_a_logged_in_user(
         "starlette-opaque-outside": [Middleware(Opaque), starlette, cache],
     }[setup]
     app = shared_app(layers)
-    async with client(app) as alice, client(app) as stale:
+    async with client_for(app) as alice, client_for(app) as stale:
         await alice.get("/login", params={"user": "alice"})
         guest = await stale.get("/home", headers={"cookie": "sid=expired-or-garbage"})
         page = await alice.get("/home")
@@ -180,7 +160,7 @@ async def test_the_session_cookie_bypasses_a_shared_route(
         Middleware(CookieSessions, secret_key=SECRET, session_cookie=name),
     ):
         app = shared_app([cache_layer(real_redis, key_prefix), session])
-        async with client(app) as c:
+        async with client_for(app) as c:
             response = await c.get("/home", headers={"cookie": f"{name}=garbage"})
             other = await c.get("/home", headers={"cookie": "other=1"})
         assert (response.headers["x-cache"], response.headers["x-cache-reason"]) == (
@@ -206,7 +186,7 @@ async def test_a_hidden_session_middleware_with_another_cookie_name_is_named_in_
         ],
     )
     with caplog.at_level(logging.WARNING, logger="asgi_redis_kit.cache"):
-        async with client(app) as c:
+        async with client_for(app) as c:
             responses = [await c.get("/plain") for _ in range(2)]
     assert [r.headers.get("x-cache-reason") for r in responses] == ["session", "session"]
     warnings = [r.getMessage() for r in caplog.records if "'sid'" in r.getMessage()]
@@ -221,7 +201,7 @@ async def test_a_foreign_session_holding_data_outside_bypasses_a_shared_route(
     logged-in visitor, whatever its cookie is called: no shared hit for it."""
     starlette = Middleware(CookieSessions, secret_key=SECRET, session_cookie="sid")
     app = shared_app([Middleware(Opaque), starlette, cache_layer(real_redis, key_prefix)])
-    async with client(app) as anonymous, client(app) as alice:
+    async with client_for(app) as anonymous, client_for(app) as alice:
         first = await anonymous.get("/home")
         await alice.get("/login", params={"user": "alice"})
         page = await alice.get("/home")
@@ -252,7 +232,7 @@ async def test_a_hidden_session_middleware_never_shares_a_vary_on_session_page(
         "starlette-opaque-outside": [Middleware(Opaque), starlette, cache],
     }[setup]
     app = Starlette(routes=[Route("/login", login), Route("/me", me)], middleware=layers)
-    async with client(app) as alice, client(app) as bob:
+    async with client_for(app) as alice, client_for(app) as bob:
         await alice.get("/login", params={"user": "alice"})
         await bob.get("/login", params={"user": "bob"})
         mine = await alice.get("/me")
@@ -269,7 +249,7 @@ async def test_a_background_refresh_still_stores_a_logged_in_users_page(
 ) -> None:
     """The refresh of a stale ``vary_on_session`` entry keys the same user: the
     fail-safe for unkeyed sessions must not keep it from storing."""
-    from tests.cache.conftest import Clock
+    from tests.cache.conftest import Clock, client_for
 
     clock = Clock()
     calls: Counter[str] = Counter()
@@ -287,7 +267,7 @@ async def test_a_background_refresh_still_stores_a_logged_in_users_page(
             Middleware(SessionMiddleware, secret_key=SECRET, redis=real_redis),
         ],
     )
-    async with client(app) as alice:
+    async with client_for(app) as alice:
         await alice.get("/login", params={"user": "alice"})
         assert (await alice.get("/me")).headers["x-cache"] == "MISS"
         clock.advance(20)
@@ -307,7 +287,7 @@ async def test_a_vary_on_session_page_keyed_on_other_cookies_is_private(
     ``Vary``) keeps it to that visitor. Without any cookie it is everyone's."""
     cache = Cache(real_redis, key_prefix=key_prefix, timeout=5)
     calls: Counter[str] = Counter()
-    async with client(cookie_app(cache, calls)) as c:
+    async with client_for(cookie_app(cache, calls)) as c:
         header = {"cookie": "; ".join(f"{k}={v}" for k, v in cookies.items())} if cookies else {}
         for _ in range(2):
             response = await c.get("/theme", headers=header)

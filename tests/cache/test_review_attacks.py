@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -25,7 +24,8 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from asgi_redis_kit import Cache, CacheMiddleware, SessionMiddleware, cached
-from tests.support import RedisProcess
+from tests.cache.conftest import client_for
+from tests.support import Opaque, RedisProcess
 
 pytestmark = pytest.mark.real_redis
 
@@ -95,15 +95,6 @@ def attack_app(
     return Starlette(routes=routes, middleware=middleware)
 
 
-@asynccontextmanager
-async def client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(
-        transport=transport, base_url="http://testserver", timeout=30
-    ) as c:
-        yield c
-
-
 async def raw_get(
     c: httpx.AsyncClient, url: str, headers: Sequence[tuple[str, str]]
 ) -> httpx.Response:
@@ -125,7 +116,7 @@ async def test_vary_cookie_on_a_per_user_route_keys_every_cookie(
     share one entry, so the second gets the first one's token."""
     cache = Cache(real_redis, key_prefix=key_prefix)
     calls: Counter[str] = Counter()
-    async with client(attack_app(cache, calls, sessions=sessions)) as c:
+    async with client_for(attack_app(cache, calls, sessions=sessions)) as c:
         first = await c.get("/form", headers={"cookie": "csrftoken=AAAA-victim"})
         second = await c.get("/form", headers={"cookie": "csrftoken=BBBB-attacker"})
     await cache.aclose()
@@ -149,7 +140,7 @@ async def test_a_repeated_header_line_cannot_poison_the_variant_of_its_joined_va
     Host header has (a second Host bypasses) is missing for keyed headers."""
     cache = Cache(real_redis, key_prefix=key_prefix)
     calls: Counter[str] = Counter()
-    async with client(attack_app(cache, calls)) as c:
+    async with client_for(attack_app(cache, calls)) as c:
         poison = await raw_get(c, route, [("accept-language", ""), ("accept-language", "de")])
         victim = await raw_get(c, route, [("accept-language", "de")])
     await cache.aclose()
@@ -169,7 +160,7 @@ async def test_accept_language_case_folding_cannot_poison_what_browsers_send(
     be served for another"); header values do not get the same rule."""
     cache = Cache(real_redis, key_prefix=key_prefix)
     calls: Counter[str] = Counter()
-    async with client(attack_app(cache, calls)) as c:
+    async with client_for(attack_app(cache, calls)) as c:
         poison = await raw_get(c, "/greeting", [("accept-language", "pt-br")])
         victim = await raw_get(c, "/greeting", [("accept-language", "pt-BR")])
     await cache.aclose()
@@ -187,7 +178,7 @@ async def test_x_forwarded_port_is_keyed_like_the_other_forwarding_headers(
     request carrying it stores links to the attacker's port for everyone."""
     cache = Cache(real_redis, key_prefix=key_prefix)
     calls: Counter[str] = Counter()
-    async with client(attack_app(cache, calls)) as c:
+    async with client_for(attack_app(cache, calls)) as c:
         poison = await raw_get(c, "/links", [("x-forwarded-port", "31337")])
         victim = await c.get("/links")
     await cache.aclose()
@@ -206,9 +197,9 @@ async def test_gzip_never_reaches_an_identity_client_from_a_cold_process(
     calls: Counter[str] = Counter()
     first = Cache(real_redis, key_prefix=key_prefix)
     second = Cache(real_redis, key_prefix=key_prefix)
-    async with client(attack_app(first, calls, gzip=True)) as c:
+    async with client_for(attack_app(first, calls, gzip=True)) as c:
         zipped = await c.get("/page", headers={"accept-encoding": "gzip"})
-    async with client(attack_app(second, calls, gzip=True)) as c:
+    async with client_for(attack_app(second, calls, gzip=True)) as c:
         plain = await c.get("/page", headers={"accept-encoding": "identity"})
         again = await c.get("/page", headers={"accept-encoding": "identity"})
         none = await c.get("/page", headers={"accept-encoding": ""})
@@ -226,7 +217,7 @@ async def test_if_none_match_of_the_gzip_variant_is_no_304_for_identity(
 ) -> None:
     cache = Cache(real_redis, key_prefix=key_prefix)
     calls: Counter[str] = Counter()
-    async with client(attack_app(cache, calls, gzip=True)) as c:
+    async with client_for(attack_app(cache, calls, gzip=True)) as c:
         zipped = await c.get("/page", headers={"accept-encoding": "gzip"})
         etag = zipped.headers["etag"]
         plain = await c.get("/page", headers={"accept-encoding": "identity"})
@@ -253,7 +244,7 @@ async def test_invalidate_clear_and_tags_reach_every_variant(
     cache = Cache(real_redis, key_prefix=key_prefix)
     calls: Counter[str] = Counter()
     encodings = ("gzip", "identity", "br")
-    async with client(attack_app(cache, calls, gzip=True)) as c:
+    async with client_for(attack_app(cache, calls, gzip=True)) as c:
 
         async def round_() -> list[str]:
             return [
@@ -276,7 +267,7 @@ async def test_paused_redis_serves_every_variant_without_a_500(
     redis = Redis.from_url(own_redis.url)
     cache = Cache(redis, key_prefix=key_prefix, timeout=0.2, breaker_threshold=2)
     calls: Counter[str] = Counter()
-    async with client(attack_app(cache, calls, gzip=True)) as c:
+    async with client_for(attack_app(cache, calls, gzip=True)) as c:
         await c.get("/page", headers={"accept-encoding": "gzip"})
         own_redis.pause()
         try:
@@ -322,7 +313,7 @@ async def test_a_foreign_session_cookie_name_still_keys_vary_on_session(
     if order == "starlette-inside":
         layers.reverse()
     app = Starlette(routes=[Route("/login", login), Route("/me", me)], middleware=layers)
-    async with client(app) as alice, client(app) as bob:
+    async with client_for(app) as alice, client_for(app) as bob:
         await alice.get("/login", params={"user": "alice"})
         await bob.get("/login", params={"user": "bob"})
         assert (await alice.get("/me")).text == "private page of alice"
@@ -340,14 +331,6 @@ async def test_our_session_middleware_behind_an_opaque_middleware_still_keys_var
     sends: alice's private page is bob's. Not finding the session middleware
     should fail safe (not store a vary_on_session response whose request carries
     cookies), not fall back to a guessed name."""
-    from starlette.types import ASGIApp, Receive, Scope, Send
-
-    class Opaque:
-        def __init__(self, app: ASGIApp) -> None:
-            self._inner = app
-
-        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-            await self._inner(scope, receive, send)
 
     async def login(request: Request) -> Response:
         request.session["user"] = request.query_params["user"]
@@ -365,7 +348,7 @@ async def test_our_session_middleware_behind_an_opaque_middleware_still_keys_var
             Middleware(SessionMiddleware, secret_key=SECRET, redis=real_redis, cookie_name="sid"),
         ],
     )
-    async with client(app) as alice, client(app) as bob:
+    async with client_for(app) as alice, client_for(app) as bob:
         await alice.get("/login", params={"user": "alice"})
         await bob.get("/login", params={"user": "bob"})
         assert (await alice.get("/me")).text == "private page of alice"
@@ -389,7 +372,7 @@ async def test_a_declared_vary_is_told_to_downstream_caches(
     response kept out of shared caches)."""
     cache = Cache(real_redis, key_prefix=key_prefix)
     calls: Counter[str] = Counter()
-    async with client(attack_app(cache, calls)) as c:
+    async with client_for(attack_app(cache, calls)) as c:
         miss = await raw_get(c, "/declared", [("accept-language", "de")])
         hit = await raw_get(c, "/declared", [("accept-language", "de")])
     await cache.aclose()
@@ -445,7 +428,7 @@ async def test_a_waiting_process_re_reads_the_variant_its_leader_learned(
     a = Cache(real_redis, key_prefix=key_prefix, lock_wait=5)
     b = Cache(b_redis, key_prefix=key_prefix, lock_wait=5)
     gzip = {"accept-encoding": "gzip"}
-    async with client(app(a)) as ca, client(app(b)) as cb:
+    async with client_for(app(a)) as ca, client_for(app(b)) as cb:
         leader = asyncio.create_task(ca.get("/slow", headers=gzip))
         await asyncio.wait_for(entered.wait(), timeout=10)
         waiter = asyncio.create_task(cb.get("/slow", headers=gzip))
@@ -482,14 +465,14 @@ def stale_app(cache: Cache, calls: Counter[str], fail: list[bool]) -> Starlette:
 async def test_stale_variants_refresh_with_their_own_encoding(
     real_redis: Redis, key_prefix: str
 ) -> None:
-    from tests.cache.conftest import Clock
+    from tests.cache.conftest import Clock, client_for
 
     clock = Clock()
     cache = Cache(real_redis, key_prefix=key_prefix, clock=clock)
     calls: Counter[str] = Counter()
     fail: list[bool] = []
     gzip, plain = {"accept-encoding": "gzip"}, {"accept-encoding": "identity"}
-    async with client(stale_app(cache, calls, fail)) as c:
+    async with client_for(stale_app(cache, calls, fail)) as c:
         await c.get("/news", headers=gzip)
         await c.get("/news", headers=plain)
         clock.advance(20)  # stale, inside stale-while-revalidate
@@ -548,7 +531,7 @@ async def test_a_session_bound_to_a_user_counts_as_read_without_data(
     if order == "session-outside":
         layers.reverse()
     app = Starlette(routes=[Route("/login", login), Route("/home", home)], middleware=layers)
-    async with client(app) as alice, client(app) as bob:
+    async with client_for(app) as alice, client_for(app) as bob:
         await alice.get("/login", params={"user": "alice"})
         await bob.get("/login", params={"user": "bob"})
         assert (await alice.get("/home")).text == "hello alice"
@@ -578,7 +561,7 @@ async def test_invalidate_url_reaches_the_entries_of_the_same_origin(
     but another URL id, so the invalidation silently reaches nothing."""
     cache = Cache(real_redis, key_prefix=key_prefix)
     calls: Counter[str] = Counter()
-    async with client(attack_app(cache, calls)) as c:
+    async with client_for(attack_app(cache, calls)) as c:
         first = await c.get("/page", headers={"host": host})
         await cache.invalidate(url)
         second = await c.get("/page", headers={"host": host})
@@ -601,7 +584,7 @@ async def test_a_full_redis_keeps_variants_apart_and_never_500s(
     redis = Redis.from_url(own_redis.url)
     cache = Cache(redis, key_prefix=key_prefix, timeout=2)
     calls: Counter[str] = Counter()
-    async with client(attack_app(cache, calls, gzip=True)) as c:
+    async with client_for(attack_app(cache, calls, gzip=True)) as c:
         stored = await c.get("/page", headers={"accept-encoding": "gzip"})
         await fill_until_oom(redis)
         encodings = ("gzip", "identity") * 3
@@ -648,7 +631,7 @@ async def test_an_empty_session_page_is_not_served_to_a_logged_in_user(
     if order == "session-outside":
         layers.reverse()
     app = Starlette(routes=[Route("/login", login), Route("/home", home)], middleware=layers)
-    async with client(app) as alice, client(app) as stale:
+    async with client_for(app) as alice, client_for(app) as stale:
         await alice.get("/login", params={"user": "alice"})
         guest = await stale.get("/home", headers={"cookie": "session=expired-or-garbage"})
         page = await alice.get("/home")
