@@ -17,7 +17,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
 from redis.exceptions import OutOfMemoryError
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 def stop_process(proc: subprocess.Popen[Any]) -> None:
@@ -404,6 +404,7 @@ def http_scope(
     headers: list[tuple[bytes, bytes]] | None = None,
     query: bytes = b"",
     server: tuple[str, int] = ("testserver", 80),
+    client: tuple[str, int] = ("127.0.0.1", 1234),
 ) -> dict[str, Any]:
     """A raw ASGI HTTP GET scope, for requests an HTTP client would not send or
     apps driven message by message."""
@@ -419,8 +420,29 @@ def http_scope(
         "query_string": query,
         "headers": [(b"host", b"testserver")] if headers is None else headers,
         "server": server,
-        "client": ("127.0.0.1", 1234),
+        "client": client,
     }
+
+
+async def asgi_get(app: ASGIApp, scope: dict[str, Any]) -> tuple[Message, bytes]:
+    """Run one request (no body) through ``app``: its start message and body."""
+    messages: list[Message] = []
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        messages.append(message)
+
+    await app(scope, receive, send)
+    start = next(m for m in messages if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
+    return start, body
 
 
 class Opaque:

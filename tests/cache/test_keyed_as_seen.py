@@ -21,10 +21,11 @@ from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from asgi_redis_kit import Cache, CacheMiddleware, cached
 from asgi_redis_kit.cache._keys import FORWARDING_HEADERS, canonical_origin
+from tests.support import asgi_get, http_scope
 
 pytestmark = pytest.mark.real_redis
 
@@ -53,36 +54,8 @@ async def call(
     client: tuple[str, int] = ("127.0.0.1", 50000),
 ) -> Reply:
     """One GET whose header lines are exactly ``headers`` (names as written)."""
-    scope: Scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", host), *headers],
-        "client": client,
-        "server": ("testserver", 80),
-    }
-    messages: list[Message] = []
-    sent = False
-
-    async def receive() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        return {"type": "http.disconnect"}
-
-    async def send(message: Message) -> None:
-        messages.append(message)
-
-    await app(scope, receive, send)
-    start = next(m for m in messages if m["type"] == "http.response.start")
-    body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
+    scope = http_scope(path, headers=[(b"host", host), *headers], client=client)
+    start, body = await asgi_get(app, scope)
     return Reply(start["status"], list(start.get("headers", ())), body)
 
 

@@ -19,10 +19,9 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import Message
 
 from asgi_redis_kit import Cache, CacheMiddleware, cached
-from tests.support import http_scope
+from tests.support import asgi_get, http_scope
 
 BIND = ("10.0.0.5", 8000)
 
@@ -43,17 +42,7 @@ async def _get(
     app: Starlette, headers: list[tuple[bytes, bytes]], query: bytes = b""
 ) -> tuple[dict[bytes, bytes], str]:
     scope = http_scope(headers=headers, query=query, server=BIND)
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    await app(scope, receive, send)
-    start = next(m for m in sent if m["type"] == "http.response.start")
-    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    start, body = await asgi_get(app, scope)
     return dict(start["headers"]), body.decode()
 
 
