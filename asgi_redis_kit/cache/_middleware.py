@@ -110,7 +110,6 @@ from ._keys import (
     CacheKey,
     canonical_host,
     header_map,
-    session_cookie,
 )
 from ._lock import Flight
 from ._policy import (
@@ -566,6 +565,8 @@ class _Exchange:
         self.stats = self.cache.stats
         self.headers = header_map(scope)
         self.cookie_name = middleware.cookie_name(scope)
+        # Every value of the session cookie, parsed once for all the rules below.
+        self.session_cookies = cookie_values(scope, self.cookie_name)
         # A session middleware outside us already loaded the session (and sees no
         # Vary we could act on from here): it, not the cookie, says who asks.
         self.outer_session: object = scope.get("session", _NO_SESSION)
@@ -598,7 +599,7 @@ class _Exchange:
             # The proxy middleware inside us may rewrite the scope from these
             # headers, or ignore them (an untrusted peer): no key can tell which.
             reason = "forwarded"
-        if reason is None and len(cookie_values(scope, self.cookie_name)) > 1:
+        if reason is None and len(self.session_cookies) > 1:
             # The session middleware and a cookie parser may each pick another of
             # the values: the key could name someone else's session.
             reason = "cookie"
@@ -612,7 +613,7 @@ class _Exchange:
             return
         identity = self.session_identity() if config.vary_on_session else "cookie"
         if identity == "cookie":
-            self.keyed_user = session_cookie(scope, self.cookie_name, headers) is not None
+            self.keyed_user = bool(self.session_cookies)
         else:
             self.keyed_user = identity is not None
         key = cache.keys.for_request(
@@ -839,7 +840,7 @@ class _Exchange:
         sessions = self.middleware.sessions
         if outer is not _NO_SESSION or sessions is None:
             return "cookie"
-        value = session_cookie(self.scope, self.cookie_name, self.headers)
+        value = self.session_cookies[0] if self.session_cookies else None
         verified = None if value is None else sessions.signer.unsign(value)
         if verified is None:
             return None  # no cookie, or a bad signature: SessionMiddleware ignores it
@@ -892,7 +893,7 @@ class _Exchange:
         """Whether the request comes with a session: the session cookie, or a
         session already loaded outside us that came from a cookie or holds
         data (whatever its cookie is called: we may not have found its name)."""
-        if cookie_values(self.scope, self.cookie_name):
+        if self.session_cookies:
             return True
         outer = self.outer_session
         if outer is _NO_SESSION or outer is None:
