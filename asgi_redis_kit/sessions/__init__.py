@@ -26,12 +26,13 @@ Module map: ``_middleware`` (load/save around the app, 503 on outages),
 from __future__ import annotations
 
 from ..errors import SessionStoreUnavailable
-from ._middleware import SessionMiddleware
+from ._middleware import SessionIdentity, SessionMiddleware
 from ._session import Session
 from ._store import SessionInfo, SessionStore
 
 __all__ = [
     "Session",
+    "SessionIdentity",
     "SessionInfo",
     "SessionMiddleware",
     "SessionStore",
