@@ -18,7 +18,10 @@ from starlette.requests import HTTPConnection
 
 from ..errors import BackendUnavailable, SessionNotLoaded, SessionStoreUnavailable
 from ._codec import check, encode, encode_all
-from ._store import CREATED, DATA, SAVED, USER, Record, SessionStore, check_user, handle_of
+from ._index import check_user
+from ._record import CREATED, DATA, USER, Record, handle_of
+from ._scripts import SAVED
+from ._store import SessionStore
 
 logger = logging.getLogger("asgi_redis_kit.sessions")
 
