@@ -37,8 +37,10 @@ from .._http import cookie_values
 from .._redis import DEFAULT_MAX_CONNECTIONS, Backend, RedisLike, serve_with_lifespan_close
 from ..errors import SESSION_STORE_UNAVAILABLE, BackendUnavailable, DuplicateMiddleware
 from ._cookie import CookieSettings, CookieSigner, SameSite
-from ._session import CookieAction, Session, UnavailableSession
+from ._saving import CookieAction
+from ._session import Session
 from ._store import SessionStore
+from ._unavailable import UnavailableSession
 
 logger = logging.getLogger("asgi_redis_kit.sessions")
 

@@ -4,43 +4,30 @@ Like Starlette's own ``Session`` it is a ``dict`` subclass, so handlers written 
 Starlette keep working. Changes are not tracked on each write: at save time every
 value is encoded again and compared with what was loaded, which also catches nested
 mutation (``session["cart"].append(x)``) that no ``__setitem__`` hook can see.
+
+This module holds the mapping, its state and the operations handlers call; the
+save itself is :class:`~._saving.SavePlan`, and the stand-in for a session whose
+load failed is in ``_unavailable``.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any, Literal, NoReturn
+from typing import Any
 
 from starlette.requests import HTTPConnection
 
 from ..errors import BackendUnavailable, SessionNotLoaded, SessionStoreUnavailable
 from ._codec import check, encode, encode_all
 from ._index import check_user
-from ._record import CREATED, DATA, USER, Record, handle_of
-from ._scripts import SAVED
+from ._record import Record, handle_of
+from ._saving import SavePlan
 from ._store import SessionStore
 
 logger = logging.getLogger("asgi_redis_kit.sessions")
 
 
-def new_session_id() -> str:
-    """256 random bits from ``secrets``, as 43 url-safe characters."""
-    return secrets.token_urlsafe(32)
-
-
-@dataclass(frozen=True)
-class CookieAction:
-    """What the response must tell the browser after a save."""
-
-    kind: Literal["set", "expire"]
-    session_id: str = ""
-    max_age: int = 0
-
-
-class Session(dict[str, Any]):
+class Session(SavePlan, dict[str, Any]):
     """The session of one request: a ``dict[str, Any]`` of JSON-able values.
 
     Beyond the dict interface:
@@ -314,277 +301,7 @@ class Session(dict[str, Any]):
         self._stored_user = None
         return old
 
-    # -- saving (called by the middleware) ----------------------------------------
+    # -- saving (called by the middleware; see _saving) ---------------------------
 
     def _encoded(self) -> dict[str, bytes]:
         return encode_all(self)
-
-    def _changed_since_save(self) -> bool:
-        if self._drop or self._replaces or self._user != self._stored_user:
-            return True
-        try:
-            return self._encoded() != self._snapshot
-        except TypeError:  # an unserialisable value is a change we cannot save either
-            return True
-
-    async def _save(self) -> CookieAction | None:
-        """Persist what changed, in at most one round trip; say what to do with
-        the cookie: set it, expire it (only after :meth:`clear`), or nothing."""
-        self._saved = True
-        if self._lost:
-            self._ended()
-            return CookieAction("expire") if self._cleared and self._presented else None
-        encoded = self._encoded()
-        store = self._store
-        if self._id is None:
-            return await self._save_new(encoded)
-        ttl = store.ttl_ms(self._created_ms)
-        if ttl <= 0:
-            # Reached its absolute lifetime during this request.
-            await store.delete([(self._id, self._stored_user)])
-            self._ended()  # the cookie's Max-Age runs out with it anyway
-            return None
-        fields = {DATA + k: v for k, v in encoded.items() if self._snapshot.get(k) != v}
-        deleted = [DATA + k for k in self._snapshot if k not in encoded]
-        bind = None
-        if self._user != self._stored_user:
-            # Indexed before the binding commits; the old user's entry stays, stale,
-            # until the record is deleted (see _store).
-            bind = self._user
-            if self._user is None:
-                deleted.append(USER)
-            else:
-                fields[USER] = self._user.encode()
-        refreshed = bool(fields or deleted)
-        if refreshed:
-            self._wrote = True
-            result = await store.save(
-                self._id,
-                create=False,
-                fields=fields,
-                deleted=deleted,
-                ttl_ms=ttl,
-                user=self._stored_user,
-                bind=bind,
-            )
-            if result != SAVED:  # gone, emptied, or bound to someone else meanwhile
-                self._ended()
-                return None
-        elif self._resign or store.touch_due(self._pttl_ms, self._created_ms):
-            # An old-key cookie is re-signed only once the record is known to live
-            # now: another request may have rotated or ended it since the load, and
-            # the browser may already hold the newer cookie. One PEXPIRE, once.
-            refreshed = True
-            if not await store.touch(self._id, ttl, user=self._stored_user):
-                self._ended()
-                return None
-        self._snapshot = encoded
-        self._stored_user = self._user
-        # A Set-Cookie for an existing id only after this save found the record live
-        # (a write or a touch). The cookie must outlive the session: with an absolute
-        # lifetime its Max-Age already does; without one it follows each TTL refresh.
-        if refreshed and (self._resign or store.absolute_ms is None):
-            return CookieAction("set", self._id, store.cookie_max_age(self._created_ms))
-        return None
-
-    async def _save_new(self, encoded: dict[str, bytes]) -> CookieAction | None:
-        store = self._store
-        drop = self._drop + ([self._replaces] if self._replaces else [])
-        if not encoded and self._user is None:
-            # Empty sessions are never stored; just finish what regenerate/clear began.
-            self._wrote = self._wrote or bool(drop)
-            await store.delete(drop)
-            self._drop, self._replaces = [], None
-            return CookieAction("expire") if self._cleared and self._presented else None
-        # The record this one replaces (regenerate) or ends (clear): the loaded one.
-        old = self._replaces or (self._drop[0] if self._drop else None)
-        # A rotation, or clear() then bind_user() of the user it was bound to,
-        # continues that session: same lifetime, and it must still live (and not
-        # be under revoke) when it is replaced. A login starts a new lifetime.
-        continues = old is not None and old[1] == self._user
-        if continues and self._replaces is None and self._user is None:
-            continues = False  # clear(), then anonymous data: a new session
-        created = self._created_ms if continues else store.now_ms()
-        ttl = store.ttl_ms(created)
-        if ttl <= 0:  # the session it continues reached its absolute lifetime
-            await store.delete(drop)
-            self._ended()
-            return None
-        session_id = new_session_id()
-        fields = {DATA + k: v for k, v in encoded.items()}
-        fields[CREATED] = str(created).encode()
-        if self._user is not None:
-            fields[USER] = self._user.encode()
-        self._wrote = True
-        if old is not None and (continues or self._replaces is not None):
-            # clear() moves a replaced record to _drop, so drop holds old at most.
-            if not await store.replace(
-                old, session_id, fields=fields, ttl_ms=ttl, user=self._user, lineage=self._lineage
-            ):
-                logger.info("session ended during the request; its new id was not kept")
-                self._ended()
-                return None
-        else:
-            await store.save(
-                session_id, create=True, fields=fields, ttl_ms=ttl, drop=drop, bind=self._user
-            )
-        if not (continues and old is not None and self._user is not None):
-            self._lineage = ""
-        elif not self._lineage:
-            self._lineage = handle_of(old[0])
-        self._id, self._created_ms, self._pttl_ms = session_id, created, ttl
-        self._snapshot = encoded
-        self._stored_user = self._user
-        self._drop, self._replaces = [], None
-        return CookieAction("set", session_id, store.cookie_max_age(created))
-
-    def _ended(self) -> None:
-        """The record is gone (emptied here, or ended by another request): nothing
-        is stored and the cookie is left alone -- a cookie without a record is just
-        an empty session, and the browser may hold a newer one by now."""
-        self._id = None
-        self._snapshot = self._encoded()
-        self._stored_user = self._user
-        self._drop, self._replaces = [], None
-
-    def _discard(self) -> None:
-        """The response is an error: drop this request's changes."""
-        self._saved = True
-        self._warned_late = True
-
-    def _changed_this_request(self) -> bool:
-        """Whether this request changed the session, saved or not yet."""
-        return self._wrote or self._changed_since_save()
-
-    def _late_changes(self) -> bool:
-        """True once if the session changed after it was saved (while streaming)."""
-        if not self._saved or self._warned_late:
-            return False
-        if self._changed_since_save():
-            self._warned_late = True
-            return True
-        return False
-
-
-class UnavailableSession(Session):
-    """Stands in for a session whose load failed (Redis down or too slow).
-
-    A request that never touches its session is answered normally, cookie or not;
-    the first use of this one -- ``request.session``, any read or write of the
-    mapping, :meth:`incr`, :meth:`regenerate`, :meth:`clear`, :meth:`bind_user`,
-    :attr:`user_id`... -- raises :class:`SessionStoreUnavailable` (a 503). It is
-    never saved and never sets a cookie, so nothing stored is overwritten.
-    """
-
-    def __init__(self, store: SessionStore, *, retry_after: int) -> None:
-        super().__init__(store, retry_after=retry_after)
-
-    def _fail(self) -> NoReturn:
-        self.accessed = True
-        self._store_failed = True
-        raise SessionStoreUnavailable(self._retry_after)
-
-    def __repr__(self) -> str:
-        return "<Session unavailable: the session store did not answer>"
-
-    def _changed_since_save(self) -> bool:
-        return False  # nothing can change it: every write raises
-
-    def _changed_this_request(self) -> bool:
-        return False
-
-    # Starlette's request.session calls this: asking for the session is using it.
-    def mark_accessed(self) -> None:
-        self._fail()
-
-    @property
-    def is_new(self) -> bool:
-        self._fail()
-
-    @property
-    def handle(self) -> str | None:
-        self._fail()
-
-    @property
-    def user_id(self) -> str | None:
-        self._fail()
-
-    def regenerate(self) -> None:
-        self._fail()
-
-    def clear(self) -> None:
-        self._fail()
-
-    def bind_user(self, user_id: str) -> None:
-        self._fail()
-
-    async def incr(self, key: str, amount: int = 1) -> int:
-        self._fail()
-
-    def __getitem__(self, key: str) -> Any:
-        self._fail()
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        self._fail()
-
-    def __delitem__(self, key: str) -> None:
-        self._fail()
-
-    def __contains__(self, key: object) -> bool:
-        self._fail()
-
-    def __iter__(self) -> Iterator[str]:
-        self._fail()
-
-    def __reversed__(self) -> Iterator[str]:
-        self._fail()
-
-    def __len__(self) -> int:
-        self._fail()
-
-    def __eq__(self, other: object) -> bool:
-        self._fail()
-
-    def __ne__(self, other: object) -> bool:
-        self._fail()
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __or__(self, other: Any) -> Any:
-        self._fail()
-
-    def __ror__(self, other: Any) -> Any:
-        self._fail()
-
-    def __ior__(self, other: Any) -> Any:
-        self._fail()
-
-    def get(self, *args: Any) -> Any:
-        self._fail()
-
-    def keys(self) -> Any:
-        self._fail()
-
-    def values(self) -> Any:
-        self._fail()
-
-    def items(self) -> Any:
-        self._fail()
-
-    def pop(self, *args: Any) -> Any:
-        self._fail()
-
-    def popitem(self) -> tuple[str, Any]:
-        self._fail()
-
-    def setdefault(self, *args: Any) -> Any:
-        self._fail()
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        self._fail()
-
-    def copy(self) -> dict[str, Any]:
-        self._fail()
-
-    async def _save(self) -> CookieAction | None:
-        return None  # never saved: there is nothing loaded to save over

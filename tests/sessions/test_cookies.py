@@ -19,7 +19,7 @@ from starlette.types import Message
 
 from asgi_redis_kit import CookieTooLarge, SessionMiddleware
 from asgi_redis_kit.sessions._cookie import CookieSigner
-from asgi_redis_kit.sessions._session import new_session_id
+from asgi_redis_kit.sessions._saving import new_session_id
 from tests.support import RedisSpy
 
 from .conftest import SALT, SECRET, build_app, cookie_of, session_id_of, stored_keys

@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from asgi_redis_kit import SessionMiddleware, SessionStore, SessionStoreUnavailable
 from asgi_redis_kit.sessions._cookie import CookieSigner
-from asgi_redis_kit.sessions._session import UnavailableSession
+from asgi_redis_kit.sessions._unavailable import UnavailableSession
 from tests.support import RedisProcess
 
 from .conftest import SECRET, Gate, build_app, cookie_of, run_lifespan

@@ -19,7 +19,7 @@ from starlette.routing import Route
 from asgi_redis_kit import Session, SessionMiddleware
 from asgi_redis_kit.sessions import SessionIdentity
 from asgi_redis_kit.sessions._record import handle_of
-from asgi_redis_kit.sessions._session import UnavailableSession
+from asgi_redis_kit.sessions._unavailable import UnavailableSession
 from tests.support import asgi_get, http_scope
 
 from .conftest import SECRET, cookie_of, session_id_of
