@@ -19,25 +19,28 @@ raises the 503 (:class:`~asgi_redis_kit.errors.SessionStoreUnavailable`) on firs
 use, so a handler that never touches ``request.session`` (a public or cached page)
 is answered normally. A handler that stores something in a new session gets the
 503 when its save fails.
+
+The save at the response's start is ``_responder``'s; :meth:`SessionMiddleware.identify`
+and :meth:`SessionMiddleware.handling` let a response cache around or inside the
+app key per-user pages without loading the session.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from starlette.datastructures import MutableHeaders, Secret
+from starlette.datastructures import Secret
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._http import cookie_values
 from .._redis import DEFAULT_MAX_CONNECTIONS, Backend, RedisLike, serve_with_lifespan_close
 from ..errors import SESSION_STORE_UNAVAILABLE, BackendUnavailable, DuplicateMiddleware
 from ._cookie import CookieSettings, CookieSigner, SameSite
-from ._saving import CookieAction
+from ._responder import Responder
 from ._session import Session
 from ._store import SessionStore
 from ._unavailable import UnavailableSession
@@ -227,7 +230,7 @@ class SessionMiddleware:
             # so changes made there are not saved.
             await self._serve_websocket(scope, receive, send)
             return
-        responder = _Responder(self, scope, session, send)
+        responder = Responder(self, scope, session, send)
         try:
             await self.app(scope, receive, responder.send)
         except BackendUnavailable as exc:
@@ -348,84 +351,3 @@ class SessionMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": _UNAVAILABLE_BODY})
-
-
-class _Responder:
-    """Per-request state: saves the session as the response starts."""
-
-    __slots__ = ("middleware", "replaced", "scope", "send_downstream", "session", "started")
-
-    def __init__(
-        self, middleware: SessionMiddleware, scope: Scope, session: Session, send: Send
-    ) -> None:
-        self.middleware = middleware
-        self.scope = scope
-        self.session = session
-        self.send_downstream = send
-        self.started = False
-        # True once our 503 replaced the app's response; the app's messages are dropped.
-        self.replaced = False
-
-    async def send(self, message: Message) -> None:
-        if self.replaced:
-            return
-        kind = message["type"]
-        if kind == "http.response.start":
-            await self._start(message)
-            return
-        await self.send_downstream(message)
-        finished = kind == "http.response.body" and not message.get("more_body", False)
-        if finished and self.session._late_changes():
-            logger.warning(
-                "session changed after the response headers were sent "
-                "(in a streaming body or background task); those changes are not saved"
-            )
-
-    async def _start(self, message: Message) -> None:
-        session = self.session
-        action: CookieAction | None = None
-        if message["status"] == 500 and session._store_failed:
-            # An error handler between us and the failure (Starlette's
-            # ServerErrorMiddleware inside ours) made a 500 of the store's 503.
-            self.replaced = True
-            await self.middleware._unavailable(self.send_downstream)
-            return
-        if message["status"] >= 500:
-            session._discard()
-        else:
-            started = time.monotonic()
-            try:
-                action = await session._save()
-            except BackendUnavailable as exc:
-                logger.warning(
-                    "session store unavailable while saving (%s after %.2fs); answering 503",
-                    exc,
-                    time.monotonic() - started,
-                )
-                self.replaced = True
-                await self.middleware._unavailable(self.send_downstream)
-                return
-        message.setdefault("headers", [])
-        headers = MutableHeaders(scope=message)
-        if session.accessed and not _varies_on_cookie(headers):
-            headers.add_vary_header("Cookie")
-        if action is not None:
-            scheme = self.scope.get("scheme", "http")
-            cookie = self.middleware.cookie
-            if action.kind == "set":
-                value = self.middleware.signer.sign(action.session_id)
-                headers.append(
-                    "set-cookie", cookie.set_cookie(value, action.max_age, scheme=scheme)
-                )
-            else:
-                headers.append("set-cookie", cookie.expire_cookie(scheme=scheme))
-        self.started = True
-        await self.send_downstream(message)
-
-
-def _varies_on_cookie(headers: MutableHeaders) -> bool:
-    return any(
-        token.strip().lower() in ("cookie", "*")
-        for value in headers.getlist("vary")
-        for token in value.split(",")
-    )
