@@ -9,7 +9,7 @@
 
 A client made from a URL belongs to us: it gets a short connect timeout,
 keepalive, health checks, a bounded blocking pool and no retry (a command is
-never sent twice, see ``_url_client``), and we close it on ASGI lifespan
+never sent twice, see ``_clients.url_client``), and we close it on ASGI lifespan
 shutdown or ``aclose()``. It has no socket timeout: it is meant for calls
 through :meth:`Backend.call`, whose deadline bounds each one (commands, health
 checks and connection handshakes alike). A client passed in stays the caller's:
@@ -22,15 +22,8 @@ connections, yet one app often meets several loops: Starlette's
 pytest-asyncio gives every test its own. So what we make from a URL is one
 client *per loop*, made on the loop's first call (the data of a ``memory://``
 server is shared by all of them). Nobody may call ``aclose()`` in those setups
-(no lifespan runs), so each client is also closed without being asked:
-
-* when its loop shuts down (``asyncio.run``, ``asyncio.Runner``, anyio,
-  pytest-asyncio and uvicorn all do): a small async generator, registered with
-  the loop, runs ``aclose()`` from ``loop.shutdown_asyncgens()``;
-* when its loop was closed without shutting down: the next loop to call closes
-  its sockets, without awaiting on the dead loop;
-* when the Backend is garbage collected, or the interpreter exits: every client
-  left is closed then, on its loop's thread if that loop still runs.
+(no lifespan runs), so each client is also closed without being asked, when its
+loop shuts down or was closed, or at garbage collection or exit (see ``_clients``).
 
 A client passed in is used as it is on whatever loop calls; its connections
 belong to the loop that opened them. So close it (``await client.aclose()``)
@@ -49,20 +42,18 @@ import asyncio
 import math
 import threading
 import weakref
-from collections.abc import AsyncGenerator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, suppress
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import Any, TypeAlias
-from urllib.parse import urlsplit
+from typing import TypeAlias
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import SentinelConnectionPool
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ._clients import LoopClient, connected, drop_all, url_client
 from .errors import BackendUnavailable
 
 RedisClient: TypeAlias = Redis | RedisCluster
@@ -77,9 +68,6 @@ DEFAULT_MAX_CONNECTIONS = 64
 MAX_SECONDS = 100 * 365 * 24 * 3600
 # How often a client of a Sentinel-managed master asks Sentinel who the master is.
 SENTINEL_CHECK_INTERVAL = 0.5
-# Keys of in-process fakeredis servers, created on first use (never at import).
-_memory_servers: dict[str, Any] = {}
-_memory_lock = threading.Lock()
 
 
 def check_seconds(name: str, value: float) -> None:
@@ -90,149 +78,6 @@ def check_seconds(name: str, value: float) -> None:
             f"{name} must be at most {MAX_SECONDS} seconds (100 years), the longest "
             f"time we let Redis keep anything; got {value!r}"
         )
-
-
-def _memory_client(name: str) -> Redis:
-    try:
-        import fakeredis
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise ValueError(
-            "redis='memory://' needs fakeredis; install it with "
-            "`pip install 'asgi-redis-kit[memory]'`"
-        ) from exc
-    with _memory_lock:
-        server = _memory_servers.setdefault(name, fakeredis.FakeServer())
-    client: Redis = fakeredis.FakeAsyncRedis(server=server)
-    return client
-
-
-def _url_client(url: str, timeout: float, max_connections: int) -> Redis:
-    scheme = urlsplit(url).scheme
-    if scheme == "memory":
-        parts = urlsplit(url)
-        return _memory_client(parts.netloc + parts.path)
-    if scheme not in {"redis", "rediss", "unix"}:
-        raise ValueError(
-            f"redis={url!r} is not a URL we can connect to; use redis://host:port/db, "
-            "rediss:// for TLS, unix:///path/to/socket, or memory:// for an in-process server"
-        )
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        # Waiting for a free connection and connecting are bounded on their own too.
-        timeout=timeout,
-        socket_connect_timeout=timeout,
-        # No socket timeout (redis-py's default is 5 s): every command, health check
-        # and connection handshake runs inside Backend.call, whose deadline bounds
-        # it, and a socket timeout costs an asyncio.wait_for (a task) per send and a
-        # timeout context per read, about a sixth of a request's CPU.
-        socket_timeout=None,
-        socket_keepalive=True,
-        health_check_interval=15,
-        # Never send a command twice. redis-py resends one whose connection broke,
-        # and when that happens after Redis ran it (the reply was lost), the resend
-        # runs it again: one incr counted twice. A broken call is the caller's
-        # "unknown" (a 503, or the cache failing open) instead. Dead pooled
-        # connections are still replaced before use: the pool checks each one
-        # it hands out (ensure_connection) and reconnects one that was closed.
-        retry=Retry(NoBackoff(), retries=0),
-    )
-    return Redis.from_pool(pool)
-
-
-async def _close_at_shutdown(client: Redis) -> AsyncGenerator[None, None]:
-    """Suspended for the life of ``client``'s loop; closing it closes the client.
-
-    An async generator because that is what a loop closes, while it can still
-    await, as it shuts down (``shutdown_asyncgens``): asyncio has no other hook
-    into a loop's end.
-    """
-    try:
-        yield
-    finally:
-        await client.aclose()
-
-
-def _drop_connections(client: Redis) -> None:
-    """Close the connections of ``client`` now, without awaiting; run it in the
-    thread of their loop, or when that loop is closed.
-
-    On a live loop the transport closes its socket on the loop's next turn. A
-    closed loop cannot run that callback (``close()`` marks the transport
-    closing, then fails to schedule it), so its part is done here: the socket is
-    closed. Either way redis-py's connection, the stream and the transport are
-    told, or each destructor reports the socket unclosed (``ResourceWarning``);
-    asyncio has no public API for a transport whose loop is gone.
-    """
-    pool = client.connection_pool
-    for connection in (*pool._available_connections, *pool._in_use_connections):
-        writer = getattr(connection, "_writer", None)
-        if writer is None:
-            continue
-        connection._writer = connection._reader = None
-        try:
-            writer.close()
-        except RuntimeError:  # "Event loop is closed"
-            transport = writer.transport
-            sock = getattr(transport, "_sock", None)  # None: fakeredis, or not a selector loop
-            if sock is not None:
-                sock.close()
-                transport._sock = None
-
-
-def _connected(client: RedisClient) -> bool:
-    """Whether ``client`` has an open connection in its pool (Cluster: unknown, no)."""
-    pool = getattr(client, "connection_pool", None)
-    if pool is None:
-        return False
-    connections = (*pool._available_connections, *pool._in_use_connections)
-    return any(getattr(connection, "_writer", None) is not None for connection in connections)
-
-
-class _Bound:
-    """A client we made, for one event loop, and the guard that closes it."""
-
-    __slots__ = ("client", "guard", "loop")
-
-    def __init__(self, client: Redis, loop: asyncio.AbstractEventLoop) -> None:
-        self.client = client
-        self.loop = loop
-        self.guard = _close_at_shutdown(client)
-        # Run it to its yield now, without a task or a suspension: the first step
-        # registers it with the running loop (the loop's asyncgen hooks).
-        with suppress(StopIteration):
-            self.guard.asend(None).send(None)
-
-    def drop_if_dead(self) -> bool:
-        """Close the client of a closed loop here and now; whether it was closed."""
-        if not self.loop.is_closed():
-            return False
-        _drop_connections(self.client)
-        return True
-
-    def drop(self) -> None:
-        """Close the client now, from any thread (garbage collection, exit)."""
-        loop = self.loop
-        if loop.is_running() and not _runs_here(loop):
-            loop.call_soon_threadsafe(_drop_connections, self.client)
-        else:
-            _drop_connections(self.client)
-
-
-def _runs_here(loop: asyncio.AbstractEventLoop) -> bool:
-    try:
-        return asyncio.get_running_loop() is loop
-    except RuntimeError:
-        return False
-
-
-def _drop_all(bound: dict[asyncio.AbstractEventLoop, _Bound]) -> None:
-    """The Backend is gone (garbage collected, or the interpreter exits): close
-    its clients now. Not left to the guards' own finalizers: the Backend's
-    garbage often holds the clients too, and their connections would report
-    themselves unclosed in the same collection, before any scheduled close ran."""
-    for entry in list(bound.values()):
-        entry.drop()
 
 
 class Backend:
@@ -266,8 +111,8 @@ class Backend:
         self._spare: Redis | None = None
         if isinstance(redis, str):
             url = redis
-            client = self._spare = _url_client(url, timeout, max_connections)
-            self._make: Callable[[], Redis] | None = lambda: _url_client(
+            client = self._spare = url_client(url, timeout, max_connections)
+            self._make: Callable[[], Redis] | None = lambda: url_client(
                 url, timeout, max_connections
             )
             self.owned = True
@@ -293,10 +138,10 @@ class Backend:
         # reads it never pairs one loop with another loop's client.
         self._current: tuple[asyncio.AbstractEventLoop | None, RedisClient] = (None, client)
         # Our clients by loop.
-        self._bound: dict[asyncio.AbstractEventLoop, _Bound] = {}
+        self._bound: dict[asyncio.AbstractEventLoop, LoopClient] = {}
         self._lock = threading.Lock()
         if self.owned:
-            weakref.finalize(self, _drop_all, self._bound)
+            weakref.finalize(self, drop_all, self._bound)
         pool = getattr(client, "connection_pool", None)
         # Sentinel(...).master_for(...): see _follow_sentinel.
         self._sentinel = (
@@ -322,7 +167,7 @@ class Backend:
         with self._lock:  # two threads, each with its loop, must not share a client
             previous, client = self._current
             if self._make is None:
-                if previous is not None and previous.is_closed() and _connected(client):
+                if previous is not None and previous.is_closed() and connected(client):
                     raise RuntimeError(
                         "the Redis client passed as redis= still holds connections of an "
                         "event loop that is closed, and cannot use them on this one; "
@@ -335,7 +180,7 @@ class Backend:
                 if bound is None:
                     self._drop_dead()
                     made, self._spare = self._spare or self._make(), None
-                    bound = self._bound[loop] = _Bound(made, loop)
+                    bound = self._bound[loop] = LoopClient(made, loop)
                 client = bound.client
             self._current = (loop, client)
             return client

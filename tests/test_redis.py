@@ -13,7 +13,7 @@ from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import RedisClusterException, SlotNotCoveredError
 from starlette.types import Message, Receive, Scope, Send
 
-from asgi_redis_kit import _redis
+from asgi_redis_kit import _clients, _redis
 from asgi_redis_kit._redis import Backend, serve_with_lifespan_close
 from asgi_redis_kit.errors import BackendUnavailable
 from tests.support import RedisProcess
@@ -395,4 +395,4 @@ def test_callers_client_with_connections_of_a_closed_loop_is_a_clear_error(
     _run_on_new_loop(backend)  # leaves a connection of that (now closed) loop pooled
     with pytest.raises(RuntimeError, match="create it on the loop that uses it"):
         _run_on_new_loop(backend)
-    _redis._drop_connections(client)  # tidy up what the test itself left behind
+    _clients._drop_connections(client)  # tidy up what the test itself left behind
