@@ -46,7 +46,7 @@ from .._redis import Backend, RedisClient, RedisLike, check_seconds
 from ..errors import BackendUnavailable
 from ._breaker import CircuitBreaker
 from ._entry import Entry, decode
-from ._keys import CacheKey, KeyScheme, record_names, request_host
+from ._keys import CacheKey, KeyScheme, record_names
 from ._lock import (
     ACQUIRE,
     LOOKUP,
@@ -56,6 +56,7 @@ from ._lock import (
     new_token,
 )
 from ._policy import DEFAULT_CACHEABLE_STATUSES
+from ._request import request_host
 
 logger = logging.getLogger("asgi_redis_kit.cache")
 

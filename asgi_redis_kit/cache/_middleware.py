@@ -105,12 +105,7 @@ from ..sessions._middleware import _MARK as SESSIONS_MARK
 from ._cache import Cache, SessionProof
 from ._decorator import RequestState, RouteCache, current, route_config
 from ._entry import Entry, content_etag, encode, etag_matches, served_headers
-from ._keys import (
-    FORWARDING_HEADERS,
-    CacheKey,
-    canonical_host,
-    header_map,
-)
+from ._keys import CacheKey
 from ._lock import Flight
 from ._policy import (
     learned_vary,
@@ -119,6 +114,7 @@ from ._policy import (
     storable_headers,
     with_vary,
 )
+from ._request import FORWARDING_HEADERS, canonical_host, header_map
 
 logger = logging.getLogger("asgi_redis_kit.cache")
 
