@@ -85,25 +85,21 @@ import hashlib
 import inspect
 import logging
 import random
-import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
-from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.sentinel import SentinelConnectionPool
-from starlette.applications import Starlette
-from starlette.middleware.sessions import SessionMiddleware as StarletteSessions
 from starlette.requests import Request
-from starlette.routing import Host, Match, Mount, Router
+from starlette.routing import Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .._redis import Backend, RedisClient, RedisLike, serve_with_lifespan_close
+from .._redis import Backend, RedisLike, serve_with_lifespan_close
 from ..errors import BackendUnavailable, CacheNotConfigured, DuplicateMiddleware
 from ..sessions import Session, SessionMiddleware
 from ..sessions._cookie import cookie_values
 from ..sessions._middleware import _MARK as SESSIONS_MARK
 from ._cache import Cache, SessionProof
 from ._decorator import RequestState, RouteCache, current, route_config
+from ._discovery import find_proxy_middleware, find_router, find_sessions, match_route, same_server
 from ._entry import Entry, content_etag, encode, etag_matches, served_headers
 from ._keys import CacheKey
 from ._lock import Flight
@@ -119,7 +115,6 @@ from ._request import FORWARDING_HEADERS, canonical_host, header_map
 logger = logging.getLogger("asgi_redis_kit.cache")
 
 SCOPE_KEY = "asgi_redis_kit.cache"
-_MAX_DEPTH = 64
 _NO_SESSION = object()
 _SESSION_HANDLE: property = vars(Session)["handle"]
 
@@ -130,126 +125,6 @@ def _loaded_handle(session: Session) -> str | None:
     record (no handle) anyway."""
     handle = _SESSION_HANDLE.__get__(session, Session)
     return handle if isinstance(handle, str) else None
-
-
-def _match(
-    routes: Iterable[Any], scope: Scope, depth: int = 0
-) -> tuple[Any, dict[str, Any]] | None:
-    """The endpoint and path params Starlette's Router would dispatch to, the same
-    way it does: the first FULL match wins; a Mount/Host match hands over to
-    its own routes for good."""
-    if depth > _MAX_DEPTH:
-        return None
-    for route in routes:
-        try:
-            match, child = route.matches(scope)
-        except Exception:  # a custom route that cannot judge this scope: not ours
-            logger.debug("route %r failed to match", route, exc_info=True)
-            continue
-        if match is not Match.FULL:
-            continue
-        if isinstance(route, Mount | Host):
-            return _match(route.routes, {**scope, **child}, depth + 1)
-        return child.get("endpoint"), dict(child.get("path_params", {}))
-    return None
-
-
-def _find_router(app: Any) -> Router | None:
-    """The Router inside ``app``, following the ``.app`` chain every Starlette
-    middleware keeps (and ``.router`` of a Starlette/FastAPI application)."""
-    for _ in range(_MAX_DEPTH):
-        if isinstance(app, Router):
-            return app
-        router = getattr(app, "router", None)
-        if isinstance(router, Router):
-            return router
-        app = getattr(app, "app", None)
-        if app is None:
-            return None
-    return None
-
-
-def _chain(app: Any) -> Iterator[Any]:
-    """``app`` and every app it wraps, down to the Router: the ``.app`` of each
-    middleware, and the ``.middleware_stack`` of a Starlette/FastAPI application."""
-    seen: set[int] = set()
-    for _ in range(_MAX_DEPTH):
-        if app is None or id(app) in seen:
-            return
-        seen.add(id(app))
-        yield app
-        if isinstance(app, Router):
-            return
-        inner = getattr(app, "app", None)
-        if inner is None and isinstance(app, Starlette):
-            if app.middleware_stack is None:
-                # CacheMiddleware wrapping a Starlette/FastAPI app that has not run
-                # yet: build its stack now, exactly as its first __call__ would,
-                # so the SessionMiddleware in it is found before the first key.
-                app.middleware_stack = app.build_middleware_stack()
-            inner = app.middleware_stack
-        app = inner
-
-
-# Middleware that rewrites the scope (scheme, client, Host) from forwarding
-# headers, when it trusts the peer. Recognised by class, without importing
-# them: uvicorn or hypercorn may be absent, and a class never imported has no
-# instance. Look-alikes of other packages are recognised by name.
-_PROXY_CLASSES = frozenset(
-    {
-        "uvicorn.middleware.proxy_headers.ProxyHeadersMiddleware",
-        "hypercorn.middleware.proxy_fix.ProxyFixMiddleware",
-    }
-)
-_PROXY_NAME = re.compile(r"Proxy(?:Headers|Fix)|Proxied(?:Headers)?|ForwardedHeaders", re.I)
-
-
-def _find_proxy_middleware(app: Any) -> Any | None:
-    """A proxy-headers middleware inside the cache (``app``'s ``.app`` chain).
-    It rewrites the scope after the cache keyed it, from headers it honours
-    only from trusted peers: the key cannot tell an honoured header from an
-    ignored one (see ``_Exchange.run``)."""
-    for found in _chain(app):
-        for cls in type(found).__mro__:
-            if f"{cls.__module__}.{cls.__qualname__}" in _PROXY_CLASSES or _PROXY_NAME.search(
-                cls.__name__
-            ):
-                return found
-    return None
-
-
-def _find_sessions(app: Any, scope: Scope) -> SessionMiddleware | StarletteSessions | None:
-    """The session middleware in this app, ours or Starlette's: inside us (the
-    ``.app`` chain), else outside us (the middleware stack of the application
-    in ``scope["app"]``)."""
-    for candidate in (app, scope.get("app")):
-        for found in _chain(candidate):
-            if isinstance(found, SessionMiddleware | StarletteSessions):
-                return found
-    return None
-
-
-def _same_server(a: RedisClient, b: RedisClient) -> bool:
-    """Whether two clients surely talk to one Redis server and database (then a
-    session key can be checked in the cache's own round trip)."""
-    if a is b:
-        return True
-    if isinstance(a, RedisCluster) or isinstance(b, RedisCluster):
-        return False
-    pool_a, pool_b = a.connection_pool, b.connection_pool
-    if isinstance(pool_a, SentinelConnectionPool) or isinstance(pool_b, SentinelConnectionPool):
-        return False
-    if pool_a.connection_class is not pool_b.connection_class:
-        return False
-    kwargs_a, kwargs_b = pool_a.connection_kwargs, pool_b.connection_kwargs
-    if not (kwargs_a.get("host") or kwargs_a.get("path")):
-        return False
-    # "server": fakeredis keeps its in-process server among the connection options.
-    names = ("host", "port", "path", "db", "username", "server")
-    return all(
-        kwargs_a.get(name) is kwargs_b.get(name) or kwargs_a.get(name) == kwargs_b.get(name)
-        for name in names
-    )
 
 
 class _Unset(enum.Enum):
@@ -370,7 +245,7 @@ class CacheMiddleware:
         ``vary_on_session`` page to another, and silently picking one of two
         contradicting settings hides a configuration the user got wrong."""
         self._sessions_found = True
-        found = _find_sessions(self.app, scope)
+        found = find_sessions(self.app, scope)
         explicit = self.cache.session_cookie
         if found is None:
             self._cookie_name = explicit or "session"
@@ -379,7 +254,7 @@ class CacheMiddleware:
             self.sessions = found
             actual = found.cookie.name
             store = found.store.backend
-            if not _same_server(store.client, self.cache.backend.client):
+            if not same_server(store.client, self.cache.backend.client):
                 self.session_backend = store
         else:
             # Starlette's: its cookie is the whole signed session, keyed as it is.
@@ -395,7 +270,7 @@ class CacheMiddleware:
 
     def _find_proxy(self) -> None:
         self._proxy_checked = True
-        self.inner_proxy = _find_proxy_middleware(self.app)
+        self.inner_proxy = find_proxy_middleware(self.app)
         if self.inner_proxy is not None:
             logger.warning(
                 "%s runs inside CacheMiddleware: it rewrites the scheme, client or host "
@@ -449,7 +324,7 @@ class CacheMiddleware:
         if self._router is None:
             # Found once: Starlette builds its middleware stack on the first request,
             # and the router object never changes afterwards.
-            self._router = _find_router(self.app)
+            self._router = find_router(self.app)
         if self._router is not None:
             return self._router
         # A middleware between us and the router that hides its ``.app``: fall back
@@ -467,7 +342,7 @@ class CacheMiddleware:
 
     def _route(self, scope: Scope) -> tuple[RouteCache, dict[str, Any]] | None:
         router = self._find_router(scope)
-        found = None if router is None else _match(router.routes, scope)
+        found = None if router is None else match_route(router.routes, scope)
         if found is None:
             return None
         config = route_config(found[0])
