@@ -7,10 +7,11 @@ See ``_keys`` for how keys are built, ``_policy`` for what is (never) stored,
 
 from __future__ import annotations
 
-from ._cache import Cache, CacheStats
+from ._cache import Cache
 from ._decorator import RouteCache, cached
 from ._middleware import CacheMiddleware, get_cache
 from ._policy import DEFAULT_CACHEABLE_STATUSES
+from ._stats import CacheStats
 
 __all__ = [
     "DEFAULT_CACHEABLE_STATUSES",

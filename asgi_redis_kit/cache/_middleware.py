@@ -97,7 +97,7 @@ from ..errors import BackendUnavailable, CacheNotConfigured, DuplicateMiddleware
 from ..sessions import Session, SessionMiddleware
 from ..sessions._cookie import cookie_values
 from ..sessions._middleware import _MARK as SESSIONS_MARK
-from ._cache import Cache, SessionProof
+from ._cache import Cache
 from ._decorator import RequestState, RouteCache, current, route_config
 from ._discovery import find_proxy_middleware, find_router, find_sessions, match_route, same_server
 from ._entry import Entry, content_etag, encode, etag_matches, served_headers
@@ -111,6 +111,7 @@ from ._policy import (
     with_vary,
 )
 from ._request import FORWARDING_HEADERS, canonical_host, header_map
+from ._storage import SessionProof
 
 logger = logging.getLogger("asgi_redis_kit.cache")
 
@@ -658,10 +659,11 @@ class _Exchange:
         while loop.time() < deadline:
             await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
             delay = min(delay * 1.5, 0.1)
-            entry, locked = await cache.poll(key, versions)
+            found = await cache.poll(key, versions)
+            entry = found.entry
             if entry is not None and entry.is_fresh(cache.clock()):
                 return entry, False
-            if not locked:
+            if not found.locked:
                 return None, True
         return None, False
 
