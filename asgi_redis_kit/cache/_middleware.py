@@ -103,6 +103,7 @@ from ._discovery import find_proxy_middleware, find_router, find_sessions, match
 from ._entry import Entry, content_etag, encode, etag_matches, served_headers
 from ._keys import CacheKey
 from ._lock import Flight
+from ._outcome import Absent, Fresh, SessionGone, Stale, classify
 from ._policy import (
     learned_vary,
     request_bypass_reason,
@@ -506,31 +507,25 @@ class _Exchange:
             await self.without_redis(key)
             return
         # The variant the URL's vary record names for this request's headers.
-        key, entry, versions = found.key, found.entry, found.versions
-        if found.session_gone:
-            # Logged out, revoked or expired: its cookie gets none of its pages.
-            # The session middleware treats the request as anonymous; not stored.
-            await self.run_app(key, versions, found.token, None, reason="session")
-            return
-        if found.token is not None or found.locked:
-            # The entry key was absent: nothing to serve, and the lease is settled.
-            await self.fill(key, versions, None, found.token, locked=found.locked)
-            return
-        fallback: Entry | None = None
-        if entry is not None:
-            now = cache.clock()
-            if entry.is_fresh(now):
+        key, versions = found.key, found.versions
+        match classify(found, cache.clock()):
+            case Fresh(entry):
                 self.stats.hits += 1
                 await self.serve(entry, "HIT")
-                return
-            if entry.in_revalidate_window(now):
+            case Stale(entry, "revalidate"):
                 self.stats.stale += 1
                 self.schedule_refresh(key, versions)
                 await self.serve(entry, "STALE", "revalidating")
-                return
-            if entry.in_error_window(now):
-                fallback = entry
-        await self.fill(key, versions, fallback)
+            case Stale(entry, "error"):
+                # Usable only if the app fails (stale-if-error).
+                await self.fill(key, versions, entry)
+            case Absent(token, locked):
+                # ``token``/``locked``: the entry key was absent and the lease is settled.
+                await self.fill(key, versions, None, token, locked=locked)
+            case SessionGone(token):
+                # Logged out, revoked or expired: its cookie gets none of its pages.
+                # The session middleware treats the request as anonymous; not stored.
+                await self.run_app(key, versions, token, None, reason="session")
 
     async def fill(
         self,
@@ -566,11 +561,11 @@ class _Exchange:
                         # response's Vary named (not under ``key``): read the vary
                         # record once and re-key, as an in-process follower does.
                         found = await cache.lookup(key, session=self.session_proof)
-                        if found.session_gone:
+                        outcome = classify(found, cache.clock())
+                        if isinstance(outcome, SessionGone):
                             await self.run_app(key, versions, None, fallback, reason="session")
                             return
-                        fresh = found.entry is not None and found.entry.is_fresh(cache.clock())
-                        entry = found.entry if fresh else None
+                        entry = outcome.entry if isinstance(outcome, Fresh) else None
                         if entry is None and found.key.entry != key.entry:
                             self.rekeyed = True
                             cache.flights.done(key.digest, flight)
@@ -627,16 +622,15 @@ class _Exchange:
         try:
             found = await cache.lookup(key, session=self.session_proof)
         except BackendUnavailable:
-            found = None
-        if found is not None and found.session_gone:
+            await self.run_app(key, (), None, fallback, store=False)
+            return
+        outcome = classify(found, cache.clock())
+        if isinstance(outcome, SessionGone):
             await self.run_app(key, found.versions, None, fallback, reason="session")
             return
-        if found is not None and found.entry is not None and found.entry.is_fresh(cache.clock()):
+        if isinstance(outcome, Fresh):
             self.stats.hits += 1
-            await self.serve(found.entry, "HIT")
-            return
-        if found is None:
-            await self.run_app(key, (), None, fallback, store=False)
+            await self.serve(outcome.entry, "HIT")
             return
         if found.key.entry != key.entry and not self.rekeyed:
             # The leader learned that responses vary on headers the key lacked:
@@ -660,9 +654,9 @@ class _Exchange:
             await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
             delay = min(delay * 1.5, 0.1)
             found = await cache.poll(key, versions)
-            entry = found.entry
-            if entry is not None and entry.is_fresh(cache.clock()):
-                return entry, False
+            outcome = classify(found, cache.clock())
+            if isinstance(outcome, Fresh):
+                return outcome.entry, False
             if not found.locked:
                 return None, True
         return None, False
