@@ -19,19 +19,23 @@ command applied when it is awaited and is not rolled back on error.
     await SessionStore("redis://...").revoke_user(user.id)   # log out everywhere
 
 Module map: ``_middleware`` (load/save around the app, 503 on outages),
-``_session`` (the dict and its save plan), ``_store`` (keys, Lua, user index),
-``_cookie`` (signing and ``Set-Cookie``).
+``_session`` (the dict and its save plan), ``_store`` (load, save, replace and the
+protocol that keeps revokes ahead of requests), ``_index`` (the per-user index and
+revoking), ``_scripts`` (the Lua), ``_record`` (keys and fields of a record),
+``_base`` (round trips), ``_cookie`` (signing and ``Set-Cookie``).
 """
 
 from __future__ import annotations
 
 from ..errors import SessionStoreUnavailable
-from ._middleware import SessionMiddleware
+from ._index import SessionInfo
+from ._middleware import SessionIdentity, SessionMiddleware
 from ._session import Session
-from ._store import SessionInfo, SessionStore
+from ._store import SessionStore
 
 __all__ = [
     "Session",
+    "SessionIdentity",
     "SessionInfo",
     "SessionMiddleware",
     "SessionStore",

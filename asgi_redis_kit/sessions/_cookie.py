@@ -18,8 +18,9 @@ from typing import Literal
 from itsdangerous import BadData, Signer
 from itsdangerous.signer import HMACAlgorithm
 from starlette.datastructures import Secret
-from starlette.types import Scope
 
+# Re-exported for the cache, which imports it from here until it moves to _http too.
+from .._http import cookie_values as cookie_values
 from ..errors import CookieTooLarge
 
 SALT = "asgi_redis_kit.session"
@@ -116,24 +117,6 @@ class CookieSigner:
         if _SESSION_ID.fullmatch(session_id) is None:
             return None
         return session_id, resign
-
-
-def cookie_values(scope: Scope, name: str) -> list[str]:
-    """Every value the client sent for cookie ``name``, in order.
-
-    Browsers may send one name twice (a host-only and a domain cookie, or two
-    paths); the caller tries them in order and uses the first that verifies.
-    Bytes are decoded as latin-1 so any input decodes; non-ASCII never verifies.
-    """
-    found: list[str] = []
-    for key, raw in scope.get("headers", ()):
-        if key != b"cookie":
-            continue
-        for part in raw.decode("latin-1").split(";"):
-            cookie_name, sep, value = part.strip().partition("=")
-            if sep and cookie_name.strip() == name:
-                found.append(value.strip().strip('"'))
-    return found
 
 
 class CookieSettings:

@@ -23,17 +23,20 @@ is answered normally. A handler that stores something in a new session gets the
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 from starlette.datastructures import MutableHeaders, Secret
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .._http import cookie_values
 from .._redis import DEFAULT_MAX_CONNECTIONS, Backend, RedisLike, serve_with_lifespan_close
 from ..errors import SESSION_STORE_UNAVAILABLE, BackendUnavailable, DuplicateMiddleware
-from ._cookie import CookieSettings, CookieSigner, SameSite, cookie_values
+from ._cookie import CookieSettings, CookieSigner, SameSite
 from ._session import CookieAction, Session, UnavailableSession
 from ._store import SessionStore
 
@@ -43,6 +46,25 @@ _MARK = "asgi_redis_kit.sessions"
 _UNAVAILABLE_BODY = (SESSION_STORE_UNAVAILABLE + "\n").encode()
 # Signed cookies of our name looked up per request at most (see _load).
 _MAX_LOADS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class SessionIdentity:
+    """Who a request's session cookie says the visitor is, without loading the
+    session: what a cache needs to key a per-user page and to prove, when it
+    serves one, that the session still exists.
+
+    Attributes:
+        fingerprint: the hex SHA-256 of the session id, as ASCII bytes -- the same
+            for every request of the session, and not the id (not a credential).
+        record_key: the Redis key of the session's record; it exists while the
+            session lives.
+        backend: where that key lives.
+    """
+
+    fingerprint: bytes
+    record_key: str
+    backend: Backend
 
 
 class SessionMiddleware:
@@ -146,6 +168,36 @@ class SessionMiddleware:
 
     def __repr__(self) -> str:
         return f"<SessionMiddleware cookie={self.cookie.name!r} {self.store!r}>"
+
+    @property
+    def cookie_name(self) -> str:
+        """The session cookie's name as sent (``__Host-`` included with ``host_prefix``)."""
+        return self.cookie.name
+
+    @staticmethod
+    def handling(scope: Scope) -> SessionMiddleware | None:
+        """The SessionMiddleware that marked ``scope`` (it runs, or ran, on this
+        request), if any."""
+        marker = scope.get(_MARK)
+        return marker if isinstance(marker, SessionMiddleware) else None
+
+    def identify(self, scope: Scope) -> SessionIdentity | None:
+        """The identity in the request's session cookie, checked with this
+        middleware's keys but not looked up in Redis; ``None`` without a cookie
+        or with a bad signature (the middleware ignores such a cookie too).
+
+        Only the first value of the cookie counts: a request carrying several is
+        not one a cache can key on one identity (it decides those itself)."""
+        values = cookie_values(scope, self.cookie.name)
+        verified = self.signer.unsign(values[0]) if values else None
+        if verified is None:
+            return None
+        session_id = verified[0]
+        return SessionIdentity(
+            fingerprint=hashlib.sha256(session_id.encode()).hexdigest().encode(),
+            record_key=self.store.session_key(session_id),
+            backend=self.store.backend,
+        )
 
     async def aclose(self) -> None:
         """Close the Redis client if it was made from a URL (lifespan does this too)."""

@@ -18,7 +18,10 @@ from starlette.requests import HTTPConnection
 
 from ..errors import BackendUnavailable, SessionNotLoaded, SessionStoreUnavailable
 from ._codec import check, encode, encode_all
-from ._store import CREATED, DATA, SAVED, USER, Record, SessionStore, check_user, handle_of
+from ._index import check_user
+from ._record import CREATED, DATA, USER, Record, handle_of
+from ._scripts import SAVED
+from ._store import SessionStore
 
 logger = logging.getLogger("asgi_redis_kit.sessions")
 
@@ -48,7 +51,9 @@ class Session(dict[str, Any]):
       committed at once (not rolled back when the handler fails);
     * :meth:`bind_user` / :attr:`user_id` -- the per-user index behind
       :meth:`SessionStore.user_sessions` and :meth:`SessionStore.revoke_user`;
-    * :attr:`accessed`, :attr:`exposed`, :attr:`is_new`, :attr:`handle`, :attr:`store`.
+    * :attr:`accessed`, :attr:`exposed`, :attr:`is_new`, :attr:`handle`, :attr:`store`;
+    * :attr:`record_handle`, :attr:`changed`, :attr:`holds_data` -- for readers
+      such as a response cache: they never raise and do not count as a use.
 
     Use :meth:`Session.of` to get it with its real type (Starlette types
     ``request.session`` as a plain dict).
@@ -172,6 +177,29 @@ class Session(dict[str, Any]):
     def handle(self) -> str | None:
         """A non-secret name of the stored session (see :class:`SessionInfo`)."""
         return None if self._id is None else handle_of(self._id)
+
+    # -- for readers like the response cache: never raise, never mark accessed ---
+
+    @property
+    def record_handle(self) -> str | None:
+        """The handle of the stored record this session is bound to now; ``None``
+        for a new session, one whose cookie was unknown or whose record ended,
+        and the stand-in for a session whose load failed. Unlike
+        :attr:`handle`, never raises and does not count as using the session."""
+        return None if self._id is None else handle_of(self._id)
+
+    @property
+    def changed(self) -> bool:
+        """Whether this request changed the session, saved or not yet. Never
+        raises and does not count as using the session."""
+        return self._changed_this_request()
+
+    @property
+    def holds_data(self) -> bool:
+        """Whether the session belongs to someone: it has a stored record, or
+        holds data now or did when loaded. Never raises and does not count as
+        using the session."""
+        return self.record_handle is not None or dict.__len__(self) > 0 or bool(self._snapshot)
 
     @property
     def user_id(self) -> str | None:

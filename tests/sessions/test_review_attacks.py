@@ -30,7 +30,7 @@ from asgi_redis_kit import Cache, Session, SessionMiddleware, SessionStore, cach
 from asgi_redis_kit._redis import MAX_SECONDS
 from asgi_redis_kit.sessions._codec import decode, encode
 from asgi_redis_kit.sessions._cookie import CookieSigner
-from asgi_redis_kit.sessions._store import handle_of
+from asgi_redis_kit.sessions._record import handle_of
 from tests.scaleout.conftest import cluster  # noqa: F401 - the shared Cluster fixture
 from tests.scaleout.servers import HOST, ClusterDeployment
 from tests.sessions.conftest import SECRET, Gate, cookie_of, session_id_of

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from asgi_redis_kit import Session, SessionMiddleware, SessionStore
-from asgi_redis_kit.sessions._store import handle_of
+from asgi_redis_kit.sessions._record import handle_of
 
 from .conftest import SECRET, Gate, cookie_of, session_id_of
 
