@@ -35,9 +35,10 @@ The parts, in order:
    and then every other cookie as well (:func:`other_cookies`): a per-user page
    may show any of them, so only requests whose other cookies read the same
    share it (with none, all of them still do).
-   The cookie is read with SessionMiddleware's own ``cookie_values`` (every
-   ``Cookie`` header, every value); a request naming it twice never gets this
-   far: Starlette's parser would see another value than the session does.
+   The cookie is read with ``asgi_redis_kit._http.cookie_values``, as
+   SessionMiddleware reads it (every ``Cookie`` header, every value); a
+   request naming it twice never gets this far: Starlette's parser would
+   see another value than the session does.
    When the middleware can ask the session instead (a SessionMiddleware of
    ours outside the cache), the per-user part is the loaded session's handle,
    and a new or unknown session adds none: it is no session.
@@ -92,12 +93,12 @@ from typing import Literal
 
 from starlette.types import Scope
 
+from .._http import header_map
 from ._request import (
     FORWARDING_HEADERS,
     canonical_origin,
     canonical_query,
     header_lines,
-    header_map,
     other_cookies,
     session_cookie,
     vary_value,

@@ -81,22 +81,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import hashlib
 import inspect
 import logging
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 from starlette.requests import Request
 from starlette.routing import Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .._http import header_map
 from .._redis import Backend, RedisLike, serve_with_lifespan_close
 from ..errors import BackendUnavailable, CacheNotConfigured, DuplicateMiddleware
-from ..sessions import Session, SessionMiddleware
-from ..sessions._cookie import cookie_values
-from ..sessions._middleware import _MARK as SESSIONS_MARK
+from ..sessions import SessionMiddleware
 from ._cache import Cache
 from ._decorator import RequestState, RouteCache, current, route_config
 from ._discovery import find_proxy_middleware, find_router, find_sessions, match_route, same_server
@@ -111,22 +109,12 @@ from ._policy import (
     storable_headers,
     with_vary,
 )
-from ._request import FORWARDING_HEADERS, canonical_host, header_map
-from ._storage import SessionProof
+from ._request import FORWARDING_HEADERS, canonical_host
+from ._session_rules import SessionRules, SessionWarnings
 
 logger = logging.getLogger("asgi_redis_kit.cache")
 
 SCOPE_KEY = "asgi_redis_kit.cache"
-_NO_SESSION = object()
-_SESSION_HANDLE: property = vars(Session)["handle"]
-
-
-def _loaded_handle(session: Session) -> str | None:
-    """``session.handle`` as Session itself defines it: the placeholder a failed
-    load leaves raises (a 503) on any use of its own properties, and it has no
-    record (no handle) anyway."""
-    handle = _SESSION_HANDLE.__get__(session, Session)
-    return handle if isinstance(handle, str) else None
 
 
 class _Unset(enum.Enum):
@@ -223,11 +211,9 @@ class CacheMiddleware:
         self.sessions: SessionMiddleware | None = None
         self._cookie_name = "session"
         self._config_error: ValueError | None = None
-        self._warned_foreign = False
-        self._warned_cookie_name = False
-        # Where vary_on_session lookups check that the session still exists:
-        # None when the session store shares the cache's server.
-        self.session_backend: Backend | None = None
+        self.session_warnings = SessionWarnings()
+        # The session store's backend last seen, and where its sessions are proven.
+        self._proof_on: tuple[Backend, Backend | None] | None = None
         # A proxy-headers middleware inside us (found on the first request).
         self._proxy_checked = False
         self.inner_proxy: object | None = None
@@ -254,10 +240,7 @@ class CacheMiddleware:
             return
         if isinstance(found, SessionMiddleware):
             self.sessions = found
-            actual = found.cookie.name
-            store = found.store.backend
-            if not same_server(store.client, self.cache.backend.client):
-                self.session_backend = store
+            actual = found.cookie_name
         else:
             # Starlette's: its cookie is the whole signed session, keyed as it is.
             actual = found.session_cookie
@@ -285,34 +268,14 @@ class CacheMiddleware:
                 type(self.inner_proxy).__name__,
             )
 
-    def warn_foreign_session(self, session: object) -> None:
-        if self._warned_foreign:
-            return
-        self._warned_foreign = True
-        logger.warning(
-            "scope['session'] is a %s, not asgi_redis_kit's Session: the cache cannot "
-            "tell whether a handler read it, so a response of a route without "
-            "vary_on_session=True is stored only when that session is empty (and, "
-            "with the session middleware inside the cache, the request has no "
-            "cookie). Use asgi_redis_kit.SessionMiddleware to cache pages for "
-            "visitors who have a session.",
-            type(session).__name__,
-        )
-
-    def warn_cookie_name(self, actual: str) -> None:
-        if self._warned_cookie_name:
-            return
-        self._warned_cookie_name = True
-        logger.warning(
-            "the SessionMiddleware that handled a request reads the cookie %r, but the "
-            "cache keys on the cookie %r: it could not find that middleware in the app "
-            "(a middleware between them keeps its inner app somewhere other than .app). "
-            "Nothing is stored until this is fixed: pass "
-            "CacheMiddleware(session_cookie=%r), or expose the inner app as .app.",
-            actual,
-            self._cookie_name,
-            actual,
-        )
+    def proof_backend(self, backend: Backend) -> Backend | None:
+        """Where a ``vary_on_session`` lookup proves a session of ``backend``
+        still exists: None when that is the cache's own server (the proof then
+        rides in the lookup's round trip), else ``backend`` itself."""
+        if self._proof_on is None or self._proof_on[0] is not backend:
+            same = same_server(backend.client, self.cache.backend.client)
+            self._proof_on = (backend, None if same else backend)
+        return self._proof_on[1]
 
     def cookie_name(self, scope: Scope) -> str:
         """The session cookie's name (found on the first request)."""
@@ -438,15 +401,15 @@ class _Exchange:
         self.stats = self.cache.stats
         self.headers = header_map(scope)
         self.cookie_name = middleware.cookie_name(scope)
-        # Every value of the session cookie, parsed once for all the rules below.
-        self.session_cookies = cookie_values(scope, self.cookie_name)
-        # A session middleware outside us already loaded the session (and sees no
-        # Vary we could act on from here): it, not the cookie, says who asks.
-        self.outer_session: object = scope.get("session", _NO_SESSION)
-        # What a session middleware we cannot ask held before the app ran.
-        self.outer_before: dict[Any, Any] | None = None
-        # The session a vary_on_session hit must prove still exists.
-        self.session_proof: SessionProof | None = None
+        self.session = SessionRules(
+            self.scope,
+            self.headers,
+            cookie_name=self.cookie_name,
+            sessions=middleware.sessions,
+            ignores_session=config.ignores_session,
+            prove_on=middleware.proof_backend,
+            warnings=middleware.session_warnings,
+        )
         # Whether a waiter already moved on to the variant key its leader learned.
         self.rekeyed = False
         # Whether a vary_on_session key holds someone (set by run).
@@ -472,21 +435,21 @@ class _Exchange:
             # The proxy middleware inside us may rewrite the scope from these
             # headers, or ignore them (an untrusted peer): no key can tell which.
             reason = "forwarded"
-        if reason is None and len(self.session_cookies) > 1:
+        if reason is None and len(self.session.cookies) > 1:
             # The session middleware and a cookie parser may each pick another of
             # the values: the key could name someone else's session.
             reason = "cookie"
         shared = not (config.vary_on_session or config.ignores_session)
-        if reason is None and shared and self.carries_session():
+        if reason is None and shared and self.session.carries():
             # Checklist 22: a page shared by everyone is never one for a visitor
             # with a session; nor is an empty session's page served to a live one.
             reason = "session"
         if reason is not None:
             await self.bypass(reason)
             return
-        identity = self.session_identity() if config.vary_on_session else "cookie"
+        identity = self.session.identity() if config.vary_on_session else "cookie"
         if identity == "cookie":
-            self.keyed_user = bool(self.session_cookies)
+            self.keyed_user = bool(self.session.cookies)
         else:
             self.keyed_user = identity is not None
         key = cache.keys.for_request(
@@ -502,7 +465,7 @@ class _Exchange:
             session=identity,
         )
         try:
-            found = await cache.lookup(key, lease=True, session=self.session_proof)
+            found = await cache.lookup(key, lease=True, session=self.session.proof)
         except BackendUnavailable:
             await self.without_redis(key)
             return
@@ -560,7 +523,7 @@ class _Exchange:
                         # The other leader may have stored under a variant its
                         # response's Vary named (not under ``key``): read the vary
                         # record once and re-key, as an in-process follower does.
-                        found = await cache.lookup(key, session=self.session_proof)
+                        found = await cache.lookup(key, session=self.session.proof)
                         outcome = classify(found, cache.clock())
                         if isinstance(outcome, SessionGone):
                             await self.run_app(key, versions, None, fallback, reason="session")
@@ -620,7 +583,7 @@ class _Exchange:
                 await self.bypass("backend")
                 return
         try:
-            found = await cache.lookup(key, session=self.session_proof)
+            found = await cache.lookup(key, session=self.session.proof)
         except BackendUnavailable:
             await self.run_app(key, (), None, fallback, store=False)
             return
@@ -694,120 +657,6 @@ class _Exchange:
             self.cache.flights.done(key.digest, flight)
 
     # -- helpers -----------------------------------------------------------------------
-
-    def session_identity(self) -> bytes | Literal["cookie"] | None:
-        """Who the session says the user is, for a ``vary_on_session`` key
-        (``None``: no session). With our SessionMiddleware inside, the cookie is
-        verified with its signer and a hit must prove the session still exists
-        (:attr:`session_proof`)."""
-        outer = self.outer_session
-        if isinstance(outer, Session):
-            handle = _loaded_handle(outer)  # None: new, unknown, ended or unavailable
-            return None if handle is None else handle.encode()
-        sessions = self.middleware.sessions
-        if outer is not _NO_SESSION or sessions is None:
-            return "cookie"
-        value = self.session_cookies[0] if self.session_cookies else None
-        verified = None if value is None else sessions.signer.unsign(value)
-        if verified is None:
-            return None  # no cookie, or a bad signature: SessionMiddleware ignores it
-        session_id = verified[0]
-        self.session_proof = SessionProof(
-            sessions.store.session_key(session_id), self.middleware.session_backend
-        )
-        return hashlib.sha256(session_id.encode()).hexdigest().encode()
-
-    def session_read(self) -> bool:
-        """Whether the response may depend on a session's contents (review
-        finding 2). Reads cannot all be seen: a handler, or the auth or CSRF
-        library it calls, may read ``scope["session"]`` directly, through any
-        dict method, ``dict(s)``, ``{**s}``, ``json.dumps`` or C code such as
-        ``orjson.dumps``. So, by design, a session that holds data the handler
-        could reach counts as read, whatever path it took; an empty one has
-        nothing to give away unless it was asked for.
-
-        * our Session, outside or inside us: :attr:`Session.exposed`;
-        * another middleware's mapping outside us: it held data before the app
-          ran, or holds some now;
-        * another middleware's mapping inside us (loaded after we ran, so its
-          contents before the handler are unknown): it holds data, or the
-          request carries any cookie that could be its;
-        * anything else in ``scope["session"]``: read.
-
-        A route marked ``ignores_session`` promised not to read it: only a read
-        that is seen (our Session's :attr:`~Session.accessed`) counts there."""
-        outer = self.outer_session
-        if self.config.ignores_session:
-            session = outer if outer is not _NO_SESSION else self.scope.get("session")
-            return isinstance(session, Session) and session.accessed
-        if outer is not _NO_SESSION:
-            if isinstance(outer, Session):
-                return outer.exposed
-            self.middleware.warn_foreign_session(outer)
-            if isinstance(outer, Mapping):
-                return bool(self.outer_before) or len(outer) > 0
-            return True
-        inner = self.scope.get("session", _NO_SESSION)
-        if inner is _NO_SESSION or inner is None:
-            return False
-        if isinstance(inner, Session):
-            return inner.exposed
-        self.middleware.warn_foreign_session(inner)
-        empty = isinstance(inner, Mapping) and len(inner) == 0
-        return not empty or b"cookie" in self.headers
-
-    def carries_session(self) -> bool:
-        """Whether the request comes with a session: the session cookie, or a
-        session already loaded outside us that came from a cookie or holds
-        data (whatever its cookie is called: we may not have found its name)."""
-        if self.session_cookies:
-            return True
-        outer = self.outer_session
-        if outer is _NO_SESSION or outer is None:
-            return False
-        if isinstance(outer, Session):
-            return _loaded_handle(outer) is not None or outer.exposed
-        return not isinstance(outer, Mapping) or len(outer) > 0
-
-    def session_holds_data(self) -> bool:
-        """Whether the session the handler could see belongs to someone: ours
-        was loaded from a cookie or holds data; another middleware's mapping
-        holds or held data; anything else in ``scope["session"]`` is unknown."""
-        session = self.outer_session
-        if session is _NO_SESSION:
-            session = self.scope.get("session", _NO_SESSION)
-        if session is _NO_SESSION or session is None:
-            return False
-        if isinstance(session, Session):
-            return (
-                _loaded_handle(session) is not None
-                or dict.__len__(session) > 0
-                or bool(session._snapshot)
-            )
-        if isinstance(session, Mapping):
-            return bool(self.outer_before) or len(session) > 0
-        return True
-
-    def misread_cookie(self) -> bool:
-        """Whether the SessionMiddleware that handled the request reads another
-        cookie than the key named (it hid from us): no key of ours told its
-        visitors apart."""
-        handler = self.scope.get(SESSIONS_MARK)
-        if not isinstance(handler, SessionMiddleware) or handler.cookie.name == self.cookie_name:
-            return False
-        self.middleware.warn_cookie_name(handler.cookie.name)
-        return True
-
-    def session_changed(self) -> bool:
-        """Whether the handler changed its session. A hit would skip the change.
-        And with the session middleware outside us, its save and the Set-Cookie
-        of a new session come after we see the response: stored, one visitor's
-        new session's page would be every anonymous visitor's."""
-        outer = self.outer_session
-        if self.outer_before is not None and isinstance(outer, Mapping):
-            return dict(outer) != self.outer_before
-        session = outer if outer is not _NO_SESSION else self.scope.get("session")
-        return isinstance(session, Session) and session._changed_this_request()
 
     async def custom_key(self) -> bytes | None:
         if self.config.key is None:
@@ -886,9 +735,7 @@ class _Exchange:
     async def call_app(self, send: Send) -> None:
         """Run the app, noting first what a foreign session outside us holds (taken
         here, not per request: a hit never runs the app and never needs it)."""
-        outer = self.outer_session
-        if isinstance(outer, Mapping) and not isinstance(outer, Session):
-            self.outer_before = dict(outer)
+        self.session.before_app()
         await self.app(self.scope, self.receive, send)
 
     def forwarded(self) -> bool:
@@ -917,20 +764,20 @@ class _Exchange:
             statuses=self.cache.cacheable_statuses,
             vary_on_session=config.vary_on_session,
         )
-        if reason is None and not config.vary_on_session and self.session_read():
+        if reason is None and not config.vary_on_session and self.session.read():
             reason = "session"
         # The key holds no one, yet the session the handler saw is someone's: its
         # cookie has a name we did not learn. Never share that page.
         unkeyed = config.vary_on_session and not self.keyed_user
-        if reason is None and unkeyed and self.session_holds_data():
+        if reason is None and unkeyed and self.session.holds_data():
             reason = "session"
-        if reason is None and self.misread_cookie():
+        if reason is None and self.session.misread_cookie():
             reason = "session"
         if reason is not None or body is None:
             return reason
         if len(body) > config.max_size:
             return "size"
-        if self.session_changed():  # last: it encodes the session
+        if self.session.changed():  # last: it encodes the session
             return "session"
         return None
 

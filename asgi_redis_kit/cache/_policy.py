@@ -74,7 +74,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from starlette.types import Scope
 
-from ._request import header_map, header_values
+from .._http import header_map
+from ._request import header_values
 
 DEFAULT_CACHEABLE_STATUSES = frozenset({200, 203, 204, 300, 301, 404, 410})
 

@@ -40,7 +40,7 @@ from urllib.parse import unquote_plus
 
 from starlette.types import Scope
 
-from ..sessions._cookie import cookie_values
+from .._http import cookie_values
 
 # Request headers a proxy sets and an app (or a library it uses) may build URLs,
 # redirects or its idea of "secure" from: Werkzeug's ProxyFix and Django read
@@ -84,18 +84,6 @@ def header_values(scope: Scope, name: bytes) -> list[bytes]:
 def header(scope: Scope, name: bytes) -> bytes | None:
     values = header_values(scope, name)
     return b", ".join(values) if values else None
-
-
-def header_map(scope: Scope) -> dict[bytes, bytes]:
-    """Every request header by lower-cased name, a repeated one's values joined
-    with ", " as :func:`header` joins them: one pass over the headers for all
-    the lookups a request needs."""
-    found: dict[bytes, bytes] = {}
-    for key, value in scope.get("headers", ()):
-        name = key.lower()
-        previous = found.get(name)
-        found[name] = value if previous is None else previous + b", " + value
-    return found
 
 
 def request_host(scope: Scope, headers: Mapping[bytes, bytes] | None = None) -> str:
