@@ -105,7 +105,7 @@ def find_proxy_middleware(app: Any) -> Any | None:
     """A proxy-headers middleware inside the cache (``app``'s ``.app`` chain).
     It rewrites the scope after the cache keyed it, from headers it honours
     only from trusted peers: the key cannot tell an honoured header from an
-    ignored one (see ``_Exchange.run``)."""
+    ignored one (see ``_exchange.Exchange.run``)."""
     for found in chain(app):
         for cls in type(found).__mro__:
             if f"{cls.__module__}.{cls.__qualname__}" in _PROXY_CLASSES or _PROXY_NAME.search(
