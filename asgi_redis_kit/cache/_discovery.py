@@ -1,6 +1,5 @@
 """Finding things in the app around and inside the cache: the Router, the
-SessionMiddleware (ours or Starlette's), a proxy-headers middleware, and
-whether the session store shares the cache's Redis server.
+SessionMiddleware (ours or Starlette's) and a proxy-headers middleware.
 
 Each is looked up once per CacheMiddleware (the middleware stack never changes
 after the first request); nothing here runs per request except route matching
@@ -14,14 +13,11 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.sentinel import SentinelConnectionPool
 from starlette.applications import Starlette
 from starlette.middleware.sessions import SessionMiddleware as StarletteSessions
 from starlette.routing import Host, Match, Mount, Router
 from starlette.types import Scope
 
-from .._redis import RedisClient
 from ..sessions import SessionMiddleware
 
 logger = logging.getLogger("asgi_redis_kit.cache")
@@ -124,26 +120,3 @@ def find_sessions(app: Any, scope: Scope) -> SessionMiddleware | StarletteSessio
             if isinstance(found, SessionMiddleware | StarletteSessions):
                 return found
     return None
-
-
-def same_server(a: RedisClient, b: RedisClient) -> bool:
-    """Whether two clients surely talk to one Redis server and database (then a
-    session key can be checked in the cache's own round trip)."""
-    if a is b:
-        return True
-    if isinstance(a, RedisCluster) or isinstance(b, RedisCluster):
-        return False
-    pool_a, pool_b = a.connection_pool, b.connection_pool
-    if isinstance(pool_a, SentinelConnectionPool) or isinstance(pool_b, SentinelConnectionPool):
-        return False
-    if pool_a.connection_class is not pool_b.connection_class:
-        return False
-    kwargs_a, kwargs_b = pool_a.connection_kwargs, pool_b.connection_kwargs
-    if not (kwargs_a.get("host") or kwargs_a.get("path")):
-        return False
-    # "server": fakeredis keeps its in-process server among the connection options.
-    names = ("host", "port", "path", "db", "username", "server")
-    return all(
-        kwargs_a.get(name) is kwargs_b.get(name) or kwargs_a.get(name) == kwargs_b.get(name)
-        for name in names
-    )

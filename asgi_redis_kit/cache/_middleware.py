@@ -38,7 +38,7 @@ from ..errors import CacheNotConfigured, DuplicateMiddleware
 from ..sessions import SessionMiddleware
 from ._cache import Cache
 from ._decorator import RequestState, RouteCache, current, route_config
-from ._discovery import find_proxy_middleware, find_router, find_sessions, match_route, same_server
+from ._discovery import find_proxy_middleware, find_router, find_sessions, match_route
 from ._exchange import Exchange
 from ._session_rules import SessionWarnings
 
@@ -203,7 +203,7 @@ class CacheMiddleware:
         still exists: None when that is the cache's own server (the proof then
         rides in the lookup's round trip), else ``backend`` itself."""
         if self._proof_on is None or self._proof_on[0] is not backend:
-            same = same_server(backend.client, self.cache.backend.client)
+            same = self.cache.redis.shares_server(backend)
             self._proof_on = (backend, None if same else backend)
         return self._proof_on[1]
 

@@ -10,7 +10,8 @@ between a single Redis server and Redis Cluster, in this one module.
 * ``acquire``, ``release`` and ``store`` take, give back and store under the
   lease (``_scripts`` on a single server, single-key commands in one
   pipeline on Cluster);
-* ``bump`` and ``bump_generation`` are invalidation's INCRs.
+* ``bump`` and ``bump_generation`` are invalidation's INCRs;
+* ``shares_server`` tells whether a session store is this very server.
 
 Every call goes through the circuit breaker (``_breaker``): a Redis that
 fails opens it, and the cache then bypasses Redis instead of waiting on it.
@@ -27,6 +28,7 @@ from types import TracebackType
 from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import MaxConnectionsError
 
 from .._redis import Backend, RedisClient, RedisLike
@@ -94,6 +96,29 @@ def _versions(raw: Sequence[Any]) -> tuple[int, ...]:
     return tuple(int(value) if value is not None else 0 for value in raw)
 
 
+def _same_server(a: RedisClient, b: RedisClient) -> bool:
+    """Whether two clients surely talk to one Redis server and database (then a
+    session key can be checked in the cache's own round trip)."""
+    if a is b:
+        return True
+    if isinstance(a, RedisCluster) or isinstance(b, RedisCluster):
+        return False
+    pool_a, pool_b = a.connection_pool, b.connection_pool
+    if isinstance(pool_a, SentinelConnectionPool) or isinstance(pool_b, SentinelConnectionPool):
+        return False
+    if pool_a.connection_class is not pool_b.connection_class:
+        return False
+    kwargs_a, kwargs_b = pool_a.connection_kwargs, pool_b.connection_kwargs
+    if not (kwargs_a.get("host") or kwargs_a.get("path")):
+        return False
+    # "server": fakeredis keeps its in-process server among the connection options.
+    names = ("host", "port", "path", "db", "username", "server")
+    return all(
+        kwargs_a.get(name) is kwargs_b.get(name) or kwargs_a.get(name) == kwargs_b.get(name)
+        for name in names
+    )
+
+
 class RedisLayer:
     """The cache's storage in Redis (a single server, Sentinel or Cluster):
     implements :class:`~._storage.Storage`."""
@@ -135,6 +160,11 @@ class RedisLayer:
 
     async def aclose(self) -> None:
         await self.backend.aclose()
+
+    def shares_server(self, other: Backend) -> bool:
+        """Whether ``other`` surely talks to this Redis server and database: then a
+        session key there is checked in the lookup's own round trip."""
+        return _same_server(other.client, self.backend.client)
 
     # -- Redis access, guarded by the breaker -------------------------------------------
 

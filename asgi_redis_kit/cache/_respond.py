@@ -18,22 +18,22 @@ import contextlib
 import logging
 import random
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._http import header_map
+from .._redis import Backend
 from ..errors import BackendUnavailable
+from ..sessions import SessionMiddleware
+from ._cache import Cache
 from ._decorator import RequestState, RouteCache
 from ._entry import Entry, content_etag, encode, etag_matches, served_headers
 from ._keys import CacheKey
 from ._lock import Flight
 from ._policy import learned_vary, response_store_reason, storable_headers, with_vary
 from ._request import FORWARDING_HEADERS
-from ._session_rules import SessionRules
-
-if TYPE_CHECKING:
-    from ._middleware import CacheMiddleware
+from ._session_rules import SessionRules, SessionWarnings
 
 logger = logging.getLogger("asgi_redis_kit.cache")
 
@@ -62,6 +62,30 @@ def _without_body(send: Send) -> Send:
     return head_send
 
 
+class Site(Protocol):
+    """What a request needs of the CacheMiddleware that runs it (found once per
+    middleware, read by every request)."""
+
+    @property
+    def app(self) -> ASGIApp: ...
+
+    @property
+    def cache(self) -> Cache: ...
+
+    @property
+    def sessions(self) -> SessionMiddleware | None: ...
+
+    @property
+    def session_warnings(self) -> SessionWarnings: ...
+
+    @property
+    def inner_proxy(self) -> object | None: ...
+
+    def cookie_name(self, scope: Scope) -> str: ...
+
+    def proof_backend(self, backend: Backend) -> Backend | None: ...
+
+
 class Responder:
     """One request's state (a fresh object per request, so nothing of it ever
     lands on the shared middleware), and how the app's answer is served,
@@ -69,7 +93,7 @@ class Responder:
 
     def __init__(
         self,
-        middleware: CacheMiddleware,
+        middleware: Site,
         scope: Scope,
         receive: Receive,
         send: Send,
