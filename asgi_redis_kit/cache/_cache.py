@@ -42,6 +42,7 @@ from ._breaker import CircuitBreaker
 from ._entry import Entry
 from ._keys import CacheKey, KeyScheme
 from ._lock import SingleFlight
+from ._outcome import Fresh, classify
 from ._policy import DEFAULT_CACHEABLE_STATUSES
 from ._redis_layer import RedisLayer
 from ._request import request_host
@@ -260,7 +261,15 @@ class Cache:
     ) -> tuple[str | None, Entry | None]:
         """Take the lease: (token, None), or (None, a fresh entry stored meanwhile by
         another leader), or (None, None) if someone else holds it."""
-        return await self.storage.acquire(key, versions)
+        token, entry = await self.storage.acquire(key, versions)
+        if token is None or entry is None:
+            return token, None
+        outcome = classify(Lookup(key, entry, versions), self.clock())
+        if isinstance(outcome, Fresh):
+            # A leader stored it just before we took the lease: serve it instead.
+            await self.storage.release(key, token)
+            return None, outcome.entry
+        return token, None
 
     async def release(self, key: CacheKey, token: str) -> None:
         await self.storage.release(key, token)

@@ -322,8 +322,8 @@ class RedisLayer:
     async def acquire(
         self, key: CacheKey, versions: tuple[int, ...]
     ) -> tuple[str | None, Entry | None]:
-        """Take the lease: (token, None), or (None, a fresh entry stored meanwhile by
-        another leader), or (None, None) if someone else holds it."""
+        """Take the lease: (token, the valid entry there at that moment, if any),
+        or (None, None) if someone else holds it."""
         token = new_token()
         lease_ms = int(self.lock_lease * 1000)
         async with self._redis() as client:
@@ -342,11 +342,7 @@ class RedisLayer:
                 )
         if not got:
             return None, None
-        entry = self._valid(raw, versions)
-        if entry is not None and entry.is_fresh(self.clock()):
-            await self.release(key, token)
-            return None, entry
-        return token, None
+        return token, self._valid(raw, versions)
 
     async def release(self, key: CacheKey, token: str) -> None:
         async with self._redis() as client:

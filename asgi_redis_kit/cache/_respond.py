@@ -128,7 +128,7 @@ class Responder:
         # Whether a vary_on_session key holds someone (set by run).
         self.keyed_user = False
 
-    # -- entry points ------------------------------------------------------------------
+    # -- how the app's answer goes out -------------------------------------------------
 
     async def bypass(
         self, reason: str, key: CacheKey | None = None, flight: Flight | None = None

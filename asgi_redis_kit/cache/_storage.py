@@ -71,7 +71,7 @@ class Storage(Protocol):
     async def acquire(
         self, key: CacheKey, versions: tuple[int, ...]
     ) -> tuple[str | None, Entry | None]:
-        """Take the lease: (token, None), (None, a fresh entry stored meanwhile),
+        """Take the lease: (token, the valid entry there at that moment, if any),
         or (None, None) when someone else holds it."""
         ...
 
