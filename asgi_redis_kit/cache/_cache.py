@@ -151,7 +151,7 @@ class Cache:
         self.flights = SingleFlight()
         self._background: set[asyncio.Task[None]] = set()
         self._lookups: dict[tuple[str, bool], _SharedLookup] = {}
-        self.redis = RedisLayer(
+        self.redis_layer = RedisLayer(
             redis,
             timeout=timeout,
             max_connections=max_connections,
@@ -162,10 +162,10 @@ class Cache:
             clock=clock,
             spawn=self.spawn,
         )
-        self.backend = self.redis.backend
+        self.backend = self.redis_layer.backend
         # Where every lookup, lease and store goes: the chain of storage layers
-        # (a near cache would wrap ``self.redis`` here).
-        self.storage: Storage = self.redis
+        # (a near cache would wrap ``self.redis_layer`` here).
+        self.storage: Storage = self.redis_layer
 
     def __repr__(self) -> str:
         return f"<Cache namespace={self.namespace!r} breaker={self.breaker.state}>"

@@ -203,7 +203,7 @@ class CacheMiddleware:
         still exists: None when that is the cache's own server (the proof then
         rides in the lookup's round trip), else ``backend`` itself."""
         if self._proof_on is None or self._proof_on[0] is not backend:
-            same = self.cache.redis.shares_server(backend)
+            same = self.cache.redis_layer.shares_server(backend)
             self._proof_on = (backend, None if same else backend)
         return self._proof_on[1]
 
