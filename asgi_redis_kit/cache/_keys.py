@@ -28,7 +28,7 @@ The parts, in order:
    them, so a request carrying a poisoned value gets its own entry and can
    never change what a plain request receives. (A proxy-headers middleware
    *inside* the cache rewrites the scope after we keyed it: the middleware then
-   lets requests that carry any of them bypass the cache, see ``_middleware``.)
+   lets requests that carry any of them bypass the cache, see ``_exchange``.)
 8. one bit: "the request carries the session cookie", so anonymous and
    cookie-bearing requests never share an entry, plus a hash of the session
    cookie's value when the route sets ``vary_on_session=True`` (per-user entries),
