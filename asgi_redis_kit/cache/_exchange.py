@@ -60,7 +60,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
-from typing import Any
+from typing import Any, assert_never
 
 from starlette.requests import Request
 from starlette.types import Message, Receive
@@ -126,8 +126,8 @@ class Exchange(Responder):
                 self.stats.stale += 1
                 self.schedule_refresh(key, versions)
                 await self.serve(entry, "STALE", "revalidating")
-            case Stale(entry, "error"):
-                # Usable only if the app fails (stale-if-error).
+            case Stale(entry, _):
+                # The "error" window: usable only if the app fails (stale-if-error).
                 await self.fill(key, versions, entry)
             case Absent(token, locked):
                 # ``token``/``locked``: the entry key was absent and the lease is settled.
@@ -136,6 +136,8 @@ class Exchange(Responder):
                 # Logged out, revoked or expired: its cookie gets none of its pages.
                 # The session middleware treats the request as anonymous; not stored.
                 await self.run_app(key, versions, token, None, reason="session")
+            case unknown:
+                assert_never(unknown)
 
     def bypass_reason(self, host: str) -> str | None:
         """Why the request rules send this request around the cache (None: they do not)."""
