@@ -1,16 +1,23 @@
 """Response cache: ``@cached`` marks endpoints, CacheMiddleware serves and stores.
 
-See ``_keys`` for how keys are built, ``_policy`` for what is (never) stored,
-``_entry`` for the stored format, ``_lock`` for stampede protection and
-``_breaker`` for failing open.
+Module map, in the order a request meets them: ``_middleware`` (the ASGI
+entry point; ``_discovery`` finds the router and session middleware),
+``_exchange`` (the per-request flow), ``_policy`` and ``_session_rules`` (what
+bypasses the cache and what is never stored), ``_request`` and ``_keys`` (how
+a request is read and keyed), ``_cache`` (the public Cache API and shared
+lookups), ``_storage`` (the storage layers' interface) and ``_redis_layer``
+(every Redis command; ``_scripts`` its Lua), ``_outcome`` (what a lookup
+found), ``_respond`` (run the app, store, serve), ``_entry`` (the stored
+format), ``_lock`` (single flight), ``_breaker`` (failing open), ``_stats``.
 """
 
 from __future__ import annotations
 
-from ._cache import Cache, CacheStats
+from ._cache import Cache
 from ._decorator import RouteCache, cached
 from ._middleware import CacheMiddleware, get_cache
 from ._policy import DEFAULT_CACHEABLE_STATUSES
+from ._stats import CacheStats
 
 __all__ = [
     "DEFAULT_CACHEABLE_STATUSES",

@@ -1,14 +1,14 @@
-"""The Cache: Redis access, counters and invalidation, usable with or without requests.
+"""The Cache: the public API (counters, invalidation, lifecycle) and the
+single-flight of lookups, usable with or without requests. Every Redis
+command is the storage layer's (``cache.storage``, ``_redis_layer``).
 
 Invalidation uses version counters, checked on read, not sets of entry keys:
 
 * every entry records the versions it was stored under: the namespace
   generation, its URL's version and one version per tag;
 * a lookup reads the entry, its URL's vary record (``_keys``) and the current
-  versions in one round trip (a script on a single server, which also takes
-  the stampede lease when the entry is absent; one pipelined GET per key on
-  Redis Cluster, which stays correct while slots migrate), and an entry whose
-  versions differ is a miss;
+  versions in one round trip (``_redis_layer`` says how on a single server
+  and on Cluster), and an entry whose versions differ is a miss;
 * ``clear()``, ``invalidate(url)`` and ``invalidate_tags()`` are one INCR per
   name - O(1), no KEYS/SCAN, no set that grows with cache-busting URLs.
 
@@ -26,116 +26,32 @@ round trip.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 from urllib.parse import unquote
 
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import MaxConnectionsError
 from starlette.datastructures import URL
 from starlette.requests import HTTPConnection
 
-from .._redis import Backend, RedisClient, RedisLike, check_seconds
+from .._redis import RedisLike, check_seconds
 from ..errors import BackendUnavailable
 from ._breaker import CircuitBreaker
-from ._entry import Entry, decode
-from ._keys import CacheKey, KeyScheme, record_names, request_host
-from ._lock import (
-    ACQUIRE,
-    LOOKUP,
-    RELEASE,
-    STORE_AND_RELEASE,
-    SingleFlight,
-    new_token,
-)
+from ._entry import Entry
+from ._keys import CacheKey, KeyScheme
+from ._lock import SingleFlight
+from ._outcome import Fresh, classify
 from ._policy import DEFAULT_CACHEABLE_STATUSES
+from ._redis_layer import RedisLayer
+from ._request import request_host
+from ._stats import CacheStats
+from ._storage import Lookup, SessionProof, Storage
 
-logger = logging.getLogger("asgi_redis_kit.cache")
+__all__ = ["DEFAULT_MAX_LIFETIME", "Cache", "CacheStats", "Lookup", "SessionProof"]
 
 DEFAULT_MAX_LIFETIME = 7 * 24 * 3600
-# Seconds before its expected expiry at which an entry counts as maybe gone (clock
-# skew between workers, rounding of PX).
-_EXPIRY_MARGIN = 1.0
-_PRESENT_MEMO = 4096
-
-
-@dataclass
-class CacheStats:
-    """Counters since the Cache was created. Plain ints and Counters: read them,
-    reset them with :meth:`reset`, export them to your metrics system."""
-
-    hits: int = 0
-    misses: int = 0
-    stale: int = 0
-    not_modified: int = 0
-    stores: int = 0
-    refreshes: int = 0
-    errors: int = 0
-    #: answered with another request's response, in flight while Redis failed
-    coalesced: int = 0
-    bypass: Counter[str] = field(default_factory=Counter)
-    not_stored: Counter[str] = field(default_factory=Counter)
-
-    def reset(self) -> None:
-        self.hits = self.misses = self.stale = self.not_modified = 0
-        self.stores = self.refreshes = self.errors = self.coalesced = 0
-        self.bypass.clear()
-        self.not_stored.clear()
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "hits": self.hits,
-            "misses": self.misses,
-            "stale": self.stale,
-            "not_modified": self.not_modified,
-            "stores": self.stores,
-            "refreshes": self.refreshes,
-            "errors": self.errors,
-            "coalesced": self.coalesced,
-            "bypass": dict(self.bypass),
-            "not_stored": dict(self.not_stored),
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Lookup:
-    """What one lookup found: the entry if it is still valid for the current
-    namespace/URL/tag versions, and those versions (stored with a new entry).
-
-    ``key`` is the key it looked up: the request's variant as the URL's vary
-    record names it, which every later step (lease, poll, store) uses.
-
-    A lookup that asked for the lease and found no entry key also says whether
-    it took the lease (``token``: the caller now owns it and must release it or
-    store with it) or found it held by someone else (``locked``)."""
-
-    key: CacheKey
-    entry: Entry | None
-    versions: tuple[int, ...]
-    token: str | None = None
-    locked: bool = False
-    # The session a per-user entry belongs to no longer exists (``entry`` is None).
-    session_gone: bool = False
-    # The header names the URL's vary record held when it was read.
-    record: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class SessionProof:
-    """What a ``vary_on_session`` lookup must prove still exists: the Redis key of
-    the session the request's cookie names, and the session store's backend
-    (``None`` when it is the cache's own Redis server: then the proof rides in
-    the lookup's round trip)."""
-
-    key: str
-    backend: Backend | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -146,55 +62,6 @@ class _SharedLookup:
     BackendUnavailable it raised, or None (it was cancelled: look up yourself)."""
 
     outcome: asyncio.Future[Lookup | BackendUnavailable | None] | None = None
-
-
-class _Guarded:
-    """What ``Cache._redis()`` returns. A class, not ``@asynccontextmanager``: it
-    wraps every Redis call of every request, hits included."""
-
-    __slots__ = ("_cache", "_call")
-    _call: AbstractAsyncContextManager[RedisClient]
-
-    def __init__(self, cache: Cache) -> None:
-        self._cache = cache
-
-    async def __aenter__(self) -> RedisClient:
-        if not self._cache.breaker.allow():
-            raise BackendUnavailable("the cache's circuit breaker is open")
-        self._call = self._cache.backend.call()
-        try:
-            return await self._call.__aenter__()
-        except BaseException as exc:
-            self._cache._settle(exc)
-            raise
-
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> bool:
-        try:
-            suppressed = bool(await self._call.__aexit__(kind, exc, traceback))
-        except BaseException as raised:
-            self._cache._settle(raised)
-            raise
-        self._cache._settle(None if suppressed else exc)
-        return suppressed
-
-
-async def _session_exists(key: str, backend: Backend) -> bool:
-    """Whether the session store still holds ``key``. A store that does not
-    answer proves nothing: the entry is not served (the app runs instead)."""
-    try:
-        async with backend.call() as client:
-            return bool(await client.exists(key))
-    except BackendUnavailable:
-        return False
-
-
-def _versions(raw: Sequence[Any]) -> tuple[int, ...]:
-    return tuple(int(value) if value is not None else 0 for value in raw)
 
 
 class Cache:
@@ -268,7 +135,6 @@ class Cache:
             ("max_lifetime", max_lifetime),
         ):
             check_seconds(name, value)
-        self.backend = Backend(redis, timeout=timeout, max_connections=max_connections)
         self.keys = KeyScheme(key_prefix)
         self.namespace = namespace
         self.allowed_hosts = None if allowed_hosts is None else [h.lower() for h in allowed_hosts]
@@ -285,19 +151,21 @@ class Cache:
         self.flights = SingleFlight()
         self._background: set[asyncio.Task[None]] = set()
         self._lookups: dict[tuple[str, bool], _SharedLookup] = {}
-        client = self.backend.client
-        # On Cluster the version keys live in other slots than the entry: no script
-        # can read them with it, so a miss takes its lease in a round trip of its own.
-        self._lease_in_lookup = not isinstance(client, RedisCluster)
-        # Entry keys seen lately, and when Redis drops them (our clock). A key
-        # expected to be there is looked up with a plain MGET: Redis runs a script
-        # ~10x slower than MGET, and a hit has no lease to take. Only a hint: a
-        # key that is gone after all is a miss that takes its lease separately.
-        self._present: dict[str, float] = {}
-        self._lookup_script = client.register_script(LOOKUP)
-        self._acquire = client.register_script(ACQUIRE)
-        self._release = client.register_script(RELEASE)
-        self._store = client.register_script(STORE_AND_RELEASE)
+        self.redis_layer = RedisLayer(
+            redis,
+            timeout=timeout,
+            max_connections=max_connections,
+            breaker=self.breaker,
+            stats=self.stats,
+            lock_lease=lock_lease,
+            max_lifetime=max_lifetime,
+            clock=clock,
+            spawn=self.spawn,
+        )
+        self.backend = self.redis_layer.backend
+        # Where every lookup, lease and store goes: the chain of storage layers
+        # (a near cache would wrap ``self.redis_layer`` here).
+        self.storage: Storage = self.redis_layer
 
     def __repr__(self) -> str:
         return f"<Cache namespace={self.namespace!r} breaker={self.breaker.state}>"
@@ -313,62 +181,7 @@ class Cache:
     ) -> None:
         await self.aclose()
 
-    # -- Redis access, guarded by the breaker -------------------------------------------
-
-    def _redis(self) -> _Guarded:
-        """``async with self._redis() as client``: one Redis call, bounded by the
-        backend's deadline, failures translated and fed to the breaker."""
-        return _Guarded(self)
-
-    def _settle(self, exc: BaseException | None) -> None:
-        """Tell the breaker how a call through :meth:`_redis` ended."""
-        if exc is None:
-            self.breaker.success()
-        elif isinstance(exc, BackendUnavailable):
-            self.stats.errors += 1
-            if isinstance(exc.__cause__, MaxConnectionsError):
-                # Our own pool is full (a burst on a caller's non-blocking pool):
-                # Redis is fine, so this request skips the cache but the
-                # breaker stays closed for everyone else.
-                self.breaker.abandon()
-            else:
-                self.breaker.failure()
-        else:
-            self.breaker.abandon()
-
-    async def _mget(
-        self, client: RedisClient, keys: list[str], *, exists_last: bool = False
-    ) -> list[Any]:
-        """GET of every key (``exists_last``: EXISTS of the last one), one round trip."""
-        if isinstance(client, RedisCluster):
-            # Entry, namespace and tag keys live in different slots on purpose
-            # (spreading load). One GET per key, pipelined: redis-py sends one
-            # pipeline per node, the round trips of MGET across slots. Not MGET:
-            # while a slot migrates, a command on several of its keys gets TRYAGAIN
-            # until the move ends, where a single-key one gets ASK, which redis-py
-            # follows.
-            pipe = client.pipeline()
-            for name in keys[:-1] if exists_last else keys:
-                pipe.get(name)
-            if exists_last:
-                pipe.exists(keys[-1])
-            return list(await pipe.execute())
-        if exists_last:
-            # Not reached today (a single server proves sessions in the LOOKUP script).
-            batch = client.pipeline(transaction=False)
-            batch.mget(keys[:-1])
-            batch.exists(keys[-1])
-            values, exists = await batch.execute()
-            return [*values, exists]
-        return list(await client.mget(keys))
-
-    def _valid(self, raw: bytes | None, versions: tuple[int, ...]) -> Entry | None:
-        if raw is None:
-            return None
-        entry = decode(raw)
-        if entry is None or entry.versions != versions:
-            return None  # written under an older namespace/URL/tag version
-        return entry
+    # -- lookups, shared by concurrent requests -----------------------------------------
 
     async def lookup(
         self, key: CacheKey, *, lease: bool = False, session: SessionProof | None = None
@@ -412,40 +225,18 @@ class Cache:
             # A per-user entry's key names its session, so joiners share the proof.
             return await self._join(key, lease, flight, session)
         flight = self._lookups[name] = _SharedLookup()
-        token = new_token() if lease and self._may_be_absent(key) else ""
         outcome: Lookup | BackendUnavailable | None = None
         try:
-            found = await self._lookup(key, token, session)
+            found = await self.storage.lookup(key, lease=lease, session=session)
             outcome = found if found.token is None else replace(found, token=None)
             return found
         except BackendUnavailable as exc:
             outcome = exc
             raise
-        except asyncio.CancelledError:
-            if token:
-                self.spawn(self._release_quietly(key, token))
-            raise
         finally:
             del self._lookups[name]
             if flight.outcome is not None:
                 flight.outcome.set_result(outcome)
-
-    def _may_be_absent(self, key: CacheKey) -> bool:
-        """Whether a lease-taking lookup script is worth it for ``key``."""
-        if not self._lease_in_lookup:
-            return False
-        until = self._present.get(key.entry)
-        return until is None or self.clock() >= until - _EXPIRY_MARGIN
-
-    def _remember(self, key: CacheKey, lifetime: float | None, stored_at: float = 0.0) -> None:
-        """Note that ``key``'s entry is in Redis for ``lifetime`` seconds from
-        ``stored_at`` (None: it is not)."""
-        if lifetime is None:
-            self._present.pop(key.entry, None)
-            return
-        if len(self._present) >= _PRESENT_MEMO:
-            self._present.clear()
-        self._present[key.entry] = stored_at + min(lifetime, self.max_lifetime)
 
     async def _join(
         self, key: CacheKey, lease: bool, flight: _SharedLookup, session: SessionProof | None
@@ -461,102 +252,27 @@ class Cache:
         # Same entry name, other request: a variant is derived from this one's headers.
         return replace(outcome, key=key)
 
-    async def _release_quietly(self, key: CacheKey, token: str) -> None:
-        with contextlib.suppress(BackendUnavailable):
-            await self.release(key, token)
-
-    async def _lookup(
-        self, key: CacheKey, token: str, session: SessionProof | None = None
-    ) -> Lookup:
-        """One round trip; ``token``: take the lease with it if the entry is absent."""
-        if session is not None and session.backend is not None:
-            # The session lives on another server: ask it at the same time.
-            found, alive = await asyncio.gather(
-                self._lookup(key, token), _session_exists(session.key, session.backend)
-            )
-            return found if alive else replace(found, entry=None, session_gone=True)
-        alive = True
-        async with self._redis() as client:
-            # On one server the lookup script also proves the session still exists.
-            single = not isinstance(client, RedisCluster)
-            session_keys = [session.key] if session is not None and single else []
-            if token or session_keys:
-                # One atomic step: the entry, its vary record and versions, and the
-                # lease if the entry key is absent (a cold miss then needs no round
-                # trip of its own for it).
-                raw = await self._lookup_script(
-                    keys=[key.entry, key.lock, key.vary_record, *session_keys, *key.version_keys],
-                    args=[
-                        token,
-                        int(self.lock_lease * 1000),
-                        len(session_keys),
-                        key.record_value,
-                    ],
-                    client=client,
-                )
-                alive = int(raw.pop()) == 1
-                leased = int(raw.pop())
-            else:
-                names = [key.entry, key.vary_record, *key.version_keys]
-                if session is not None:
-                    # Cluster: the session key is in another slot; one more command
-                    # in the same pipeline (see _mget).
-                    raw = await self._mget(client, [*names, session.key], exists_last=True)
-                    alive = int(raw.pop()) == 1
-                else:
-                    raw = await self._mget(client, names)
-                leased = 0
-        versions = _versions(raw[2:])
-        record = record_names(raw[1])
-        if not alive:
-            return Lookup(key, None, versions, session_gone=True, record=record)
-        entry = self._valid(raw[0], versions)
-        if entry is None:
-            self._remember(key, None)
-        else:
-            self._remember(key, entry.lifetime, entry.stored_at)
-        if leased == 1:
-            return Lookup(key, entry, versions, token=token, record=record)
-        return Lookup(key, entry, versions, locked=leased == -1, record=record)
-
-    async def poll(self, key: CacheKey, versions: tuple[int, ...]) -> tuple[Entry | None, bool]:
-        """The entry, and whether someone still holds its lease."""
-        async with self._redis() as client:
-            raw = await self._mget(client, [key.entry, key.lock])
-        return self._valid(raw[0], versions), raw[1] is not None
+    async def poll(self, key: CacheKey, versions: tuple[int, ...]) -> Lookup:
+        """The entry, and (``locked``) whether someone still holds its lease."""
+        return await self.storage.poll(key, versions)
 
     async def acquire(
         self, key: CacheKey, versions: tuple[int, ...]
     ) -> tuple[str | None, Entry | None]:
         """Take the lease: (token, None), or (None, a fresh entry stored meanwhile by
         another leader), or (None, None) if someone else holds it."""
-        token = new_token()
-        lease_ms = int(self.lock_lease * 1000)
-        async with self._redis() as client:
-            if isinstance(client, RedisCluster):
-                # Single-key commands, one pipeline (same slot, same node), for the
-                # reason given in _mget. The GET still follows the SET, except while
-                # the slot migrates (an ASKed SET is re-sent after the pipeline): then
-                # a leader storing in between can cost one extra handler run.
-                pipe = client.pipeline()
-                pipe.set(key.lock, token, nx=True, px=lease_ms)
-                pipe.get(key.entry)
-                got, raw = await pipe.execute()
-            else:
-                got, raw = await self._acquire(
-                    keys=[key.lock, key.entry], args=[token, lease_ms], client=client
-                )
-        if not got:
-            return None, None
-        entry = self._valid(raw, versions)
-        if entry is not None and entry.is_fresh(self.clock()):
-            await self.release(key, token)
-            return None, entry
+        token, entry = await self.storage.acquire(key, versions)
+        if token is None or entry is None:
+            return token, None
+        outcome = classify(Lookup(key, entry, versions), self.clock())
+        if isinstance(outcome, Fresh):
+            # A leader stored it just before we took the lease: serve it instead.
+            await self.storage.release(key, token)
+            return None, outcome.entry
         return token, None
 
     async def release(self, key: CacheKey, token: str) -> None:
-        async with self._redis() as client:
-            await self._release(keys=[key.lock], args=[token], client=client)
+        await self.storage.release(key, token)
 
     async def store(
         self,
@@ -576,46 +292,17 @@ class Cache:
         target = key
         if not set(vary) <= set(key.learned):
             target = self.keys.learn(key, sorted({*key.learned, *vary}))
-        px = max(1, int(min(lifetime, self.max_lifetime) * 1000))
-        async with self._redis() as client:
-            if isinstance(client, RedisCluster):
-                # Single-key commands, one pipeline (see _mget): the SETs, then the
-                # token-checked release.
-                pipe = client.pipeline()
-                pipe.set(target.entry, value, px=px)
-                if target.learned:
-                    pipe.set(target.vary_record, target.record_value, px=px)
-                if token:
-                    pipe.eval(RELEASE, 1, key.lock, token)
-                await pipe.execute()
-            else:
-                await self._store(
-                    keys=[target.entry, key.lock, target.vary_record],
-                    args=[value, px, token or "", target.record_value],
-                    client=client,
-                )
-        self._remember(target, lifetime, self.clock())
+        await self.storage.store(target, key, value, lifetime, token)
         self.stats.stores += 1
 
     # -- invalidation ----------------------------------------------------------------------
-
-    async def _bump(self, keys: list[str]) -> None:
-        # Versions outlive every entry written under them, so an expired version
-        # key can never bring back an entry stored before the bump.
-        px = int((self.max_lifetime + 60) * 1000)
-        async with self._redis() as client:
-            pipe = client.pipeline(transaction=not isinstance(client, RedisCluster))
-            for name in keys:
-                pipe.incr(name)
-                pipe.pexpire(name, px)
-            await pipe.execute()
 
     async def invalidate_tags(self, *tags: str) -> int:
         """Invalidate every entry stored with any of ``tags`` (filled templates, e.g.
         ``"item:42"``), in every namespace. O(1) per tag: one INCR, no SCAN.
         Returns the number of tags bumped (version counters, not entries)."""
         if tags:
-            await self._bump([self.keys.tag_version(tag) for tag in tags])
+            await self.storage.bump([self.keys.tag_version(tag) for tag in tags])
         return len(tags)
 
     async def invalidate(
@@ -643,19 +330,17 @@ class Cache:
             host = parsed.netloc.lower().rsplit("@", 1)[-1]
             path = unquote(parsed.path) or "/"
         url_id = self.keys.url_id(namespace or self.namespace, host, path)
-        await self._bump([self.keys.url_version(url_id)])
+        await self.storage.bump([self.keys.url_version(url_id)])
         return 1
 
     async def clear(self, namespace: str | None = None) -> int:
         """Drop every entry of ``namespace`` (default: the cache's) in O(1) by bumping
         its generation; old entries expire on their own. Returns the new generation."""
-        async with self._redis() as client:
-            generation = await client.incr(self.keys.generation(namespace or self.namespace))
-        return int(generation)
+        return await self.storage.bump_generation(self.keys.generation(namespace or self.namespace))
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    def spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -670,4 +355,4 @@ class Cache:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        await self.backend.aclose()
+        await self.storage.aclose()

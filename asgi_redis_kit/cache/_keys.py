@@ -28,28 +28,21 @@ The parts, in order:
    them, so a request carrying a poisoned value gets its own entry and can
    never change what a plain request receives. (A proxy-headers middleware
    *inside* the cache rewrites the scope after we keyed it: the middleware then
-   lets requests that carry any of them bypass the cache, see ``_middleware``.)
+   lets requests that carry any of them bypass the cache, see ``_exchange``.)
 8. one bit: "the request carries the session cookie", so anonymous and
    cookie-bearing requests never share an entry, plus a hash of the session
    cookie's value when the route sets ``vary_on_session=True`` (per-user entries),
    and then every other cookie as well (:func:`other_cookies`): a per-user page
    may show any of them, so only requests whose other cookies read the same
    share it (with none, all of them still do).
-   The cookie is read with SessionMiddleware's own ``cookie_values`` (every
-   ``Cookie`` header, every value); a request naming it twice never gets this
-   far: Starlette's parser would see another value than the session does.
+   The cookie is read with ``asgi_redis_kit._http.cookie_values``, as
+   SessionMiddleware reads it (every ``Cookie`` header, every value); a
+   request naming it twice never gets this far: Starlette's parser would
+   see another value than the session does.
    When the middleware can ask the session instead (a SessionMiddleware of
    ours outside the cache), the per-user part is the loaded session's handle,
    and a new or unknown session adds none: it is no session.
 9. every header named in ``vary=``.
-
-A keyed header (forwarding, ``vary=`` or learned) is keyed on its *lines*:
-how many there are, and each line's name as sent and value, length-prefixed
-(:func:`header_lines`), never on a joined value. Starlette's
-``request.headers.get`` returns the first line only, ``getlist`` every one,
-and a line whose name is not lower-case is seen by neither; ``Accept-Language:``
-(empty) then ``Accept-Language: de`` must not share the key of a plain ``de``
-request. An absent header (no line) and an empty one (one empty line) differ.
 
 Those parts make the *base* key. A response can name more request headers in
 its own ``Vary`` (GZipMiddleware adds ``Accept-Encoding``, CORSMiddleware
@@ -69,21 +62,6 @@ variant key at once; the lookup reads the record in the same round trip and,
 when it names other headers than the key was built with, looks up again with
 the key it names (a process that meets a URL for the first time pays that
 round trip once).
-
-Header values are keyed as the app sees them, byte for byte: no case
-folding, no trimming, no respacing, no rewriting of ``q`` weights. A handler
-that reads the raw value (``value.split(",")[0] in SUPPORTED``, a
-case-sensitive ``== "pt-BR"``) decides differently on ``pt-br``, ``de ,en``
-or ``de;q=1`` than on ``pt-BR``, ``de,en`` or ``de``, so any normalisation
-would let one spelling's page be stored for the other's (as with the query).
-Browsers send one spelling per setting, so this fragments nothing that
-matters. The one exception is ``Accept-Encoding`` (:func:`vary_value`), where
-each line's comma-separated tokens are trimmed, empty ones dropped, and the
-rest sorted, each token kept byte for byte: its order means nothing (RFC 9110
-section 12.5.3) and its readers ask whether a coding is listed (Starlette's
-GZipMiddleware: ``"gzip" in value``, case-sensitively), which neither the
-order nor the spaces around a comma can change. A value holding a quoted
-string is kept as sent.
 
 Redis key layout (``{...}`` is a Redis Cluster hash tag)::
 
@@ -107,57 +85,28 @@ change the hash slot.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import ipaddress
-import re
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
-from urllib.parse import unquote_plus
 
 from starlette.types import Scope
 
-from ..sessions._cookie import cookie_values
+from .._http import header_map
+from ._request import (
+    FORWARDING_HEADERS,
+    canonical_origin,
+    canonical_query,
+    header_lines,
+    other_cookies,
+    session_cookie,
+    vary_value,
+)
 
 KEY_VERSION = b"ark-cache-key-v2"
-
-# Request headers a proxy sets and an app (or a library it uses) may build URLs,
-# redirects or its idea of "secure" from: Werkzeug's ProxyFix and Django read
-# X-Forwarded-Host/-Proto/-Port/-Prefix, Rack X-Forwarded-Scheme/-Ssl,
-# gunicorn X-Forwarded-Protocol/-Ssl, nginx recipes X-Scheme, Apache
-# X-Forwarded-Server, IIS/ARR X-Original-Host, Cloudflare CF-Visitor, older
-# ProxyFix recipes X-Script-Name. Per-client ones (X-Forwarded-For, X-Real-IP)
-# are not keyed: the key never names the client address either.
-FORWARDING_HEADERS = (
-    "forwarded",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "x-forwarded-port",
-    "x-forwarded-prefix",
-    "x-forwarded-scheme",
-    "x-forwarded-protocol",
-    "x-forwarded-ssl",
-    "x-forwarded-server",
-    "x-original-host",
-    "x-host",
-    "x-scheme",
-    "x-url-scheme",
-    "front-end-https",
-    "cf-visitor",
-    "x-script-name",
-)
 _FORWARDING_NAMES = tuple(name.encode() for name in FORWARDING_HEADERS)
 _MEMO_SIZE = 4096
-# A Host header already in canonical form: lower-case DNS labels (or an IPv4
-# address), or a bracketed IPv6 address, and an optional port without a leading zero.
-_LABEL = rb"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?"
-_CANONICAL_HOST = re.compile(
-    rb"(?:" + _LABEL + rb"(?:\." + _LABEL + rb")*|\[(?P<ipv6>[0-9a-f:.]+)\])"
-    rb"(?::(?P<port>[1-9][0-9]{0,4}))?"
-)
-_SPACE = b" \t"
 
 
 def _digest(parts: Iterable[bytes]) -> str:
@@ -170,144 +119,6 @@ def _digest(parts: Iterable[bytes]) -> str:
 
 def _short(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def header_values(scope: Scope, name: bytes) -> list[bytes]:
-    return [value for key, value in scope.get("headers", ()) if key.lower() == name]
-
-
-def header(scope: Scope, name: bytes) -> bytes | None:
-    values = header_values(scope, name)
-    return b", ".join(values) if values else None
-
-
-def header_map(scope: Scope) -> dict[bytes, bytes]:
-    """Every request header by lower-cased name, a repeated one's values joined
-    with ", " as :func:`header` joins them: one pass over the headers for all
-    the lookups a request needs."""
-    found: dict[bytes, bytes] = {}
-    for key, value in scope.get("headers", ()):
-        name = key.lower()
-        previous = found.get(name)
-        found[name] = value if previous is None else previous + b", " + value
-    return found
-
-
-def request_host(scope: Scope, headers: Mapping[bytes, bytes] | None = None) -> str:
-    """A lenient reading of the request's host, for naming a URL to invalidate
-    (keys are built from :func:`canonical_host` instead)."""
-    host = header(scope, b"host") if headers is None else headers.get(b"host")
-    if host is not None:
-        return host.decode("latin-1").strip().lower().rstrip(".")
-    server = scope.get("server")
-    if server:
-        return f"{server[0]}:{server[1]}".lower()
-    return ""
-
-
-def canonical_origin(host: str) -> str:
-    """``host`` (``name[:port]``, from a Host header or a URL) as one origin is
-    named in URL ids: lower-case, without a trailing dot, IDNA-encoded, and
-    without port 80 or 443. Both are dropped whatever the scheme: behind a
-    TLS-terminating proxy the app's scheme is not the client's, and a URL id
-    that covers both ports of a host only ever invalidates more, never less."""
-    text = host.strip().lower()
-    name, port = text, ""
-    if text.startswith("["):
-        end = text.find("]")
-        if end != -1 and text[end + 1 : end + 2] == ":":
-            name, port = text[: end + 1], text[end + 2 :]
-    elif text.count(":") == 1:
-        name, _, port = text.partition(":")
-    if port.isdigit() and port.isascii():
-        port = str(int(port))
-    if port in ("80", "443"):
-        port = ""
-    name = name.rstrip(".")
-    if not name.isascii():
-        # Not a valid IDN: no Host header spells it otherwise, keep it as it is.
-        with contextlib.suppress(UnicodeError):
-            name = name.encode("idna").decode("ascii")
-    return f"{name}:{port}" if port else name
-
-
-def canonical_host(scope: Scope) -> str | None:
-    """The host a cache key names, or ``None`` when the request's Host is not
-    already in canonical form (the request then bypasses the cache).
-
-    Starlette builds ``request.url`` and ``url_for`` from the first raw ``host``
-    header when it parses, and from ``scope["server"]`` when it does not. A key
-    that normalised the header (case, spaces, a trailing dot) would let one
-    request with ``Host: example.com\\xa0`` store a page linking to the server's
-    bind address under the key every plain ``example.com`` request hits. So a
-    key names the Host only when the request has exactly one ``host`` header,
-    lower-case ``name[:port]``, whose bytes are exactly what the app sees.
-    Anything else -- control or non-ASCII bytes, whitespace, upper case, a
-    trailing dot or empty label, a port with a leading zero or over 65535, a
-    second Host header, a ``Host`` header name Starlette does not read -- is
-    never keyed. Browsers always send the canonical form. Without a Host
-    header the app uses ``scope["server"]``, and so does the key."""
-    found: bytes | None = None
-    for name, value in scope.get("headers", ()):
-        if name.lower() != b"host":
-            continue
-        if found is not None or name != b"host":
-            return None
-        found = value
-    if found is None:
-        server = scope.get("server")
-        return f"{server[0]}:{server[1]}".lower() if server else ""
-    match = _CANONICAL_HOST.fullmatch(found)
-    if match is None:
-        return None
-    port = match["port"]
-    if port is not None and int(port) > 65535:
-        return None
-    ipv6 = match["ipv6"]
-    if ipv6 is not None:
-        try:
-            ipaddress.IPv6Address(ipv6.decode("ascii"))
-        except ValueError:
-            return None
-    return found.decode("ascii")
-
-
-def canonical_query(query_string: bytes) -> str:
-    """The raw query with its ``&``-separated pairs in a canonical order.
-
-    Pairs stay byte for byte what the app sees (``%41`` and ``A`` are different
-    keys: ``request.url`` shows the bytes it got, and a key that decoded them
-    would let one spelling's page be served for another). They are ordered by
-    decoded name, so two spellings of one name cannot swap which value a
-    handler reads last; a repeated name keeps its values' relative order
-    (``?a=2&a=1`` is not ``?a=1&a=2`` to a handler that reads ``getlist``).
-    Reordering whole pairs brings no byte into a page that the other order
-    lacks."""
-    pairs = query_string.decode("latin-1").split("&")
-    # sorted() is stable: repeated names keep their relative order.
-    return "&".join(sorted(pairs, key=lambda pair: unquote_plus(pair.partition("=")[0])))
-
-
-def header_lines(scope: Scope) -> dict[bytes, tuple[tuple[bytes, bytes], ...]]:
-    """Every request header line by lower-cased name: ``(name as sent, value)``
-    in order. A keyed header is keyed on these lines, not on a joined value:
-    Starlette's ``headers.get`` returns the first line only (and sees a line
-    only if its name is already lower-case), ``getlist`` every line, so two
-    requests share a key part only when every reader sees the same in both."""
-    found: dict[bytes, tuple[tuple[bytes, bytes], ...]] = {}
-    for key, value in scope.get("headers", ()):
-        name = key.lower()
-        found[name] = (*found.get(name, ()), (key, value))
-    return found
-
-
-def vary_value(name: bytes, value: bytes) -> bytes:
-    """One line's ``value`` of request header ``name`` (lower-case) as it is
-    keyed: as sent, except ``Accept-Encoding``'s tokens (see the module docstring)."""
-    if name != b"accept-encoding" or b'"' in value:
-        return value
-    tokens = sorted(token.strip(_SPACE) for token in value.split(b","))
-    return b",".join(token for token in tokens if token)
 
 
 def _prefixed(value: bytes) -> bytes:
@@ -333,50 +144,6 @@ def record_names(raw: bytes | str | None) -> tuple[str, ...]:
         return ()
     text = raw.decode("latin-1") if isinstance(raw, bytes) else raw
     return tuple(sorted({name for name in text.split(",") if name}))
-
-
-def session_cookie(
-    scope: Scope, cookie_name: str, headers: Mapping[bytes, bytes] | None = None
-) -> str | None:
-    """The session cookie's value (the first one if it is repeated, as
-    SessionMiddleware reads it). ``headers`` is accepted for symmetry with the
-    other readers; cookies are always read from every raw ``Cookie`` header."""
-    values = cookie_values(scope, cookie_name)
-    return values[0] if values else None
-
-
-def other_cookies(scope: Scope, session_cookie_name: str) -> list[bytes]:
-    """Every cookie but the session's, one key part per ``Cookie`` header line.
-
-    A handler reads cookies through Starlette's parser: the first ``Cookie``
-    line only, a repeated name's last value, a quoted value unquoted. So each
-    line is kept apart, in order, and within a line the pairs are sorted by
-    name with a repeated name's values in their original order (a stable sort),
-    each pair the name and value trimmed as Starlette trims them (quotes kept:
-    ``""x""`` and ``x`` differ to it). Two requests that read differently never
-    share a part; the order of different names alone does not split them. The
-    session cookie is left out, as ``cookie_values`` finds it: the key holds who
-    the session is instead."""
-    lines: list[bytes] = []
-    for key, raw in scope.get("headers", ()):
-        if key != b"cookie":
-            continue
-        pairs: list[tuple[str, str]] = []
-        for chunk in raw.decode("latin-1").split(";"):
-            name, sep, value = chunk.partition("=")
-            if not sep:
-                name, value = "", chunk  # Starlette's reading of a chunk without "="
-            name, value = name.strip(), value.strip()
-            if (sep and name == session_cookie_name) or not (name or value):
-                continue
-            pairs.append((name, value))
-        pairs.sort(key=lambda pair: pair[0])
-        lines.append(b"".join(_digest_part(f"{n}={v}".encode("latin-1")) for n, v in pairs))
-    return lines
-
-
-def _digest_part(part: bytes) -> bytes:
-    return struct.pack(">I", len(part)) + part
 
 
 @dataclass(frozen=True, slots=True)

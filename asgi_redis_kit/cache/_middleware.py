@@ -1,259 +1,50 @@
-"""CacheMiddleware: serves hits before the app runs, stores what the app answers.
+"""CacheMiddleware: the ASGI entry point of the response cache. It owns the
+configuration (and the :class:`Cache` it makes), finds once what it needs in
+the app (the Router, the SessionMiddleware and its cookie, a proxy-headers
+middleware inside it: ``_discovery``), and per HTTP request resolves the
+route: no ``@cached`` route, the request passes through untouched; else an
+``_exchange.Exchange`` runs the request. HEAD is resolved as GET.
 
-Per request:
+Which module decides each step of a request:
 
-1. Find the route the app's router will pick, with Starlette's own
-   ``Route.matches`` (through ``Mount``/``Host``, honouring ``root_path``), and
-   read the ``@cached`` options attached to its endpoint. No ``@cached`` route:
-   the request passes through untouched.
-2. Request rules (``_policy``) may bypass the cache.
-3. One round trip reads the entry and the namespace/URL/tag versions (a Lua
-   script on a single server, which also takes the Redis lease when the entry
-   key is absent; pipelined single-key GETs on Cluster). A fresh entry is
-   served right here: no session load, no dependencies, no handler. A stale
-   one within ``stale_while_revalidate`` is served and one background refresh
-   is started.
-4. On a miss the first request in this process leads (single-flight) and holds
-   the Redis lease (taken by the lookup, or by a round trip of its own when
-   the lookup could not take it); the others wait and re-read the entry. The
-   leader runs the app with a ``send`` wrapper that holds
-   ``http.response.start`` back until the first body chunk: a complete body is
-   checked against the response rules and stored (with the lease released in
-   the same round trip) before it is sent; a streamed one passes through
-   unbuffered. A cold miss thus costs two round trips, a hit one. A leader
-   that learns its response will not be stored (its status or headers say
-   so, it streams, it is too big) ends its flight and releases its lease
-   right then, so the requests waiting for it, here and in other processes,
-   run the handler at once instead of waiting ``lock_wait`` for nothing.
-5. When Redis fails, the request bypasses the cache but keeps the single-flight:
-   requests for a key that another one is running wait for it and get its
-   response when the storage rules allow it (``X-Cache-Reason: coalesced``).
+1. route: ``_discovery.match_route`` (Starlette's own ``Route.matches``
+   through ``Mount``/``Host``), options from ``_decorator``;
+2. request rules: ``_policy.request_bypass_reason``, the host check in
+   ``_request.canonical_host``, the session rules in ``_session_rules``;
+3. key: ``_keys`` (from what ``_request`` reads);
+4. lookup through the storage layers: ``Cache.lookup`` (``_cache``, shared by
+   concurrent requests) over ``cache.storage`` (``_storage``; Redis:
+   ``_redis_layer``);
+5. outcome: ``_outcome.classify`` (fresh / stale / absent / session gone);
+6. serve or fill: ``_exchange`` (the flow: lead, follow, wait, refresh),
+   ``_respond`` (run the app, store, serve), ``_lock`` (single flight).
 
-Vary: a response whose ``Vary`` names request headers the key does not hold
-(GZipMiddleware's ``Accept-Encoding``, CORSMiddleware's ``Origin``) is stored
-under a variant key holding those headers' values, and the URL's vary record
-names them so that later lookups build that variant's key (``_keys``). Until
-then the key covers fewer headers than the response varies on, so such a
-response is never handed to the requests waiting on the same key: they look
-it up again, under their own variant.
-
-A waiter in another process polls the leader's entry; when the lease goes
-away with no entry there, it reads the vary record once and moves to the
-variant the leader stored under, as an in-process follower does.
-
-A route's ``vary=`` names are added to the stored response's ``Vary``, so a
-shared cache in front that is told our ``max-age`` keeps the variants apart.
-
-Proxy headers: a proxy-headers middleware *inside* us (uvicorn's
-``ProxyHeadersMiddleware``, hypercorn's ``ProxyFixMiddleware``, look-alikes by
-name) rewrites the scheme or host after we keyed the request, and only for
-trusted peers; requests carrying a forwarding header then bypass the cache
-(``forwarded``) and one warning says to move it outside.
-
-Sessions: the middleware learns the session cookie's name from the
-SessionMiddleware (ours or Starlette's) it finds in the app on the first
-request. A request that carries that cookie, or comes with a session loaded
-outside us that came from a cookie or holds data, bypasses a route shared by
-everyone (neither ``vary_on_session`` nor ``ignores_session``) before any
-lookup: an empty session's page must never be served to a live one. A
-``vary_on_session`` key also holds every other cookie (``_keys``). Finding the
-middleware is not relied on: a ``vary_on_session`` response is not stored when
-the key named no one yet the session the handler saw is someone's, nor any
-response when the SessionMiddleware that handled the request (its scope mark)
-reads another cookie than the key named (one warning says so). With a session
-middleware *outside* the cache, ``scope["session"]`` is already loaded when we
-run: a shared route whose handler read it is not stored, and a
-``vary_on_session`` entry is keyed on the loaded session's handle (a new or
-unknown session is no session) instead of the raw cookie. With our
-SessionMiddleware *inside* the cache, a ``vary_on_session`` key is made from
-the cookie's session id (verified with that middleware's signer; a bad
-signature is no session), and its lookup proves the session still exists: an
-EXISTS in the same script on a single server, in the same pipeline on
-Cluster, or sent concurrently to the session store when that is another
-server. A logged-out, revoked or expired session's cookie is never served its
-cached pages: the app runs and sees an anonymous session.
-
-Per-request state lives in a :class:`_Exchange`, never on the middleware.
+Per-request state lives in the Exchange, never on the middleware.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import enum
-import hashlib
-import inspect
 import logging
-import random
-import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
-from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.sentinel import SentinelConnectionPool
-from starlette.applications import Starlette
-from starlette.middleware.sessions import SessionMiddleware as StarletteSessions
 from starlette.requests import Request
-from starlette.routing import Host, Match, Mount, Router
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.routing import Router
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .._redis import Backend, RedisClient, RedisLike, serve_with_lifespan_close
-from ..errors import BackendUnavailable, CacheNotConfigured, DuplicateMiddleware
-from ..sessions import Session, SessionMiddleware
-from ..sessions._cookie import cookie_values
-from ..sessions._middleware import _MARK as SESSIONS_MARK
-from ._cache import Cache, SessionProof
+from .._redis import Backend, RedisLike, serve_with_lifespan_close
+from ..errors import CacheNotConfigured, DuplicateMiddleware
+from ..sessions import SessionMiddleware
+from ._cache import Cache
 from ._decorator import RequestState, RouteCache, current, route_config
-from ._entry import Entry, content_etag, encode, etag_matches, served_headers
-from ._keys import (
-    FORWARDING_HEADERS,
-    CacheKey,
-    canonical_host,
-    header_map,
-)
-from ._lock import Flight
-from ._policy import (
-    learned_vary,
-    request_bypass_reason,
-    response_store_reason,
-    storable_headers,
-    with_vary,
-)
+from ._discovery import find_proxy_middleware, find_router, find_sessions, match_route
+from ._exchange import Exchange
+from ._session_rules import SessionWarnings
 
 logger = logging.getLogger("asgi_redis_kit.cache")
 
 SCOPE_KEY = "asgi_redis_kit.cache"
-_MAX_DEPTH = 64
-_NO_SESSION = object()
-_SESSION_HANDLE: property = vars(Session)["handle"]
-
-
-def _loaded_handle(session: Session) -> str | None:
-    """``session.handle`` as Session itself defines it: the placeholder a failed
-    load leaves raises (a 503) on any use of its own properties, and it has no
-    record (no handle) anyway."""
-    handle = _SESSION_HANDLE.__get__(session, Session)
-    return handle if isinstance(handle, str) else None
-
-
-def _match(
-    routes: Iterable[Any], scope: Scope, depth: int = 0
-) -> tuple[Any, dict[str, Any]] | None:
-    """The endpoint and path params Starlette's Router would dispatch to, the same
-    way it does: the first FULL match wins; a Mount/Host match hands over to
-    its own routes for good."""
-    if depth > _MAX_DEPTH:
-        return None
-    for route in routes:
-        try:
-            match, child = route.matches(scope)
-        except Exception:  # a custom route that cannot judge this scope: not ours
-            logger.debug("route %r failed to match", route, exc_info=True)
-            continue
-        if match is not Match.FULL:
-            continue
-        if isinstance(route, Mount | Host):
-            return _match(route.routes, {**scope, **child}, depth + 1)
-        return child.get("endpoint"), dict(child.get("path_params", {}))
-    return None
-
-
-def _find_router(app: Any) -> Router | None:
-    """The Router inside ``app``, following the ``.app`` chain every Starlette
-    middleware keeps (and ``.router`` of a Starlette/FastAPI application)."""
-    for _ in range(_MAX_DEPTH):
-        if isinstance(app, Router):
-            return app
-        router = getattr(app, "router", None)
-        if isinstance(router, Router):
-            return router
-        app = getattr(app, "app", None)
-        if app is None:
-            return None
-    return None
-
-
-def _chain(app: Any) -> Iterator[Any]:
-    """``app`` and every app it wraps, down to the Router: the ``.app`` of each
-    middleware, and the ``.middleware_stack`` of a Starlette/FastAPI application."""
-    seen: set[int] = set()
-    for _ in range(_MAX_DEPTH):
-        if app is None or id(app) in seen:
-            return
-        seen.add(id(app))
-        yield app
-        if isinstance(app, Router):
-            return
-        inner = getattr(app, "app", None)
-        if inner is None and isinstance(app, Starlette):
-            if app.middleware_stack is None:
-                # CacheMiddleware wrapping a Starlette/FastAPI app that has not run
-                # yet: build its stack now, exactly as its first __call__ would,
-                # so the SessionMiddleware in it is found before the first key.
-                app.middleware_stack = app.build_middleware_stack()
-            inner = app.middleware_stack
-        app = inner
-
-
-# Middleware that rewrites the scope (scheme, client, Host) from forwarding
-# headers, when it trusts the peer. Recognised by class, without importing
-# them: uvicorn or hypercorn may be absent, and a class never imported has no
-# instance. Look-alikes of other packages are recognised by name.
-_PROXY_CLASSES = frozenset(
-    {
-        "uvicorn.middleware.proxy_headers.ProxyHeadersMiddleware",
-        "hypercorn.middleware.proxy_fix.ProxyFixMiddleware",
-    }
-)
-_PROXY_NAME = re.compile(r"Proxy(?:Headers|Fix)|Proxied(?:Headers)?|ForwardedHeaders", re.I)
-
-
-def _find_proxy_middleware(app: Any) -> Any | None:
-    """A proxy-headers middleware inside the cache (``app``'s ``.app`` chain).
-    It rewrites the scope after the cache keyed it, from headers it honours
-    only from trusted peers: the key cannot tell an honoured header from an
-    ignored one (see ``_Exchange.run``)."""
-    for found in _chain(app):
-        for cls in type(found).__mro__:
-            if f"{cls.__module__}.{cls.__qualname__}" in _PROXY_CLASSES or _PROXY_NAME.search(
-                cls.__name__
-            ):
-                return found
-    return None
-
-
-def _find_sessions(app: Any, scope: Scope) -> SessionMiddleware | StarletteSessions | None:
-    """The session middleware in this app, ours or Starlette's: inside us (the
-    ``.app`` chain), else outside us (the middleware stack of the application
-    in ``scope["app"]``)."""
-    for candidate in (app, scope.get("app")):
-        for found in _chain(candidate):
-            if isinstance(found, SessionMiddleware | StarletteSessions):
-                return found
-    return None
-
-
-def _same_server(a: RedisClient, b: RedisClient) -> bool:
-    """Whether two clients surely talk to one Redis server and database (then a
-    session key can be checked in the cache's own round trip)."""
-    if a is b:
-        return True
-    if isinstance(a, RedisCluster) or isinstance(b, RedisCluster):
-        return False
-    pool_a, pool_b = a.connection_pool, b.connection_pool
-    if isinstance(pool_a, SentinelConnectionPool) or isinstance(pool_b, SentinelConnectionPool):
-        return False
-    if pool_a.connection_class is not pool_b.connection_class:
-        return False
-    kwargs_a, kwargs_b = pool_a.connection_kwargs, pool_b.connection_kwargs
-    if not (kwargs_a.get("host") or kwargs_a.get("path")):
-        return False
-    # "server": fakeredis keeps its in-process server among the connection options.
-    names = ("host", "port", "path", "db", "username", "server")
-    return all(
-        kwargs_a.get(name) is kwargs_b.get(name) or kwargs_a.get(name) == kwargs_b.get(name)
-        for name in names
-    )
 
 
 class _Unset(enum.Enum):
@@ -350,11 +141,9 @@ class CacheMiddleware:
         self.sessions: SessionMiddleware | None = None
         self._cookie_name = "session"
         self._config_error: ValueError | None = None
-        self._warned_foreign = False
-        self._warned_cookie_name = False
-        # Where vary_on_session lookups check that the session still exists:
-        # None when the session store shares the cache's server.
-        self.session_backend: Backend | None = None
+        self.session_warnings = SessionWarnings()
+        # The session store's backend last seen, and where its sessions are proven.
+        self._proof_on: tuple[Backend, Backend | None] | None = None
         # A proxy-headers middleware inside us (found on the first request).
         self._proxy_checked = False
         self.inner_proxy: object | None = None
@@ -374,17 +163,14 @@ class CacheMiddleware:
         ``vary_on_session`` page to another, and silently picking one of two
         contradicting settings hides a configuration the user got wrong."""
         self._sessions_found = True
-        found = _find_sessions(self.app, scope)
+        found = find_sessions(self.app, scope)
         explicit = self.cache.session_cookie
         if found is None:
             self._cookie_name = explicit or "session"
             return
         if isinstance(found, SessionMiddleware):
             self.sessions = found
-            actual = found.cookie.name
-            store = found.store.backend
-            if not _same_server(store.client, self.cache.backend.client):
-                self.session_backend = store
+            actual = found.cookie_name
         else:
             # Starlette's: its cookie is the whole signed session, keyed as it is.
             actual = found.session_cookie
@@ -399,7 +185,7 @@ class CacheMiddleware:
 
     def _find_proxy(self) -> None:
         self._proxy_checked = True
-        self.inner_proxy = _find_proxy_middleware(self.app)
+        self.inner_proxy = find_proxy_middleware(self.app)
         if self.inner_proxy is not None:
             logger.warning(
                 "%s runs inside CacheMiddleware: it rewrites the scheme, client or host "
@@ -412,34 +198,14 @@ class CacheMiddleware:
                 type(self.inner_proxy).__name__,
             )
 
-    def warn_foreign_session(self, session: object) -> None:
-        if self._warned_foreign:
-            return
-        self._warned_foreign = True
-        logger.warning(
-            "scope['session'] is a %s, not asgi_redis_kit's Session: the cache cannot "
-            "tell whether a handler read it, so a response of a route without "
-            "vary_on_session=True is stored only when that session is empty (and, "
-            "with the session middleware inside the cache, the request has no "
-            "cookie). Use asgi_redis_kit.SessionMiddleware to cache pages for "
-            "visitors who have a session.",
-            type(session).__name__,
-        )
-
-    def warn_cookie_name(self, actual: str) -> None:
-        if self._warned_cookie_name:
-            return
-        self._warned_cookie_name = True
-        logger.warning(
-            "the SessionMiddleware that handled a request reads the cookie %r, but the "
-            "cache keys on the cookie %r: it could not find that middleware in the app "
-            "(a middleware between them keeps its inner app somewhere other than .app). "
-            "Nothing is stored until this is fixed: pass "
-            "CacheMiddleware(session_cookie=%r), or expose the inner app as .app.",
-            actual,
-            self._cookie_name,
-            actual,
-        )
+    def proof_backend(self, backend: Backend) -> Backend | None:
+        """Where a ``vary_on_session`` lookup proves a session of ``backend``
+        still exists: None when that is the cache's own server (the proof then
+        rides in the lookup's round trip), else ``backend`` itself."""
+        if self._proof_on is None or self._proof_on[0] is not backend:
+            same = self.cache.redis_layer.shares_server(backend)
+            self._proof_on = (backend, None if same else backend)
+        return self._proof_on[1]
 
     def cookie_name(self, scope: Scope) -> str:
         """The session cookie's name (found on the first request)."""
@@ -453,7 +219,7 @@ class CacheMiddleware:
         if self._router is None:
             # Found once: Starlette builds its middleware stack on the first request,
             # and the router object never changes afterwards.
-            self._router = _find_router(self.app)
+            self._router = find_router(self.app)
         if self._router is not None:
             return self._router
         # A middleware between us and the router that hides its ``.app``: fall back
@@ -471,7 +237,7 @@ class CacheMiddleware:
 
     def _route(self, scope: Scope) -> tuple[RouteCache, dict[str, Any]] | None:
         router = self._find_router(scope)
-        found = None if router is None else _match(router.routes, scope)
+        found = None if router is None else match_route(router.routes, scope)
         if found is None:
             return None
         config = route_config(found[0])
@@ -505,726 +271,9 @@ class CacheMiddleware:
             if route is None:
                 await self.app(scope, receive, send)
                 return
-            await _Exchange(self, scope, receive, send, state, *route).run()
+            await Exchange(self, scope, receive, send, state, *route).run()
         finally:
             current.reset(token)
-
-
-def _with_headers(message: Message, extra: Sequence[tuple[bytes, bytes]]) -> Message:
-    ours = {name for name, _ in extra}
-    headers = [(n, v) for n, v in message.get("headers", ()) if n.lower() not in ours]
-    return {**message, "headers": headers + list(extra)}
-
-
-def _x_cache(state: str, reason: str | None) -> list[tuple[bytes, bytes]]:
-    headers = [(b"x-cache", state.encode())]
-    if reason:
-        headers.append((b"x-cache-reason", reason.encode()))
-    return headers
-
-
-async def _no_send(message: Message) -> None:
-    return None
-
-
-def _without_body(send: Send) -> Send:
-    """The client asked HEAD; the app (or the entry) answers as for GET."""
-
-    async def head_send(message: Message) -> None:
-        if message["type"] == "http.response.body" and message.get("body"):
-            message = {**message, "body": b""}
-        await send(message)
-
-    return head_send
-
-
-class _Exchange:
-    """Everything about one request: a fresh object per request, so nothing of it
-    ever lands on the shared middleware."""
-
-    def __init__(
-        self,
-        middleware: CacheMiddleware,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        state: RequestState,
-        config: RouteCache,
-        path_params: dict[str, Any],
-    ) -> None:
-        self.middleware = middleware
-        self.app = middleware.app
-        self.cache = middleware.cache
-        self.head = scope["method"] == "HEAD"
-        self.scope = {**scope, "method": "GET"} if self.head else scope
-        self.receive = receive
-        self.send = _without_body(send) if self.head else send
-        self.state = state
-        self.config = config
-        self.path_params = path_params
-        self.stats = self.cache.stats
-        self.headers = header_map(scope)
-        self.cookie_name = middleware.cookie_name(scope)
-        # Every value of the session cookie, parsed once for all the rules below.
-        self.session_cookies = cookie_values(scope, self.cookie_name)
-        # A session middleware outside us already loaded the session (and sees no
-        # Vary we could act on from here): it, not the cookie, says who asks.
-        self.outer_session: object = scope.get("session", _NO_SESSION)
-        # What a session middleware we cannot ask held before the app ran.
-        self.outer_before: dict[Any, Any] | None = None
-        # The session a vary_on_session hit must prove still exists.
-        self.session_proof: SessionProof | None = None
-        # Whether a waiter already moved on to the variant key its leader learned.
-        self.rekeyed = False
-        # Whether a vary_on_session key holds someone (set by run).
-        self.keyed_user = False
-
-    # -- entry points ------------------------------------------------------------------
-
-    async def run(self) -> None:
-        cache, config, scope, headers = self.cache, self.config, self.scope, self.headers
-        host = canonical_host(scope)
-        if host is None:
-            # The app would see another host than any key could name.
-            await self.bypass("host")
-            return
-        reason = request_bypass_reason(
-            scope,
-            public=config.public,
-            host=host,
-            allowed_hosts=cache.allowed_hosts,
-            headers=headers,
-        )
-        if reason is None and self.middleware.inner_proxy is not None and self.forwarded():
-            # The proxy middleware inside us may rewrite the scope from these
-            # headers, or ignore them (an untrusted peer): no key can tell which.
-            reason = "forwarded"
-        if reason is None and len(self.session_cookies) > 1:
-            # The session middleware and a cookie parser may each pick another of
-            # the values: the key could name someone else's session.
-            reason = "cookie"
-        shared = not (config.vary_on_session or config.ignores_session)
-        if reason is None and shared and self.carries_session():
-            # Checklist 22: a page shared by everyone is never one for a visitor
-            # with a session; nor is an empty session's page served to a live one.
-            reason = "session"
-        if reason is not None:
-            await self.bypass(reason)
-            return
-        identity = self.session_identity() if config.vary_on_session else "cookie"
-        if identity == "cookie":
-            self.keyed_user = bool(self.session_cookies)
-        else:
-            self.keyed_user = identity is not None
-        key = cache.keys.for_request(
-            scope,
-            namespace=config.namespace or cache.namespace,
-            host=host,
-            vary=config.vary,
-            session_cookie_name=self.cookie_name,
-            vary_on_session=config.vary_on_session,
-            tags=config.filled_tags(self.path_params) if config.tags else (),
-            custom=None if config.key is None else await self.custom_key(),
-            headers=headers,
-            session=identity,
-        )
-        try:
-            found = await cache.lookup(key, lease=True, session=self.session_proof)
-        except BackendUnavailable:
-            await self.without_redis(key)
-            return
-        # The variant the URL's vary record names for this request's headers.
-        key, entry, versions = found.key, found.entry, found.versions
-        if found.session_gone:
-            # Logged out, revoked or expired: its cookie gets none of its pages.
-            # The session middleware treats the request as anonymous; not stored.
-            await self.run_app(key, versions, found.token, None, reason="session")
-            return
-        if found.token is not None or found.locked:
-            # The entry key was absent: nothing to serve, and the lease is settled.
-            await self.fill(key, versions, None, found.token, locked=found.locked)
-            return
-        fallback: Entry | None = None
-        if entry is not None:
-            now = cache.clock()
-            if entry.is_fresh(now):
-                self.stats.hits += 1
-                await self.serve(entry, "HIT")
-                return
-            if entry.in_revalidate_window(now):
-                self.stats.stale += 1
-                self.schedule_refresh(key, versions)
-                await self.serve(entry, "STALE", "revalidating")
-                return
-            if entry.in_error_window(now):
-                fallback = entry
-        await self.fill(key, versions, fallback)
-
-    async def fill(
-        self,
-        key: CacheKey,
-        versions: tuple[int, ...],
-        fallback: Entry | None,
-        token: str | None = None,
-        *,
-        locked: bool = False,
-    ) -> None:
-        """Lead (or follow) the refill of ``key``. ``token``: a lease the lookup
-        already took for us; ``locked``: the lookup saw another holder's lease."""
-        cache = self.cache
-        flight = cache.flights.lead(key.digest)
-        if flight is None:
-            if token is not None:
-                # Our lookup took the lease although a leader here already runs
-                # (its lease had expired): that leader stores; give ours back.
-                with contextlib.suppress(BackendUnavailable):
-                    await cache.release(key, token)
-            await self.follow(key, fallback)
-            return
-        try:
-            entry: Entry | None = None
-            try:
-                if token is None and not locked:
-                    token, entry = await cache.acquire(key, versions)
-                    locked = entry is None and token is None
-                if locked:
-                    entry, released = await self.wait_for_other_process(key, versions)
-                    if released and not self.rekeyed:
-                        # The other leader may have stored under a variant its
-                        # response's Vary named (not under ``key``): read the vary
-                        # record once and re-key, as an in-process follower does.
-                        found = await cache.lookup(key, session=self.session_proof)
-                        if found.session_gone:
-                            await self.run_app(key, versions, None, fallback, reason="session")
-                            return
-                        fresh = found.entry is not None and found.entry.is_fresh(cache.clock())
-                        entry = found.entry if fresh else None
-                        if entry is None and found.key.entry != key.entry:
-                            self.rekeyed = True
-                            cache.flights.done(key.digest, flight)
-                            await self.fill(found.key, found.versions, fallback)
-                            return
-            except BackendUnavailable:
-                if fallback is not None:
-                    # Redis failed after showing us a stale entry: stale-if-error.
-                    self.stats.stale += 1
-                    await self.serve(fallback, "STALE", "backend")
-                    return
-                entry = None
-            if entry is not None:
-                self.stats.hits += 1
-                await self.serve(entry, "HIT")
-                return
-            await self.run_app(key, versions, token, fallback, flight=flight)
-        finally:
-            cache.flights.done(key.digest, flight)
-
-    async def without_redis(self, key: CacheKey) -> None:
-        """Redis failed before the entry could be read: the request bypasses the
-        cache. Requests for the same key meanwhile still wait for this one run of
-        the handler and get what it would have stored, so a burst against a down
-        or slow Redis does not become a burst against the app."""
-        flights = self.cache.flights
-        flight = flights.lead(key.digest, without_redis=True)
-        if flight is None:
-            await self.follow(key, None)
-            return
-        try:
-            await self.bypass("backend", key, flight)
-        finally:
-            flights.done(key.digest, flight)
-
-    async def follow(self, key: CacheKey, fallback: Entry | None) -> None:
-        """Wait for this process's leader, then re-read what it stored. The
-        leader's response itself is never shared: it may belong to one user."""
-        cache = self.cache
-        flight = cache.flights.waiting_on(key.digest)
-        if flight is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(cache.lock_wait):
-                    await flight.wait()
-            shared = flight.entry
-            if shared is not None and shared.is_fresh(cache.clock()):
-                # The leader could not store it: Redis has nothing to re-read.
-                self.stats.coalesced += 1
-                await self.serve(shared, "HIT", "coalesced")
-                return
-            if flight.without_redis:
-                await self.bypass("backend")
-                return
-        try:
-            found = await cache.lookup(key, session=self.session_proof)
-        except BackendUnavailable:
-            found = None
-        if found is not None and found.session_gone:
-            await self.run_app(key, found.versions, None, fallback, reason="session")
-            return
-        if found is not None and found.entry is not None and found.entry.is_fresh(cache.clock()):
-            self.stats.hits += 1
-            await self.serve(found.entry, "HIT")
-            return
-        if found is None:
-            await self.run_app(key, (), None, fallback, store=False)
-            return
-        if found.key.entry != key.entry and not self.rekeyed:
-            # The leader learned that responses vary on headers the key lacked:
-            # this request's variant is another key, with a refill of its own
-            # (once: a record that keeps changing must not bounce us forever).
-            self.rekeyed = True
-            await self.fill(found.key, found.versions, fallback)
-            return
-        await self.run_app(found.key, found.versions, None, fallback)
-
-    async def wait_for_other_process(
-        self, key: CacheKey, versions: tuple[int, ...]
-    ) -> tuple[Entry | None, bool]:
-        """Poll ``key``'s entry while another process holds its lease: the entry,
-        and whether the lease was released without one (False: ``lock_wait`` ran out)."""
-        cache = self.cache
-        delay = 0.005
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + cache.lock_wait
-        while loop.time() < deadline:
-            await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
-            delay = min(delay * 1.5, 0.1)
-            entry, locked = await cache.poll(key, versions)
-            if entry is not None and entry.is_fresh(cache.clock()):
-                return entry, False
-            if not locked:
-                return None, True
-        return None, False
-
-    def schedule_refresh(self, key: CacheKey, versions: tuple[int, ...]) -> None:
-        flight = self.cache.flights.lead(key.digest)
-        if flight is None:
-            return  # a refresh (or a miss) for this key is already running here
-        self.cache.spawn(self.refresh(key, versions, flight))
-
-    async def refresh(self, key: CacheKey, versions: tuple[int, ...], flight: Flight) -> None:
-        state = RequestState()
-        current.set(state)  # this task runs in a copy of the request's context
-        refresher = _Exchange(
-            self.middleware,
-            {**self.scope, "method": "GET"},
-            _empty_receive(),
-            _no_send,
-            state,
-            self.config,
-            self.path_params,
-        )
-        refresher.keyed_user = self.keyed_user  # the same request's key
-        try:
-            token, _ = await self.cache.acquire(key, versions)
-            if token is None:
-                return  # another process refreshes it, or already did
-            self.stats.refreshes += 1
-            await refresher.run_app(key, versions, token, None, count=False, flight=flight)
-        except BackendUnavailable:
-            return
-        except Exception:
-            logger.exception("background refresh of a stale cache entry failed")
-        finally:
-            self.cache.flights.done(key.digest, flight)
-
-    # -- helpers -----------------------------------------------------------------------
-
-    def session_identity(self) -> bytes | Literal["cookie"] | None:
-        """Who the session says the user is, for a ``vary_on_session`` key
-        (``None``: no session). With our SessionMiddleware inside, the cookie is
-        verified with its signer and a hit must prove the session still exists
-        (:attr:`session_proof`)."""
-        outer = self.outer_session
-        if isinstance(outer, Session):
-            handle = _loaded_handle(outer)  # None: new, unknown, ended or unavailable
-            return None if handle is None else handle.encode()
-        sessions = self.middleware.sessions
-        if outer is not _NO_SESSION or sessions is None:
-            return "cookie"
-        value = self.session_cookies[0] if self.session_cookies else None
-        verified = None if value is None else sessions.signer.unsign(value)
-        if verified is None:
-            return None  # no cookie, or a bad signature: SessionMiddleware ignores it
-        session_id = verified[0]
-        self.session_proof = SessionProof(
-            sessions.store.session_key(session_id), self.middleware.session_backend
-        )
-        return hashlib.sha256(session_id.encode()).hexdigest().encode()
-
-    def session_read(self) -> bool:
-        """Whether the response may depend on a session's contents (review
-        finding 2). Reads cannot all be seen: a handler, or the auth or CSRF
-        library it calls, may read ``scope["session"]`` directly, through any
-        dict method, ``dict(s)``, ``{**s}``, ``json.dumps`` or C code such as
-        ``orjson.dumps``. So, by design, a session that holds data the handler
-        could reach counts as read, whatever path it took; an empty one has
-        nothing to give away unless it was asked for.
-
-        * our Session, outside or inside us: :attr:`Session.exposed`;
-        * another middleware's mapping outside us: it held data before the app
-          ran, or holds some now;
-        * another middleware's mapping inside us (loaded after we ran, so its
-          contents before the handler are unknown): it holds data, or the
-          request carries any cookie that could be its;
-        * anything else in ``scope["session"]``: read.
-
-        A route marked ``ignores_session`` promised not to read it: only a read
-        that is seen (our Session's :attr:`~Session.accessed`) counts there."""
-        outer = self.outer_session
-        if self.config.ignores_session:
-            session = outer if outer is not _NO_SESSION else self.scope.get("session")
-            return isinstance(session, Session) and session.accessed
-        if outer is not _NO_SESSION:
-            if isinstance(outer, Session):
-                return outer.exposed
-            self.middleware.warn_foreign_session(outer)
-            if isinstance(outer, Mapping):
-                return bool(self.outer_before) or len(outer) > 0
-            return True
-        inner = self.scope.get("session", _NO_SESSION)
-        if inner is _NO_SESSION or inner is None:
-            return False
-        if isinstance(inner, Session):
-            return inner.exposed
-        self.middleware.warn_foreign_session(inner)
-        empty = isinstance(inner, Mapping) and len(inner) == 0
-        return not empty or b"cookie" in self.headers
-
-    def carries_session(self) -> bool:
-        """Whether the request comes with a session: the session cookie, or a
-        session already loaded outside us that came from a cookie or holds
-        data (whatever its cookie is called: we may not have found its name)."""
-        if self.session_cookies:
-            return True
-        outer = self.outer_session
-        if outer is _NO_SESSION or outer is None:
-            return False
-        if isinstance(outer, Session):
-            return _loaded_handle(outer) is not None or outer.exposed
-        return not isinstance(outer, Mapping) or len(outer) > 0
-
-    def session_holds_data(self) -> bool:
-        """Whether the session the handler could see belongs to someone: ours
-        was loaded from a cookie or holds data; another middleware's mapping
-        holds or held data; anything else in ``scope["session"]`` is unknown."""
-        session = self.outer_session
-        if session is _NO_SESSION:
-            session = self.scope.get("session", _NO_SESSION)
-        if session is _NO_SESSION or session is None:
-            return False
-        if isinstance(session, Session):
-            return (
-                _loaded_handle(session) is not None
-                or dict.__len__(session) > 0
-                or bool(session._snapshot)
-            )
-        if isinstance(session, Mapping):
-            return bool(self.outer_before) or len(session) > 0
-        return True
-
-    def misread_cookie(self) -> bool:
-        """Whether the SessionMiddleware that handled the request reads another
-        cookie than the key named (it hid from us): no key of ours told its
-        visitors apart."""
-        handler = self.scope.get(SESSIONS_MARK)
-        if not isinstance(handler, SessionMiddleware) or handler.cookie.name == self.cookie_name:
-            return False
-        self.middleware.warn_cookie_name(handler.cookie.name)
-        return True
-
-    def session_changed(self) -> bool:
-        """Whether the handler changed its session. A hit would skip the change.
-        And with the session middleware outside us, its save and the Set-Cookie
-        of a new session come after we see the response: stored, one visitor's
-        new session's page would be every anonymous visitor's."""
-        outer = self.outer_session
-        if self.outer_before is not None and isinstance(outer, Mapping):
-            return dict(outer) != self.outer_before
-        session = outer if outer is not _NO_SESSION else self.scope.get("session")
-        return isinstance(session, Session) and session._changed_this_request()
-
-    async def custom_key(self) -> bytes | None:
-        if self.config.key is None:
-            return None
-        request = Request({**self.scope, "path_params": self.path_params}, self.receive)
-        value: Any = self.config.key(request)
-        if inspect.isawaitable(value):
-            value = await value
-        return value if isinstance(value, bytes) else str(value).encode()
-
-    async def bypass(
-        self, reason: str, key: CacheKey | None = None, flight: Flight | None = None
-    ) -> None:
-        """Run the app around the cache. With ``key``'s ``flight``, a response the
-        rules would store (a complete body in one message) that fits every request
-        of ``key`` is left on it as an entry; any other ends the flight as soon as
-        that is known, so the requests waiting on it run the app themselves."""
-        self.stats.bypass[reason] += 1
-        extra = _x_cache("BYPASS", reason)
-        start: Message | None = None
-
-        def settle(entry: Entry | None) -> None:
-            nonlocal flight
-            if key is None or flight is None:
-                return
-            if entry is None:
-                self.cache.flights.done(key.digest, flight)
-            else:
-                flight.share(entry)
-            flight = None
-
-        async def send(message: Message) -> None:
-            nonlocal start
-            if message["type"] == "http.response.start":
-                start = message
-                if flight is not None and self.not_stored_reason(
-                    message["status"], message.get("headers", ()), None
-                ):
-                    settle(None)
-                message = _with_headers(message, extra)
-            elif flight is not None and start is not None:
-                settle(self.shareable(start, message, key))
-                start = None
-            await self.send(message)
-
-        await self.call_app(send)
-
-    def shareable(self, start: Message, message: Message, key: CacheKey | None) -> Entry | None:
-        """The entry a response made of ``start`` and ``message`` would store, if
-        it is complete, the rules allow it, and it fits every request of ``key``
-        (it varies on no header the key lacks)."""
-        if key is None or message["type"] != "http.response.body" or message.get("more_body"):
-            return None
-        status: int = start["status"]
-        headers = list(start.get("headers", ()))
-        body: bytes = message.get("body", b"")
-        if self.not_stored_reason(status, headers, body) is not None:
-            return None
-        if not set(self.learned_vary(headers)) <= set(key.learned):
-            return None
-        return self.build_entry(status, headers, body, ())
-
-    async def serve(self, entry: Entry, state: str, reason: str | None = None) -> None:
-        now = self.cache.clock()
-        inm = self.headers.get(b"if-none-match")
-        if inm is not None and entry.status == 200 and etag_matches(inm, entry.etag):
-            self.stats.not_modified += 1
-            headers = served_headers(entry, now, state=state, reason=reason, not_modified=True)
-            await self.send({"type": "http.response.start", "status": 304, "headers": headers})
-            await self.send({"type": "http.response.body", "body": b""})
-            return
-        headers = served_headers(entry, now, state=state, reason=reason)
-        await self.send({"type": "http.response.start", "status": entry.status, "headers": headers})
-        await self.send({"type": "http.response.body", "body": entry.body})
-
-    async def call_app(self, send: Send) -> None:
-        """Run the app, noting first what a foreign session outside us holds (taken
-        here, not per request: a hit never runs the app and never needs it)."""
-        outer = self.outer_session
-        if isinstance(outer, Mapping) and not isinstance(outer, Session):
-            self.outer_before = dict(outer)
-        await self.app(self.scope, self.receive, send)
-
-    def forwarded(self) -> bool:
-        """Whether the request carries a forwarding header."""
-        return any(name.encode() in self.headers for name in FORWARDING_HEADERS)
-
-    def keyed_headers(self) -> list[str]:
-        return ["host", *FORWARDING_HEADERS, *self.config.vary]
-
-    def learned_vary(self, headers: Sequence[tuple[bytes, bytes]]) -> tuple[str, ...]:
-        """The request headers the response varies on that the base key lacks."""
-        return learned_vary(headers, self.keyed_headers())
-
-    def not_stored_reason(
-        self, status: int, headers: Sequence[tuple[bytes, bytes]], body: bytes | None
-    ) -> str | None:
-        """Why the rules forbid storing this complete response (None: store it).
-        ``body`` None: what is known at the start message already (status and
-        headers, a session read so far); a None answer then decides nothing."""
-        config = self.config
-        if self.state.ran is not config:
-            return "route"
-        reason = response_store_reason(
-            status,
-            headers,
-            statuses=self.cache.cacheable_statuses,
-            vary_on_session=config.vary_on_session,
-        )
-        if reason is None and not config.vary_on_session and self.session_read():
-            reason = "session"
-        # The key holds no one, yet the session the handler saw is someone's: its
-        # cookie has a name we did not learn. Never share that page.
-        unkeyed = config.vary_on_session and not self.keyed_user
-        if reason is None and unkeyed and self.session_holds_data():
-            reason = "session"
-        if reason is None and self.misread_cookie():
-            reason = "session"
-        if reason is not None or body is None:
-            return reason
-        if len(body) > config.max_size:
-            return "size"
-        if self.session_changed():  # last: it encodes the session
-            return "session"
-        return None
-
-    def build_entry(
-        self,
-        status: int,
-        headers: Sequence[tuple[bytes, bytes]],
-        body: bytes,
-        versions: tuple[int, ...],
-    ) -> Entry:
-        config = self.config
-        fresh = config.ttl + (random.uniform(0, config.jitter) if config.jitter else 0.0)
-        app_etag = next((v for n, v in headers if n.lower() == b"etag"), None)
-        # Keyed on the visitor's cookies (the session's or any other): private,
-        # so a shared cache in front does not hand it to others.
-        per_user = config.vary_on_session and b"cookie" in self.headers
-        return Entry(
-            status=status,
-            headers=tuple(storable_headers(with_vary(headers, config.vary))),
-            body=body,
-            etag=app_etag.decode("latin-1") if app_etag else content_etag(body),
-            stored_at=self.cache.clock(),
-            fresh_for=fresh,
-            stale_while_revalidate=config.stale_while_revalidate,
-            stale_if_error=config.stale_if_error,
-            versions=versions,
-            per_user=per_user,
-        )
-
-    async def run_app(
-        self,
-        key: CacheKey,
-        versions: tuple[int, ...],
-        token: str | None,
-        fallback: Entry | None,
-        *,
-        store: bool = True,
-        reason: str | None = None,
-        count: bool = True,
-        flight: Flight | None = None,
-    ) -> None:
-        """Run the app; store its answer if the rules allow; serve ``fallback``
-        (stale-if-error) instead of an exception or a 5xx. An entry Redis failed
-        to take is left on ``flight`` for this process's waiting requests (when
-        it fits all of them). As soon as the answer is known not to be stored,
-        ``flight`` ends and the lease ``token`` is released: nobody waits for it."""
-        cache, stats = self.cache, self.stats
-        if count:
-            stats.misses += 1
-        held: Message | None = None
-        mode = "holding"  # -> "passing" (sent through) or "swallowing" (stale served)
-        not_stored = reason
-
-        async def give_up(why: str) -> None:
-            nonlocal token, not_stored
-            not_stored = why
-            if flight is not None:
-                cache.flights.done(key.digest, flight)
-            if token is not None:
-                lease, token = token, None
-                with contextlib.suppress(BackendUnavailable):
-                    await cache.release(key, lease)
-
-        async def send(message: Message) -> None:
-            nonlocal held, mode, token, not_stored
-            if mode == "passing":
-                await self.send(message)
-                return
-            if mode == "swallowing":
-                return
-            if message["type"] == "http.response.start":
-                held = message
-                if store:
-                    why = not_stored or self.not_stored_reason(
-                        message["status"], message.get("headers", ()), None
-                    )
-                    if why is not None:
-                        await give_up(why)  # e.g. Set-Cookie, no-store: known before the body
-                return
-            if held is None:
-                await self.send(message)
-                return
-            status: int = held["status"]
-            headers: list[tuple[bytes, bytes]] = list(held.get("headers", ()))
-            if message["type"] != "http.response.body" or message.get("more_body", False):
-                if fallback is not None and status >= 500:
-                    mode = "swallowing"
-                    await self.serve_stale_on_error(fallback)
-                    return
-                mode = "passing"
-                why = not_stored or "streaming"
-                await give_up(why)
-                stats.not_stored[why] += 1
-                await self.send(_with_headers(held, _x_cache("MISS", why)))
-                await self.send(message)
-                return
-            body: bytes = message.get("body", b"")
-            mode = "passing"
-            if fallback is not None and status >= 500:
-                mode = "swallowing"
-                await self.serve_stale_on_error(fallback)
-                return
-            if not_stored is None and not store:
-                not_stored = "backend"
-            if not_stored is None:
-                not_stored = self.not_stored_reason(status, headers, body)
-            if not_stored is None:
-                entry = self.build_entry(status, headers, body, versions)
-                vary = self.learned_vary(headers)
-                try:
-                    await cache.store(key, encode(entry), entry.lifetime, token, vary=vary)
-                    token = None  # released by the store script
-                    if flight is not None:
-                        # Waiters re-read it now, not after the app's background tasks,
-                        # and a later miss on this key may lead a flight of its own.
-                        cache.flights.done(key.digest, flight)
-                except BackendUnavailable:
-                    not_stored = "backend"
-                    if flight is not None and set(vary) <= set(key.learned):
-                        flight.share(entry)  # it fits every request waiting on this key
-                else:
-                    await self.serve(entry, "MISS")
-                    return
-            if flight is None or flight.entry is None:
-                await give_up(not_stored)
-            stats.not_stored[not_stored] += 1
-            await self.send(_with_headers(held, _x_cache("MISS", not_stored)))
-            await self.send(message)
-
-        try:
-            await self.call_app(send)
-        except Exception:
-            if fallback is None or mode != "holding":
-                raise
-            logger.exception("cached endpoint failed; serving the stale entry (stale-if-error)")
-            await self.serve_stale_on_error(fallback)
-        finally:
-            if token is not None:
-                with contextlib.suppress(BackendUnavailable):
-                    await cache.release(key, token)
-        if mode == "holding" and held is not None:
-            await self.send(_with_headers(held, _x_cache("MISS", not_stored)))
-
-    async def serve_stale_on_error(self, fallback: Entry) -> None:
-        self.stats.stale += 1
-        await self.serve(fallback, "STALE", "error")
-
-
-def _empty_receive() -> Receive:
-    sent = False
-
-    async def receive() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        # A background refresh has no client; wait until the app gives up on us.
-        await asyncio.Event().wait()
-        return {"type": "http.disconnect"}
-
-    return receive
 
 
 def get_cache(request: Request | Mapping[str, Any]) -> Cache:

@@ -54,7 +54,7 @@ Responses (decided after the handler ran; the response is still sent, marked
   the cache, or a session that was asked for or holds data, in either
   middleware order. Reads through ``scope["session"]``, ``dict(...)`` or C code
   such as ``orjson.dumps`` cannot all be seen, so data within reach counts as
-  read (``_middleware._Exchange.session_read`` has the rules per middleware);
+  read (``_session_rules.SessionRules.read`` has the rules per middleware);
   a route marked ``ignores_session=True`` counts only the reads that are seen.
   Also: a ``vary_on_session`` response whose key named no one while the
   session the handler saw is someone's (its cookie has a name the cache did not
@@ -74,7 +74,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from starlette.types import Scope
 
-from ._keys import header_map, header_values
+from .._http import header_map
+from ._request import header_values
 
 DEFAULT_CACHEABLE_STATUSES = frozenset({200, 203, 204, 300, 301, 404, 410})
 

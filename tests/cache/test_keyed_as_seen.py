@@ -24,7 +24,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from asgi_redis_kit import Cache, CacheMiddleware, cached
-from asgi_redis_kit.cache._keys import FORWARDING_HEADERS, canonical_origin
+from asgi_redis_kit.cache._request import FORWARDING_HEADERS, canonical_origin
 from tests.support import asgi_get, http_scope
 
 pytestmark = pytest.mark.real_redis

@@ -8,16 +8,15 @@ import pytest
 from redis.asyncio import Redis
 
 from asgi_redis_kit import Cache
-from asgi_redis_kit.cache._keys import (
-    KeyScheme,
-    _digest,
+from asgi_redis_kit._http import header_map
+from asgi_redis_kit.cache._keys import KeyScheme, _digest
+from asgi_redis_kit.cache._policy import request_bypass_reason
+from asgi_redis_kit.cache._request import (
     canonical_query,
     header,
-    header_map,
     request_host,
     session_cookie,
 )
-from asgi_redis_kit.cache._policy import request_bypass_reason
 from tests.cache.conftest import Calls, Framework, Harness, build, client_for
 
 

@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 
 from asgi_redis_kit import Cache
 from asgi_redis_kit.cache._keys import CacheKey, KeyScheme
-from asgi_redis_kit.cache._lock import ACQUIRE, LOOKUP, STORE_AND_RELEASE
+from asgi_redis_kit.cache._scripts import ACQUIRE, LOOKUP, STORE_AND_RELEASE
 from tests.cache.conftest import Calls, Framework, Harness, build, client_for
 from tests.support import Arrivals, DelayProxy, RedisSpy
 

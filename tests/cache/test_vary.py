@@ -26,8 +26,8 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from asgi_redis_kit import Cache, CacheMiddleware, cached
-from asgi_redis_kit.cache._keys import vary_value
-from asgi_redis_kit.cache._lock import ACQUIRE, LOOKUP, STORE_AND_RELEASE
+from asgi_redis_kit.cache._request import vary_value
+from asgi_redis_kit.cache._scripts import ACQUIRE, LOOKUP, STORE_AND_RELEASE
 from tests.cache.conftest import Calls, Clock, Framework, Harness, build, client_for
 from tests.scaleout.conftest import cluster, cluster_client, redis_log
 from tests.scaleout.servers import ClusterDeployment, CommandLog

@@ -25,7 +25,7 @@ from asgi_redis_kit import (
     SessionStore,
     cached,
 )
-from asgi_redis_kit.cache._middleware import _chain
+from asgi_redis_kit.cache._discovery import chain
 from tests.cache.conftest import Framework
 from tests.support import RedisSpy, counting_client, free_port
 
@@ -470,7 +470,7 @@ async def test_closing_the_middleware_and_the_cache_and_what_invalidation_return
         assert _connected(admin) == 0
         assert (await alice.get("/me")).headers["x-cache"] == "MISS"
         middleware = next(
-            layer for layer in _chain(app.middleware_stack) if isinstance(layer, CacheMiddleware)
+            layer for layer in chain(app.middleware_stack) if isinstance(layer, CacheMiddleware)
         )
         assert _connected(middleware.cache) >= 1
         await middleware.aclose()

@@ -1,0 +1,97 @@
+"""The storage layers' interface: :class:`Storage`, what a lookup found
+(:class:`Lookup`) and what a per-user lookup must prove (:class:`SessionProof`).
+
+A Cache holds one Storage as ``cache.storage``: the Redis layer
+(``_redis_layer``) today. A layer in front of it (a near cache of in-process
+copies) implements the same methods and hands what it cannot answer to the
+layer it wraps, so nothing above this interface changes when one is added.
+What a Lookup *means* for a request (fresh, stale, absent, session gone) is
+decided in one place, ``_outcome``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from .._redis import Backend
+from ._entry import Entry
+from ._keys import CacheKey
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """What one lookup found: the entry if it is still valid for the current
+    namespace/URL/tag versions, and those versions (stored with a new entry).
+
+    ``key`` is the key it looked up: the request's variant as the URL's vary
+    record names it, which every later step (lease, poll, store) uses.
+
+    A lookup that asked for the lease and found no entry key also says whether
+    it took the lease (``token``: the caller now owns it and must release it or
+    store with it) or found it held by someone else (``locked``)."""
+
+    key: CacheKey
+    entry: Entry | None
+    versions: tuple[int, ...]
+    token: str | None = None
+    locked: bool = False
+    # The session a per-user entry belongs to no longer exists (``entry`` is None).
+    session_gone: bool = False
+    # The header names the URL's vary record held when it was read.
+    record: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SessionProof:
+    """What a ``vary_on_session`` lookup must prove still exists: the Redis key of
+    the session the request's cookie names, and the session store's backend
+    (``None`` when it is the cache's own Redis server: then the proof rides in
+    the lookup's round trip)."""
+
+    key: str
+    backend: Backend | None = None
+
+
+class Storage(Protocol):
+    """What the Cache asks of its storage. Every method may raise
+    :class:`~asgi_redis_kit.errors.BackendUnavailable`."""
+
+    async def lookup(self, key: CacheKey, *, lease: bool, session: SessionProof | None) -> Lookup:
+        """``key``'s entry if valid for the current versions, its vary record,
+        and (``lease``) the stampede lease when the entry is absent, in one
+        round trip where the layer can. A per-user lookup (``session``) only
+        returns an entry whose session still exists."""
+        ...
+
+    async def poll(self, key: CacheKey, versions: tuple[int, ...]) -> Lookup:
+        """The entry, and (``locked``) whether someone holds its lease."""
+        ...
+
+    async def acquire(
+        self, key: CacheKey, versions: tuple[int, ...]
+    ) -> tuple[str | None, Entry | None]:
+        """Take the lease: (token, the valid entry there at that moment, if any),
+        or (None, None) when someone else holds it."""
+        ...
+
+    async def release(self, key: CacheKey, token: str) -> None:
+        """Give the lease ``token`` back (if it is still ours)."""
+        ...
+
+    async def store(
+        self, target: CacheKey, leased: CacheKey, value: bytes, lifetime: float, token: str | None
+    ) -> None:
+        """Store ``value`` under ``target`` (and its vary record), and release
+        the lease ``token`` of ``leased``, the key the caller looked up."""
+        ...
+
+    async def bump(self, names: list[str]) -> None:
+        """Increment version counters (invalidation)."""
+        ...
+
+    async def bump_generation(self, name: str) -> int:
+        """Increment a namespace generation (``clear()``); the new value."""
+        ...
+
+    async def aclose(self) -> None: ...
