@@ -27,7 +27,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         description="Compare asgi_redis_kit with its peers in one run on this machine and\n"
         "write a markdown report (method: bench/README.md). ./dev bench runs this.",
         epilog="the soak run:\n  python -m bench soak [--minutes M] [--rps R] [--latency-ms L] "
-        "[--concurrency C] [--out PATH]\n  (python -m bench soak --help for its options)",
+        "[--concurrency C] [--out PATH]\n  (python -m bench soak --help for its options)\n"
+        "the fleet run (near-cache invalidation cost on Redis):\n  python -m bench fleet "
+        "[--clients N] [--writes W] [--seconds S] [--out PATH]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--quick", action="store_true", help="fewer rounds and requests (~1 min)")
@@ -109,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import soak
 
         return soak.main(argv[1:])
+    if argv[:1] == ["fleet"]:
+        from . import fleet
+
+        return fleet.main(argv[1:])
     args = _parse(argv)
     # Only a complete run replaces the committed results.
     partial = args.quick or args.only or args.no_e2e
