@@ -29,7 +29,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         epilog="the soak run:\n  python -m bench soak [--minutes M] [--rps R] [--latency-ms L] "
         "[--concurrency C] [--out PATH]\n  (python -m bench soak --help for its options)\n"
         "the fleet run (near-cache invalidation cost on Redis):\n  python -m bench fleet "
-        "[--clients N] [--writes W] [--seconds S] [--out PATH]",
+        "[--clients N] [--writes W] [--seconds S] [--out PATH]\n"
+        "the near cache's invalidation lag between two instances:\n  python -m bench lag "
+        "[--trials N] [--keys K] [--out PATH]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--quick", action="store_true", help="fewer rounds and requests (~1 min)")
@@ -115,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import fleet
 
         return fleet.main(argv[1:])
+    if argv[:1] == ["lag"]:
+        from . import lag
+
+        return lag.main(argv[1:])
     args = _parse(argv)
     # Only a complete run replaces the committed results.
     partial = args.quick or args.only or args.no_e2e
