@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ._report import load
 from ._server import BenchRedis, redis_server_version
 
 RESULTS = Path(__file__).parent / "results"
@@ -398,7 +399,8 @@ def render(phases: list[Phase], args: argparse.Namespace, value_bytes: int) -> s
     lines = [
         "# Fleet: the cost of near-cache invalidation on Redis",
         "",
-        f"- Date: {now}; nproc={nproc}; Python {platform.python_version()}; "
+        f"- Date: {now}; nproc={nproc} (load average {load()}); "
+        f"Python {platform.python_version()}; "
         f"redis-server {redis_server_version()} (the bench's own, loopback)",
         f"- Run: {args.clients} tracking clients, writer target {args.writes:,} writes/s "
         f"for {args.seconds:g} s; each write is HSET of a {value_bytes}-byte session hash "

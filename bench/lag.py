@@ -34,6 +34,7 @@ from redis.asyncio import Redis
 
 from asgi_redis_kit.near import NearCache, NearView
 
+from ._report import load
 from ._server import BenchRedis, redis_server_version
 
 RESULTS = Path(__file__).parent / "results"
@@ -220,7 +221,8 @@ def render(runs: list[Lags], trials: int, keys: int) -> str:
     lines = [
         "# Near cache: invalidation lag between two instances",
         "",
-        f"- Date: {now}; nproc={nproc}; Python {platform.python_version()}; "
+        f"- Date: {now}; nproc={nproc} (load average {load()}); "
+        f"Python {platform.python_version()}; "
         f"redis-server {redis_server_version()} (the bench's own, loopback)",
         f"- `python -m bench lag` (bench/lag.py): {trials:,} trials per setup over {keys} "
         "keys; two NearCache instances with their own clients and tracking connections. "
