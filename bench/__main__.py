@@ -17,6 +17,7 @@ from ._measure import Plan, Scenario
 from ._server import BenchRedis
 
 RESULTS = Path(__file__).parent / "results"
+CHART = Path(__file__).parent.parent / "docs" / "bench.png"
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -26,7 +27,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         description="Compare asgi_redis_kit with its peers in one run on this machine and\n"
         "write a markdown report (method: bench/README.md). ./dev bench runs this.",
         epilog="the soak run:\n  python -m bench soak [--minutes M] [--rps R] [--latency-ms L] "
-        "[--concurrency C] [--out PATH]\n  (python -m bench soak --help for its options)",
+        "[--concurrency C] [--out PATH]\n  (python -m bench soak --help for its options)\n"
+        "the fleet run (near-cache invalidation cost on Redis):\n  python -m bench fleet "
+        "[--clients N] [--writes W] [--seconds S] [--out PATH]\n"
+        "the near cache's invalidation lag between two instances:\n  python -m bench lag "
+        "[--trials N] [--keys K] [--out PATH]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--quick", action="store_true", help="fewer rounds and requests (~1 min)")
@@ -40,10 +45,16 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         "quick.md or partial.md otherwise)",
     )
     p.add_argument("--no-e2e", action="store_true", help="skip the uvicorn end-to-end run")
+    p.add_argument(
+        "--chart",
+        type=Path,
+        help="PNG of the time-vs-ours ratios (default: docs/bench.png for a complete run, "
+        "else the markdown output's path with .png)",
+    )
     return p.parse_args(argv)
 
 
-async def _main(args: argparse.Namespace, url: str) -> str:
+async def _main(args: argparse.Namespace, url: str) -> tuple[str, list[Scenario], str]:
     plan = Plan(
         rounds=args.rounds or (3 if args.quick else 10),
         per_round=args.n or (100 if args.quick else 500),
@@ -83,9 +94,10 @@ async def _main(args: argparse.Namespace, url: str) -> str:
         f"requests per tool (interleaved), {plan.warmup} warm-up and {plan.counted} counted "
         f"requests per tool; total run {time.monotonic() - started:.0f}s"
     )
-    return _report.render(
+    text = _report.render(
         "asgi_redis_kit vs peers: latest results", scenarios, settings=settings, notes=notes
     )
+    return text, scenarios, settings
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
@@ -101,14 +113,23 @@ def main(argv: list[str] | None = None) -> int:
         from . import soak
 
         return soak.main(argv[1:])
+    if argv[:1] == ["fleet"]:
+        from . import fleet
+
+        return fleet.main(argv[1:])
+    if argv[:1] == ["lag"]:
+        from . import lag
+
+        return lag.main(argv[1:])
     args = _parse(argv)
     # Only a complete run replaces the committed results.
     partial = args.quick or args.only or args.no_e2e
     name = "quick.md" if args.quick else "partial.md" if partial else "latest.md"
     out: Path = args.out or RESULTS / name
+    chart: Path = args.chart or (out.with_suffix(".png") if partial else CHART)
     try:
         with BenchRedis() as server:
-            text = asyncio.run(_main(args, server.url))
+            text, scenarios, settings = asyncio.run(_main(args, server.url))
     except KeyboardInterrupt:
         print("bench: interrupted; redis-server stopped, nothing written", file=sys.stderr)
         return 130
@@ -116,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(text + "\n")
     print(text)
     print(f"\nbench: wrote {out}", file=sys.stderr)
+    from . import _chart
+
+    problem = _chart.write(scenarios, chart, subtitle=settings.split("; total")[0])
+    print(problem or f"bench: wrote {chart}", file=sys.stderr)
     return 0
 
 

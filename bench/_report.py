@@ -61,13 +61,22 @@ def _git_head() -> str:
         return "unknown"
 
 
+def load() -> str:
+    """The 1/5/15-minute load average: other work on the box moves the tails."""
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 def machine() -> list[str]:
     nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     versions = ", ".join(f"{p} {_version(p)}" for p in PACKAGES)
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return [
         f"- Date: {now}; repo HEAD {_git_head()}",
-        f"- Machine: nproc={nproc}, {_cpu_model()}, {platform.system()} {platform.release()}",
+        f"- Machine: nproc={nproc}, {_cpu_model()}, {platform.system()} {platform.release()}; "
+        f"load average {load()} when the report was written",
         f"- Python {platform.python_version()} ({platform.python_implementation()}), "
         f"redis-server {redis_server_version()} (the bench's own, loopback)",
         f"- Packages: {versions}",

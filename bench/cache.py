@@ -1,5 +1,6 @@
-"""Response-cache scenarios: ours vs fastapi-cache2, cashews, aiocache (asgi-caches when
-it can run), plus a no-cache reference line.
+"""Response-cache scenarios: ours vs fastapi-cache2, cashews (plain and client_side),
+aiocache (asgi-caches when it can run), plus a no-cache reference line, and a
+two-instance coherence check of cashews' client-side cache.
 
 Every tool serves the same FastAPI app shape (the peers are FastAPI-first) with the same
 handler work, configured the way its README shows, with its Redis backend on the bench's
@@ -195,17 +196,24 @@ def _fastapi_cache2(url: str) -> Tool:
     )
 
 
-def _cashews_cache(url: str) -> Any:
+def _cashews_cache(url: str, **options: Any) -> Any:
     from cashews import Cache
 
     cache = Cache()
-    cache.setup(url)  # its README: cache.setup("redis://...") then @cache(ttl=...)
+    # Its README: cache.setup("redis://...") then @cache(ttl=...); the client-side
+    # variant is cache.setup("redis://...", client_side=True).
+    cache.setup(url, **options)
     return cache
 
 
-def _cashews(url: str, *, etag: bool = False) -> Tool:
+CASHEWS = "cashews 7.6 (redis)"
+CASHEWS_CS = "cashews 7.6 (redis, client_side=True)"
+CASHEWS_ETAG = "cashews 7.6 + CacheEtagMiddleware"
+
+
+def _cashews(url: str, *, etag: bool = False, client_side: bool = False) -> Tool:
     calls: Counter[str] = Counter()
-    cache = _cashews_cache(url)
+    cache = _cashews_cache(url, client_side=True) if client_side else _cashews_cache(url)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
@@ -253,14 +261,23 @@ def _cashews(url: str, *, etag: bool = False) -> Tool:
 
     if etag:
         return Tool(
-            "cashews 7.6 + CacheEtagMiddleware",
+            CASHEWS_ETAG,
             app,
             calls,
             note="ETag middleware from cashews.contrib.fastapi (a BaseHTTPMiddleware)",
             routes={"json"},
         )
+    if client_side:
+        return Tool(
+            CASHEWS_CS,
+            app,
+            calls,
+            note="a hit is served from an in-process copy (BCAST tracking on prefix cashews:); "
+            "pickled return value, FastAPI re-serializes",
+            routes={"json", "html", "miss", "slow", "slow-lock"},
+        )
     return Tool(
-        "cashews 7.6 (redis)",
+        CASHEWS,
         app,
         calls,
         note="caches the return value (pickled), FastAPI re-serializes on a hit",
@@ -362,6 +379,7 @@ FACTORIES: dict[str, Callable[[str], Tool]] = {
     "ours": _ours,
     "fastapi-cache2": _fastapi_cache2,
     "cashews": _cashews,
+    "cashews client_side": lambda url: _cashews(url, client_side=True),
     "cashews+etag": lambda url: _cashews(url, etag=True),
     "aiocache": _aiocache,
     "no-cache": _baseline,
@@ -486,9 +504,20 @@ async def _stampede(tool: Tool, admin: Redis, route: str, label: str) -> Row:
             f"{SLOW_SECONDS * 1000:.0f} ms); {connections / TRIALS:.0f} new Redis connections "
             "per burst"
         )
+        if 0 in runs:
+            row.note += (
+                "; 0x = that burst was served from an in-process copy that outlived the "
+                "FLUSHDB before it (no invalidation reached it, see Cache (g))"
+            )
     except Exception as exc:
         row.error = f"{type(exc).__name__}: {exc}"[:160]
     return row
+
+
+def _lock_label(tool: Tool) -> str:
+    if tool.name == CASHEWS_CS:
+        return "cashews client_side (lock=True)"
+    return "cashews (lock=True)" if tool.name == CASHEWS else "aiocache cached_stampede"
 
 
 async def _outage(tool: Tool, route: str, label: str) -> Row:
@@ -529,12 +558,7 @@ async def _outage_scenario() -> tuple[Scenario, list[str]]:
                 if "slow" in tool.routes:
                     rows.append(await _outage(tool, "slow", tool.name))
                 if "slow-lock" in tool.routes:
-                    label = (
-                        "cashews (lock=True)"
-                        if "cashews" in tool.name
-                        else "aiocache cached_stampede"
-                    )
-                    rows.append(await _outage(tool, "slow-lock", label))
+                    rows.append(await _outage(tool, "slow-lock", _lock_label(tool)))
         except Exception as exc:
             rows.append(Row(tool.name, ours=tool.ours, error=f"{type(exc).__name__}: {exc}"[:160]))
         finally:
@@ -552,6 +576,77 @@ async def _outage_scenario() -> tuple[Scenario, list[str]]:
     return scenario, [p.replace("cache: ", "cache (f): ", 1) for p in problems]
 
 
+COHERENCE_DELAYS = (0.01, 0.1, 0.5, 2.0)
+CASHEWS_CS_README = "cashews client_side=True (README setup)"
+
+
+async def _coherent_after(url: str, options: dict[str, Any], tag: str) -> str:
+    """Two cashews instances on one Redis. Per delay: A stores "old", B reads it (and
+    keeps its copy), A overwrites with "new", and after the delay B reads again."""
+    a, b = _cashews_cache(url, **options), _cashews_cache(url, **options)
+    await asyncio.wait_for(a.init(), 10)
+    await asyncio.wait_for(b.init(), 10)
+    seen: list[tuple[float, Any]] = []
+    try:
+        for delay in COHERENCE_DELAYS:
+            key = f"coherence:{tag}:{delay}"
+            await a.set(key, "old", expire=TTL)
+            if await b.get(key) != "old":
+                return f"setup failed: B did not read {key!r} back"
+            await a.set(key, "new", expire=TTL)
+            await asyncio.sleep(delay)
+            seen.append((delay, await b.get(key)))
+    finally:
+        await a.close()
+        await b.close()
+    stale = [d for d, v in seen if v != "new"]
+    shown = ", ".join(f"{d:g} s: {v!r}" for d, v in seen)
+    if not stale:
+        return f"coherent: B read the new value after every delay ({shown})"
+    after = ", ".join(f"{d:g}" for d in stale)
+    return f"stale: B still read the old value after {after} s ({shown})"
+
+
+async def _coherence_scenario(url: str) -> Scenario:
+    variants: list[tuple[str, dict[str, Any], str]] = [
+        (
+            CASHEWS_CS_README,
+            {"client_side": True},
+            "when stale: redis-py 8 opens RESP3 connections by default, and cashews waits "
+            "for RESP2 pub/sub messages on __redis__:invalidate, which a RESP3 connection "
+            "never gets (CLIENT LIST shows resp=3)",
+        ),
+        (
+            "cashews client_side=True, protocol=2",
+            {"client_side": True, "protocol": 2},
+            "forcing RESP2 on the connection makes its BCAST listener see the invalidations",
+        ),
+        (CASHEWS, {}, "no local copy: every get reads Redis (the control)"),
+    ]
+    rows: list[Row] = []
+    for i, (label, options, note) in enumerate(variants):
+        row = Row(label, note=note)
+        try:
+            row.correctness = await asyncio.wait_for(_coherent_after(url, options, str(i)), 60)
+            # The explanation belongs to the outcome it explains.
+            if i == 0 and not row.correctness.startswith("stale"):
+                row.note = ""
+        except Exception as exc:
+            row.error = f"{type(exc).__name__}: {exc}"[:160]
+        rows.append(row)
+    delays = "/".join(f"{d:g}" for d in COHERENCE_DELAYS)
+    return Scenario(
+        "cache-g",
+        "Cache (g): two instances, one overwrites: does the other see it?",
+        "Two cache instances (two app processes' worth) on one Redis. A stores a key, B "
+        f"reads it, A overwrites it; B reads again after {delays} s. `coherent` = B got the "
+        "new value every time, `stale` = B served its old in-process copy. asgi_redis_kit's "
+        "cache keeps no in-process copy (every hit reads Redis), so it is coherent by "
+        "construction.",
+        rows,
+    )
+
+
 async def run(
     url: str, admin: Redis, plan: Plan, index: list[int]
 ) -> tuple[list[Scenario], list[str]]:
@@ -562,7 +657,12 @@ async def run(
         await lifespan.__aenter__()
     try:
         await admin.flushdb()
-        main = [t for t in tools if t.name != "cashews 7.6 + CacheEtagMiddleware"]
+        coherence = await _coherence_scenario(url)
+        verdict = {r.tool: r.correctness for r in coherence.rows}.get(CASHEWS_CS_README, "")
+        for tool in tools:
+            if tool.name == CASHEWS_CS and verdict:
+                tool.note += f"; two-instance check: {verdict.split(':')[0]} (Cache (g))"
+        main = [t for t in tools if t.name != CASHEWS_ETAG]
         for route, key, title, what in (
             (
                 "json",
@@ -603,7 +703,7 @@ async def run(
         etag_rows: list[Row] = []
         etag_cases: list[Case] = []
         for tool in tools:
-            if tool.name == "cashews 7.6 (redis)" or tool.reference:
+            if tool.name in (CASHEWS, CASHEWS_CS) or tool.reference:
                 continue
             found = await _etag_case(tool)
             if isinstance(found, Row):
@@ -625,10 +725,7 @@ async def run(
             if "slow" in tool.routes:
                 stampede_rows.append(await _stampede(tool, admin, "slow", tool.name))
             if "slow-lock" in tool.routes:
-                label = (
-                    "cashews (lock=True)" if "cashews" in tool.name else "aiocache cached_stampede"
-                )
-                stampede_rows.append(await _stampede(tool, admin, "slow-lock", label))
+                stampede_rows.append(await _stampede(tool, admin, "slow-lock", _lock_label(tool)))
         scenarios.append(
             Scenario(
                 "cache-e",
@@ -639,6 +736,7 @@ async def run(
                 stampede_rows,
             )
         )
+        scenarios.append(coherence)
         outage, outage_problems = await _outage_scenario()
         scenarios.append(outage)
         problems += [p for p in outage_problems if p not in problems]
