@@ -214,6 +214,9 @@ class _Domain:
     def _tracker_state(self, tracker: Tracker) -> None:
         if self.trackers.get(tracker.name) is tracker:
             self.near.stats.tracking[tracker.name] = tracker.state
+            if tracker.state == "closed":  # cancelled: its loop is shutting down
+                self.closed = True
+                self._lose()
 
     def _tracker_up(self, tracker: Tracker | None) -> None:
         if self.trackers and all(t.tracking for t in self.trackers.values()):
@@ -255,10 +258,11 @@ class _Domain:
         self.closed = True
         self.usable = False
         tasks: list[asyncio.Task[None]] = [t.task for t in self.trackers.values()]
+        for tracker in self.trackers.values():
+            tracker.cancel()
         if self.watcher is not None:
+            self.watcher.cancel()
             tasks.append(self.watcher)
-        for task in tasks:
-            task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.near._store.flush(self.id)
         for name in self.trackers:
@@ -444,7 +448,7 @@ class NearCache:
             else:
                 domain.closed = domain.usable = False
                 for tracker in domain.trackers.values():
-                    domain.loop.call_soon_threadsafe(tracker.task.cancel)
+                    domain.loop.call_soon_threadsafe(tracker.cancel)
                 if domain.watcher is not None:
                     domain.loop.call_soon_threadsafe(domain.watcher.cancel)
         self._store.clear()

@@ -48,7 +48,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import RedisError
 
 State = Literal["connecting", "tracking", "lost", "closed"]
 
@@ -106,6 +105,7 @@ class Tracker:
         self.last_error: str | None = None
         self.connection: AbstractConnection | None = None
         self._retrack = asyncio.Event()
+        self._stopping = False
         self._pong: asyncio.Future[None] | None = None
         self.task = asyncio.get_running_loop().create_task(
             self._run(), name=f"asgi_redis_kit near-cache tracker {name}"
@@ -119,8 +119,13 @@ class Tracker:
         """The prefixes changed: drop the connection and register them again."""
         self._retrack.set()
 
-    async def aclose(self) -> None:
+    def cancel(self) -> None:
+        """Stop for good (from the tracker's own loop)."""
+        self._stopping = True
         self.task.cancel()
+
+    async def aclose(self) -> None:
+        self.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
 
@@ -130,6 +135,8 @@ class Tracker:
 
     async def _run(self) -> None:
         backoff = BACKOFF_FIRST
+        current = asyncio.current_task()
+        assert current is not None
         try:
             while True:
                 self._retrack.clear()
@@ -145,7 +152,10 @@ class Tracker:
                     await self._serve(connection)
                 except _Retrack:
                     pass
-                except (_Lost, RedisError, OSError, TimeoutError) as exc:
+                except Exception as exc:
+                    # Any failure, expected (_Lost, RedisError, OSError, TimeoutError)
+                    # or not (a reply we fail to parse), ends this connection only:
+                    # a tracker that died would leave its views bypassing for good.
                     self.last_error = f"{type(exc).__name__}: {exc}"
                 finally:
                     was = self.state
@@ -155,6 +165,12 @@ class Tracker:
                     if was != "lost":
                         self._on_state(self)
                     self._on_lost(self)
+                if self._stopping or current.cancelling():
+                    # A cancel that lands as a timeout expires is turned into a
+                    # TimeoutError by Python 3.11's asyncio.timeout and by
+                    # redis-py's connect timeout (CPython gh-102780), and caught
+                    # above; the task still counts it, so the stop sticks.
+                    raise asyncio.CancelledError
                 if self._retrack.is_set():
                     continue
                 await asyncio.sleep(backoff)
