@@ -66,7 +66,7 @@ from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import RedisError
 
 from asgi_redis_kit.near._store import NearStats, Store
-from asgi_redis_kit.near._tracker import Tracker, _Lost
+from asgi_redis_kit.near._tracker import Tracker, _Lost, close_socket
 
 
 class _Absent:
@@ -274,17 +274,7 @@ class _Domain:
         self.closed = True
         self.usable = False
         for tracker in self.trackers.values():
-            connection = tracker.connection
-            writer = getattr(connection, "_writer", None)
-            if writer is None or connection is None:
-                continue
-            connection._writer = connection._reader = None
-            try:
-                writer.close()
-            except RuntimeError:  # "Event loop is closed"
-                sock = getattr(writer.transport, "_sock", None)
-                if sock is not None:
-                    sock.close()
+            close_socket(tracker.connection)
             self.near.stats.tracking.pop(tracker.name, None)
         self.near._store.flush(self.id)
         self.trackers.clear()
@@ -533,8 +523,12 @@ class NearView:
             or state is None
             or ticket.versions.get(key) != state[1]
             or not key.startswith(self.prefix)
-            or size > self.max_entry_bytes
         ):
+            self.stats.refused += 1
+            return
+        if size > self.max_entry_bytes:
+            # Too big to keep, and any copy we hold is older than this read.
+            self._store.discard(domain.id, key)
             self.stats.refused += 1
             return
         if pttl_ms == -2:

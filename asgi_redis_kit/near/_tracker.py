@@ -106,6 +106,7 @@ class Tracker:
         self.connection: AbstractConnection | None = None
         self._retrack = asyncio.Event()
         self._stopping = False
+        self._abandoned = False
         self._pong: asyncio.Future[None] | None = None
         self.task = asyncio.get_running_loop().create_task(
             self._run(), name=f"asgi_redis_kit near-cache tracker {name}"
@@ -152,19 +153,28 @@ class Tracker:
                     await self._serve(connection)
                 except _Retrack:
                     pass
+                except GeneratorExit:
+                    # Garbage collected on a loop that closed under us: no awaiting.
+                    self._abandoned = True
+                    raise
                 except Exception as exc:
                     # Any failure, expected (_Lost, RedisError, OSError, TimeoutError)
                     # or not (a reply we fail to parse), ends this connection only:
                     # a tracker that died would leave its views bypassing for good.
+                    if self._abandoned:
+                        raise
                     self.last_error = f"{type(exc).__name__}: {exc}"
                 finally:
                     was = self.state
                     self.state = "lost"
                     self.connection = None
-                    await _disconnect(connection)
-                    if was != "lost":
-                        self._on_state(self)
-                    self._on_lost(self)
+                    if self._abandoned:
+                        close_socket(connection)
+                    else:
+                        await _disconnect(connection)
+                        if was != "lost":
+                            self._on_state(self)
+                        self._on_lost(self)
                 if self._stopping or current.cancelling():
                     # A cancel that lands as a timeout expires is turned into a
                     # TimeoutError by Python 3.11's asyncio.timeout and by
@@ -220,10 +230,16 @@ class Tracker:
                 self._stop_if_done(reader, retrack)
         except TimeoutError:
             raise _Lost(f"no PONG within {self.heartbeat_timeout} s") from None
+        except GeneratorExit:
+            self._abandoned = True
+            raise
         finally:
-            for task in (reader, retrack):
-                task.cancel()
-            await asyncio.gather(reader, retrack, return_exceptions=True)
+            # Abandoned: the loop is closed, so no cancel can be scheduled; the
+            # two tasks are garbage with us.
+            if not self._abandoned:
+                for task in (reader, retrack):
+                    task.cancel()
+                await asyncio.gather(reader, retrack, return_exceptions=True)
 
     @staticmethod
     def _stop_if_done(reader: asyncio.Task[None], retrack: asyncio.Task[Any]) -> None:
@@ -262,3 +278,21 @@ def _decode(key: bytes | str) -> str:
 async def _disconnect(connection: AbstractConnection) -> None:
     with contextlib.suppress(Exception):
         await asyncio.wait_for(connection.disconnect(nowait=True), 1.0)
+
+
+def close_socket(connection: AbstractConnection | None) -> None:
+    """Close ``connection``'s socket now, without awaiting: its loop is closed
+    (or closing), so the transport's own close callback would never run.
+    asyncio has no public API for a transport whose loop is gone."""
+    writer = getattr(connection, "_writer", None)
+    if connection is None or writer is None:
+        return
+    connection._writer = connection._reader = None
+    try:
+        writer.close()
+    except RuntimeError:  # "Event loop is closed"
+        transport = writer.transport
+        sock = getattr(transport, "_sock", None)
+        if sock is not None:
+            sock.close()
+            transport._sock = None  # or its destructor reports it unclosed
