@@ -37,7 +37,10 @@ prefixes is registered; it covers the others.
 Cluster: one tracker per primary (``client.get_primaries()``), since tracking
 and its redirect are per node. Every heartbeat compares that set with the
 trackers; a change (a failover, a resharding that added a node) flushes the
-domain and tracks the new primaries. Sentinel: the tracker's connection asks
+domain and tracks the new primaries. The set is the client's own idea of the
+topology (we never ask the cluster ourselves): a primary that dies keeps the
+domain bypassing until it is back, or until the client has learnt of its
+replacement from a MOVED or a failed command. Sentinel: the tracker's connection asks
 Sentinel for the master when it connects, and every heartbeat checks that the
 master is still where it connected (a demoted master still answers PING but
 no longer receives the writes).
@@ -449,7 +452,9 @@ class NearView:
     :meth:`NearCache.view`; every method is synchronous and costs no I/O.
 
     Keys are full Redis keys (str); a key outside the view's prefix is never
-    kept."""
+    kept. A view outlives nothing: after :meth:`NearCache.aclose`, or once its
+    loop has finished, it is never usable again; ``view()`` is a few dict
+    lookups, so callers may simply ask for the view on each request."""
 
     __slots__ = ("_domain", "_store", "max_entry_bytes", "max_ttl", "prefix", "stats")
 

@@ -9,7 +9,7 @@ import pytest
 from redis.asyncio import Redis
 
 from asgi_redis_kit.near import ABSENT, NearCache
-from tests.near.conftest import HEARTBEAT, HEARTBEAT_TIMEOUT, load, read, until, usable
+from tests.near.conftest import HEARTBEAT, HEARTBEAT_TIMEOUT, cached, load, read, until, usable
 
 pytestmark = pytest.mark.real_redis
 
@@ -193,3 +193,42 @@ async def test_views_of_one_server_share_one_tracker(
         assert third.usable
     finally:
         await other.aclose()
+
+
+async def test_a_new_prefix_on_a_running_tracker_re_registers_and_both_work(
+    near: NearCache, reader: Redis, real_redis: Redis, key_prefix: str
+) -> None:
+    first = await usable(near.view(reader, f"{key_prefix}one:"))
+    one, two = f"{key_prefix}one:k", f"{key_prefix}two:k"
+    await real_redis.set(one, b"1")
+    await load(first, reader, one)
+    flushes = near.stats.flushes
+    second = near.view(reader, f"{key_prefix}two:")
+    # Re-registering drops what we hold: the new registration starts from nothing.
+    assert near.stats.flushes == flushes + 1
+    assert near.stats.entries == 0
+    await usable(second)
+    await real_redis.set(two, b"2")
+    assert await load(first, reader, one) == b"1"
+    assert await load(second, reader, two) == b"2"
+    await real_redis.set(one, b"1+")
+    await real_redis.set(two, b"2+")
+    await until(lambda: first.get(one) is None and second.get(two) is None, 5)
+    [tracker] = await real_redis.client_list(_type="pubsub")
+    assert "t" in tracker["flags"]
+
+
+async def test_heartbeats_keep_a_quiet_view_usable(
+    near: NearCache, reader: Redis, real_redis: Redis, key_prefix: str
+) -> None:
+    """Many heartbeats with nothing else on the connection: every PONG is seen."""
+    view = await usable(near.view(reader, key_prefix))
+    key = f"{key_prefix}quiet"
+    await real_redis.set(key, b"q")
+    await load(view, reader, key)
+    flushes = near.stats.flushes
+    for _ in range(10):
+        await asyncio.sleep(HEARTBEAT_TIMEOUT)
+        assert view.usable
+    assert near.stats.flushes == flushes
+    assert await cached(view, key) == b"q"
