@@ -11,11 +11,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from asgi_redis_kit.near import NearCache, NearView
 from tests.near.conftest import load, until, usable
 from tests.scaleout.conftest import own_cluster, own_cluster_client
-from tests.scaleout.servers import HOST, ClusterDeployment, wait_for
+from tests.scaleout.servers import HOST, ClusterDeployment, sync_client, wait_for
+from tests.support import free_port
 
 pytestmark = pytest.mark.real_redis
 
@@ -112,3 +114,98 @@ async def test_a_killed_master_flushes_and_bypasses_until_it_is_back(
         for node in client.get_nodes():
             await node.disconnect()
     await invalidated_everywhere(view, own_cluster_client, writer, keys, b"2")
+
+
+def add_replica(cluster: ClusterDeployment, master_port: int) -> int:
+    """Start a replica of the master on ``master_port``; its port once in sync."""
+    args = [
+        "--cluster-enabled", "yes",
+        "--cluster-config-file", "nodes.conf",
+        "--cluster-port", str(free_port()),
+        "--cluster-node-timeout", "3000",
+    ]  # fmt: skip
+    replica = cluster._add(f"replica{len(cluster.servers)}", args)
+    with sync_client(master_port) as client:
+        # "<id> 127.0.0.1:<port>@<bus port> myself,master ...": the bus port is
+        # not port + 10000 here, so MEET must be told it.
+        [me] = [
+            line
+            for line in client.execute_command("CLUSTER", "NODES").splitlines()
+            if "myself" in line
+        ]
+        bus = me.split()[1].split("@")[1].split(",")[0]
+    with sync_client(replica.port) as client:
+        client.execute_command("CLUSTER", "MEET", HOST, str(master_port), bus)
+    master_id = cluster.node_id(master_port)
+
+    with sync_client(master_port) as client:
+        client.config_set("repl-diskless-sync-delay", 0)
+
+    def replicate() -> bool:
+        with sync_client(replica.port) as client:
+            try:
+                client.execute_command("CLUSTER", "REPLICATE", master_id)
+            except ResponseError:
+                return False  # the master is not known to it yet
+            return True
+
+    def synced() -> bool:
+        # Not REPLICATE again: each call restarts the replication link.
+        with sync_client(replica.port) as client:
+            return bool(client.info("replication").get("master_link_status") == "up")
+
+    wait_for("the replica to learn of its master", replicate, timeout=20, interval=0.1)
+    wait_for("the replica to sync", synced, timeout=20, interval=0.1)
+    return replica.port
+
+
+async def test_a_new_primary_is_tracked_and_the_old_entries_are_flushed(
+    near: NearCache,
+    own_cluster: ClusterDeployment,
+    own_cluster_client: RedisCluster,
+    writer: RedisCluster,
+) -> None:
+    by_port = one_key_per_master(own_cluster)
+    old_port = own_cluster.ports[0]
+    new_port = await asyncio.to_thread(add_replica, own_cluster, old_port)
+    view = await usable(near.view(own_cluster_client, PREFIX))
+    keys = list(by_port.values())
+    await invalidated_everywhere(view, own_cluster_client, writer, keys, b"1")
+    flushes = near.stats.flushes
+
+    def promote() -> bool:
+        with sync_client(new_port) as client:
+            # TAKEOVER: no agreement from the master needed, which may not
+            # have heard of its new replica by gossip yet.
+            client.execute_command("CLUSTER", "FAILOVER", "TAKEOVER")
+        return True
+
+    await asyncio.to_thread(promote)
+    await asyncio.to_thread(
+        wait_for,
+        "the replica to be a primary",
+        lambda: own_cluster.owner_of(own_cluster.keyslot(by_port[old_port])) == new_port,
+        15,
+    )
+    # The client learns of the new primary from a MOVED (or its own refresh).
+    for client in (own_cluster_client, writer):
+        await until_served(client, by_port[old_port])
+    await until(lambda: f"{HOST}:{new_port}" in near.stats.tracking, 10)
+    assert near.stats.flushes > flushes
+    await usable(view)
+    assert f"{HOST}:{old_port}" not in near.stats.tracking
+    assert near.stats.entries == 0
+    await invalidated_everywhere(view, own_cluster_client, writer, keys, b"2")
+
+
+async def until_served(client: RedisCluster, key: str) -> None:
+    for _ in range(100):
+        try:
+            await client.get(key)
+        except (RedisError, RedisClusterException):
+            await asyncio.sleep(0.1)
+            continue
+        node = client.get_node_from_key(key)
+        if node is not None and node in client.get_primaries():
+            return
+    raise AssertionError(f"{key!r} never served")
