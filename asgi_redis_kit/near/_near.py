@@ -147,9 +147,6 @@ class _Domain:
             for tracker in self.trackers.values():
                 tracker.retrack()
 
-    def covers(self, key: str) -> bool:
-        return any(key.startswith(p) for p in self.prefixes)
-
     # Trackers ----------------------------------------------------------
 
     def _start(self) -> None:
@@ -199,9 +196,12 @@ class _Domain:
     async def _watch_primaries(self, client: RedisCluster) -> None:
         while True:
             await asyncio.sleep(self.near.heartbeat)
-            names = {node.name: node for node in client.get_primaries()}
-            if set(names) == set(self.trackers):
+            try:
+                names = {node.name: node for node in client.get_primaries()}
+            except Exception:  # noqa: S112 -- the client is mid-reinitialisation: ask next time
                 continue
+            if not names or set(names) == set(self.trackers):
+                continue  # none known (between two topologies) is no news
             self._lose()
             for name in set(self.trackers) - set(names):
                 tracker = self.trackers.pop(name)

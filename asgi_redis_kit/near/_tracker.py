@@ -208,7 +208,8 @@ class Tracker:
             raise _Lost(f"SUBSCRIBE answered {reply!r}")
 
     async def _serve(self, connection: AbstractConnection) -> None:
-        """Read and heartbeat until tracking is lost (raises) or retracked (returns)."""
+        """Read and heartbeat until tracking is lost (:class:`_Lost`) or the
+        prefixes changed (:class:`_Retrack`); it never returns."""
         loop = asyncio.get_running_loop()
         reader = loop.create_task(self._read(connection))
         retrack = loop.create_task(self._retrack.wait())
