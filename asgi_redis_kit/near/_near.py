@@ -37,7 +37,10 @@ prefixes is registered; it covers the others.
 Cluster: one tracker per primary (``client.get_primaries()``), since tracking
 and its redirect are per node. Every heartbeat compares that set with the
 trackers; a change (a failover, a resharding that added a node) flushes the
-domain and tracks the new primaries. Sentinel: the tracker's connection asks
+domain and tracks the new primaries. The set is the client's own idea of the
+topology (we never ask the cluster ourselves): a primary that dies keeps the
+domain bypassing until it is back, or until the client has learnt of its
+replacement from a MOVED or a failed command. Sentinel: the tracker's connection asks
 Sentinel for the master when it connects, and every heartbeat checks that the
 master is still where it connected (a demoted master still answers PING but
 no longer receives the writes).
@@ -66,7 +69,7 @@ from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import RedisError
 
 from asgi_redis_kit.near._store import NearStats, Store
-from asgi_redis_kit.near._tracker import Tracker, _Lost
+from asgi_redis_kit.near._tracker import Tracker, _Lost, close_socket
 
 
 class _Absent:
@@ -144,9 +147,6 @@ class _Domain:
             for tracker in self.trackers.values():
                 tracker.retrack()
 
-    def covers(self, key: str) -> bool:
-        return any(key.startswith(p) for p in self.prefixes)
-
     # Trackers ----------------------------------------------------------
 
     def _start(self) -> None:
@@ -196,9 +196,12 @@ class _Domain:
     async def _watch_primaries(self, client: RedisCluster) -> None:
         while True:
             await asyncio.sleep(self.near.heartbeat)
-            names = {node.name: node for node in client.get_primaries()}
-            if set(names) == set(self.trackers):
+            try:
+                names = {node.name: node for node in client.get_primaries()}
+            except Exception:  # noqa: S112 -- the client is mid-reinitialisation: ask next time
                 continue
+            if not names or set(names) == set(self.trackers):
+                continue  # none known (between two topologies) is no news
             self._lose()
             for name in set(self.trackers) - set(names):
                 tracker = self.trackers.pop(name)
@@ -214,6 +217,9 @@ class _Domain:
     def _tracker_state(self, tracker: Tracker) -> None:
         if self.trackers.get(tracker.name) is tracker:
             self.near.stats.tracking[tracker.name] = tracker.state
+            if tracker.state == "closed":  # cancelled: its loop is shutting down
+                self.closed = True
+                self._lose()
 
     def _tracker_up(self, tracker: Tracker | None) -> None:
         if self.trackers and all(t.tracking for t in self.trackers.values()):
@@ -255,10 +261,11 @@ class _Domain:
         self.closed = True
         self.usable = False
         tasks: list[asyncio.Task[None]] = [t.task for t in self.trackers.values()]
+        for tracker in self.trackers.values():
+            tracker.cancel()
         if self.watcher is not None:
+            self.watcher.cancel()
             tasks.append(self.watcher)
-        for task in tasks:
-            task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.near._store.flush(self.id)
         for name in self.trackers:
@@ -270,17 +277,7 @@ class _Domain:
         self.closed = True
         self.usable = False
         for tracker in self.trackers.values():
-            connection = tracker.connection
-            writer = getattr(connection, "_writer", None)
-            if writer is None or connection is None:
-                continue
-            connection._writer = connection._reader = None
-            try:
-                writer.close()
-            except RuntimeError:  # "Event loop is closed"
-                sock = getattr(writer.transport, "_sock", None)
-                if sock is not None:
-                    sock.close()
+            close_socket(tracker.connection)
             self.near.stats.tracking.pop(tracker.name, None)
         self.near._store.flush(self.id)
         self.trackers.clear()
@@ -444,7 +441,7 @@ class NearCache:
             else:
                 domain.closed = domain.usable = False
                 for tracker in domain.trackers.values():
-                    domain.loop.call_soon_threadsafe(tracker.task.cancel)
+                    domain.loop.call_soon_threadsafe(tracker.cancel)
                 if domain.watcher is not None:
                     domain.loop.call_soon_threadsafe(domain.watcher.cancel)
         self._store.clear()
@@ -455,7 +452,9 @@ class NearView:
     :meth:`NearCache.view`; every method is synchronous and costs no I/O.
 
     Keys are full Redis keys (str); a key outside the view's prefix is never
-    kept."""
+    kept. A view outlives nothing: after :meth:`NearCache.aclose`, or once its
+    loop has finished, it is never usable again; ``view()`` is a few dict
+    lookups, so callers may simply ask for the view on each request."""
 
     __slots__ = ("_domain", "_store", "max_entry_bytes", "max_ttl", "prefix", "stats")
 
@@ -529,8 +528,12 @@ class NearView:
             or state is None
             or ticket.versions.get(key) != state[1]
             or not key.startswith(self.prefix)
-            or size > self.max_entry_bytes
         ):
+            self.stats.refused += 1
+            return
+        if size > self.max_entry_bytes:
+            # Too big to keep, and any copy we hold is older than this read.
+            self._store.discard(domain.id, key)
             self.stats.refused += 1
             return
         if pttl_ms == -2:

@@ -53,7 +53,8 @@ class NearStats:
     found past their local deadline. ``bytes`` and ``entries`` are current
     totals. ``tracking`` maps each tracked node (``"host:port"``, or the Sentinel
     service) to its state: ``"connecting"``, ``"tracking"``, ``"lost"``,
-    ``"closed"``.
+    ``"closed"`` (one name per node: with one node tracked from two loops at
+    once, the last state reported wins).
     """
 
     hits: int = 0

@@ -48,7 +48,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import RedisError
 
 State = Literal["connecting", "tracking", "lost", "closed"]
 
@@ -106,6 +105,8 @@ class Tracker:
         self.last_error: str | None = None
         self.connection: AbstractConnection | None = None
         self._retrack = asyncio.Event()
+        self._stopping = False
+        self._abandoned = False
         self._pong: asyncio.Future[None] | None = None
         self.task = asyncio.get_running_loop().create_task(
             self._run(), name=f"asgi_redis_kit near-cache tracker {name}"
@@ -119,8 +120,13 @@ class Tracker:
         """The prefixes changed: drop the connection and register them again."""
         self._retrack.set()
 
-    async def aclose(self) -> None:
+    def cancel(self) -> None:
+        """Stop for good (from the tracker's own loop)."""
+        self._stopping = True
         self.task.cancel()
+
+    async def aclose(self) -> None:
+        self.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
 
@@ -130,6 +136,8 @@ class Tracker:
 
     async def _run(self) -> None:
         backoff = BACKOFF_FIRST
+        current = asyncio.current_task()
+        assert current is not None
         try:
             while True:
                 self._retrack.clear()
@@ -145,16 +153,34 @@ class Tracker:
                     await self._serve(connection)
                 except _Retrack:
                     pass
-                except (_Lost, RedisError, OSError, TimeoutError) as exc:
+                except GeneratorExit:
+                    # Garbage collected on a loop that closed under us: no awaiting.
+                    self._abandoned = True
+                    raise
+                except Exception as exc:
+                    # Any failure, expected (_Lost, RedisError, OSError, TimeoutError)
+                    # or not (a reply we fail to parse), ends this connection only:
+                    # a tracker that died would leave its views bypassing for good.
+                    if self._abandoned:
+                        raise
                     self.last_error = f"{type(exc).__name__}: {exc}"
                 finally:
                     was = self.state
                     self.state = "lost"
                     self.connection = None
-                    await _disconnect(connection)
-                    if was != "lost":
-                        self._on_state(self)
-                    self._on_lost(self)
+                    if self._abandoned:
+                        close_socket(connection)
+                    else:
+                        await _disconnect(connection)
+                        if was != "lost":
+                            self._on_state(self)
+                        self._on_lost(self)
+                if self._stopping or current.cancelling():
+                    # A cancel that lands as a timeout expires is turned into a
+                    # TimeoutError by Python 3.11's asyncio.timeout and by
+                    # redis-py's connect timeout (CPython gh-102780), and caught
+                    # above; the task still counts it, so the stop sticks.
+                    raise asyncio.CancelledError
                 if self._retrack.is_set():
                     continue
                 await asyncio.sleep(backoff)
@@ -182,7 +208,8 @@ class Tracker:
             raise _Lost(f"SUBSCRIBE answered {reply!r}")
 
     async def _serve(self, connection: AbstractConnection) -> None:
-        """Read and heartbeat until tracking is lost (raises) or retracked (returns)."""
+        """Read and heartbeat until tracking is lost (:class:`_Lost`) or the
+        prefixes changed (:class:`_Retrack`); it never returns."""
         loop = asyncio.get_running_loop()
         reader = loop.create_task(self._read(connection))
         retrack = loop.create_task(self._retrack.wait())
@@ -204,10 +231,16 @@ class Tracker:
                 self._stop_if_done(reader, retrack)
         except TimeoutError:
             raise _Lost(f"no PONG within {self.heartbeat_timeout} s") from None
+        except GeneratorExit:
+            self._abandoned = True
+            raise
         finally:
-            for task in (reader, retrack):
-                task.cancel()
-            await asyncio.gather(reader, retrack, return_exceptions=True)
+            # Abandoned: the loop is closed, so no cancel can be scheduled; the
+            # two tasks are garbage with us.
+            if not self._abandoned:
+                for task in (reader, retrack):
+                    task.cancel()
+                await asyncio.gather(reader, retrack, return_exceptions=True)
 
     @staticmethod
     def _stop_if_done(reader: asyncio.Task[None], retrack: asyncio.Task[Any]) -> None:
@@ -246,3 +279,21 @@ def _decode(key: bytes | str) -> str:
 async def _disconnect(connection: AbstractConnection) -> None:
     with contextlib.suppress(Exception):
         await asyncio.wait_for(connection.disconnect(nowait=True), 1.0)
+
+
+def close_socket(connection: AbstractConnection | None) -> None:
+    """Close ``connection``'s socket now, without awaiting: its loop is closed
+    (or closing), so the transport's own close callback would never run.
+    asyncio has no public API for a transport whose loop is gone."""
+    writer = getattr(connection, "_writer", None)
+    if connection is None or writer is None:
+        return
+    connection._writer = connection._reader = None
+    try:
+        writer.close()
+    except RuntimeError:  # "Event loop is closed"
+        transport = writer.transport
+        sock = getattr(transport, "_sock", None)
+        if sock is not None:
+            sock.close()
+            transport._sock = None  # or its destructor reports it unclosed
