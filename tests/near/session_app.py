@@ -104,7 +104,7 @@ async def read_until_local(client: httpx.AsyncClient, near: NearCache) -> Any:
         if near.stats.hits > hits:
             return response.json()
         await asyncio.sleep(0.01)
-    raise AssertionError("the session was never served from the near cache")
+    raise AssertionError(f"the session was never served from the near cache: {near.stats}")
 
 
 async def until_page(
