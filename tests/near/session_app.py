@@ -23,6 +23,9 @@ SECRET = "near-session-secret"
 # What a tracker sends on its own connection (made from the client's connection
 # class, so a RedisSpy counts it too); never a request's command.
 TRACKER_COMMANDS = {"PING", "CLIENT", "SUBSCRIBE", "ROLE", "HELLO"}
+# A heartbeat timeout that a busy test machine does not reach: these tests are
+# about invalidation, not about noticing a silent server.
+SLACK_TIMEOUT = 2.0
 
 
 def session_app(redis: Redis, key_prefix: str, near: NearCache | bool, **options: Any) -> Starlette:

@@ -19,10 +19,18 @@ from starlette.applications import Starlette
 
 from asgi_redis_kit import SessionStore
 from asgi_redis_kit.near import NearCache
-from tests.near.conftest import HEARTBEAT, HEARTBEAT_TIMEOUT, until
+from tests.near.conftest import HEARTBEAT, until
 from tests.support import DelayProxy, RedisProcess
 
-from .session_app import http, read_until_local, session_app, store_of, until_page, usable
+from .session_app import (
+    SLACK_TIMEOUT,
+    http,
+    read_until_local,
+    session_app,
+    store_of,
+    until_page,
+    usable,
+)
 
 pytestmark = pytest.mark.real_redis
 
@@ -50,7 +58,7 @@ async def make_instance(own_redis: RedisProcess) -> AsyncIterator[object]:
     made: list[tuple[NearCache, Redis, httpx.AsyncClient]] = []
 
     def make(url: str | None = None, **options: object) -> Instance:
-        near = NearCache(heartbeat=HEARTBEAT, heartbeat_timeout=HEARTBEAT_TIMEOUT)
+        near = NearCache(heartbeat=HEARTBEAT, heartbeat_timeout=SLACK_TIMEOUT)
         redis = Redis.from_url(url or own_redis.url, socket_timeout=5)
         app = session_app(redis, PREFIX, near, **options)
         client = http(app)

@@ -21,10 +21,18 @@ from redis.asyncio import Redis
 
 from asgi_redis_kit import SessionMiddleware, SessionStore
 from asgi_redis_kit.near import NearCache
-from tests.near.conftest import HEARTBEAT, HEARTBEAT_TIMEOUT, until
+from tests.near.conftest import HEARTBEAT, until
 from tests.support import RedisProcess, RedisSpy, counting_client
 
-from .session_app import http, read_until_local, request_commands, session_app, store_of, usable
+from .session_app import (
+    SLACK_TIMEOUT,
+    http,
+    read_until_local,
+    request_commands,
+    session_app,
+    store_of,
+    usable,
+)
 
 pytestmark = pytest.mark.real_redis
 
@@ -93,7 +101,7 @@ async def test_tracking_lost_then_back(own_redis: RedisProcess, key_prefix: str)
     spy = RedisSpy()
     redis = counting_client(own_redis.url, spy, socket_timeout=5)
     raw = Redis.from_url(own_redis.url)
-    near = NearCache(heartbeat=HEARTBEAT, heartbeat_timeout=HEARTBEAT_TIMEOUT)
+    near = NearCache(heartbeat=HEARTBEAT, heartbeat_timeout=SLACK_TIMEOUT)
     app = session_app(redis, key_prefix, near)
     try:
         async with http(app) as client:
