@@ -75,6 +75,10 @@ bound); bind or rebind 1 (2); clear 1 (2); login as another user 2 (4); rotation
 a bound session 3 (4); plus 1 for a save that lost a race and undoes its index add
 or its new record, or a delete whose record noted other users. ``revoke_user``: 3;
 ``revoke_session``: 4.
+
+Near cache (``near_cache=``, see ``_near``): the load is no round trip when this
+process holds the record (or knows it is missing), one otherwise; the writes
+above are unchanged, and each drops the copies of the keys it wrote.
 """
 
 from __future__ import annotations
