@@ -227,3 +227,29 @@ async def test_a_load_overtaken_by_a_write_is_not_kept(
         finally:
             await near_b.aclose()
             await redis_b.aclose()
+
+
+async def test_a_write_that_raised_still_drops_the_copy(own_redis: RedisProcess) -> None:
+    """A save whose reply comes too late is a 503, yet it ran in Redis: the next
+    request must not be served the copy from before it -- while the tracker's
+    invalidation is still held back by the proxy."""
+    async with DelayProxy(own_redis.port) as proxy:
+        near = NearCache(heartbeat=30, heartbeat_timeout=5)
+        redis = Redis.from_url(proxy.url, socket_timeout=5)
+        app = session_app(redis, PREFIX, near, timeout=0.3)
+        try:
+            async with http(app) as client:
+                await client.post("/set", json={"x": 1})
+                await client.get("/read")
+                await usable(near)
+                assert await read_until_local(client, near) == {"x": 1}
+                proxy.latency = 1.0
+                assert (await client.post("/set", json={"x": 2})).status_code == 503
+                proxy.latency = 0.0
+                invalidations = near.stats.invalidations
+                assert (await client.get("/read")).json() == {"x": 2}
+                # Ours, not the tracker's, dropped it: that one is still in the proxy.
+                assert near.stats.invalidations == invalidations
+        finally:
+            await near.aclose()
+            await redis.aclose()
