@@ -95,7 +95,7 @@ async def session_key(raw: Redis) -> bytes:
     return key
 
 
-@pytest.mark.parametrize("change", ["write", "clear", "incr"])
+@pytest.mark.parametrize("change", ["write", "clear", "incr", "regenerate"])
 async def test_a_request_on_a_ends_the_copy_on_b(make_instance: object, change: str) -> None:
     a, b = await pair(make_instance)
     await share_session(a, b, "/set", {"x": 1})
@@ -106,6 +106,10 @@ async def test_a_request_on_a_ends_the_copy_on_b(make_instance: object, change: 
     elif change == "incr":
         await a.client.post("/incr/n")
         expected = {"x": 1, "n": 1}
+    elif change == "regenerate":
+        # A login rotates the id: B still presents the old one, now deleted.
+        await a.client.post("/login/alice")
+        expected = {}
     else:
         await a.client.post("/logout")
         expected = {}

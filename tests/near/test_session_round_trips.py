@@ -156,3 +156,23 @@ async def test_memory_runs_without_tracking(caplog: pytest.LogCaptureFixture) ->
     assert "CLIENT TRACKING" in caplog.text
     assert await store.load("nosuch") is None
     await store.aclose()
+
+
+def test_the_scripts_listed_as_reads_never_write() -> None:
+    # Their keys keep their local copies (sessions._near.READS): a write added to
+    # one of them would be served stale by every instance that holds a copy.
+    from asgi_redis_kit.sessions._near import READS, written_keys
+    from asgi_redis_kit.sessions._scripts import SCRIPTS, script
+
+    writes = ("HSET", "HDEL", "DEL", "UNLINK", "EXPIRE", "PEXPIRE", "SADD", "SREM", "HINCRBY")
+    reads = [each for each in SCRIPTS if each.sha in READS]
+    assert len(reads) == 3
+    for each in reads:
+        assert not any(f"'{name}'" in each.text.upper() for name in writes), each.text
+        assert written_keys([script(each, "k:1")]) == []
+    others = [each for each in SCRIPTS if each.sha not in READS]
+    assert all(written_keys([script(each, "k:1", "x")]) == ["k:1"] for each in others)
+    assert written_keys([("SREM", "k:u", "id"), ("SMEMBERS", "k:v"), ("PEXPIRE", b"k:2", 5)]) == [
+        "k:u",
+        "k:2",
+    ]
