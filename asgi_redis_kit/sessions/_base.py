@@ -2,7 +2,8 @@
 lifetimes and round trips to Redis (batches, ordered steps, NOSCRIPT recovery).
 
 ``SessionStore`` (``_store``) sets the settings; the user index (``_index``) and
-the session operations build on the round trips here.
+the session operations build on the round trips here. With a near cache, every
+batch drops the local copies of the keys it wrote (``_near``), in this one place.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 
 from .._redis import Backend, RedisClient
+from ..near import NearCache, NearView
+from ._near import written_keys
 from ._scripts import SCRIPTS, Command
 
 
@@ -25,6 +28,13 @@ class StoreBase:
     idle_ms: int
     absolute_ms: int | None
     clock: Callable[[], float]
+    near: NearCache | None
+
+    def _near_view(self) -> NearView | None:
+        """This loop's view of our keys in the near cache, if we use one."""
+        if self.near is None:
+            return None
+        return self.near.view(self.backend.client, self.key_prefix)
 
     # -- keys and time ------------------------------------------------------------
 
@@ -70,7 +80,21 @@ class StoreBase:
 
         On NOSCRIPT (a restarted or flushed Redis) load the scripts and send again
         the commands refused with it, which did not run; the others ran once.
+
+        With a near cache, the local copies of the keys that the commands may
+        write are dropped once they ran -- or raised: they may have run.
         """
+        try:
+            return await self._run(commands)
+        finally:
+            if self.near is not None:
+                written = written_keys(commands)
+                if written:
+                    view = self._near_view()
+                    if view is not None:
+                        view.invalidate(written)
+
+    async def _run(self, commands: tuple[Command, ...]) -> list[Any]:
         async with self.backend.call() as client:
             results = await self._send(client, commands)
             refused = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]

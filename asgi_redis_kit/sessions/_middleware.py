@@ -39,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .._http import cookie_values
 from .._redis import DEFAULT_MAX_CONNECTIONS, Backend, RedisLike, serve_with_lifespan_close
 from ..errors import SESSION_STORE_UNAVAILABLE, BackendUnavailable, DuplicateMiddleware
+from ..near import NearCache
 from ._cookie import CookieSettings, CookieSigner, SameSite
 from ._responder import Responder
 from ._session import Session
@@ -97,9 +98,14 @@ class SessionMiddleware:
         timeout: deadline in seconds of every Redis call.
         max_connections: pool size of a client made from a URL.
         retry_after: the ``Retry-After`` seconds sent with a 503.
+        near_cache: keep loaded sessions in process memory so that a request
+            which only reads its session sends no Redis command (see
+            :class:`SessionStore`): ``True`` for ``NearCache.shared()``, or a
+            ``NearCache``. Off by default.
         store: a ready :class:`SessionStore`, instead of ``redis``, ``key_prefix``,
-            ``idle_timeout``, ``absolute_lifetime``, ``timeout`` and ``max_connections``
-            (giving any of those too is an error, not a silent no-op).
+            ``idle_timeout``, ``absolute_lifetime``, ``timeout``, ``max_connections``
+            and ``near_cache`` (giving any of those too is an error, not a silent
+            no-op).
     """
 
     def __init__(
@@ -123,6 +129,7 @@ class SessionMiddleware:
         timeout: float = 1.0,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         retry_after: int = 5,
+        near_cache: bool | NearCache = False,
         store: SessionStore | None = None,
     ) -> None:
         self.app = app
@@ -156,6 +163,7 @@ class SessionMiddleware:
                 "absolute_lifetime": absolute_lifetime,
                 "timeout": timeout,
                 "max_connections": max_connections,
+                "near_cache": near_cache,
             }
             defaults = SessionMiddleware.__init__.__kwdefaults__ or {}
             ignored = [name for name, value in given.items() if value != defaults[name]]
@@ -169,6 +177,7 @@ class SessionMiddleware:
             key_prefix=key_prefix,
             idle_timeout=idle_timeout,
             absolute_lifetime=absolute_lifetime,
+            near_cache=near_cache,
         )
 
     def __repr__(self) -> str:

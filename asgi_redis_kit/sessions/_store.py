@@ -75,15 +75,20 @@ bound); bind or rebind 1 (2); clear 1 (2); login as another user 2 (4); rotation
 a bound session 3 (4); plus 1 for a save that lost a race and undoes its index add
 or its new record, or a delete whose record noted other users. ``revoke_user``: 3;
 ``revoke_session``: 4.
+
+Near cache (``near_cache=``, see ``_near``): the load is no round trip when this
+process holds the record (or knows it is missing), one otherwise; the writes
+above are unchanged, and each drops the copies of the keys it wrote.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -95,8 +100,10 @@ from .._redis import (
     check_seconds,
 )
 from ..errors import BackendUnavailable
+from ..near import ABSENT, NearCache, NearStats
 from ._codec import is_utf8
 from ._index import UserIndex, kill_reply
+from ._near import LocalRecord, near_option, record_size, without_tracking
 from ._record import DATA, NOTE, PREV, ROOT, Record, as_text, decode_record, handle_of
 from ._scripts import (
     DELETE_IF_USER,
@@ -131,6 +138,17 @@ class SessionStore(UserIndex):
         timeout: deadline in seconds for every Redis call.
         max_connections: pool size of a client made from a URL.
         clock: seconds since the epoch; replace it in tests.
+        near_cache: keep loaded records in process memory, kept exact by Redis
+            (``asgi_redis_kit.near``), so that a request which only reads its
+            session sends no command: ``True`` for the process-wide
+            ``NearCache.shared()`` (one tracking connection per Redis node, shared
+            with the response cache), or a ``NearCache`` of your own. Every write
+            of the store drops the copies it wrote. ``memory://`` (fakeredis)
+            cannot track keys: there the store runs without it.
+
+    ``near_stats`` is the near cache's counters (``NearStats``: hits, misses,
+    bypasses, stores, invalidations, flushes...; process-wide for that
+    ``NearCache``), or ``None`` without one.
     """
 
     def __init__(
@@ -143,7 +161,9 @@ class SessionStore(UserIndex):
         timeout: float = DEFAULT_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         clock: Callable[[], float] = time.time,
+        near_cache: bool | NearCache = False,
     ) -> None:
+        near = near_option(near_cache)
         if not isinstance(key_prefix, str) or not is_utf8(key_prefix):
             raise TypeError(f"key_prefix must be a string of valid UTF-8, got {key_prefix!r}")
         if not idle_timeout >= 0.001:
@@ -167,6 +187,18 @@ class SessionStore(UserIndex):
         self.idle_ms = int(idle_timeout * 1000)
         self.absolute_ms = None if absolute_lifetime is None else int(absolute_lifetime * 1000)
         self.clock = clock
+        if near is not None and without_tracking(self.backend.client):
+            logger.info(
+                "near_cache: this Redis (fakeredis, memory://) has no CLIENT TRACKING; "
+                "sessions run without the near cache"
+            )
+            near = None
+        self.near = near
+
+    @property
+    def near_stats(self) -> NearStats | None:
+        """The near cache's counters (shared by every user of that NearCache)."""
+        return None if self.near is None else self.near.stats
 
     def __repr__(self) -> str:
         return f"<SessionStore prefix={self.key_prefix!r} {self.backend!r}>"
@@ -201,15 +233,50 @@ class SessionStore(UserIndex):
     async def load(self, session_id: str) -> Record | None:
         """The session's record, or ``None`` when it is missing, expired or corrupt.
 
-        One round trip; never writes, so loading cannot create a record.
+        One round trip, or none when the near cache holds the record (or knows
+        it is missing); never writes, so loading cannot create a record.
         """
-        reply = await self._one(*script(LOAD, self.session_key(session_id)))
+        key = self.session_key(session_id)
+        view = self._near_view()
+        if view is None:
+            return self._decode(session_id, await self._one(*script(LOAD, key)))[0]
+        loop = asyncio.get_running_loop()
+        hit = view.get(key)
+        if hit is not None:
+            if hit.value is ABSENT:
+                return None
+            local = cast("LocalRecord", hit.value)
+            if local.deadline is None:  # no TTL in Redis (not one we set)
+                return self._decode(session_id, [-1, local.fields])[0]
+            remaining = int((local.deadline - loop.time()) * 1000)
+            if remaining > 0:
+                return self._decode(session_id, [remaining, local.fields])[0]
+            # Past its Redis deadline (the local cap runs a little later): ask Redis.
+        ticket = view.begin([key])  # before the read is sent: see near._near
+        try:
+            sent = loop.time()
+            reply = await self._one(*script(LOAD, key))
+            record, ours = self._decode(session_id, reply)
+            if not reply:
+                view.put(ticket, key, ABSENT, -2, 0)
+            elif ours:
+                pttl = int(reply[0])
+                fields = tuple(v.encode() if isinstance(v, str) else bytes(v) for v in reply[1])
+                local = LocalRecord(fields, None if pttl < 0 else sent + pttl / 1000)
+                view.put(ticket, key, local, pttl, record_size(fields))
+            return record
+        finally:
+            view.end(ticket)
+
+    def _decode(self, session_id: str, reply: Any) -> tuple[Record | None, bool]:
+        """The record of a LOAD reply (``None``: missing, corrupt or past its
+        absolute lifetime), and whether the reply is one of our records."""
         if not reply:
-            return None
+            return None, False
         try:
             if isinstance(reply, bytes | str):
                 raise TypeError("the key is not a hash")  # the script's 'WRONGTYPE'
-            record = decode_record(reply[1], int(reply[0]))
+            record = decode_record(list(reply[1]), int(reply[0]))
         except (ValueError, IndexError, TypeError, orjson.JSONDecodeError, UnicodeDecodeError):
             # Someone wrote to our key, or a bug did: never a 500 or a 503, never
             # trusted. The key is left alone; a write gets a fresh id.
@@ -217,10 +284,10 @@ class SessionStore(UserIndex):
                 "security: corrupt session record %s ignored; a new session is started",
                 handle_of(session_id),
             )
-            return None
+            return None, False
         if self.ttl_ms(record.created_ms) <= 0:
-            return None  # past its absolute lifetime; its TTL removes it any moment
-        return record
+            return None, True  # past its absolute lifetime; its TTL removes it any moment
+        return record, True
 
     async def save(
         self,

@@ -1,0 +1,80 @@
+"""The session store's use of the near cache: which ``NearCache``, which view,
+what a local copy of a record holds, and which keys a command writes.
+
+A local copy is the LOAD reply's raw fields (a tuple of bytes: nothing a request
+can mutate) and the Redis deadline of the record, read with them; every load
+decodes it afresh, so no two requests share a dict. Its PTTL is recomputed from
+that deadline, never from the local cap (``NearView`` also drops the copy at the
+PTTL, and at its ``max_ttl``). The absolute lifetime is checked by ``load`` on a
+local copy as on a reply.
+
+Writes: ``StoreBase._batch`` invalidates, after it ran (or raised: it may have
+run), the keys of every command in :data:`READS`'s complement -- so a new write
+path cannot forget to. A read-only script added later must be listed in
+``READS``, or it merely costs the copies of the keys it reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+from ..near import NearCache
+from ._scripts import INFO, LINK, LOAD, Command
+
+logger = logging.getLogger("asgi_redis_kit.sessions")
+
+# Commands that never write: their keys keep their local copies.
+READS = frozenset({LOAD.sha, INFO.sha, LINK.sha, "SMEMBERS"})
+
+
+class LocalRecord(NamedTuple):
+    """A record as held by the near cache: the LOAD reply, immutable."""
+
+    fields: tuple[bytes, ...]
+    # loop.time() at which Redis expires the record (None: it has no TTL). Taken
+    # before the LOAD was sent, so it is never later than Redis's own deadline.
+    deadline: float | None
+
+
+def near_option(near_cache: object) -> NearCache | None:
+    """The ``NearCache`` that ``near_cache=`` names (``True``: the shared one)."""
+    if near_cache is False:
+        return None
+    if near_cache is True:
+        return NearCache.shared()
+    if isinstance(near_cache, NearCache):
+        return near_cache
+    raise TypeError(f"near_cache must be True, False or a NearCache, got {near_cache!r}")
+
+
+def without_tracking(client: object) -> bool:
+    """Whether ``client`` cannot track keys (fakeredis, ``memory://``: no CLIENT TRACKING)."""
+    pool = getattr(client, "connection_pool", None)
+    connection_class = getattr(pool, "connection_class", None)
+    modules = (type(client).__module__, getattr(connection_class, "__module__", ""))
+    return any(module.startswith("fakeredis") for module in modules)
+
+
+def written_keys(commands: Iterable[Command]) -> list[str]:
+    """The keys of the commands that may write (all but :data:`READS`)."""
+    keys: list[str] = []
+    for command in commands:
+        name = command[0]
+        if name == "EVALSHA":
+            if command[1] in READS:
+                continue
+            keys += (as_key(key) for key in command[3 : 3 + int(command[2])])
+        elif name not in READS and len(command) > 1:
+            keys.append(as_key(command[1]))
+    return keys
+
+
+def as_key(key: Any) -> str:
+    return key.decode() if isinstance(key, bytes) else str(key)
+
+
+def record_size(fields: tuple[bytes, ...]) -> int:
+    # Bytes held plus a rough per-object overhead of the tuple and its items.
+    return sum(len(item) + 40 for item in fields) + 100
