@@ -1,0 +1,88 @@
+"""Trackers belong to the loop that made them, and a finished loop leaks nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import warnings
+
+import pytest
+from redis.asyncio import Redis
+
+from asgi_redis_kit.near import NearCache
+from tests.near.conftest import HEARTBEAT, HEARTBEAT_TIMEOUT, load, until, usable
+
+pytestmark = pytest.mark.real_redis
+
+
+def no_resource_warnings() -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gc.collect()
+    leaks = [w for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not leaks, [str(w.message) for w in leaks]
+
+
+async def use(near: NearCache, url: str, key: str) -> None:
+    client = Redis.from_url(url, socket_timeout=5)
+    try:
+        view = await usable(near.view(client, key.rsplit(":", 1)[0]))
+        await client.set(key, b"v")
+        assert await load(view, client, key) == b"v"
+        await client.set(key, b"w")
+        await until(lambda: view.get(key) is None, 5)
+    finally:
+        await client.aclose()
+
+
+def test_each_loop_tracks_on_its_own_and_asyncio_run_closes_it(
+    redis_url: str, key_prefix: str
+) -> None:
+    near = NearCache(heartbeat=HEARTBEAT, heartbeat_timeout=HEARTBEAT_TIMEOUT)
+    key = f"{key_prefix}loops:k"
+    for _ in range(3):
+        asyncio.run(use(near, redis_url, key))
+        # asyncio.run cancelled the tracker; it closed its connection on the way out.
+        assert set(near.stats.tracking.values()) == {"closed"}
+        assert near.stats.entries == 0
+        no_resource_warnings()
+
+
+def test_a_loop_closed_under_a_running_tracker_has_its_socket_closed(
+    redis_url: str, key_prefix: str
+) -> None:
+    near = NearCache(heartbeat=HEARTBEAT, heartbeat_timeout=HEARTBEAT_TIMEOUT)
+    key = f"{key_prefix}dead:k"
+    loop = asyncio.new_event_loop()
+    client = Redis.from_url(redis_url, socket_timeout=5)
+
+    async def track() -> None:
+        await usable(near.view(client, f"{key_prefix}dead"))
+        await client.aclose()
+
+    loop.run_until_complete(track())
+    assert set(near.stats.tracking.values()) == {"tracking"}
+    loop.close()  # the tracker task is left pending, its socket open
+    # The next view (on any loop) drops the dead loop's domain and its socket.
+    asyncio.run(use(near, redis_url, key))
+    with warnings.catch_warnings():
+        # The abandoned task itself is reported by asyncio's logger, not a warning.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        no_resource_warnings()
+
+
+async def test_aclose_stops_the_trackers_of_this_loop_and_a_new_view_starts_again(
+    redis_url: str, key_prefix: str
+) -> None:
+    near = NearCache(heartbeat=HEARTBEAT, heartbeat_timeout=HEARTBEAT_TIMEOUT)
+    client = Redis.from_url(redis_url, socket_timeout=5)
+    try:
+        view = await usable(near.view(client, key_prefix))
+        await near.aclose()
+        assert not view.usable
+        assert near.stats.tracking == {}
+        again = await usable(near.view(client, key_prefix))
+        assert again is not view
+        await near.aclose()
+    finally:
+        await client.aclose()

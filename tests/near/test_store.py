@@ -1,0 +1,176 @@
+"""The memory bound, the per-entry limit, what put() accepts, and the arguments."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from asgi_redis_kit.near import ABSENT, NearCache, NearView
+from asgi_redis_kit.near._store import ENTRY_OVERHEAD
+from tests.near.conftest import HEARTBEAT, HEARTBEAT_TIMEOUT, usable
+
+pytestmark = pytest.mark.real_redis
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[Redis]:
+    redis = Redis.from_url(redis_url, socket_timeout=5)
+    try:
+        yield redis
+    finally:
+        await redis.aclose()
+
+
+@pytest.fixture
+async def small() -> AsyncIterator[NearCache]:
+    cache = NearCache(
+        max_bytes=10_000,
+        max_entry_bytes=3_000,
+        heartbeat=HEARTBEAT,
+        heartbeat_timeout=HEARTBEAT_TIMEOUT,
+    )
+    try:
+        yield cache
+    finally:
+        await cache.aclose()
+
+
+def store(view: NearView, key: str, value: object, size: int, pttl_ms: int = -1) -> None:
+    ticket = view.begin([key])
+    assert ticket is not None
+    try:
+        view.put(ticket, key, value, pttl_ms, size)
+    finally:
+        view.end(ticket)
+
+
+async def test_the_byte_bound_evicts_the_least_recently_used(
+    small: NearCache, client: Redis, key_prefix: str
+) -> None:
+    view = await usable(small.view(client, key_prefix))
+    keys = [f"{key_prefix}{i}" for i in range(20)]
+    store(view, keys[0], b"first", 2_000)
+    for key in keys[1:]:
+        assert view.get(keys[0]) is not None  # recently used: survives
+        store(view, key, b"x", 2_000)
+        assert small.stats.bytes <= 10_000
+    assert small.stats.evictions > 0
+    assert view.get(keys[0]) is not None
+    assert view.get(keys[-1]) is not None
+    assert view.get(keys[1]) is None  # the oldest untouched went first
+    per_entry = 2_000 + len(keys[0]) + ENTRY_OVERHEAD
+    assert small.stats.entries == 10_000 // per_entry
+
+
+async def test_an_entry_above_max_entry_bytes_is_not_kept(
+    small: NearCache, client: Redis, key_prefix: str
+) -> None:
+    view = await usable(small.view(client, key_prefix))
+    key = f"{key_prefix}big"
+    store(view, key, b"small", 10)
+    store(view, key, b"big", 3_001)
+    assert view.get(key) is None  # not even the older copy
+    assert small.stats.refused == 1
+    store(view, key, b"fits", 3_000)
+    hit = view.get(key)
+    assert hit is not None
+    assert hit.value == b"fits"
+
+
+async def test_put_follows_pttl(near: NearCache, client: Redis, key_prefix: str) -> None:
+    view = await usable(near.view(client, key_prefix))
+    store(view, f"{key_prefix}missing", b"ignored", 7, pttl_ms=-2)
+    hit = view.get(f"{key_prefix}missing")
+    assert hit is not None
+    assert hit.value is ABSENT
+    store(view, f"{key_prefix}ttl", b"v", 1, pttl_ms=1500)
+    hit = view.get(f"{key_prefix}ttl")
+    assert hit is not None
+    assert 1000 < hit.remaining_ms <= 1500
+    store(view, f"{key_prefix}zero", b"v", 1, pttl_ms=0)
+    assert view.get(f"{key_prefix}zero") is None
+
+
+async def test_a_ticket_is_good_for_one_read_and_end_releases_it(
+    near: NearCache, client: Redis, key_prefix: str
+) -> None:
+    view = await usable(near.view(client, key_prefix))
+    key = f"{key_prefix}k"
+    old = view.begin([key])
+    view.end(old)
+    view.put(old, key, b"late", -1, 4)  # after end(): nothing to put
+    assert view.get(key) is None
+    # Two reads of one key: an invalidation refuses both, and the pending state
+    # goes only when the second ends.
+    first, second = view.begin([key]), view.begin([key, key])
+    view.invalidate([key])
+    view.end(first)
+    assert second is not None
+    view.put(second, key, b"stale", -1, 5)
+    view.end(second)
+    assert view.get(key) is None
+    third = view.begin([key])
+    view.put(third, key, b"fresh", -1, 5)
+    view.end(third)
+    assert view.get(key) is not None
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_bytes": 0},
+        {"max_bytes": -1},
+        {"max_bytes": 1.5},
+        {"max_bytes": True},
+        {"max_entry_bytes": 0},
+        {"max_bytes": 100, "max_entry_bytes": 101},
+        {"max_ttl": 0},
+        {"max_ttl": float("inf")},
+        {"max_ttl": float("nan")},
+        {"heartbeat": -1},
+        {"heartbeat_timeout": 0},
+        {"heartbeat": "1"},
+    ],
+)
+def test_bad_arguments_are_a_value_error(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        NearCache(**kwargs)
+
+
+async def test_view_wants_an_async_client_and_a_str_prefix(near: NearCache) -> None:
+    import redis
+
+    with pytest.raises(TypeError):
+        near.view(redis.Redis(), "p:")  # type: ignore[arg-type]
+    client = Redis()
+    try:
+        with pytest.raises(TypeError):
+            near.view(client, b"p:")  # type: ignore[arg-type]
+    finally:
+        await client.aclose()
+
+
+def test_view_needs_a_running_loop(near: NearCache) -> None:
+    with pytest.raises(RuntimeError):
+        near.view(Redis(), "p:")
+
+
+def test_shared_is_one_instance() -> None:
+    assert NearCache.shared() is NearCache.shared()
+    assert isinstance(NearCache.shared(), NearCache)
+
+
+async def test_stats_as_dict(near: NearCache, client: Redis, key_prefix: str) -> None:
+    view = await usable(near.view(client, key_prefix))
+    store(view, f"{key_prefix}a", b"a", 1)
+    view.get(f"{key_prefix}a")
+    view.get(f"{key_prefix}b")
+    stats = near.stats.as_dict()
+    assert stats["hits"] == 1
+    assert stats["misses"] == 1
+    assert stats["stores"] == 1
+    assert stats["entries"] == 1
+    assert list(stats["tracking"].values()) == ["tracking"]
