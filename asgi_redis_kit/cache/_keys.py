@@ -113,7 +113,9 @@ _NO_LINES = struct.pack(">I", 0)
 def _digest(parts: Iterable[bytes]) -> str:
     # One hash call over the joined parts (the same digest as one update each):
     # a key has some twenty parts, and every update is a call into OpenSSL.
-    return hashlib.sha256(b"".join([_prefixed(part) for part in parts])).hexdigest()
+    return hashlib.sha256(
+        b"".join([struct.pack(">I", len(part)) + part for part in parts])
+    ).hexdigest()
 
 
 def _short(text: str) -> str:
