@@ -25,6 +25,8 @@ invalidations to come back.
 
 from __future__ import annotations
 
+import asyncio
+import math
 from collections.abc import Sequence
 
 from ..near import ABSENT, NearCache, NearView, Ticket
@@ -73,12 +75,16 @@ class NearLayer:
         # Registered before the read is sent: an invalidation overtaking the
         # reply then makes put() refuse it.
         ticket = view.begin([*names, session.key] if own_session and session else names)
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
         try:
             found, read = await self.inner.lookup_reading(
                 key, lease=lease, session=session, ttls=ticket is not None
             )
             if read is not None:
-                _keep(view, ticket, names, read)
+                # A PTTL counts from when Redis read it, some time after ``sent``:
+                # counting it from ``sent`` keeps the local deadline before Redis's.
+                _keep(view, ticket, names, read, math.ceil((loop.time() - sent) * 1000))
                 if own_session and session and not read.alive:
                     view.put(ticket, session.key, ABSENT, -2, _SMALL)
             return found
@@ -174,23 +180,33 @@ def _local(view: NearView, key: CacheKey, session: SessionProof | None) -> Looku
     return Lookup(key, entry, found_versions, record=record)
 
 
-def _keep(view: NearView, ticket: Ticket | None, names: list[str], read: ReadBack) -> None:
-    """Put what one Redis lookup read: decoded, never the request's own data."""
+def _keep(
+    view: NearView, ticket: Ticket | None, names: list[str], read: ReadBack, elapsed_ms: int
+) -> None:
+    """Put what one Redis lookup read: decoded, never the request's own data.
+    ``elapsed_ms``: how long the round trip took, taken off every PTTL."""
+
+    def put(name: str, value: object, pttl: int, size: int) -> None:
+        if pttl > 0:
+            pttl -= elapsed_ms
+            if pttl <= 0:
+                return  # gone from Redis by the time the reply came
+        view.put(ticket, name, value, pttl, size)
+
     entry_raw = read.values[0]
-    entry_pttl = read.pttls[0]
     if entry_raw is None:
-        view.put(ticket, names[0], ABSENT, entry_pttl, _SMALL)
+        put(names[0], ABSENT, read.pttls[0], _SMALL)
     elif read.entry is not None:
-        view.put(ticket, names[0], read.entry, entry_pttl, len(entry_raw))
+        put(names[0], read.entry, read.pttls[0], len(entry_raw))
     record_raw = read.values[1]
     record = ABSENT if record_raw is None else record_names(record_raw)
-    view.put(ticket, names[1], record, read.pttls[1], _SMALL + len(record_raw or b""))
+    put(names[1], record, read.pttls[1], _SMALL + len(record_raw or b""))
     for name, raw, pttl in zip(names[2:], read.values[2:], read.pttls[2:], strict=True):
         if raw is None:
-            view.put(ticket, name, ABSENT, pttl, _SMALL)
+            put(name, ABSENT, pttl, _SMALL)
             continue
         try:
             version = int(raw)
         except ValueError:
             continue  # not ours; the Redis layer reads it as it is each time
-        view.put(ticket, name, version, pttl, _SMALL)
+        put(name, version, pttl, _SMALL)
