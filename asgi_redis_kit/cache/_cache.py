@@ -20,7 +20,10 @@ entries stay in Redis until their TTL ends (memory, not correctness).
 
 The namespace generation is read on every lookup rather than cached in the
 process, so ``clear()`` takes effect at once on every worker for no extra
-round trip.
+round trip. With ``near_cache=`` the entry, the vary record and the versions
+may be read from process memory instead (``_near_layer``): kept correct by
+Redis's invalidations, so ``clear()`` and the INCRs still reach every worker,
+within the invalidation's delivery, and this process at once.
 """
 
 from __future__ import annotations
