@@ -144,3 +144,24 @@ async def test_an_older_read_of_another_key_is_unaffected(
     hit = view.get(KEY)
     assert hit is not None
     assert hit.value == b"old"
+
+
+async def test_tracking_lost_and_back_while_the_reply_is_held_refuses_it(
+    near: NearCache, direct: Redis, slow: Redis, proxy: DelayProxy
+) -> None:
+    """The tracker is killed and reconnects within the window: the view is
+    usable again when the reply lands, but the reply's epoch is gone."""
+    view = await usable(near.view(direct, PREFIX))
+    await direct.set(KEY, b"old")
+    await until(lambda: near.stats.invalidations >= 1, 5)
+
+    async def kill_and_come_back() -> None:
+        flushes = near.stats.flushes
+        await direct.client_kill_filter(_type="pubsub")
+        await until(lambda: near.stats.flushes > flushes, 5)
+        await usable(view)
+
+    await held_read(view, slow, proxy, kill_and_come_back())
+    assert view.usable
+    assert view.get(KEY) is None
+    assert near.stats.refused == 1

@@ -200,3 +200,20 @@ async def test_a_silent_hang_is_noticed_within_heartbeat_plus_timeout(
         finally:
             own_redis.resume()
             await client.aclose()
+
+
+async def test_the_tracker_authenticates_like_the_client(own_redis: RedisProcess) -> None:
+    """The tracking connection is made from the client's own connection options,
+    so a password (or TLS, or a db) needs no configuration of ours."""
+    admin = Redis.from_url(own_redis.url)
+    await admin.config_set("requirepass", "s3cret")
+    await admin.aclose()
+    near = NearCache(heartbeat=HEARTBEAT, heartbeat_timeout=HEARTBEAT_TIMEOUT)
+    client = Redis.from_url(f"redis://:s3cret@127.0.0.1:{own_redis.port}/3", socket_timeout=2)
+    try:
+        view = await usable(near.view(client, PREFIX))
+        await invalidations_work(view, client, client, b"authenticated")
+        assert "s3cret" not in repr(near.stats.as_dict())
+    finally:
+        await near.aclose()
+        await client.aclose()
