@@ -96,8 +96,8 @@ class Backend:
             timeout.
 
     ``client`` is the client of the running loop (with no loop running: the one
-    used last, for its type and connection options); Redis work goes through
-    :meth:`call`, which bounds it.
+    used last, for its type and connection options); ``cluster`` whether it is a
+    ``RedisCluster``; Redis work goes through :meth:`call`, which bounds it.
     """
 
     def __init__(
@@ -138,6 +138,9 @@ class Backend:
                 "asgi_redis_kit decodes replies itself. Pass a URL without "
                 "decode_responses, or a client of its own for the library"
             )
+        # Every client of this Backend has the same type (one per loop, all made
+        # alike), so whether it is a Cluster is known once and for all.
+        self.cluster = isinstance(client, RedisCluster)
         # The loop of the last call and its client, in one tuple so a thread that
         # reads it never pairs one loop with another loop's client.
         self._current: tuple[asyncio.AbstractEventLoop | None, RedisClient] = (None, client)
