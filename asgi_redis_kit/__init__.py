@@ -14,6 +14,7 @@ from .errors import (
     SessionNotLoaded,
     SessionStoreUnavailable,
 )
+from .near import NearCache, NearStats
 from .sessions import Session, SessionInfo, SessionMiddleware, SessionStore
 
 __version__ = "0.1.0"
@@ -28,6 +29,8 @@ __all__ = [
     "CacheStats",
     "CookieTooLarge",
     "DuplicateMiddleware",
+    "NearCache",
+    "NearStats",
     "Session",
     "SessionError",
     "SessionInfo",

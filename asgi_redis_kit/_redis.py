@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -68,6 +69,9 @@ DEFAULT_MAX_CONNECTIONS = 64
 MAX_SECONDS = 100 * 365 * 24 * 3600
 # How often a client of a Sentinel-managed master asks Sentinel who the master is.
 SENTINEL_CHECK_INTERVAL = 0.5
+# The event loop runs a timer this early (its _clock_resolution): a deadline that
+# close counts as reached, as it does for the loop's own timers.
+_CLOCK_SLACK = time.get_clock_info("monotonic").resolution
 
 
 def check_seconds(name: str, value: float) -> None:
@@ -92,8 +96,8 @@ class Backend:
             timeout.
 
     ``client`` is the client of the running loop (with no loop running: the one
-    used last, for its type and connection options); Redis work goes through
-    :meth:`call`, which bounds it.
+    used last, for its type and connection options); ``cluster`` whether it is a
+    ``RedisCluster``; Redis work goes through :meth:`call`, which bounds it.
     """
 
     def __init__(
@@ -134,6 +138,9 @@ class Backend:
                 "asgi_redis_kit decodes replies itself. Pass a URL without "
                 "decode_responses, or a client of its own for the library"
             )
+        # Every client of this Backend has the same type (one per loop, all made
+        # alike), so whether it is a Cluster is known once and for all.
+        self.cluster = isinstance(client, RedisCluster)
         # The loop of the last call and its client, in one tuple so a thread that
         # reads it never pairs one loop with another loop's client.
         self._current: tuple[asyncio.AbstractEventLoop | None, RedisClient] = (None, client)
@@ -148,6 +155,9 @@ class Backend:
             pool if isinstance(pool, SentinelConnectionPool) and pool.is_master else None
         )
         self._next_sentinel_check = 0.0
+        # The deadline keeper of the last loop that called, and those of all loops.
+        self._watch: _Watch | None = None
+        self._watches: dict[asyncio.AbstractEventLoop, _Watch] = {}
 
     def __repr__(self) -> str:
         # Never show the URL: it may carry a password.
@@ -184,6 +194,17 @@ class Backend:
                 client = bound.client
             self._current = (loop, client)
             return client
+
+    def _watch_for(self, loop: asyncio.AbstractEventLoop) -> _Watch:
+        """The deadline keeper of ``loop``, made on its first call (the slow path)."""
+        with self._lock:
+            watch = self._watches.get(loop)
+            if watch is None:
+                for closed in [old for old in self._watches if old.is_closed()]:
+                    del self._watches[closed]
+                watch = self._watches[loop] = _Watch(loop)
+            self._watch = watch
+            return watch
 
     def _drop_dead(self) -> None:
         """Close and forget the clients of loops that closed, so a test suite that
@@ -258,10 +279,51 @@ class Backend:
             await bound.guard.aclose()  # its finally closes the client
 
 
+class _Watch:
+    """The deadlines of one Backend's calls running on one loop, kept by a single
+    loop timer set for the earliest of them.
+
+    A timer per call (``call_later`` on entry, ``cancel`` on exit) cost more than
+    the rest of the deadline: asyncio's timers are Python objects compared in
+    Python in the loop's heap, and a cancelled one stays there until it reaches
+    the head, so under concurrency the heap grows and every push gets dearer.
+    Calls end long before their deadline, so here a call only enters and leaves a
+    dict; the timer fires about once per ``timeout`` while calls run, cancels the
+    calls whose deadline passed (each then re-cancels on a timer of its own, see
+    ``_Call._expire``) and is set again for the earliest deadline left.
+    """
+
+    __slots__ = ("calls", "handle", "loop", "when")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.calls: dict[_Call, None] = {}
+        self.handle: asyncio.TimerHandle | None = None
+        self.when = math.inf
+
+    def schedule(self, when: float) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+        self.when = when
+        self.handle = self.loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self.handle = None
+        self.when = math.inf
+        now = self.loop.time() + _CLOCK_SLACK
+        expired = [call for call in self.calls if call.deadline <= now]
+        for call in expired:
+            del self.calls[call]
+            call._expire()
+        if self.calls:
+            self.schedule(min(call.deadline for call in self.calls))
+
+
 class _Call:
     """One :meth:`Backend.call` (a class, not a generator: it runs on every request)."""
 
-    __slots__ = ("backend", "cancelled_before", "ours", "task", "timer")
+    __slots__ = ("backend", "cancelled_before", "deadline", "ours", "task", "timer", "watch")
+    timer: asyncio.TimerHandle
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
@@ -278,7 +340,14 @@ class _Call:
         current, client = backend._current
         if current is not loop:
             client = backend._bind(loop)
-        self.timer = loop.call_later(backend.timeout, self._expire)
+        watch = backend._watch
+        if watch is None or watch.loop is not loop:
+            watch = backend._watch_for(loop)
+        self.watch = watch
+        self.deadline = deadline = loop.time() + backend.timeout
+        watch.calls[self] = None
+        if deadline < watch.when:
+            watch.schedule(deadline)
         sentinel = backend._sentinel
         if sentinel is not None and loop.time() >= backend._next_sentinel_check:
             try:
@@ -289,9 +358,11 @@ class _Call:
         return client
 
     def _expire(self) -> None:
+        """At the deadline (from ``_Watch``), then every tenth of the timeout until
+        the block ends (see :meth:`Backend.call`)."""
         self.ours += 1
         self.task.cancel()
-        self.timer = asyncio.get_running_loop().call_later(self.backend.timeout / 10, self._expire)
+        self.timer = self.watch.loop.call_later(self.backend.timeout / 10, self._expire)
 
     async def __aexit__(
         self,
@@ -299,9 +370,13 @@ class _Call:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.timer.cancel()
-        for _ in range(self.ours):
-            self.task.uncancel()
+        if self.ours:
+            self.timer.cancel()
+            for _ in range(self.ours):
+                self.task.uncancel()
+        else:
+            # Not expired: still waiting in the watch.
+            del self.watch.calls[self]
         if exc is None:
             return
         if isinstance(exc, asyncio.CancelledError):

@@ -221,6 +221,33 @@ async def test_deadline_holds_when_redis_py_swallows_the_cancel(
         await client.aclose()
 
 
+async def test_overlapping_calls_each_get_their_whole_deadline() -> None:
+    """The calls of one loop share one timer: each still ends at its own start
+    plus the timeout, neither sooner nor much later, whoever ended before it."""
+    backend = Backend("memory://own-deadlines", timeout=0.3)
+    loop = asyncio.get_running_loop()
+    took: dict[str, float] = {}
+
+    async def stuck(name: str, delay: float) -> None:
+        await asyncio.sleep(delay)
+        started = loop.time()
+        with pytest.raises(BackendUnavailable):
+            async with backend.call():
+                await asyncio.sleep(30)
+        took[name] = loop.time() - started
+        task = asyncio.current_task()
+        assert task is not None
+        assert task.cancelling() == 0
+
+    async with backend.call():
+        pass  # arms the shared timer for a deadline nobody is waiting on any more
+    await asyncio.gather(stuck("a", 0.0), stuck("b", 0.1), stuck("c", 0.25))
+    assert sorted(took) == ["a", "b", "c"]
+    for name, seconds in took.items():
+        assert 0.29 <= seconds < 1.5, (name, seconds)
+    await backend.aclose()
+
+
 async def test_a_cancel_from_outside_is_not_a_backend_error() -> None:
     backend = Backend("memory://cancel-from-outside", timeout=5)
     entered = asyncio.Event()

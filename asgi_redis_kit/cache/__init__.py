@@ -5,7 +5,8 @@ entry point; ``_discovery`` finds the router and session middleware),
 ``_exchange`` (the per-request flow), ``_policy`` and ``_session_rules`` (what
 bypasses the cache and what is never stored), ``_request`` and ``_keys`` (how
 a request is read and keyed), ``_cache`` (the public Cache API and shared
-lookups), ``_storage`` (the storage layers' interface) and ``_redis_layer``
+lookups), ``_storage`` (the storage layers' interface), ``_near_layer``
+(lookups from process memory, ``near_cache=``) and ``_redis_layer``
 (every Redis command; ``_scripts`` its Lua), ``_outcome`` (what a lookup
 found), ``_respond`` (run the app, store, serve), ``_entry`` (the stored
 format), ``_lock`` (single flight), ``_breaker`` (failing open), ``_stats``.

@@ -20,12 +20,16 @@ entries stay in Redis until their TTL ends (memory, not correctness).
 
 The namespace generation is read on every lookup rather than cached in the
 process, so ``clear()`` takes effect at once on every worker for no extra
-round trip.
+round trip. With ``near_cache=`` the entry, the vary record and the versions
+may be read from process memory instead (``_near_layer``): kept correct by
+Redis's invalidations, so ``clear()`` and the INCRs still reach every worker,
+within the invalidation's delivery, and this process at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -38,10 +42,12 @@ from starlette.requests import HTTPConnection
 
 from .._redis import RedisLike, check_seconds
 from ..errors import BackendUnavailable
+from ..near import NearCache
 from ._breaker import CircuitBreaker
 from ._entry import Entry
 from ._keys import CacheKey, KeyScheme
 from ._lock import SingleFlight
+from ._near_layer import NearLayer
 from ._outcome import Fresh, classify
 from ._policy import DEFAULT_CACHEABLE_STATUSES
 from ._redis_layer import RedisLayer
@@ -52,6 +58,16 @@ from ._storage import Lookup, SessionProof, Storage
 __all__ = ["DEFAULT_MAX_LIFETIME", "Cache", "CacheStats", "Lookup", "SessionProof"]
 
 DEFAULT_MAX_LIFETIME = 7 * 24 * 3600
+
+logger = logging.getLogger("asgi_redis_kit.cache")
+
+
+def _in_process(client: Any) -> bool:
+    """Whether ``client`` talks to an in-process fakeredis server (``memory://``),
+    which has no CLIENT TRACKING for a near cache to rely on."""
+    pool = getattr(client, "connection_pool", None)
+    classes = [type(client), getattr(pool, "connection_class", type(None))]
+    return any(cls.__module__.split(".")[0] == "fakeredis" for cls in classes)
 
 
 @dataclass(eq=False, slots=True)
@@ -99,6 +115,19 @@ class Cache:
         max_lifetime: upper bound, in seconds, of any entry's life in Redis.
         clock: wall-clock seconds (``time.time``); stored-at times are compared
             across workers, so it must be a real clock outside tests.
+        near_cache: keep entries, vary records and versions in process memory too
+            (``asgi_redis_kit.near``, kept correct by Redis CLIENT TRACKING), so a
+            hit, a 304 or a HEAD of a hot page sends no Redis command. ``True``
+            uses ``NearCache.shared()``; pass a ``NearCache`` to bound it
+            yourself (it is yours to close); ``False`` (the default): off. An
+            in-process ``memory://`` server has no tracking: the cache then runs
+            without it (logged once). See ``_near_layer``.
+
+    ``stats`` holds the counters (:class:`CacheStats`); with a near cache,
+    ``stats.near_hits`` counts lookups answered from memory, ``stats.near_misses``
+    those that went to Redis, and ``stats.near`` (``as_dict()["near"]``) is the
+    NearCache's own counters (shared by all its users). ``near_cache`` is the
+    NearCache in use, or None.
     """
 
     def __init__(
@@ -118,7 +147,12 @@ class Cache:
         lock_wait: float = 5.0,
         max_lifetime: float = DEFAULT_MAX_LIFETIME,
         clock: Callable[[], float] = time.time,
+        near_cache: bool | NearCache = False,
     ) -> None:
+        if not isinstance(near_cache, bool | NearCache):
+            raise TypeError(
+                f"near_cache takes True, False or a NearCache, got {type(near_cache).__name__}"
+            )
         if not key_prefix:
             raise ValueError("key_prefix must not be empty: it keeps cache keys apart from others")
         if not namespace:
@@ -163,9 +197,21 @@ class Cache:
             spawn=self.spawn,
         )
         self.backend = self.redis_layer.backend
-        # Where every lookup, lease and store goes: the chain of storage layers
-        # (a near cache would wrap ``self.redis_layer`` here).
+        # Where every lookup, lease and store goes: the chain of storage layers.
         self.storage: Storage = self.redis_layer
+        self.near_cache: NearCache | None = None
+        if near_cache is not False:
+            if _in_process(self.backend.client):
+                logger.info(
+                    "near_cache is ignored: an in-process memory:// Redis has no CLIENT TRACKING"
+                )
+            else:
+                near = NearCache.shared() if near_cache is True else near_cache
+                self.near_cache = near
+                self.stats.near = near.stats
+                self.storage = NearLayer(
+                    self.redis_layer, near, prefix=key_prefix, stats=self.stats
+                )
 
     def __repr__(self) -> str:
         return f"<Cache namespace={self.namespace!r} breaker={self.breaker.state}>"

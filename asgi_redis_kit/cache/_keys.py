@@ -107,14 +107,15 @@ from ._request import (
 KEY_VERSION = b"ark-cache-key-v2"
 _FORWARDING_NAMES = tuple(name.encode() for name in FORWARDING_HEADERS)
 _MEMO_SIZE = 4096
+_NO_LINES = struct.pack(">I", 0)
 
 
 def _digest(parts: Iterable[bytes]) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(struct.pack(">I", len(part)))
-        h.update(part)
-    return h.hexdigest()
+    # One hash call over the joined parts (the same digest as one update each):
+    # a key has some twenty parts, and every update is a call into OpenSSL.
+    return hashlib.sha256(
+        b"".join([struct.pack(">I", len(part)) + part for part in parts])
+    ).hexdigest()
 
 
 def _short(text: str) -> str:
@@ -132,6 +133,8 @@ def _header_part(
     and value, length-prefixed (an absent header has no lines, an empty one a
     line with an empty value: they differ)."""
     found = lines.get(name, ())
+    if not found:
+        return name + _NO_LINES  # most forwarding headers are absent from most requests
     parts = [name, struct.pack(">I", len(found))]
     for sent, value in found:
         parts += [_prefixed(sent), _prefixed(vary_value(name, value) if normalise else value)]

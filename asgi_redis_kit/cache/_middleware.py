@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .._redis import Backend, RedisLike, serve_with_lifespan_close
 from ..errors import CacheNotConfigured, DuplicateMiddleware
+from ..near import NearCache
 from ..sessions import SessionMiddleware
 from ._cache import Cache
 from ._decorator import RequestState, RouteCache, current, route_config
@@ -71,7 +72,7 @@ class CacheMiddleware:
             :meth:`aclose` leaves it open (lifespan shutdown still closes it).
         redis, key_prefix, namespace, timeout, max_connections, allowed_hosts,
         cacheable_statuses, breaker_threshold, breaker_cooldown, lock_lease,
-        lock_wait, max_lifetime, clock: see :class:`Cache`.
+        lock_wait, max_lifetime, clock, near_cache: see :class:`Cache`.
         session_cookie: leave it ``None``: the name is learned on the first
             request from the SessionMiddleware in the app, ours or Starlette's
             (inside or outside this middleware), and is ``"session"`` without
@@ -100,6 +101,7 @@ class CacheMiddleware:
         lock_wait: float | _Unset = _UNSET,
         max_lifetime: float | _Unset = _UNSET,
         clock: Callable[[], float] | _Unset = _UNSET,
+        near_cache: bool | NearCache | _Unset = _UNSET,
     ) -> None:
         # Explicit keywords (not **options) so mypy can check
         # Middleware(CacheMiddleware, ...) calls against them; the defaults are
@@ -121,6 +123,7 @@ class CacheMiddleware:
                 ("lock_wait", lock_wait),
                 ("max_lifetime", max_lifetime),
                 ("clock", clock),
+                ("near_cache", near_cache),
             )
             if value is not _UNSET
         }

@@ -75,7 +75,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from starlette.types import Scope
 
 from .._http import header_map
-from ._request import header_values
 
 DEFAULT_CACHEABLE_STATUSES = frozenset({200, 203, 204, 300, 301, 404, 410})
 
@@ -161,8 +160,8 @@ def cache_control_directives(values: Iterable[bytes]) -> list[str]:
 
 def response_vary(headers: Sequence[tuple[bytes, bytes]]) -> list[str]:
     """The request header names (lower-case) the response's ``Vary`` lists."""
-    scope_like = {"headers": [(name.lower(), value) for name, value in headers]}
-    return header_tokens(header_values(scope_like, b"vary"))
+    # One pass, no copy of the headers: it runs four times per stored response.
+    return header_tokens(value for name, value in headers if name.lower() == b"vary")
 
 
 def response_store_reason(
@@ -177,8 +176,9 @@ def response_store_reason(
     names = [name.lower() for name, _ in headers]
     if b"set-cookie" in names:
         return "set-cookie"
-    scope_like = {"headers": [(name.lower(), value) for name, value in headers]}
-    directives = cache_control_directives(header_values(scope_like, b"cache-control"))
+    directives = cache_control_directives(
+        value for name, value in headers if name.lower() == b"cache-control"
+    )
     if {"private", "no-store", "no-cache"} & set(directives):
         return "cache-control"
     vary = response_vary(headers)
@@ -202,10 +202,8 @@ def learned_vary(
 def storable_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """The response headers minus hop-by-hop ones (RFC 9110 section 7.6.1), including
     any the ``Connection`` header names, and minus those we regenerate per answer."""
-    scope_like = {"headers": [(name.lower(), value) for name, value in headers]}
-    dropped = set(HOP_BY_HOP) | {
-        token.encode() for token in header_tokens(header_values(scope_like, b"connection"))
-    }
+    connection = (value for name, value in headers if name.lower() == b"connection")
+    dropped = set(HOP_BY_HOP) | {token.encode() for token in header_tokens(connection)}
     dropped |= {b"x-cache", b"x-cache-reason", b"age", b"content-length"}
     return [(name, value) for name, value in headers if name.lower() not in dropped]
 

@@ -29,7 +29,8 @@ from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
-from redis.exceptions import MaxConnectionsError
+from redis.commands.core import AsyncScript
+from redis.exceptions import MaxConnectionsError, NoScriptError
 
 from .._redis import Backend, RedisClient, RedisLike
 from ..errors import BackendUnavailable
@@ -39,7 +40,7 @@ from ._keys import CacheKey, record_names
 from ._lock import new_token
 from ._scripts import ACQUIRE, LOOKUP, RELEASE, STORE_AND_RELEASE
 from ._stats import CacheStats
-from ._storage import Lookup, SessionProof
+from ._storage import Lookup, ReadBack, SessionProof
 
 # Seconds before its expected expiry at which an entry counts as maybe gone (clock
 # skew between workers, rounding of PX).
@@ -190,9 +191,10 @@ class RedisLayer:
             self.breaker.abandon()
 
     async def _mget(
-        self, client: RedisClient, keys: list[str], *, exists_last: bool = False
+        self, client: RedisClient, keys: list[str], *, exists_last: bool = False, ttls: bool = False
     ) -> list[Any]:
-        """GET of every key (``exists_last``: EXISTS of the last one), one round trip."""
+        """GET of every key (``exists_last``: EXISTS of the last one), one round trip;
+        ``ttls`` (Cluster only): then the PTTL of each GET's key, appended."""
         if isinstance(client, RedisCluster):
             # Entry, namespace and tag keys live in different slots on purpose
             # (spreading load). One GET per key, pipelined: redis-py sends one
@@ -205,6 +207,9 @@ class RedisLayer:
                 pipe.get(name)
             if exists_last:
                 pipe.exists(keys[-1])
+            if ttls:
+                for name in keys[:-1] if exists_last else keys:
+                    pipe.pttl(name)
             return list(await pipe.execute())
         if exists_last:
             # Not reached today (a single server proves sessions in the LOOKUP script).
@@ -230,9 +235,17 @@ class RedisLayer:
         (on a single server, and unless the entry is expected to be there). If
         the caller is cancelled meanwhile, a lease the script may have taken is
         given back."""
+        found, _ = await self.lookup_reading(key, lease=lease, session=session, ttls=False)
+        return found
+
+    async def lookup_reading(
+        self, key: CacheKey, *, lease: bool, session: SessionProof | None, ttls: bool
+    ) -> tuple[Lookup, ReadBack | None]:
+        """:meth:`lookup`, and (``ttls``) what it read key by key with each
+        key's PTTL, read in the same round trip, for a near layer to keep."""
         token = new_token() if lease and self._may_be_absent(key) else ""
         try:
-            return await self._lookup(key, token, session)
+            return await self._lookup(key, token, session, ttls)
         except asyncio.CancelledError:
             if token:
                 self._spawn(self._release_quietly(key, token))
@@ -260,34 +273,44 @@ class RedisLayer:
             await self.release(key, token)
 
     async def _lookup(
-        self, key: CacheKey, token: str, session: SessionProof | None = None
-    ) -> Lookup:
-        """One round trip; ``token``: take the lease with it if the entry is absent."""
+        self, key: CacheKey, token: str, session: SessionProof | None, ttls: bool
+    ) -> tuple[Lookup, ReadBack | None]:
+        """One round trip; ``token``: take the lease with it if the entry is absent;
+        ``ttls``: read each key's PTTL with it."""
         if session is not None and session.backend is not None:
             # The session lives on another server: ask it at the same time.
-            found, alive = await asyncio.gather(
-                self._lookup(key, token), _session_exists(session.key, session.backend)
+            (found, read), alive = await asyncio.gather(
+                self._lookup(key, token, None, ttls),
+                _session_exists(session.key, session.backend),
             )
-            return found if alive else replace(found, entry=None, session_gone=True)
+            if alive:
+                return found, read
+            return replace(found, entry=None, session_gone=True), read
         alive = True
+        pttls: list[Any] = []
         async with self._redis() as client:
             # On one server the lookup script also proves the session still exists.
             single = not isinstance(client, RedisCluster)
             session_keys = [session.key] if session is not None and single else []
-            if token or session_keys:
+            if single and (token or session_keys or ttls):
                 # One atomic step: the entry, its vary record and versions, and the
                 # lease if the entry key is absent (a cold miss then needs no round
-                # trip of its own for it).
-                raw = await self._lookup_script(
-                    keys=[key.entry, key.lock, key.vary_record, *session_keys, *key.version_keys],
-                    args=[
+                # trip of its own for it), and their PTTLs when asked for.
+                raw = await _evalsha(
+                    self._lookup_script,
+                    client,
+                    [key.entry, key.lock, key.vary_record, *session_keys, *key.version_keys],
+                    [
                         token,
                         int(self.lock_lease * 1000),
                         len(session_keys),
                         key.record_value,
+                        1 if ttls else 0,
                     ],
-                    client=client,
                 )
+                if ttls:
+                    count = 2 + len(key.version_keys)
+                    pttls, raw = raw[-count:], raw[:-count]
                 alive = int(raw.pop()) == 1
                 leased = int(raw.pop())
             else:
@@ -295,23 +318,31 @@ class RedisLayer:
                 if session is not None:
                     # Cluster: the session key is in another slot; one more command
                     # in the same pipeline (see _mget).
-                    raw = await self._mget(client, [*names, session.key], exists_last=True)
+                    raw = await self._mget(
+                        client, [*names, session.key], exists_last=True, ttls=ttls
+                    )
+                    if ttls:
+                        pttls, raw = raw[-len(names) :], raw[: -len(names)]
                     alive = int(raw.pop()) == 1
                 else:
-                    raw = await self._mget(client, names)
+                    raw = await self._mget(client, names, ttls=ttls)
+                    if ttls:
+                        pttls, raw = raw[len(names) :], raw[: len(names)]
                 leased = 0
         versions = _versions(raw[2:])
         record = record_names(raw[1])
+        decoded = None if raw[0] is None else decode(raw[0])
+        read = ReadBack(raw, [int(t) for t in pttls], decoded, alive) if ttls else None
         if not alive:
-            return Lookup(key, None, versions, session_gone=True, record=record)
-        entry = self._valid(raw[0], versions)
+            return Lookup(key, None, versions, session_gone=True, record=record), read
+        entry = decoded if decoded is not None and decoded.versions == versions else None
         if entry is None:
             self._remember(key, None)
         else:
             self._remember(key, entry.lifetime, entry.stored_at)
         if leased == 1:
-            return Lookup(key, entry, versions, token=token, record=record)
-        return Lookup(key, entry, versions, locked=leased == -1, record=record)
+            return Lookup(key, entry, versions, token=token, record=record), read
+        return Lookup(key, entry, versions, locked=leased == -1, record=record), read
 
     async def poll(self, key: CacheKey, versions: tuple[int, ...]) -> Lookup:
         """The entry, and (``locked``) whether someone still holds its lease."""
@@ -366,10 +397,11 @@ class RedisLayer:
                     pipe.eval(RELEASE, 1, leased.lock, token)
                 await pipe.execute()
             else:
-                await self._store(
-                    keys=[target.entry, leased.lock, target.vary_record],
-                    args=[value, px, token or "", target.record_value],
-                    client=client,
+                await _evalsha(
+                    self._store,
+                    client,
+                    [target.entry, leased.lock, target.vary_record],
+                    [value, px, token or "", target.record_value],
                 )
         self._remember(target, lifetime, self.clock())
 
@@ -388,3 +420,16 @@ class RedisLayer:
         async with self._redis() as client:
             generation = await client.incr(name)
         return int(generation)
+
+
+async def _evalsha(
+    script: AsyncScript, client: RedisClient, keys: list[Any], args: list[Any]
+) -> Any:
+    """``script(keys=keys, args=args, client=client)`` without redis-py's per-call
+    import and pipeline check (about a tenth of a script call's CPU, twice per
+    miss): the same EVALSHA, and on NOSCRIPT the same load and one retry."""
+    try:
+        return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+    except NoScriptError:
+        script.sha = await client.execute_command("SCRIPT LOAD", script.script)
+        return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)

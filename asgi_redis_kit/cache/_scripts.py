@@ -25,14 +25,16 @@ from __future__ import annotations
 
 # KEYS: entry, lease, vary record, the session's key when ARGV[3] is '1', then the
 # version keys; ARGV: token ('' = only read), lease ms, '1' to prove a session, the
-# vary record the key was built for ('' = none). Returns the entry, the record, the
-# versions, 1 (lease taken), -1 (entry absent, lease held by someone else) or 0
-# (entry present, no lease asked for, or the record names other headers: then the
-# caller looks up another key and must not hold this one's lease), then 1 (the
-# session exists, or none was asked about) or 0. A per-user (vary_on_session) entry
-# only counts while its session exists: a logged-out or revoked session's cookie
-# must not get its cached pages, so the lookup proves it in the same step; a gone
-# session takes no lease.
+# vary record the key was built for ('' = none), '1' to append PTTLs. Returns the
+# entry, the record, the versions, 1 (lease taken), -1 (entry absent, lease held by
+# someone else) or 0 (entry present, no lease asked for, or the record names other
+# headers: then the caller looks up another key and must not hold this one's
+# lease), then 1 (the session exists, or none was asked about) or 0, then (ARGV[5])
+# the PTTL of the entry, the record and each version key, read in the same atomic
+# step so a near cache's copy never outlives the key (``cache._near_layer``). A
+# per-user (vary_on_session) entry only counts while its session exists: a
+# logged-out or revoked session's cookie must not get its cached pages, so the
+# lookup proves it in the same step; a gone session takes no lease.
 LOOKUP = """
 local alive, first = 1, 4
 if ARGV[3] == '1' then
@@ -55,6 +57,13 @@ if alive == 1 and not found[1] and ARGV[1] ~= '' and (found[2] or '') == ARGV[4]
 end
 found[#found + 1] = leased
 found[#found + 1] = alive
+if ARGV[5] == '1' then
+  found[#found + 1] = redis.call('PTTL', KEYS[1])
+  found[#found + 1] = redis.call('PTTL', KEYS[3])
+  for i = first, #KEYS do
+    found[#found + 1] = redis.call('PTTL', KEYS[i])
+  end
+end
 return found
 """
 

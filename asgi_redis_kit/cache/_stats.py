@@ -6,6 +6,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..near import NearStats
+
 
 @dataclass
 class CacheStats:
@@ -23,10 +25,18 @@ class CacheStats:
     coalesced: int = 0
     bypass: Counter[str] = field(default_factory=Counter)
     not_stored: Counter[str] = field(default_factory=Counter)
+    #: lookups answered from the near cache with no Redis command (``near_cache=``)
+    near_hits: int = 0
+    #: lookups the near cache could not answer, sent to Redis while it was usable
+    near_misses: int = 0
+    #: the NearCache's own counters (shared by everyone using that NearCache;
+    #: ``reset()`` leaves them), or None without a near cache
+    near: NearStats | None = None
 
     def reset(self) -> None:
         self.hits = self.misses = self.stale = self.not_modified = 0
         self.stores = self.refreshes = self.errors = self.coalesced = 0
+        self.near_hits = self.near_misses = 0
         self.bypass.clear()
         self.not_stored.clear()
 
@@ -42,4 +52,7 @@ class CacheStats:
             "coalesced": self.coalesced,
             "bypass": dict(self.bypass),
             "not_stored": dict(self.not_stored),
+            "near_hits": self.near_hits,
+            "near_misses": self.near_misses,
+            "near": None if self.near is None else self.near.as_dict(),
         }

@@ -2,9 +2,11 @@
 (:class:`Lookup`) and what a per-user lookup must prove (:class:`SessionProof`).
 
 A Cache holds one Storage as ``cache.storage``: the Redis layer
-(``_redis_layer``) today. A layer in front of it (a near cache of in-process
-copies) implements the same methods and hands what it cannot answer to the
-layer it wraps, so nothing above this interface changes when one is added.
+(``_redis_layer``), or with ``near_cache=`` the near layer (``_near_layer``:
+in-process copies) wrapping it, which implements the same methods and hands
+what it cannot answer to the Redis layer, so nothing above this interface
+changes with it. The Redis layer also reports what a lookup read key by key
+(:class:`ReadBack`), which the near layer keeps.
 What a Lookup *means* for a request (fresh, stale, absent, session gone) is
 decided in one place, ``_outcome``.
 """
@@ -51,6 +53,20 @@ class SessionProof:
 
     key: str
     backend: Backend | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReadBack:
+    """What one Redis lookup read, for a near layer to keep: the raw values of
+    the entry, the vary record and each version key, in that order, their
+    PTTLs read in the same round trip (-2: no such key, -1: no TTL), the entry
+    decoded (None: absent, or not ours), and whether the session the lookup
+    had to prove exists (True when none was asked about)."""
+
+    values: list[bytes | None]
+    pttls: list[int]
+    entry: Entry | None
+    alive: bool
 
 
 class Storage(Protocol):

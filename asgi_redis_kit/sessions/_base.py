@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 
 from .._redis import Backend, RedisClient
@@ -117,7 +116,7 @@ class StoreBase:
         which run what they get in any order: each step is its own round trip,
         sent once the previous one has succeeded.
         """
-        if not isinstance(self.backend.client, RedisCluster):
+        if not self.backend.cluster:  # known once: not a client lookup per save
             flat = [command for step in steps for command in step]
             results = await self._batch(*flat) if flat else []
             split: list[list[Any]] = []

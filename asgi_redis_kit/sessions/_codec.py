@@ -67,7 +67,7 @@ import enum
 import math
 import struct
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import orjson
@@ -80,6 +80,9 @@ _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what orjson writes as a JSON integer
 _NONFINITE = frozenset({"nan", "-nan", "inf", "-inf"})  # float() parses each, sign included
 _KEY_TYPES = (str, int, float, bool, type(None))
 _ACCEPTED = "str, int, float, bool, None, or lists, tuples and dicts of them"
+# Values that cannot change in place: the same object always encodes the same.
+_IMMUTABLE = frozenset({str, int, float, bool, type(None)})
+_ABSENT = object()
 
 
 def encode(key: str, value: Any) -> bytes:
@@ -147,6 +150,33 @@ def encode_all(data: dict[str, Any]) -> dict[str, bytes]:
             "keep large data elsewhere and store its key in the session"
         )
     return encoded
+
+
+def differs(
+    data: dict[str, Any], snapshot: Mapping[str, bytes], encoded_from: Mapping[str, Any]
+) -> bool:
+    """``encode_all(data) != snapshot`` (TypeError alike), where ``snapshot[k]`` is
+    ``encode(k, encoded_from[k])`` for every key of ``encoded_from``: a value that
+    is still that very object and of an immutable type is not encoded again (the
+    check after a save, when usually nothing changed, then encodes only the
+    containers)."""
+    if not encoded_from:
+        return encode_all(data) != snapshot
+    if len(data) != len(snapshot):
+        return True
+    for key, value in dict.items(data):
+        blob = snapshot.get(key)
+        if blob is None:
+            return True
+        same = value is encoded_from.get(key, _ABSENT)
+        if same and type(key) is str and type(value) in _IMMUTABLE:
+            continue
+        if encode(key, value) != blob:
+            return True
+    # Every value encodes as stored, so encode_all(data) is snapshot: its size check.
+    if sum(map(len, snapshot)) + sum(map(len, snapshot.values())) > MAX_SESSION_BYTES:
+        raise TypeError(f"the session holds more than the {MAX_SESSION_BYTES} bytes it may hold")
+    return False
 
 
 def decode(blob: bytes) -> Any:

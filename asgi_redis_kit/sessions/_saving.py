@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from ._record import CREATED, DATA, USER, handle_of
 from ._scripts import SAVED
@@ -41,6 +41,7 @@ class SavePlan:
     _store: SessionStore
     _id: str | None
     _snapshot: dict[str, bytes]
+    _snapshot_of: dict[str, Any]
     _created_ms: int
     _pttl_ms: int
     _stored_user: str | None
@@ -56,15 +57,21 @@ class SavePlan:
     _warned_late: bool
     _wrote: bool
 
-    def _encoded(self) -> dict[str, bytes]:
-        """Every value as it would be stored; the mapping (Session) defines it."""
+    def _encode_snapshot(self) -> tuple[dict[str, bytes], dict[str, Any]]:
+        """Every value as it would be stored, and a copy of the values it was
+        encoded from (``_snapshot`` and ``_snapshot_of``); the mapping (Session)
+        defines it."""
+        raise NotImplementedError
+
+    def _differs(self) -> bool:
+        """Whether the values no longer encode as ``_snapshot``; see Session."""
         raise NotImplementedError
 
     def _changed_since_save(self) -> bool:
         if self._drop or self._replaces or self._user != self._stored_user:
             return True
         try:
-            return self._encoded() != self._snapshot
+            return self._differs()
         except TypeError:  # an unserialisable value is a change we cannot save either
             return True
 
@@ -75,10 +82,10 @@ class SavePlan:
         if self._lost:
             self._ended()
             return CookieAction("expire") if self._cleared and self._presented else None
-        encoded = self._encoded()
+        encoded, values = self._encode_snapshot()
         store = self._store
         if self._id is None:
-            return await self._save_new(encoded)
+            return await self._save_new(encoded, values)
         ttl = store.ttl_ms(self._created_ms)
         if ttl <= 0:
             # Reached its absolute lifetime during this request.
@@ -119,7 +126,7 @@ class SavePlan:
             if not await store.touch(self._id, ttl, user=self._stored_user):
                 self._ended()
                 return None
-        self._snapshot = encoded
+        self._snapshot, self._snapshot_of = encoded, values
         self._stored_user = self._user
         # A Set-Cookie for an existing id only after this save found the record live
         # (a write or a touch). The cookie must outlive the session: with an absolute
@@ -128,7 +135,9 @@ class SavePlan:
             return CookieAction("set", self._id, store.cookie_max_age(self._created_ms))
         return None
 
-    async def _save_new(self, encoded: dict[str, bytes]) -> CookieAction | None:
+    async def _save_new(
+        self, encoded: dict[str, bytes], values: dict[str, Any]
+    ) -> CookieAction | None:
         store = self._store
         drop = self._drop + ([self._replaces] if self._replaces else [])
         if not encoded and self._user is None:
@@ -174,7 +183,7 @@ class SavePlan:
         elif not self._lineage:
             self._lineage = handle_of(old[0])
         self._id, self._created_ms, self._pttl_ms = session_id, created, ttl
-        self._snapshot = encoded
+        self._snapshot, self._snapshot_of = encoded, values
         self._stored_user = self._user
         self._drop, self._replaces = [], None
         return CookieAction("set", session_id, store.cookie_max_age(created))
@@ -184,7 +193,7 @@ class SavePlan:
         is stored and the cookie is left alone -- a cookie without a record is just
         an empty session, and the browser may hold a newer one by now."""
         self._id = None
-        self._snapshot = self._encoded()
+        self._snapshot, self._snapshot_of = self._encode_snapshot()
         self._stored_user = self._user
         self._drop, self._replaces = [], None
 

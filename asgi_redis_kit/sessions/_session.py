@@ -18,7 +18,7 @@ from typing import Any
 from starlette.requests import HTTPConnection
 
 from ..errors import BackendUnavailable, SessionNotLoaded, SessionStoreUnavailable
-from ._codec import check, encode, encode_all
+from ._codec import check, differs, encode, encode_all
 from ._index import check_user
 from ._record import Record, handle_of
 from ._saving import SavePlan
@@ -66,6 +66,9 @@ class Session(SavePlan, dict[str, Any]):
         # The id of the stored record; None until a new session is first saved.
         self._id = session_id if record is not None else None
         self._snapshot: dict[str, bytes] = dict(record.encoded) if record is not None else {}
+        # The values _snapshot was encoded from, once a save encoded them (never the
+        # loaded ones: a record written elsewhere may encode differently); see differs.
+        self._snapshot_of: dict[str, Any] = {}
         self._created_ms = record.created_ms if record is not None else 0
         self._pttl_ms = record.pttl_ms if record is not None else 0
         self._stored_user = record.user_id if record is not None else None
@@ -278,13 +281,14 @@ class Session(SavePlan, dict[str, Any]):
                 self._wrote = True
                 dict.__setitem__(self, key, value)
                 self._snapshot[key] = encode(key, value)
+                self._snapshot_of[key] = value
                 return value
             # Logged out, revoked, expired or rebound by another request meanwhile:
             # that wins, so the rest of this request is not saved either.
             logger.info("session ended during the request; this request's changes are dropped")
             super().clear()
             self._id = None
-            self._snapshot = {}
+            self._snapshot, self._snapshot_of = {}, {}
             self._user = self._stored_user = None
             self._lost = True
         current = self.get(key, 0)
@@ -297,11 +301,15 @@ class Session(SavePlan, dict[str, Any]):
         """Detach from the loaded record; returns it (id, bound user), if any."""
         old = None if self._id is None else (self._id, self._stored_user)
         self._id = None
-        self._snapshot = {}
+        self._snapshot, self._snapshot_of = {}, {}
         self._stored_user = None
         return old
 
     # -- saving (called by the middleware; see _saving) ---------------------------
 
-    def _encoded(self) -> dict[str, bytes]:
-        return encode_all(self)
+    def _encode_snapshot(self) -> tuple[dict[str, bytes], dict[str, Any]]:
+        values = dict.copy(self)
+        return encode_all(values), values
+
+    def _differs(self) -> bool:
+        return differs(self, self._snapshot, self._snapshot_of)

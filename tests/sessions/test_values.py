@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from asgi_redis_kit import Session, SessionMiddleware, SessionStore
-from asgi_redis_kit.sessions._codec import decode, encode, encode_all
+from asgi_redis_kit.sessions._codec import decode, differs, encode, encode_all
 from asgi_redis_kit.sessions._cookie import CookieSigner
 from tests.support import RedisSpy
 
@@ -589,3 +589,54 @@ def test_random_values_round_trip_and_encode_deterministically() -> None:
         assert encode_all({"k": value}) == {"k": blob}
         if blob[:1] != b"\x01":
             assert _same(orjson.loads(blob), value)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: None,
+        lambda d: d.__setitem__("n", d["n"] + 1),
+        lambda d: d.__setitem__("n", int("7")),  # an equal int, another object
+        lambda d: d.__setitem__("s", "".join(["ab", "c"])),  # an equal str, another object
+        lambda d: d.__setitem__("s", "abd"),
+        lambda d: d.__setitem__("f", -0.0),
+        lambda d: d["cart"].append(4),
+        lambda d: d["nested"]["k"].append(None),
+        lambda d: d.__setitem__("t", (1, 2)),
+        lambda d: d["t"][1].append(3),  # inside a tuple, which is not immutable then
+        lambda d: d.pop("n"),
+        lambda d: d.__setitem__("new", 1),
+        lambda d: (d.pop("n"), d.__setitem__("other", 7)),
+        lambda d: d["cart"].append(datetime.date(2026, 1, 1)),
+        lambda d: d.__setitem__("n", True),
+    ],
+)
+def test_the_check_after_a_save_agrees_with_encoding_everything(
+    mutate: Callable[[dict[str, Any]], Any],
+) -> None:
+    """differs skips the values still the very immutable objects it encoded, and
+    must still answer exactly what comparing a fresh encode_all would."""
+    data: dict[str, Any] = {
+        "n": 7,
+        "s": "abc",
+        "f": 0.0,
+        "none": None,
+        "b": False,
+        "cart": [1, 2, 3],
+        "nested": {"k": [1]},
+        "t": (1, [2]),
+    }
+    values = dict(data)
+    snapshot = encode_all(values)
+    mutate(data)
+
+    def answer(check: Callable[[], bool]) -> bool | str:
+        try:
+            return check()
+        except TypeError:
+            return "TypeError"
+
+    expected = answer(lambda: encode_all(data) != snapshot)
+    assert answer(lambda: differs(data, snapshot, values)) == expected
+    # With nothing known about the values (before any save) it is the full encode.
+    assert answer(lambda: differs(data, snapshot, {})) == expected

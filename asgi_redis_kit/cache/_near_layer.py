@@ -1,0 +1,212 @@
+"""The near layer: the cache's lookups answered from process memory when the
+near cache (``asgi_redis_kit.near``) holds every key they read, and every
+other call handed to the Redis layer. Implements :class:`~._storage.Storage`
+(``Cache(near_cache=...)`` puts it in front of ``cache.redis_layer``).
+
+A lookup reads the entry, its URL's vary record and the version keys (and,
+for a per-user entry whose session lives on the cache's own server, the
+session's key). When the view of the running loop's client is usable and all
+of them are known locally, and the entry is there and written under those
+versions, the lookup costs no Redis command: whether it is fresh or stale is
+decided in ``_outcome``, as for an entry read from Redis. Anything else
+(an absent entry, whose lease must be taken in Redis; an entry of older
+versions; a key not known here) is one Redis round trip that also returns
+each key's PTTL, and what it read is kept: the decoded entry, the record's
+header names, the versions, and a session key only when the lookup proved it
+missing (the session store owns the shape of its value). ``begin`` is called
+before the read is sent, so a reply overtaken by an invalidation is not kept
+(``asgi_redis_kit.near._near`` says why).
+
+Every write this layer sends (store, lease release, version bumps) drops the
+written keys locally after the write, raised or not (it may have reached
+Redis), so a request sees its own writes without waiting for their
+invalidations to come back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+
+from ..near import ABSENT, NearCache, NearView, Ticket
+from ._entry import Entry
+from ._keys import CacheKey, record_names
+from ._redis_layer import RedisLayer
+from ._stats import CacheStats
+from ._storage import Lookup, ReadBack, SessionProof
+
+# Bytes counted for a small decoded value (a version, a record's names): the
+# near cache adds its own per-entry overhead to this.
+_SMALL = 64
+
+
+class NearLayer:
+    """Lookups from the near cache ``near`` where it can answer, the rest from
+    ``inner``; ``prefix`` is the cache's key prefix (the tracked prefix)."""
+
+    def __init__(
+        self, inner: RedisLayer, near: NearCache, *, prefix: str, stats: CacheStats
+    ) -> None:
+        self.inner = inner
+        self.near = near
+        self.prefix = prefix
+        self.stats = stats
+
+    def view(self) -> NearView:
+        """The view of the running loop's client (a few dict lookups)."""
+        return self.near.view(self.inner.backend.client, self.prefix)
+
+    # -- lookups -----------------------------------------------------------------------
+
+    async def lookup(self, key: CacheKey, *, lease: bool, session: SessionProof | None) -> Lookup:
+        view = self.view()
+        found = _local(view, key, session)
+        if found is not None:
+            self.stats.near_hits += 1
+            return found
+        if not view.usable:
+            return await self.inner.lookup(key, lease=lease, session=session)
+        self.stats.near_misses += 1
+        names = [key.entry, key.vary_record, *key.version_keys]
+        own_session = (
+            session is not None and session.backend is None and session.key.startswith(self.prefix)
+        )
+        # Registered before the read is sent: an invalidation overtaking the
+        # reply then makes put() refuse it.
+        ticket = view.begin([*names, session.key] if own_session and session else names)
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        try:
+            found, read = await self.inner.lookup_reading(
+                key, lease=lease, session=session, ttls=ticket is not None
+            )
+            if read is not None:
+                # A PTTL counts from when Redis read it, some time after ``sent``:
+                # counting it from ``sent`` keeps the local deadline before Redis's.
+                _keep(view, ticket, names, read, math.ceil((loop.time() - sent) * 1000))
+                if own_session and session and not read.alive:
+                    view.put(ticket, session.key, ABSENT, -2, _SMALL)
+            return found
+        finally:
+            view.end(ticket)
+
+    async def poll(self, key: CacheKey, versions: tuple[int, ...]) -> Lookup:
+        # The lease lives only in Redis, and a poll waits on it.
+        return await self.inner.poll(key, versions)
+
+    async def acquire(
+        self, key: CacheKey, versions: tuple[int, ...]
+    ) -> tuple[str | None, Entry | None]:
+        try:
+            return await self.inner.acquire(key, versions)
+        finally:
+            self._wrote([key.lock])
+
+    # -- writes: each drops what it wrote here ----------------------------------------
+
+    async def release(self, key: CacheKey, token: str) -> None:
+        try:
+            await self.inner.release(key, token)
+        finally:
+            self._wrote([key.lock])
+
+    async def store(
+        self, target: CacheKey, leased: CacheKey, value: bytes, lifetime: float, token: str | None
+    ) -> None:
+        try:
+            await self.inner.store(target, leased, value, lifetime, token)
+        finally:
+            self._wrote([target.entry, target.vary_record, leased.lock])
+
+    async def bump(self, names: list[str]) -> None:
+        try:
+            await self.inner.bump(names)
+        finally:
+            self._wrote(names)
+
+    async def bump_generation(self, name: str) -> int:
+        try:
+            return await self.inner.bump_generation(name)
+        finally:
+            self._wrote([name])
+
+    def _wrote(self, keys: Sequence[str]) -> None:
+        self.view().invalidate(keys)
+
+    async def aclose(self) -> None:
+        # The NearCache may be shared (NearCache.shared()): its owner closes it.
+        await self.inner.aclose()
+
+
+def _local(view: NearView, key: CacheKey, session: SessionProof | None) -> Lookup | None:
+    """The lookup answered from ``view`` alone, or None: ask Redis."""
+    if not view.usable:
+        return None
+    if session is not None and session.backend is not None:
+        return None  # the session lives on another server: only it can say
+    hit = view.get(key.entry)
+    if hit is None or not isinstance(hit.value, Entry):
+        return None  # unknown here, or absent: the lease is taken in Redis
+    entry: Entry = hit.value
+    hit = view.get(key.vary_record)
+    if hit is None:
+        return None
+    record = () if hit.value is ABSENT else hit.value
+    if not isinstance(record, tuple):
+        return None
+    versions: list[int] = []
+    for name in key.version_keys:
+        hit = view.get(name)
+        if hit is None:
+            return None
+        version = 0 if hit.value is ABSENT else hit.value
+        if not isinstance(version, int):
+            return None
+        versions.append(version)
+    found_versions = tuple(versions)
+    if session is not None:
+        hit = view.get(session.key)
+        if hit is None:
+            return None
+        if hit.value is ABSENT:
+            return Lookup(key, None, found_versions, session_gone=True, record=record)
+    if record != key.learned:
+        # Not this request's variant: the caller looks up the one the record
+        # names (Redis takes no lease then either).
+        return Lookup(key, None, found_versions, record=record)
+    if entry.versions != found_versions:
+        return None  # written under older versions: a miss, whose lease is in Redis
+    return Lookup(key, entry, found_versions, record=record)
+
+
+def _keep(
+    view: NearView, ticket: Ticket | None, names: list[str], read: ReadBack, elapsed_ms: int
+) -> None:
+    """Put what one Redis lookup read: decoded, never the request's own data.
+    ``elapsed_ms``: how long the round trip took, taken off every PTTL."""
+
+    def put(name: str, value: object, pttl: int, size: int) -> None:
+        if pttl > 0:
+            pttl -= elapsed_ms
+            if pttl <= 0:
+                return  # gone from Redis by the time the reply came
+        view.put(ticket, name, value, pttl, size)
+
+    entry_raw = read.values[0]
+    if entry_raw is None:
+        put(names[0], ABSENT, read.pttls[0], _SMALL)
+    elif read.entry is not None:
+        put(names[0], read.entry, read.pttls[0], len(entry_raw))
+    record_raw = read.values[1]
+    record = ABSENT if record_raw is None else record_names(record_raw)
+    put(names[1], record, read.pttls[1], _SMALL + len(record_raw or b""))
+    for name, raw, pttl in zip(names[2:], read.values[2:], read.pttls[2:], strict=True):
+        if raw is None:
+            put(name, ABSENT, pttl, _SMALL)
+            continue
+        try:
+            version = int(raw)
+        except ValueError:
+            continue  # not ours; the Redis layer reads it as it is each time
+        put(name, version, pttl, _SMALL)
