@@ -12,15 +12,18 @@ from __future__ import annotations
 import secrets
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
+from redis import Redis
 
 from example_app.settings import COOKIE_NAME
 from tests.example_app.helpers import by_id, visits
 from tests.example_app.servers import AppServer
+from tests.support import RedisProcess
 
 pytestmark = pytest.mark.real_redis
 
@@ -261,3 +264,42 @@ def test_session_changes_on_one_reach_the_other_within_a_bound(
         # The logged-in cookie, replayed on beta, names no one any more.
         http.cookies.set(COOKIE_NAME, logged_in)
         until_user(beta, None)
+
+
+def request_commands(redis: Redis) -> Counter[str]:
+    """Commands the server ran so far, by name, without the trackers' own
+    (heartbeat PINGs, tracking set-up) and this test's INFO."""
+    stats = redis.info("commandstats")
+    return Counter(
+        {
+            name.removeprefix("cmdstat_"): int(value["calls"])
+            for name, value in stats.items()
+            if name.removeprefix("cmdstat_").split("|")[0] not in TRACKER_COMMANDS
+        }
+    )
+
+
+TRACKER_COMMANDS = {"ping", "client", "subscribe", "hello", "role", "info"}
+
+
+def test_repeated_reports_send_no_redis_command(own_redis: RedisProcess) -> None:
+    """Counted by the server itself: a Redis of this test's own, so nothing
+    but the two services talks to it."""
+    secret = secrets.token_urlsafe(32)
+    with (
+        AppServer(name="alpha", redis_url=own_redis.url, secret=secret) as alpha,
+        AppServer(name="beta", fastapi=True, redis_url=own_redis.url, secret=secret) as beta,
+        Redis.from_url(own_redis.url, socket_timeout=5) as redis,
+        httpx.Client(timeout=10, headers={"host": "shop.example"}) as http,
+    ):
+        for server in (alpha, beta):
+            until_tracking(server)
+        for _ in range(5):  # a loss of tracking on a busy machine costs a round
+            built = {from_memory(http, server) for server in (alpha, beta)}
+            before = request_commands(redis)
+            answers = {report(http, server) for server in (alpha, beta) for _ in range(10)}
+            sent = request_commands(redis) - before
+            assert answers == {("HIT", *built)}
+            if not sent:
+                return
+        raise AssertionError(f"repeated /report HITs sent {dict(sent)}")
