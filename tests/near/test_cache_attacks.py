@@ -10,14 +10,16 @@ import time
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
+from redis.cluster import LoadBalancingStrategy
 
 from asgi_redis_kit import Cache, NearCache
 from asgi_redis_kit.cache._entry import Entry, content_etag, encode
 from asgi_redis_kit.cache._keys import CacheKey
 from tests.near.cache_app import near_ready
-from tests.scaleout.servers import SentinelDeployment
-from tests.support import http_scope
+from tests.scaleout.servers import HOST, SentinelDeployment, ServerProcess, _Deployment, wait_for
+from tests.support import free_port, http_scope
 
 pytestmark = [pytest.mark.real_redis, pytest.mark.timeout(60)]
 
@@ -115,3 +117,100 @@ async def test_two_sentinel_deployments_with_one_service_name_are_not_one_server
             await sentinel.aclose()
         await asyncio.to_thread(first.close)
         await asyncio.to_thread(second.close)
+
+
+class ReplicatedCluster(_Deployment):
+    """A Redis Cluster of one master (every slot) and one replica of it."""
+
+    def __init__(self) -> None:
+        super().__init__("ark-cluster-replica-")
+        try:
+            self.bus = {"master": free_port(), "replica": free_port()}
+            self.master = self._node("master")
+            self.replica = self._node("replica")
+            with self.master.client() as master:
+                master.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+                master.execute_command(
+                    "CLUSTER", "MEET", HOST, self.replica.port, self.bus["replica"]
+                )
+                found = master.execute_command("CLUSTER", "MYID")
+            self.master_id = found.decode() if isinstance(found, bytes) else str(found)
+            wait_for("the replica to meet the master", self._met, timeout=20)
+            with self.replica.client() as replica:
+                replica.execute_command("CLUSTER", "REPLICATE", self.master_id)
+            wait_for("the replica to serve the slots", self._ready, timeout=20, interval=0.1)
+        except BaseException:
+            self.close()
+            raise
+
+    def _node(self, name: str) -> ServerProcess:
+        args = [
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", "nodes.conf",
+            "--cluster-port", str(self.bus[name]),
+            "--cluster-node-timeout", "3000",
+            "--repl-diskless-sync-delay", "0",
+        ]  # fmt: skip
+        return self._add(name, args)
+
+    def _met(self) -> bool:
+        with self.replica.client() as replica:
+            nodes = replica.execute_command("CLUSTER", "NODES")
+        return self.master_id in (nodes.decode() if isinstance(nodes, bytes) else str(nodes))
+
+    def _ready(self) -> bool:
+        with self.replica.client() as replica:
+            if replica.info("replication").get("master_link_status") != "up":
+                return False
+        with self.master.client() as master:
+            slots = master.execute_command("CLUSTER", "SLOTS")
+        return bool(slots) and len(slots[0]) >= 4  # range, master, replica
+
+
+@pytest.mark.timeout(120)
+async def test_reads_from_a_lagging_replica_are_never_kept(key_prefix: str) -> None:
+    """A cluster client that reads from replicas: the tracker (on the primary)
+    hears a write's invalidation at once, and a lookup right after it reads a
+    replica that has not applied the write yet. What it read must not be kept:
+    no invalidation ever comes for it (the replica catching up is no write on
+    the primary), so memory would serve the invalidated page for ``max_ttl``."""
+    deployment = await asyncio.to_thread(ReplicatedCluster)
+    client = RedisCluster(
+        host=HOST,
+        port=deployment.master.port,
+        load_balancing_strategy=LoadBalancingStrategy.RANDOM_REPLICA,
+        socket_timeout=2,
+    )
+    near = NearCache(heartbeat=0.2, heartbeat_timeout=1)
+    cache = Cache(client, key_prefix=key_prefix, timeout=2, near_cache=near)
+    primary = Redis(host=HOST, port=deployment.master.port, socket_timeout=2)
+    replica = Redis(host=HOST, port=deployment.replica.port, socket_timeout=2)
+    try:
+        await client.initialize()
+        if cache.near_cache is not None:
+            await near_ready(cache, 20)
+        key = page_key(cache)
+        found = await cache.lookup(key, lease=True)
+        await cache.store(key, entry(b"one", found.versions), 60, found.token)
+        for _ in range(200):
+            found = await cache.lookup(key)
+            if found.entry is not None and (cache.near_cache is None or cache.stats.near_hits):
+                break
+            await asyncio.sleep(0.02)
+        assert found.entry is not None
+        assert found.entry.body == b"one"
+        # The replica stops applying the primary's writes for a while.
+        await replica.client_pause(1500, all=False)  # WRITE: replication paused too
+        await primary.incr(key.tag_versions[0])  # another instance's invalidate_tags
+        await asyncio.sleep(0.3)  # its invalidation has arrived
+        await cache.lookup(key)  # reads the replica: the old version
+        await asyncio.sleep(2.5)  # the replica has caught up
+        found = await cache.lookup(key)
+        assert found.entry is None, "serves the invalidated page after the replica caught up"
+    finally:
+        await cache.aclose()
+        await near.aclose()
+        await client.aclose()
+        await primary.aclose()
+        await replica.aclose()
+        await asyncio.to_thread(deployment.close)
