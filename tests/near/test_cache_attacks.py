@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 
 import pytest
 from redis.asyncio import Redis
@@ -17,7 +18,7 @@ from redis.cluster import LoadBalancingStrategy
 from asgi_redis_kit import Cache, NearCache
 from asgi_redis_kit.cache._entry import Entry, content_etag, encode
 from asgi_redis_kit.cache._keys import CacheKey
-from tests.near.cache_app import near_ready
+from tests.near.cache_app import http, make_app, near_ready
 from tests.scaleout.servers import HOST, SentinelDeployment, ServerProcess, _Deployment, wait_for
 from tests.support import free_port, http_scope
 
@@ -214,3 +215,34 @@ async def test_reads_from_a_lagging_replica_are_never_kept(key_prefix: str) -> N
         await primary.aclose()
         await replica.aclose()
         await asyncio.to_thread(deployment.close)
+
+
+@pytest.mark.parametrize("near_cache", [True, False], ids=["near", "plain"])
+async def test_a_foreign_value_in_a_version_key_is_no_500(
+    redis_url: str, key_prefix: str, near_cache: bool
+) -> None:
+    """Someone else's value in one of our version keys (a prefix shared by
+    mistake, a hand-made SET): the page is served uncached, never a 500; the
+    near layer already declines to keep it, and the Redis layer must not
+    fail on it either."""
+    redis = Redis.from_url(redis_url, socket_timeout=5)
+    near = NearCache(heartbeat=0.2, heartbeat_timeout=1)
+    cache = Cache(redis, key_prefix=key_prefix, timeout=5, near_cache=near if near_cache else False)
+    calls: Counter[str] = Counter()
+    try:
+        if near_cache:
+            await near_ready(cache)
+        await redis.set(page_key(cache).url_version, b"not a number", px=30_000)
+        async with http(make_app(cache, calls)) as client:
+            for _ in range(2):
+                response = await client.get("/page")
+                assert response.status_code == 200, response.text
+                assert response.headers["x-cache"] != "HIT"
+        assert calls["page"] == 2
+    finally:
+        await cache.aclose()
+        await near.aclose()
+        keys = [k async for k in redis.scan_iter(match=f"{key_prefix}*")]
+        if keys:
+            await redis.delete(*keys)
+        await redis.aclose()
