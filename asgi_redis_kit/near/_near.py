@@ -25,51 +25,21 @@ to the invalidation lag. Four things make that hold here:
    that writes and then reads sees its write without waiting for the
    round trip of its own invalidation.
 
-Sharing. A *domain* is one server identity on one event loop: ``("tcp", host,
-port, db, user)``, ``("unix", path, db, user)``, ``("sentinel", service, db,
-user)`` or ``("cluster", sorted startup nodes, user)``. Every view of the same
-domain shares its trackers and entries, whatever client object or prefix it was
-made from; registering a prefix not yet covered re-registers the trackers
-(which flushes: the new prefix had no tracking until now). Overlapping prefixes
-are not allowed on one BCAST connection, so only the shortest of overlapping
-prefixes is registered; it covers the others.
-
-Cluster: one tracker per primary (``client.get_primaries()``), since tracking
-and its redirect are per node. Every heartbeat compares that set with the
-trackers; a change (a failover, a resharding that added a node) flushes the
-domain and tracks the new primaries. The set is the client's own idea of the
-topology (we never ask the cluster ourselves): a primary that dies keeps the
-domain bypassing until it is back, or until the client has learnt of its
-replacement from a MOVED or a failed command. Sentinel: the tracker's connection asks
-Sentinel for the master when it connects, and every heartbeat checks that the
-master is still where it connected (a demoted master still answers PING but
-no longer receives the writes).
-
-Event loops: trackers are tasks of the loop that made the view, so a view made
-on another loop gets its own domain. When a loop closes without
-:meth:`NearCache.aclose` (``asyncio.run`` cancels the trackers first, which
-then close their connections), the domain is dropped on the next ``view()``;
-a loop closed with its trackers still pending gets their sockets closed there,
-as ``asgi_redis_kit._redis`` does for its per-loop clients.
+Sharing between views, servers and event loops: see ``_domain.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import threading
-import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.connection import AbstractConnection
-from redis.asyncio.sentinel import SentinelConnectionPool
-from redis.exceptions import RedisError
 
+from asgi_redis_kit.near._domain import _Domain, _identity
 from asgi_redis_kit.near._store import NearStats, Store
-from asgi_redis_kit.near._tracker import Tracker, _Lost, close_socket
 
 
 class _Absent:
@@ -103,228 +73,6 @@ class Ticket:
         self.epoch = epoch
         self.versions = versions
         self.closed = False
-
-
-_domain_ids = itertools.count(1)
-
-
-class _Domain:
-    """One server identity on one loop: its trackers, prefixes, epoch and pending reads."""
-
-    def __init__(
-        self,
-        near: NearCache,
-        identity: tuple[Any, ...],
-        client: Redis | RedisCluster,
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
-        self.id = next(_domain_ids)
-        self.near = near
-        self.identity = identity
-        self.client = client
-        self.loop = loop
-        self.prefixes: list[str] = []
-        self.epoch = 0
-        # key -> [reads in flight, version]; the version moves on every invalidation.
-        self.pending: dict[str, list[int]] = {}
-        self.trackers: dict[str, Tracker] = {}
-        self.usable = False
-        self.closed = False
-        self.watcher: asyncio.Task[None] | None = None
-        self.views: dict[str, NearView] = {}
-
-    # Prefixes ----------------------------------------------------------
-
-    def add_prefix(self, prefix: str) -> None:
-        if any(prefix.startswith(p) for p in self.prefixes):
-            return  # already covered
-        self.prefixes = [p for p in self.prefixes if not p.startswith(prefix)] + [prefix]
-        self.prefixes.sort()
-        if not self.trackers:
-            self._start()
-        else:
-            self._lose()
-            for tracker in self.trackers.values():
-                tracker.retrack()
-
-    # Trackers ----------------------------------------------------------
-
-    def _start(self) -> None:
-        client = self.client
-        if isinstance(client, RedisCluster):
-            for node in client.get_primaries():
-                self._track_node(node.name, node.connection_class, node.connection_kwargs)
-            self.watcher = self.loop.create_task(
-                self._watch_primaries(client), name="asgi_redis_kit near-cache cluster watch"
-            )
-        else:
-            pool = client.connection_pool
-            kwargs = pool.connection_kwargs
-            if isinstance(pool, SentinelConnectionPool):
-                name = f"sentinel:{pool.service_name}"
-                check = _still_master(pool)
-            else:
-                name = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
-                check = None
-            self._track_node(name, pool.connection_class, kwargs, check)
-
-    def _track_node(
-        self,
-        name: str,
-        connection_class: type[AbstractConnection],
-        kwargs: dict[str, Any],
-        check: Any = None,
-    ) -> None:
-        options = {**kwargs, "protocol": 2, "decode_responses": False}
-
-        def connect() -> AbstractConnection:
-            return connection_class(**options)
-
-        self.trackers[name] = Tracker(
-            name,
-            connect=connect,
-            prefixes=lambda: self.prefixes,
-            on_up=self._tracker_up,
-            on_lost=self._tracker_lost,
-            on_invalidate=self.on_invalidate,
-            on_state=self._tracker_state,
-            heartbeat=self.near.heartbeat,
-            heartbeat_timeout=self.near.heartbeat_timeout,
-            check=check,
-        )
-
-    async def _watch_primaries(self, client: RedisCluster) -> None:
-        while True:
-            await asyncio.sleep(self.near.heartbeat)
-            try:
-                names = {node.name: node for node in client.get_primaries()}
-            except Exception:  # noqa: S112 -- the client is mid-reinitialisation: ask next time
-                continue
-            if not names or set(names) == set(self.trackers):
-                continue  # none known (between two topologies) is no news
-            self._lose()
-            for name in set(self.trackers) - set(names):
-                tracker = self.trackers.pop(name)
-                self.near.stats.tracking.pop(name, None)
-                await tracker.aclose()
-                self.near.stats.tracking.pop(name, None)
-            for name in set(names) - set(self.trackers):
-                node = names[name]
-                self._track_node(name, node.connection_class, node.connection_kwargs)
-            # Only nodes gone: the others never stopped tracking.
-            self._tracker_up(None)
-
-    def _tracker_state(self, tracker: Tracker) -> None:
-        if self.trackers.get(tracker.name) is tracker:
-            self.near.stats.tracking[tracker.name] = tracker.state
-            if tracker.state == "closed":  # cancelled: its loop is shutting down
-                self.closed = True
-                self._lose()
-
-    def _tracker_up(self, tracker: Tracker | None) -> None:
-        if self.trackers and all(t.tracking for t in self.trackers.values()):
-            # New epoch: nothing read before this point may be stored.
-            self.epoch += 1
-            self.usable = True
-
-    def _tracker_lost(self, tracker: Tracker) -> None:
-        self._lose()
-
-    def _lose(self) -> None:
-        """Stop serving and forget everything: some invalidation may be missed."""
-        was, self.usable = self.usable, False
-        self.flush(count=was)
-
-    # Invalidations -----------------------------------------------------
-
-    def flush(self, *, count: bool = True) -> None:
-        self.epoch += 1
-        self.near._store.flush(self.id)
-        if count:  # not again for each failed reconnect
-            self.near.stats.flushes += 1
-
-    def on_invalidate(self, keys: Iterable[str] | None) -> None:
-        if keys is None:  # FLUSHDB / FLUSHALL
-            self.flush()
-            return
-        store = self.near._store
-        stats = self.near.stats
-        pending = self.pending
-        for key in keys:
-            stats.invalidations += 1
-            store.discard(self.id, key)
-            state = pending.get(key)
-            if state is not None:
-                state[1] += 1
-
-    async def aclose(self) -> None:
-        self.closed = True
-        self.usable = False
-        tasks: list[asyncio.Task[None]] = [t.task for t in self.trackers.values()]
-        for tracker in self.trackers.values():
-            tracker.cancel()
-        if self.watcher is not None:
-            self.watcher.cancel()
-            tasks.append(self.watcher)
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self.near._store.flush(self.id)
-        for name in self.trackers:
-            self.near.stats.tracking.pop(name, None)
-        self.trackers.clear()
-
-    def drop_dead(self) -> None:
-        """The loop closed with trackers still pending: close their sockets here."""
-        self.closed = True
-        self.usable = False
-        for tracker in self.trackers.values():
-            close_socket(tracker.connection)
-            self.near.stats.tracking.pop(tracker.name, None)
-        self.near._store.flush(self.id)
-        self.trackers.clear()
-
-
-def _still_master(pool: SentinelConnectionPool) -> Any:
-    async def check(connection: AbstractConnection) -> None:
-        try:
-            address = await pool.get_master_address()  # type: ignore[no-untyped-call]
-        except (RedisError, OSError):
-            return  # Sentinel unreachable: the server's own answers decide
-        here = (getattr(connection, "host", None), getattr(connection, "port", None))
-        if tuple(address) != here:
-            raise _Lost(f"the master moved to {address[0]}:{address[1]}")
-
-    return check
-
-
-# A client's identity is computed once: a cluster client's known nodes change
-# as it learns the topology, and the same client must keep meeting its domain.
-_identities: weakref.WeakKeyDictionary[Redis | RedisCluster, tuple[Any, ...]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _identity(client: Redis | RedisCluster) -> tuple[Any, ...]:
-    identity = _identities.get(client)
-    if identity is None:
-        identity = _identities[client] = _compute_identity(client)
-    return identity
-
-
-def _compute_identity(client: Redis | RedisCluster) -> tuple[Any, ...]:
-    if isinstance(client, RedisCluster):
-        known = client.nodes_manager.startup_nodes.values()
-        nodes = tuple(sorted(node.name for node in known))
-        user = client.connection_kwargs.get("username")
-        return ("cluster", nodes, user)
-    pool = client.connection_pool
-    kw = pool.connection_kwargs
-    db = kw.get("db", 0)
-    user = kw.get("username")
-    if isinstance(pool, SentinelConnectionPool):
-        return ("sentinel", pool.service_name, db, user)
-    if kw.get("path"):
-        return ("unix", kw["path"], db, user)
-    return ("tcp", kw.get("host", "localhost"), kw.get("port", 6379), db, user)
 
 
 class NearCache:
