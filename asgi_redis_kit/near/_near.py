@@ -18,9 +18,10 @@ to the invalidation lag. Four things make that hold here:
    bumps the domain's *epoch*, which refuses every older ticket at once. An
    invalidation that arrives after ``put`` simply evicts the entry.
 3. **TTL-exact.** The caller reads the PTTL with the value (one round trip), and
-   the local deadline is ``min(PTTL, max_ttl)``: Redis announces an expiry only
-   when it gets round to deleting the key, and a lost invalidation we did not
-   notice is bounded by ``max_ttl``.
+   the local deadline is ``min(PTTL, max_ttl)`` from ``begin`` (Redis ran the
+   read after it; a slow reply must not stretch the TTL): Redis announces an
+   expiry only when it gets round to deleting the key, and a lost invalidation
+   we did not notice is bounded by ``max_ttl``.
 4. **Our own writes** go through :meth:`NearView.invalidate`, so a request
    that writes and then reads sees its write without waiting for the
    round trip of its own invalidation.
@@ -65,13 +66,16 @@ class NearHit(NamedTuple):
 
 
 class Ticket:
-    """A read in flight: the domain epoch and key versions ``begin`` saw."""
+    """A read in flight: the domain epoch and key versions ``begin`` saw, and
+    when (``loop.time()``): Redis runs the read after that, so the PTTL it
+    answers counts from no earlier than ``started``."""
 
-    __slots__ = ("closed", "epoch", "versions")
+    __slots__ = ("closed", "epoch", "started", "versions")
 
-    def __init__(self, epoch: int, versions: dict[str, int]) -> None:
+    def __init__(self, epoch: int, versions: dict[str, int], started: float) -> None:
         self.epoch = epoch
         self.versions = versions
+        self.started = started
         self.closed = False
 
 
@@ -254,7 +258,7 @@ class NearView:
                 state = pending[key] = [0, 0]
             state[0] += 1
             versions[key] = state[1]
-        return Ticket(domain.epoch, versions)
+        return Ticket(domain.epoch, versions, domain.loop.time())
 
     def put(self, ticket: Ticket | None, key: str, value: object, pttl_ms: int, size: int) -> None:
         """Keep ``value`` of ``key`` as read under ``ticket``, unless an
@@ -264,7 +268,8 @@ class NearView:
         ``value`` is ignored and :data:`ABSENT` kept), -1 (no TTL: kept
         ``max_ttl``) or the milliseconds left (kept ``min(pttl, max_ttl)``).
         ``size`` is the caller's estimate of the value's bytes; above
-        ``max_entry_bytes`` nothing is kept.
+        ``max_entry_bytes`` nothing is kept. The deadline counts from
+        ``begin``, so a slow reply is kept for less, never longer.
         """
         if ticket is None or ticket.closed:
             return
@@ -293,7 +298,14 @@ class NearView:
         else:
             self.stats.refused += 1
             return
-        if self._store.put(domain.id, key, value, domain.loop.time() + ttl, size):
+        # Counted from begin(), not from now: the reply may have spent most of
+        # the PTTL on its way here, and Redis announces an expiry only when it
+        # gets round to deleting the key.
+        expires_at = ticket.started + ttl
+        if expires_at <= domain.loop.time():
+            self.stats.refused += 1
+            return
+        if self._store.put(domain.id, key, value, expires_at, size):
             self.stats.stores += 1
         else:
             self.stats.refused += 1
