@@ -217,3 +217,23 @@ async def test_the_tracker_authenticates_like_the_client(own_redis: RedisProcess
     finally:
         await near.aclose()
         await client.aclose()
+
+
+async def test_swapdb_is_noticed_though_redis_announces_nothing(
+    near: NearCache, own_redis: RedisProcess, reader: Redis, writer: Redis
+) -> None:
+    """SWAPDB replaces the db's contents and sends no invalidation (Redis 7.0):
+    the atomic "rebuild in db 1, then SWAPDB 0 1" must not leave db 0's old
+    values served until max_ttl."""
+    view = await usable(near.view(reader, PREFIX))
+    other_db = Redis.from_url(f"redis://127.0.0.1:{own_redis.port}/1")
+    try:
+        await writer.set(KEY, b"old")
+        await other_db.set(KEY, b"rebuilt")
+        assert await load(view, reader, KEY) == b"old"
+        await writer.swapdb(0, 1)
+        assert await reader.get(KEY) == b"rebuilt"
+        await until(lambda: view.get(KEY) is None, HEARTBEAT + HEARTBEAT_TIMEOUT + 2)
+        await invalidations_work(view, reader, writer, b"after")
+    finally:
+        await other_db.aclose()
