@@ -46,9 +46,9 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.sentinel import SentinelConnectionPool
-from redis.exceptions import RedisError
 
-from asgi_redis_kit.near._tracker import Tracker, _Lost, close_socket
+from asgi_redis_kit.near._checks import Check, NoSwapdb, StillMaster
+from asgi_redis_kit.near._tracker import Tracker, close_socket
 
 if TYPE_CHECKING:
     from asgi_redis_kit.near._near import NearCache, NearView
@@ -111,23 +111,30 @@ class _Domain:
             kwargs = pool.connection_kwargs
             if isinstance(pool, SentinelConnectionPool):
                 name = f"sentinel:{pool.service_name}"
-                check = _still_master(pool)
+                checks: list[Check] = [StillMaster(pool)]
             else:
                 name = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
-                check = None
-            self._track_node(name, pool.connection_class, kwargs, check)
+                checks = []
+            # Not on a cluster: it has one db, and no SWAPDB.
+            self._track_node(name, pool.connection_class, kwargs, checks, swapdb=True)
 
     def _track_node(
         self,
         name: str,
         connection_class: type[AbstractConnection],
         kwargs: dict[str, Any],
-        check: Any = None,
+        checks: list[Check] | None = None,
+        *,
+        swapdb: bool = False,
     ) -> None:
         options = {**kwargs, "protocol": 2, "decode_responses": False}
 
         def connect() -> AbstractConnection:
             return connection_class(**options)
+
+        checks = list(checks or ())
+        if swapdb:
+            checks.append(NoSwapdb(connect))
 
         self.trackers[name] = Tracker(
             name,
@@ -139,7 +146,7 @@ class _Domain:
             on_state=self._tracker_state,
             heartbeat=self.near.heartbeat,
             heartbeat_timeout=self.near.heartbeat_timeout,
-            check=check,
+            checks=checks,
         )
 
     async def _watch_primaries(self, client: RedisCluster) -> None:
@@ -230,19 +237,6 @@ class _Domain:
             self.near.stats.tracking.pop(tracker.name, None)
         self.near._store.flush(self.id)
         self.trackers.clear()
-
-
-def _still_master(pool: SentinelConnectionPool) -> Any:
-    async def check(connection: AbstractConnection) -> None:
-        try:
-            address = await pool.get_master_address()  # type: ignore[no-untyped-call]
-        except (RedisError, OSError):
-            return  # Sentinel unreachable: the server's own answers decide
-        here = (getattr(connection, "host", None), getattr(connection, "port", None))
-        if tuple(address) != here:
-            raise _Lost(f"the master moved to {address[0]}:{address[1]}")
-
-    return check
 
 
 # A client's identity is computed once: a cluster client's known nodes change

@@ -45,9 +45,12 @@ import asyncio
 import contextlib
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from redis.asyncio.connection import AbstractConnection
+
+if TYPE_CHECKING:
+    from asgi_redis_kit.near._checks import Check
 
 State = Literal["connecting", "tracking", "lost", "closed"]
 
@@ -73,8 +76,9 @@ class Tracker:
         prefixes: the current prefixes to track (read at each handshake).
         on_up, on_lost: tracking confirmed; tracking no longer trusted.
         on_invalidate: keys invalidated, or ``None`` for "everything".
-        check: an extra heartbeat check (Sentinel: is this still the master?),
-            raising :class:`_Lost` when the connection must be dropped.
+        checks: extra checks (``_checks.py``: is this still the master? did
+            SWAPDB run?), run when tracking is about to be confirmed and at
+            every heartbeat, raising :class:`_Lost` when it must be dropped.
     """
 
     def __init__(
@@ -89,7 +93,7 @@ class Tracker:
         on_state: Callable[[Tracker], None],
         heartbeat: float,
         heartbeat_timeout: float,
-        check: Callable[[AbstractConnection], Any] | None = None,
+        checks: Sequence[Check] = (),
     ) -> None:
         self.name = name
         self._connect = connect
@@ -98,7 +102,7 @@ class Tracker:
         self._on_lost = on_lost
         self._on_invalidate = on_invalidate
         self._on_state = on_state
-        self._check = check
+        self._checks = tuple(checks)
         self.heartbeat = heartbeat
         self.heartbeat_timeout = heartbeat_timeout
         self.state: State = "connecting"
@@ -186,6 +190,13 @@ class Tracker:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
         finally:
+            # A check's own connection outlives the tracked one; not the tracker.
+            if self._abandoned:
+                for check in self._checks:
+                    check.close_now()
+            else:
+                for check in self._checks:
+                    await check.aclose()
             self._set("closed")
 
     async def _handshake(self, connection: AbstractConnection) -> None:
@@ -206,6 +217,8 @@ class Tracker:
         reply = await connection.read_response(timeout=math.inf)
         if not (isinstance(reply, list) and reply[:2] == [b"subscribe", CHANNEL]):
             raise _Lost(f"SUBSCRIBE answered {reply!r}")
+        for check in self._checks:
+            await check.run(connection, start=True)
 
     async def _serve(self, connection: AbstractConnection) -> None:
         """Read and heartbeat until tracking is lost (:class:`_Lost`) or the
@@ -219,11 +232,11 @@ class Tracker:
                     (reader, retrack), timeout=self.heartbeat, return_when=asyncio.FIRST_COMPLETED
                 )
                 self._stop_if_done(reader, retrack)
-                if self._check is not None:
-                    # A slow Sentinel is not a lost connection: skip the check.
+                for check in self._checks:
+                    # A slow check is not a lost connection: skip it this time.
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(self.heartbeat_timeout):
-                            await self._check(connection)
+                            await check.run(connection, start=False)
                 pong = self._pong = loop.create_future()
                 async with asyncio.timeout(self.heartbeat_timeout):
                     await connection.send_command("PING", check_health=False)
