@@ -232,3 +232,27 @@ async def test_heartbeats_keep_a_quiet_view_usable(
         assert view.usable
     assert near.stats.flushes == flushes
     assert await cached(view, key) == b"q"
+
+
+@pytest.mark.parametrize(
+    ("encoding", "errors"), [("latin-1", "strict"), ("utf-8", "surrogateescape")]
+)
+async def test_a_key_is_invalidated_whatever_the_clients_key_encoding(
+    near: NearCache, redis_url: str, key_prefix: str, encoding: str, errors: str
+) -> None:
+    """The key str the caller uses is what the client's encoding makes of the
+    invalidated bytes; decoding them as UTF-8 would leave the copy for ever."""
+    client = Redis.from_url(redis_url, socket_timeout=5, encoding=encoding, encoding_errors=errors)
+    raw = Redis.from_url(redis_url, socket_timeout=5)
+    try:
+        key = f"{key_prefix}\xe9t\xe9" if encoding == "latin-1" else f"{key_prefix}\udce9"
+        wire = key.encode(encoding, errors)
+        assert wire.endswith(b"\xe9t\xe9") or wire.endswith(b"\xe9")  # not UTF-8
+        view = await usable(near.view(client, key_prefix))
+        await client.set(key, b"old")
+        assert await load(view, client, key) == b"old"
+        await raw.set(wire, b"new")
+        await until(lambda: view.get(key) is None, 5)
+    finally:
+        await client.aclose()
+        await raw.aclose()
