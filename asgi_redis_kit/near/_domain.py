@@ -7,8 +7,9 @@ trackers' news (up, lost, invalidations) into flushes and version bumps.
 are the public face; this module is what they share.
 
 A *domain* is one server identity on one event loop: ``("tcp", host,
-port, db, user)``, ``("unix", path, db, user)``, ``("sentinel", service, db,
-user)`` or ``("cluster", sorted startup nodes, user)``. Every view of the same
+port, db, user, *enc)``, ``("unix", path, db, user, *enc)``, ``("sentinel",
+service, db, user, *enc)`` or ``("cluster", sorted startup nodes, user,
+*enc)``, where ``enc`` is the client's key encoding and its error handler. Every view of the same
 domain shares its trackers and entries, whatever client object or prefix it was
 made from; registering a prefix not yet covered re-registers the trackers
 (which flushes: the new prefix had no tracking until now). Overlapping prefixes
@@ -70,6 +71,12 @@ class _Domain:
         self.id = next(_domain_ids)
         self.near = near
         self.identity = identity
+        # How the client turns key str into bytes, which the tracker reverses.
+        # A lossy error handler ("replace") maps several str to one key: the
+        # view keeps only keys that come back as themselves.
+        self.encoding: str = identity[-2]
+        self.encoding_errors: str = identity[-1]
+        self.lossy_keys = self.encoding_errors not in ("strict", "surrogateescape")
         self.client = client
         self.loop = loop
         self.prefixes: list[str] = []
@@ -147,6 +154,7 @@ class _Domain:
             heartbeat=self.near.heartbeat,
             heartbeat_timeout=self.near.heartbeat_timeout,
             checks=checks,
+            encoding=self.encoding,
         )
 
     async def _watch_primaries(self, client: RedisCluster) -> None:
@@ -255,16 +263,19 @@ def _identity(client: Redis | RedisCluster) -> tuple[Any, ...]:
 
 def _compute_identity(client: Redis | RedisCluster) -> tuple[Any, ...]:
     if isinstance(client, RedisCluster):
+        kw = client.connection_kwargs
         known = client.nodes_manager.startup_nodes.values()
-        nodes = tuple(sorted(node.name for node in known))
-        user = client.connection_kwargs.get("username")
-        return ("cluster", nodes, user)
-    pool = client.connection_pool
-    kw = pool.connection_kwargs
-    db = kw.get("db", 0)
-    user = kw.get("username")
-    if isinstance(pool, SentinelConnectionPool):
-        return ("sentinel", pool.service_name, db, user)
-    if kw.get("path"):
-        return ("unix", kw["path"], db, user)
-    return ("tcp", kw.get("host", "localhost"), kw.get("port", 6379), db, user)
+        where: tuple[Any, ...] = ("cluster", tuple(sorted(node.name for node in known)))
+    else:
+        pool = client.connection_pool
+        kw = pool.connection_kwargs
+        db = kw.get("db", 0)
+        if isinstance(pool, SentinelConnectionPool):
+            where = ("sentinel", pool.service_name, db)
+        elif kw.get("path"):
+            where = ("unix", kw["path"], db)
+        else:
+            where = ("tcp", kw.get("host", "localhost"), kw.get("port", 6379), db)
+    # The key encoding is part of it: the tracker decodes keys for every view.
+    encoding = (kw.get("encoding", "utf-8"), kw.get("encoding_errors", "strict"))
+    return (*where, kw.get("username"), *encoding)

@@ -281,6 +281,7 @@ class NearView:
             or state is None
             or ticket.versions.get(key) != state[1]
             or not key.startswith(self.prefix)
+            or (domain.lossy_keys and not _round_trips(key, domain))
         ):
             self.stats.refused += 1
             return
@@ -327,3 +328,9 @@ class NearView:
     def invalidate(self, keys: Iterable[str]) -> None:
         """We wrote ``keys``: drop them here now, as an invalidation would."""
         self._domain.on_invalidate(list(keys))
+
+
+def _round_trips(key: str, domain: _Domain) -> bool:
+    """``key`` is what its invalidation will decode to (see ``_Domain.lossy_keys``)."""
+    encoded = key.encode(domain.encoding, domain.encoding_errors)
+    return encoded.decode(domain.encoding, "surrogateescape") == key

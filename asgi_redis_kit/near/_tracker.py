@@ -75,7 +75,8 @@ class Tracker:
         connect: makes a new, unconnected connection to the node.
         prefixes: the current prefixes to track (read at each handshake).
         on_up, on_lost: tracking confirmed; tracking no longer trusted.
-        on_invalidate: keys invalidated, or ``None`` for "everything".
+        on_invalidate: keys invalidated (decoded with ``encoding``, the
+            client's), or ``None`` for "everything".
         checks: extra checks (``_checks.py``: is this still the master? did
             SWAPDB run?), run when tracking is about to be confirmed and at
             every heartbeat, raising :class:`_Lost` when it must be dropped.
@@ -94,6 +95,7 @@ class Tracker:
         heartbeat: float,
         heartbeat_timeout: float,
         checks: Sequence[Check] = (),
+        encoding: str = "utf-8",
     ) -> None:
         self.name = name
         self._connect = connect
@@ -103,6 +105,7 @@ class Tracker:
         self._on_invalidate = on_invalidate
         self._on_state = on_state
         self._checks = tuple(checks)
+        self.encoding = encoding
         self.heartbeat = heartbeat
         self.heartbeat_timeout = heartbeat_timeout
         self.state: State = "connecting"
@@ -274,7 +277,7 @@ class Tracker:
                 if keys is None:
                     self._on_invalidate(None)
                 else:
-                    self._on_invalidate([_decode(key) for key in keys])
+                    self._on_invalidate([_decode(key, self.encoding) for key in keys])
             elif kind == b"pong":
                 if self._pong is not None and not self._pong.done():
                     self._pong.set_result(None)
@@ -283,10 +286,11 @@ class Tracker:
             # Anything else ("subscribe" again, other channels): nothing to do.
 
 
-def _decode(key: bytes | str) -> str:
-    # Keys are str to the caller; bytes that are not UTF-8 must still map to one
-    # key, the same one the caller's own str would encode to with this handler.
-    return key if isinstance(key, str) else key.decode("utf-8", "surrogateescape")
+def _decode(key: bytes | str, encoding: str) -> str:
+    # Keys are str to the caller, which the client encodes with its own
+    # encoding; bytes that encoding cannot decode still map to one key, the
+    # one a str would encode to with this handler.
+    return key if isinstance(key, str) else key.decode(encoding, "surrogateescape")
 
 
 async def _disconnect(connection: AbstractConnection) -> None:

@@ -256,3 +256,21 @@ async def test_a_key_is_invalidated_whatever_the_clients_key_encoding(
     finally:
         await client.aclose()
         await raw.aclose()
+
+
+async def test_a_key_a_lossy_encoding_cannot_give_back_is_not_kept(
+    near: NearCache, redis_url: str, key_prefix: str
+) -> None:
+    """With errors="replace", "\u4e00" and "?" are both the key b"?": an
+    invalidation of it could drop only one of them, so neither str is kept
+    unless it comes back as itself."""
+    client = Redis.from_url(
+        redis_url, socket_timeout=5, encoding="latin-1", encoding_errors="replace"
+    )
+    try:
+        view = await usable(near.view(client, key_prefix))
+        await read(view, client, f"{key_prefix}\u4e00")
+        assert view.get(f"{key_prefix}\u4e00") is None
+        assert await load(view, client, f"{key_prefix}plain") is ABSENT
+    finally:
+        await client.aclose()
