@@ -237,3 +237,23 @@ async def test_swapdb_is_noticed_though_redis_announces_nothing(
         await invalidations_work(view, reader, writer, b"after")
     finally:
         await other_db.aclose()
+
+
+async def test_the_view_stops_serving_as_soon_as_the_tracker_sees_the_loss(
+    near: NearCache, reader: Redis, writer: Redis
+) -> None:
+    """Between the tracker noticing its connection is gone and the domain
+    hearing of it, nothing may await: any other task running then would be
+    served entries whose invalidations can no longer arrive. The tracker's own
+    state is the only place that moment shows, hence the private look."""
+    view = await usable(near.view(reader, PREFIX))
+    await invalidations_work(view, reader, writer, b"1")
+    [tracker] = view._domain.trackers.values()
+    await writer.client_kill_filter(_type="pubsub")
+    served_after_loss = 0
+    async with asyncio.timeout(5):
+        while view.usable or tracker.state == "tracking":
+            if tracker.state != "tracking" and view.get(KEY) is not None:
+                served_after_loss += 1
+            await asyncio.sleep(0)
+    assert served_after_loss == 0
