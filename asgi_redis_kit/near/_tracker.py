@@ -115,6 +115,7 @@ class Tracker:
         self._stopping = False
         self._abandoned = False
         self._pong: asyncio.Future[None] | None = None
+        self._noticed = False
         self.task = asyncio.get_running_loop().create_task(
             self._run(), name=f"asgi_redis_kit near-cache tracker {name}"
         )
@@ -137,6 +138,17 @@ class Tracker:
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
 
+    def _notice_loss(self) -> None:
+        """Tell the owner now, before any await: until it knows, it serves
+        entries whose invalidations can no longer arrive. Once per connection."""
+        if self._noticed:
+            return
+        self._noticed = True
+        was, self.state = self.state, "lost"
+        if was != "lost":
+            self._on_state(self)
+        self._on_lost(self)
+
     def _set(self, state: State) -> None:
         self.state = state
         self._on_state(self)
@@ -148,6 +160,7 @@ class Tracker:
         try:
             while True:
                 self._retrack.clear()
+                self._noticed = False
                 connection = self.connection = self._connect()
                 try:
                     async with asyncio.timeout(self.heartbeat + self.heartbeat_timeout):
@@ -172,16 +185,13 @@ class Tracker:
                         raise
                     self.last_error = f"{type(exc).__name__}: {exc}"
                 finally:
-                    was = self.state
-                    self.state = "lost"
                     self.connection = None
                     if self._abandoned:
+                        self.state = "lost"
                         close_socket(connection)
                     else:
+                        self._notice_loss()
                         await _disconnect(connection)
-                        if was != "lost":
-                            self._on_state(self)
-                        self._on_lost(self)
                 if self._stopping or current.cancelling():
                     # A cancel that lands as a timeout expires is turned into a
                     # TimeoutError by Python 3.11's asyncio.timeout and by
@@ -254,6 +264,7 @@ class Tracker:
             # Abandoned: the loop is closed, so no cancel can be scheduled; the
             # two tasks are garbage with us.
             if not self._abandoned:
+                self._notice_loss()  # before awaiting the two tasks below
                 for task in (reader, retrack):
                     task.cancel()
                 await asyncio.gather(reader, retrack, return_exceptions=True)
