@@ -58,6 +58,12 @@ if TYPE_CHECKING:
 _domain_ids = itertools.count(1)
 
 
+# Prefixes registered (tracked) per domain, and views remembered per domain
+# (a view under a registered prefix costs nothing to make again).
+MAX_PREFIXES = 64
+MAX_VIEWS = 1024
+
+
 class _Domain:
     """One server identity on one loop: its trackers, prefixes, epoch and pending reads."""
 
@@ -94,6 +100,13 @@ class _Domain:
     def add_prefix(self, prefix: str) -> None:
         if any(prefix.startswith(p) for p in self.prefixes):
             return  # already covered
+        if len(self.prefixes) >= MAX_PREFIXES:
+            # Each one costs a flush, a reconnect, and Redis a check per write:
+            # a prefix made per tenant or per user belongs under a shared one.
+            raise ValueError(
+                f"too many near-cache prefixes on one server ({MAX_PREFIXES}): "
+                f"{prefix!r} is not under any of them; use a shared prefix"
+            )
         self.prefixes = [p for p in self.prefixes if not p.startswith(prefix)] + [prefix]
         self.prefixes.sort()
         if not self.trackers:

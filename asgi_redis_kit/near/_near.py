@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from asgi_redis_kit.near._domain import _Domain, _identity
+from asgi_redis_kit.near._domain import MAX_VIEWS, _Domain, _identity
 from asgi_redis_kit.near._store import NearStats, Store
 
 
@@ -150,6 +150,8 @@ class NearCache:
 
         Starts tracking on first use (the view is not usable until Redis has
         confirmed it); a new prefix on a tracked server re-registers (flush).
+        A ``ValueError`` past 64 prefixes on one server none of which covers
+        ``prefix``: make per-tenant or per-user prefixes under a shared one.
         """
         if not isinstance(client, Redis | RedisCluster):
             raise TypeError(
@@ -167,7 +169,9 @@ class NearCache:
             view = domain.views.get(prefix)
             if view is None:
                 domain.add_prefix(prefix)
-                view = domain.views[prefix] = NearView(domain, prefix)
+                view = NearView(domain, prefix)
+                if len(domain.views) < MAX_VIEWS:  # else a prefix per request: not kept
+                    domain.views[prefix] = view
             return view
 
     def _drop_dead(self) -> None:
