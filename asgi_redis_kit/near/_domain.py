@@ -92,6 +92,7 @@ class _Domain:
         self.trackers: dict[str, Tracker] = {}
         self.usable = False
         self.closed = False
+        self.started = False
         self.watcher: asyncio.Task[None] | None = None
         self.views: dict[str, NearView] = {}
 
@@ -109,9 +110,9 @@ class _Domain:
             )
         self.prefixes = [p for p in self.prefixes if not p.startswith(prefix)] + [prefix]
         self.prefixes.sort()
-        if not self.trackers:
+        if not self.started:
             self._start()
-        else:
+        else:  # (a cluster client may know no primaries yet: its watch adds them)
             self._lose()
             for tracker in self.trackers.values():
                 tracker.retrack()
@@ -119,6 +120,7 @@ class _Domain:
     # Trackers ----------------------------------------------------------
 
     def _start(self) -> None:
+        self.started = True
         client = self.client
         if isinstance(client, RedisCluster):
             for node in client.get_primaries():
