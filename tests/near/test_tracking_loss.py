@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from asgi_redis_kit.near import NearCache, NearView
@@ -257,3 +258,25 @@ async def test_the_view_stops_serving_as_soon_as_the_tracker_sees_the_loss(
                 served_after_loss += 1
             await asyncio.sleep(0)
     assert served_after_loss == 0
+
+
+async def test_a_blocked_loop_does_not_serve_what_its_tracker_has_not_read(
+    near: NearCache, own_redis: RedisProcess, reader: Redis, writer: Redis
+) -> None:
+    """The loop is blocked longer than heartbeat + heartbeat_timeout while
+    another process writes: the invalidation waits unread in the tracker's
+    socket, and the first task to run afterwards must not be served the old
+    copy (a false loss is fine; staleness is not)."""
+    view = await usable(near.view(reader, PREFIX))
+    await writer.set(KEY, b"old")
+    assert await load(view, reader, KEY) == b"old"
+    other = SyncRedis.from_url(own_redis.url, socket_timeout=2)
+    try:
+        time.sleep(0.1)  # noqa: ASYNC251 -- blocking the loop is the point
+        other.set(KEY, b"new")  # announced now, read by nobody: the loop is blocked
+        time.sleep(HEARTBEAT + HEARTBEAT_TIMEOUT + 0.3)  # noqa: ASYNC251
+        assert view.get(KEY) is None
+    finally:
+        other.close()
+    await usable(view)
+    assert await load(view, reader, KEY) == b"new"
