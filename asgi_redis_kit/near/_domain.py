@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -91,6 +92,10 @@ class _Domain:
         self.pending: dict[str, list[int]] = {}
         self.trackers: dict[str, Tracker] = {}
         self.usable = False
+        # loop.time() after which no entry is served until a tracker is heard
+        # from again: a loop blocked (or a tracker starved) for longer than
+        # heartbeat + heartbeat_timeout may have invalidations waiting unread.
+        self.trusted_until = -math.inf
         self.closed = False
         self.started = False
         self.watcher: asyncio.Task[None] | None = None
@@ -166,6 +171,7 @@ class _Domain:
             on_lost=self._tracker_lost,
             on_invalidate=self.on_invalidate,
             on_state=self._tracker_state,
+            on_alive=self._tracker_alive,
             heartbeat=self.near.heartbeat,
             heartbeat_timeout=self.near.heartbeat_timeout,
             checks=checks,
@@ -205,6 +211,11 @@ class _Domain:
             # New epoch: nothing read before this point may be stored.
             self.epoch += 1
             self.usable = True
+            self._tracker_alive(None)
+
+    def _tracker_alive(self, tracker: Tracker | None) -> None:
+        heard = min((t.heard_at for t in self.trackers.values()), default=-math.inf)
+        self.trusted_until = heard + self.near.heartbeat + self.near.heartbeat_timeout
 
     def _tracker_lost(self, tracker: Tracker) -> None:
         self._lose()

@@ -9,6 +9,10 @@ to the invalidation lag. Four things make that hold here:
    while every tracker of its client has confirmed ``CLIENT TRACKING`` and
    ``SUBSCRIBE``; otherwise ``get`` and ``begin`` return ``None`` and the caller
    goes to Redis (bypass). Losing tracking flushes every entry of that client.
+   And ``get`` serves only while every tracker was heard from (its handshake,
+   then each PONG, read after every invalidation sent before it) within
+   ``heartbeat + heartbeat_timeout``: after the loop was blocked that long,
+   invalidations may be waiting unread in the tracker's socket.
 2. **No read older than an invalidation.** The read reply and the invalidation
    arrive on different connections, so a reply can be overtaken:
    [read] GET -> [other] SET -> [tracker] invalidate -> [read] old reply. So
@@ -227,18 +231,20 @@ class NearView:
 
     @property
     def usable(self) -> bool:
-        """Tracking is confirmed on every node of this view's client."""
+        """Tracking is confirmed on every node of this view's client. (``get``
+        also wants it heard from within ``heartbeat + heartbeat_timeout``.)"""
         return self._domain.usable
 
     def get(self, key: str) -> NearHit | None:
-        """The local copy of ``key``, or ``None`` (unknown here, expired, or the
-        view is not usable). ``NearHit.value`` is :data:`ABSENT` when Redis had
-        no such key."""
+        """The local copy of ``key``, or ``None`` (unknown here, expired, the
+        view is not usable, or no tracker was heard from for ``heartbeat +
+        heartbeat_timeout``: a blocked loop may have invalidations unread).
+        ``NearHit.value`` is :data:`ABSENT` when Redis had no such key."""
         domain = self._domain
-        if not domain.usable:
+        now = domain.loop.time()
+        if not domain.usable or now > domain.trusted_until:
             self.stats.bypasses += 1
             return None
-        now = domain.loop.time()
         entry = self._store.get(domain.id, key, now)
         if entry is None:
             self.stats.misses += 1

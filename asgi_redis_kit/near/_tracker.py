@@ -75,6 +75,7 @@ class Tracker:
         connect: makes a new, unconnected connection to the node.
         prefixes: the current prefixes to track (read at each handshake).
         on_up, on_lost: tracking confirmed; tracking no longer trusted.
+        on_alive: a PONG came, so ``heard_at`` moved on.
         on_invalidate: keys invalidated (decoded with ``encoding``, the
             client's), or ``None`` for "everything".
         checks: extra checks (``_checks.py``: is this still the master? did
@@ -92,6 +93,7 @@ class Tracker:
         on_lost: Callable[[Tracker], None],
         on_invalidate: Callable[[list[str] | None], None],
         on_state: Callable[[Tracker], None],
+        on_alive: Callable[[Tracker], None],
         heartbeat: float,
         heartbeat_timeout: float,
         checks: Sequence[Check] = (),
@@ -104,6 +106,7 @@ class Tracker:
         self._on_lost = on_lost
         self._on_invalidate = on_invalidate
         self._on_state = on_state
+        self._on_alive = on_alive
         self._checks = tuple(checks)
         self.encoding = encoding
         self.heartbeat = heartbeat
@@ -116,6 +119,9 @@ class Tracker:
         self._abandoned = False
         self._pong: asyncio.Future[None] | None = None
         self._noticed = False
+        # loop.time() when this connection last proved every invalidation sent
+        # before it was read: the handshake, then each PONG (read in order).
+        self.heard_at = -math.inf
         self.task = asyncio.get_running_loop().create_task(
             self._run(), name=f"asgi_redis_kit near-cache tracker {name}"
         )
@@ -167,6 +173,7 @@ class Tracker:
                         await self._handshake(connection)
                     if self._retrack.is_set():  # the prefixes changed meanwhile
                         raise _Retrack
+                    self.heard_at = asyncio.get_running_loop().time()
                     self._set("tracking")
                     backoff = BACKOFF_FIRST
                     self._on_up(self)
@@ -290,6 +297,8 @@ class Tracker:
                 else:
                     self._on_invalidate([_decode(key, self.encoding) for key in keys])
             elif kind == b"pong":
+                self.heard_at = asyncio.get_running_loop().time()
+                self._on_alive(self)
                 if self._pong is not None and not self._pong.done():
                     self._pong.set_result(None)
             elif kind == b"unsubscribe":
