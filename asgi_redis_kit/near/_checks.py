@@ -69,8 +69,12 @@ class NoSwapdb(Check):
     async def run(self, connection: AbstractConnection, *, start: bool) -> None:
         if self._unavailable:
             return
+        if start:
+            # A fresh probe with each tracked connection: an old one could be
+            # on the server Sentinel called master before a failover.
+            await self._drop()
         try:
-            calls = await self._count()
+            calls = await self._count(connection)
         except ResponseError:
             self._unavailable = True
             await self._drop()
@@ -85,11 +89,15 @@ class NoSwapdb(Check):
             self._calls = None
             raise _Lost("SWAPDB ran")
 
-    async def _count(self) -> int:
+    async def _count(self, tracked: AbstractConnection) -> int:
         probe = self._probe
         if probe is None:
             probe = self._probe = self._connect()
         try:
+            if not probe.is_connected:
+                # Explicitly: send_command's own connect skips a Sentinel-managed
+                # connection's master lookup (redis-py 8) and goes to its defaults.
+                await probe.connect()  # type: ignore[no-untyped-call]
             await probe.send_command("INFO", "commandstats", check_health=False)
             reply = await probe.read_response()
         except BaseException:
@@ -97,6 +105,8 @@ class NoSwapdb(Check):
             # connection may still owe us a reply, so it is not reused.
             self.close_now()
             raise
+        if _address(probe) != _address(tracked):
+            raise _Lost(f"the probe reached {_address(probe)}, not {_address(tracked)}")
         if isinstance(reply, str):
             reply = reply.encode()
         if not isinstance(reply, bytes):
@@ -115,3 +125,8 @@ class NoSwapdb(Check):
     def close_now(self) -> None:
         probe, self._probe = self._probe, None
         close_socket(probe)
+
+
+def _address(connection: AbstractConnection) -> tuple[object, ...]:
+    # Where a connection went (a Sentinel-managed one learns it when it connects).
+    return tuple(getattr(connection, name, None) for name in ("host", "port", "path"))
