@@ -24,7 +24,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import RedisError, ResponseError
 
-from asgi_redis_kit.near._tracker import _disconnect, _Lost, close_socket
+from asgi_redis_kit.near._tracker import _Lost, close_socket
 
 
 class Check:
@@ -72,16 +72,16 @@ class NoSwapdb(Check):
         if start:
             # A fresh probe with each tracked connection: an old one could be
             # on the server Sentinel called master before a failover.
-            await self._drop()
+            self.close_now()
         try:
             calls = await self._count(connection)
         except ResponseError:
             self._unavailable = True
-            await self._drop()
+            self.close_now()
             return
         except Exception as exc:
             # Cannot tell: not trusted (a false loss is only a flush).
-            await self._drop()
+            self.close_now()
             raise _Lost(f"SWAPDB count unavailable: {type(exc).__name__}: {exc}") from exc
         if start or self._calls is None:
             self._calls = calls
@@ -114,13 +114,11 @@ class NoSwapdb(Check):
         found = _SWAPDB_CALLS.search(reply)
         return int(found.group(1)) if found else 0
 
-    async def _drop(self) -> None:
-        probe, self._probe = self._probe, None
-        if probe is not None:
-            await _disconnect(probe)
-
     async def aclose(self) -> None:
-        await self._drop()
+        # Closed without awaiting: Python 3.11's wait_for (in _disconnect) can
+        # swallow a cancel that lands as it finishes, and a tracker being
+        # stopped must not carry on.
+        self.close_now()
 
     def close_now(self) -> None:
         probe, self._probe = self._probe, None

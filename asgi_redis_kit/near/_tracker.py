@@ -171,6 +171,8 @@ class Tracker:
                 try:
                     async with asyncio.timeout(self.heartbeat + self.heartbeat_timeout):
                         await self._handshake(connection)
+                    if self._stopping:  # a cancel swallowed on the way (gh-86296)
+                        raise asyncio.CancelledError
                     if self._retrack.is_set():  # the prefixes changed meanwhile
                         raise _Retrack
                     self.heard_at = asyncio.get_running_loop().time()
