@@ -22,10 +22,12 @@ trackers; a change (a failover, a resharding that added a node) flushes the
 domain and tracks the new primaries. The set is the client's own idea of the
 topology (we never ask the cluster ourselves): a primary that dies keeps the
 domain bypassing until it is back, or until the client has learnt of its
-replacement from a MOVED or a failed command. Sentinel: the tracker's connection asks
-Sentinel for the master when it connects, and every heartbeat checks that the
-master is still where it connected (a demoted master still answers PING but
-no longer receives the writes).
+replacement from a MOVED or a failed command. Sentinel: the tracker's
+connection asks Sentinel for the master when it connects, and the checks of
+``_checks.py`` (when tracking is confirmed, then every heartbeat) make sure the
+master is still where it connected (a demoted master still answers PING but no
+longer receives the writes). On one server or Sentinel (not a cluster) they
+also count SWAPDB calls, which Redis announces to no tracking client.
 
 Event loops: trackers are tasks of the loop that made the view, so a view made
 on another loop gets its own domain. When a loop closes without
