@@ -14,7 +14,9 @@ I/O-free interface the cache lookup and the session load use::
         finally:
             view.end(ticket)
 
-See ``_near.py`` for what is guaranteed and why, ``_tracker.py`` for the
+See ``_near.py`` for what is guaranteed and why, ``_domain.py`` for the
+per-server state shared by views, ``_checks.py`` for what a PING cannot
+tell (Sentinel master moved, SWAPDB), ``_tracker.py`` for the
 tracking connection, ``_store.py`` for the memory bound and local expiry.
 """
 

@@ -16,12 +16,17 @@ entries and no one else's.
   capped by ``max_ttl``, and an entry past it is never returned. Expired entries
   are dropped when touched, and are the LRU's first victims by their nature
   (nobody reads them).
+- **Thread-safe.** One NearCache serves the loops of several threads (each
+  with its own domains), and an LRU update is several steps (unlink, evict,
+  link, count) that a thread switch must not split: every operation holds one
+  lock, uncontended in the usual one-loop process (a few tens of ns).
 - Deadlines are ``loop.time()`` values of the domain's loop: monotonic, and the
   one clock the caller compares them with.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,8 +101,13 @@ class Store:
         self._entries: OrderedDict[tuple[int, str], Entry] = OrderedDict()
         # Each domain's keys, so a flush costs its own entries, not a scan of all.
         self._by_domain: dict[int, set[str]] = {}
+        self._lock = threading.Lock()
 
     def get(self, domain: int, key: str, now: float) -> Entry | None:
+        with self._lock:
+            return self._get(domain, key, now)
+
+    def _get(self, domain: int, key: str, now: float) -> Entry | None:
         slot = (domain, key)
         entry = self._entries.get(slot)
         if entry is None:
@@ -111,9 +121,13 @@ class Store:
 
     def put(self, domain: int, key: str, value: object, expires_at: float, size: int) -> bool:
         """Store; whether it fits at all (an entry larger than the whole bound does not)."""
+        with self._lock:
+            return self._put(domain, key, value, expires_at, size)
+
+    def _put(self, domain: int, key: str, value: object, expires_at: float, size: int) -> bool:
         size += len(key) + ENTRY_OVERHEAD
         if size > self.max_bytes:
-            self.discard(domain, key)
+            self._discard(domain, key)
             return False
         slot = (domain, key)
         old = self._entries.get(slot)
@@ -130,6 +144,10 @@ class Store:
         return True
 
     def discard(self, domain: int, key: str) -> bool:
+        with self._lock:
+            return self._discard(domain, key)
+
+    def _discard(self, domain: int, key: str) -> bool:
         slot = (domain, key)
         entry = self._entries.get(slot)
         if entry is None:
@@ -139,17 +157,19 @@ class Store:
 
     def flush(self, domain: int) -> int:
         """Drop every entry of ``domain``; how many there were."""
-        keys = self._by_domain.pop(domain, set())
-        for key in keys:
-            entry = self._entries.pop((domain, key))
-            self.stats.bytes -= entry.size
-            self.stats.entries -= 1
-        return len(keys)
+        with self._lock:
+            keys = self._by_domain.pop(domain, set())
+            for key in keys:
+                entry = self._entries.pop((domain, key))
+                self.stats.bytes -= entry.size
+                self.stats.entries -= 1
+            return len(keys)
 
     def clear(self) -> None:
-        self._entries.clear()
-        self._by_domain.clear()
-        self.stats.bytes = self.stats.entries = 0
+        with self._lock:
+            self._entries.clear()
+            self._by_domain.clear()
+            self.stats.bytes = self.stats.entries = 0
 
     def _remove(self, slot: tuple[int, str], entry: Entry) -> None:
         del self._entries[slot]

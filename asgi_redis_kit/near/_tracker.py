@@ -45,9 +45,12 @@ import asyncio
 import contextlib
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from redis.asyncio.connection import AbstractConnection
+
+if TYPE_CHECKING:
+    from asgi_redis_kit.near._checks import Check
 
 State = Literal["connecting", "tracking", "lost", "closed"]
 
@@ -72,9 +75,12 @@ class Tracker:
         connect: makes a new, unconnected connection to the node.
         prefixes: the current prefixes to track (read at each handshake).
         on_up, on_lost: tracking confirmed; tracking no longer trusted.
-        on_invalidate: keys invalidated, or ``None`` for "everything".
-        check: an extra heartbeat check (Sentinel: is this still the master?),
-            raising :class:`_Lost` when the connection must be dropped.
+        on_alive: a PONG came, so ``heard_at`` moved on.
+        on_invalidate: keys invalidated (decoded with ``encoding``, the
+            client's), or ``None`` for "everything".
+        checks: extra checks (``_checks.py``: is this still the master? did
+            SWAPDB run?), run when tracking is about to be confirmed and at
+            every heartbeat, raising :class:`_Lost` when it must be dropped.
     """
 
     def __init__(
@@ -87,9 +93,11 @@ class Tracker:
         on_lost: Callable[[Tracker], None],
         on_invalidate: Callable[[list[str] | None], None],
         on_state: Callable[[Tracker], None],
+        on_alive: Callable[[Tracker], None],
         heartbeat: float,
         heartbeat_timeout: float,
-        check: Callable[[AbstractConnection], Any] | None = None,
+        checks: Sequence[Check] = (),
+        encoding: str = "utf-8",
     ) -> None:
         self.name = name
         self._connect = connect
@@ -98,7 +106,9 @@ class Tracker:
         self._on_lost = on_lost
         self._on_invalidate = on_invalidate
         self._on_state = on_state
-        self._check = check
+        self._on_alive = on_alive
+        self._checks = tuple(checks)
+        self.encoding = encoding
         self.heartbeat = heartbeat
         self.heartbeat_timeout = heartbeat_timeout
         self.state: State = "connecting"
@@ -108,6 +118,10 @@ class Tracker:
         self._stopping = False
         self._abandoned = False
         self._pong: asyncio.Future[None] | None = None
+        self._noticed = False
+        # loop.time() when this connection last proved every invalidation sent
+        # before it was read: the handshake, then each PONG (read in order).
+        self.heard_at = -math.inf
         self.task = asyncio.get_running_loop().create_task(
             self._run(), name=f"asgi_redis_kit near-cache tracker {name}"
         )
@@ -130,6 +144,17 @@ class Tracker:
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
 
+    def _notice_loss(self) -> None:
+        """Tell the owner now, before any await: until it knows, it serves
+        entries whose invalidations can no longer arrive. Once per connection."""
+        if self._noticed:
+            return
+        self._noticed = True
+        was, self.state = self.state, "lost"
+        if was != "lost":
+            self._on_state(self)
+        self._on_lost(self)
+
     def _set(self, state: State) -> None:
         self.state = state
         self._on_state(self)
@@ -141,12 +166,16 @@ class Tracker:
         try:
             while True:
                 self._retrack.clear()
+                self._noticed = False
                 connection = self.connection = self._connect()
                 try:
                     async with asyncio.timeout(self.heartbeat + self.heartbeat_timeout):
                         await self._handshake(connection)
+                    if self._stopping:  # a cancel swallowed on the way (gh-86296)
+                        raise asyncio.CancelledError
                     if self._retrack.is_set():  # the prefixes changed meanwhile
                         raise _Retrack
+                    self.heard_at = asyncio.get_running_loop().time()
                     self._set("tracking")
                     backoff = BACKOFF_FIRST
                     self._on_up(self)
@@ -165,16 +194,13 @@ class Tracker:
                         raise
                     self.last_error = f"{type(exc).__name__}: {exc}"
                 finally:
-                    was = self.state
-                    self.state = "lost"
                     self.connection = None
                     if self._abandoned:
+                        self.state = "lost"
                         close_socket(connection)
                     else:
+                        self._notice_loss()
                         await _disconnect(connection)
-                        if was != "lost":
-                            self._on_state(self)
-                        self._on_lost(self)
                 if self._stopping or current.cancelling():
                     # A cancel that lands as a timeout expires is turned into a
                     # TimeoutError by Python 3.11's asyncio.timeout and by
@@ -186,6 +212,13 @@ class Tracker:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
         finally:
+            # A check's own connection outlives the tracked one; not the tracker.
+            if self._abandoned:
+                for check in self._checks:
+                    check.close_now()
+            else:
+                for check in self._checks:
+                    await check.aclose()
             self._set("closed")
 
     async def _handshake(self, connection: AbstractConnection) -> None:
@@ -206,6 +239,8 @@ class Tracker:
         reply = await connection.read_response(timeout=math.inf)
         if not (isinstance(reply, list) and reply[:2] == [b"subscribe", CHANNEL]):
             raise _Lost(f"SUBSCRIBE answered {reply!r}")
+        for check in self._checks:
+            await check.run(connection, start=True)
 
     async def _serve(self, connection: AbstractConnection) -> None:
         """Read and heartbeat until tracking is lost (:class:`_Lost`) or the
@@ -219,11 +254,11 @@ class Tracker:
                     (reader, retrack), timeout=self.heartbeat, return_when=asyncio.FIRST_COMPLETED
                 )
                 self._stop_if_done(reader, retrack)
-                if self._check is not None:
-                    # A slow Sentinel is not a lost connection: skip the check.
+                for check in self._checks:
+                    # A slow check is not a lost connection: skip it this time.
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(self.heartbeat_timeout):
-                            await self._check(connection)
+                            await check.run(connection, start=False)
                 pong = self._pong = loop.create_future()
                 async with asyncio.timeout(self.heartbeat_timeout):
                     await connection.send_command("PING", check_health=False)
@@ -238,6 +273,7 @@ class Tracker:
             # Abandoned: the loop is closed, so no cancel can be scheduled; the
             # two tasks are garbage with us.
             if not self._abandoned:
+                self._notice_loss()  # before awaiting the two tasks below
                 for task in (reader, retrack):
                     task.cancel()
                 await asyncio.gather(reader, retrack, return_exceptions=True)
@@ -261,8 +297,10 @@ class Tracker:
                 if keys is None:
                     self._on_invalidate(None)
                 else:
-                    self._on_invalidate([_decode(key) for key in keys])
+                    self._on_invalidate([_decode(key, self.encoding) for key in keys])
             elif kind == b"pong":
+                self.heard_at = asyncio.get_running_loop().time()
+                self._on_alive(self)
                 if self._pong is not None and not self._pong.done():
                     self._pong.set_result(None)
             elif kind == b"unsubscribe":
@@ -270,10 +308,11 @@ class Tracker:
             # Anything else ("subscribe" again, other channels): nothing to do.
 
 
-def _decode(key: bytes | str) -> str:
-    # Keys are str to the caller; bytes that are not UTF-8 must still map to one
-    # key, the same one the caller's own str would encode to with this handler.
-    return key if isinstance(key, str) else key.decode("utf-8", "surrogateescape")
+def _decode(key: bytes | str, encoding: str) -> str:
+    # Keys are str to the caller, which the client encodes with its own
+    # encoding; bytes that encoding cannot decode still map to one key, the
+    # one a str would encode to with this handler.
+    return key if isinstance(key, str) else key.decode(encoding, "surrogateescape")
 
 
 async def _disconnect(connection: AbstractConnection) -> None:

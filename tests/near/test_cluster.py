@@ -211,3 +211,31 @@ async def until_served(client: RedisCluster, key: str) -> None:
         if node is not None and node in client.get_primaries():
             return
     raise AssertionError(f"{key!r} never served")
+
+
+async def test_a_client_not_yet_initialised_gets_tracked_once_it_knows_its_primaries(
+    near: NearCache, own_cluster: ClusterDeployment, writer: RedisCluster
+) -> None:
+    """A RedisCluster knows no primaries before its first command: the views
+    made then must start one cluster watch, not one per prefix, and aclose
+    must stop it (a forgotten watch would track a closed domain for ever)."""
+    client = RedisCluster(
+        startup_nodes=[ClusterNode(HOST, port) for port in own_cluster.ports],
+        socket_timeout=1,
+        socket_connect_timeout=1,
+    )
+    try:
+        a = near.view(client, "fresh-a:")
+        near.view(client, "fresh-b:")
+        near.view(client, "fresh-c:")
+        watches = [t for t in asyncio.all_tasks() if "cluster watch" in t.get_name()]
+        assert len(watches) == 1
+        await client.initialize()
+        await usable(a)
+        await writer.set("fresh-a:k", b"v")
+        assert await load(a, client, "fresh-a:k") == b"v"
+        await near.aclose()
+        await asyncio.sleep(0)
+        assert all(t.done() for t in watches)
+    finally:
+        await client.aclose()

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sys
+import threading
+import time
 import warnings
 
 import pytest
@@ -86,3 +89,60 @@ async def test_aclose_stops_the_trackers_of_this_loop_and_a_new_view_starts_agai
         await near.aclose()
     finally:
         await client.aclose()
+
+
+def test_loops_in_two_threads_share_the_memory_bound_safely(
+    redis_url: str, key_prefix: str
+) -> None:
+    """One NearCache, one loop per thread: puts that evict each other's entries,
+    gets and flushes race on the one shared LRU. Nothing may raise and the byte
+    count must stay the sum of what is kept."""
+    near = NearCache(
+        max_bytes=20_000,
+        max_entry_bytes=1_000,
+        heartbeat=HEARTBEAT,
+        heartbeat_timeout=HEARTBEAT_TIMEOUT,
+    )
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    async def hammer(db: int) -> None:
+        client = Redis.from_url(redis_url.rsplit("/", 1)[0] + f"/{db}", socket_timeout=5)
+        try:
+            view = await usable(near.view(client, key_prefix))
+            start.wait(5)
+            deadline = time.monotonic() + 1.5
+            i = 0
+            while time.monotonic() < deadline:
+                i += 1
+                key = f"{key_prefix}{i % 300}"
+                ticket = view.begin([key])
+                view.put(ticket, key, b"v", -1, 500)
+                view.end(ticket)
+                view.get(f"{key_prefix}{(i * 7) % 300}")
+                if i % 500 == 0:
+                    view.invalidate([key])
+                    await asyncio.sleep(0)
+        finally:
+            await client.aclose()
+
+    def run(db: int) -> None:
+        try:
+            asyncio.run(hammer(db))
+        except BaseException as exc:
+            errors.append(exc)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=run, args=(db,)) for db in (0, 1)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        sys.setswitchinterval(old)
+    assert errors == []
+    kept = near._store._entries.values()
+    assert (near.stats.entries, near.stats.bytes) == (len(kept), sum(e.size for e in kept))
+    assert near.stats.bytes <= near.max_bytes

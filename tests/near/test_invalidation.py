@@ -232,3 +232,45 @@ async def test_heartbeats_keep_a_quiet_view_usable(
         assert view.usable
     assert near.stats.flushes == flushes
     assert await cached(view, key) == b"q"
+
+
+@pytest.mark.parametrize(
+    ("encoding", "errors"), [("latin-1", "strict"), ("utf-8", "surrogateescape")]
+)
+async def test_a_key_is_invalidated_whatever_the_clients_key_encoding(
+    near: NearCache, redis_url: str, key_prefix: str, encoding: str, errors: str
+) -> None:
+    """The key str the caller uses is what the client's encoding makes of the
+    invalidated bytes; decoding them as UTF-8 would leave the copy for ever."""
+    client = Redis.from_url(redis_url, socket_timeout=5, encoding=encoding, encoding_errors=errors)
+    raw = Redis.from_url(redis_url, socket_timeout=5)
+    try:
+        key = f"{key_prefix}\xe9t\xe9" if encoding == "latin-1" else f"{key_prefix}\udce9"
+        wire = key.encode(encoding, errors)
+        assert wire.endswith(b"\xe9t\xe9") or wire.endswith(b"\xe9")  # not UTF-8
+        view = await usable(near.view(client, key_prefix))
+        await client.set(key, b"old")
+        assert await load(view, client, key) == b"old"
+        await raw.set(wire, b"new")
+        await until(lambda: view.get(key) is None, 5)
+    finally:
+        await client.aclose()
+        await raw.aclose()
+
+
+async def test_a_key_a_lossy_encoding_cannot_give_back_is_not_kept(
+    near: NearCache, redis_url: str, key_prefix: str
+) -> None:
+    """With errors="replace", "\u4e00" and "?" are both the key b"?": an
+    invalidation of it could drop only one of them, so neither str is kept
+    unless it comes back as itself."""
+    client = Redis.from_url(
+        redis_url, socket_timeout=5, encoding="latin-1", encoding_errors="replace"
+    )
+    try:
+        view = await usable(near.view(client, key_prefix))
+        await read(view, client, f"{key_prefix}\u4e00")
+        assert view.get(f"{key_prefix}\u4e00") is None
+        assert await load(view, client, f"{key_prefix}plain") is ABSENT
+    finally:
+        await client.aclose()

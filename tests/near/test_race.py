@@ -165,3 +165,26 @@ async def test_tracking_lost_and_back_while_the_reply_is_held_refuses_it(
     assert view.usable
     assert view.get(KEY) is None
     assert near.stats.refused == 1
+
+
+async def test_a_held_reply_is_not_served_past_the_keys_expiry_in_redis(
+    near: NearCache, direct: Redis, slow: Redis, proxy: DelayProxy
+) -> None:
+    """The PTTL counts from when Redis ran the read, not from when its reply
+    arrived: a reply held 1 s with 300 ms left is already expired when it lands.
+    CLIENT PAUSE WRITE stops Redis's own expiry, so no invalidation saves us."""
+    view = await usable(near.view(direct, PREFIX))
+    await direct.set(KEY, b"old", px=300)
+    await until(lambda: near.stats.invalidations >= 1, 5)
+
+    async def pause_expiry() -> None:
+        await direct.client_pause(5000, all=False)
+
+    try:
+        value, pttl = await held_read(view, slow, proxy, pause_expiry())
+        assert value == b"old"
+        assert pttl > 0
+        assert await direct.get(KEY) is None  # expired in Redis (not yet deleted)
+        assert view.get(KEY) is None
+    finally:
+        await direct.client_unpause()

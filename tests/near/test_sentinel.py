@@ -55,3 +55,24 @@ async def test_a_failover_moves_tracking_to_the_new_master(
         await until(lambda: view.get(KEY) is None, 5)
     finally:
         await direct.aclose()
+
+
+async def test_swapdb_on_the_master_is_noticed_through_sentinel(
+    near: NearCache, sentinel_deployment: SentinelDeployment, sentinel_master: Redis
+) -> None:
+    """The SWAPDB probe must reach the master Sentinel names, as the tracker
+    does (a probe left on the client's default host would count another
+    server's SWAPDBs)."""
+    view = await usable(near.view(sentinel_master, "near:"))
+    direct = Redis(host=HOST, port=sentinel_deployment.master_port(), db=1, socket_timeout=5)
+    try:
+        # db 1 first: tracking is keyspace-wide, so this write invalidates db 0's key too.
+        await direct.set(KEY, b"rebuilt")
+        await sentinel_master.set(KEY, b"old")
+        assert await load(view, sentinel_master, KEY) == b"old"
+        await direct.swapdb(0, 1)
+        assert await sentinel_master.get(KEY) == b"rebuilt"
+        await until(lambda: view.get(KEY) is None, 5)
+    finally:
+        await direct.swapdb(0, 1)
+        await direct.aclose()

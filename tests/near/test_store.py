@@ -174,3 +174,27 @@ async def test_stats_as_dict(near: NearCache, client: Redis, key_prefix: str) ->
     assert stats["stores"] == 1
     assert stats["entries"] == 1
     assert list(stats["tracking"].values()) == ["tracking"]
+
+
+async def test_prefixes_made_per_request_neither_leak_nor_flush_for_ever(
+    near: NearCache, client: Redis, key_prefix: str
+) -> None:
+    """A prefix with a tenant or user id in it: each new one covered by a
+    registered prefix must not be kept for ever (a view each), and each new
+    one not covered re-registers and flushes, so past a bound it is refused."""
+    view = await usable(near.view(client, key_prefix))
+    for i in range(5_000):
+        near.view(client, f"{key_prefix}user:{i}:")
+    # The one place the views are: how many are kept is the leak.
+    assert len(view._domain.views) <= 1_024
+    flushes = near.stats.flushes
+    refused = 0
+    for i in range(1_000):
+        try:
+            near.view(client, f"{key_prefix[:-1]}/other{i}:")
+        except ValueError as exc:
+            assert "prefixes" in str(exc)  # noqa: PT017 -- counted, not the first only
+            refused += 1
+    assert refused > 900
+    assert near.stats.flushes - flushes <= 64
+    assert len(view._domain.prefixes) <= 64

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from asgi_redis_kit.near import NearCache, NearView
@@ -217,3 +218,65 @@ async def test_the_tracker_authenticates_like_the_client(own_redis: RedisProcess
     finally:
         await near.aclose()
         await client.aclose()
+
+
+async def test_swapdb_is_noticed_though_redis_announces_nothing(
+    near: NearCache, own_redis: RedisProcess, reader: Redis, writer: Redis
+) -> None:
+    """SWAPDB replaces the db's contents and sends no invalidation (Redis 7.0):
+    the atomic "rebuild in db 1, then SWAPDB 0 1" must not leave db 0's old
+    values served until max_ttl."""
+    view = await usable(near.view(reader, PREFIX))
+    other_db = Redis.from_url(f"redis://127.0.0.1:{own_redis.port}/1")
+    try:
+        await writer.set(KEY, b"old")
+        await other_db.set(KEY, b"rebuilt")
+        assert await load(view, reader, KEY) == b"old"
+        await writer.swapdb(0, 1)
+        assert await reader.get(KEY) == b"rebuilt"
+        await until(lambda: view.get(KEY) is None, HEARTBEAT + HEARTBEAT_TIMEOUT + 2)
+        await invalidations_work(view, reader, writer, b"after")
+    finally:
+        await other_db.aclose()
+
+
+async def test_the_view_stops_serving_as_soon_as_the_tracker_sees_the_loss(
+    near: NearCache, reader: Redis, writer: Redis
+) -> None:
+    """Between the tracker noticing its connection is gone and the domain
+    hearing of it, nothing may await: any other task running then would be
+    served entries whose invalidations can no longer arrive. The tracker's own
+    state is the only place that moment shows, hence the private look."""
+    view = await usable(near.view(reader, PREFIX))
+    await invalidations_work(view, reader, writer, b"1")
+    [tracker] = view._domain.trackers.values()
+    await writer.client_kill_filter(_type="pubsub")
+    served_after_loss = 0
+    async with asyncio.timeout(5):
+        while view.usable or tracker.state == "tracking":
+            if tracker.state != "tracking" and view.get(KEY) is not None:
+                served_after_loss += 1
+            await asyncio.sleep(0)
+    assert served_after_loss == 0
+
+
+async def test_a_blocked_loop_does_not_serve_what_its_tracker_has_not_read(
+    near: NearCache, own_redis: RedisProcess, reader: Redis, writer: Redis
+) -> None:
+    """The loop is blocked longer than heartbeat + heartbeat_timeout while
+    another process writes: the invalidation waits unread in the tracker's
+    socket, and the first task to run afterwards must not be served the old
+    copy (a false loss is fine; staleness is not)."""
+    view = await usable(near.view(reader, PREFIX))
+    await writer.set(KEY, b"old")
+    assert await load(view, reader, KEY) == b"old"
+    other = SyncRedis.from_url(own_redis.url, socket_timeout=2)
+    try:
+        time.sleep(0.1)  # noqa: ASYNC251 -- blocking the loop is the point
+        other.set(KEY, b"new")  # announced now, read by nobody: the loop is blocked
+        time.sleep(HEARTBEAT + HEARTBEAT_TIMEOUT + 0.3)  # noqa: ASYNC251
+        assert view.get(KEY) is None
+    finally:
+        other.close()
+    await usable(view)
+    assert await load(view, reader, KEY) == b"new"
