@@ -22,7 +22,7 @@ from tests.support import RedisProcess, RedisSpy, counting_client
 
 pytestmark = [pytest.mark.real_redis, pytest.mark.timeout(60)]
 
-TRACKER = {"CLIENT", "SUBSCRIBE", "PING"}
+TRACKER = {"CLIENT", "SUBSCRIBE", "PING", "INFO"}
 
 
 def request_path(spy: RedisSpy) -> int:

@@ -55,7 +55,7 @@ async def cache(redis_url: str, key_prefix: str) -> AsyncIterator[Cache]:
         made = Cache(redis, key_prefix=key_prefix, timeout=5, near_cache=near)
         try:
             await near_ready(made)
-            assert proxy.accepted == 1  # the tracker, and only it
+            assert proxy.accepted == 2  # the tracker and its SWAPDB probe, and only they
             yield made
         finally:
             await made.aclose()
