@@ -25,7 +25,7 @@ from asgi_redis_kit.sessions._record import CREATED, DATA
 from asgi_redis_kit.sessions._saving import new_session_id
 from tests.near.conftest import HEARTBEAT
 from tests.scaleout.servers import SentinelDeployment, ServerStartError
-from tests.support import RedisProcess
+from tests.support import DelayProxy, RedisProcess
 
 from .session_app import SLACK_TIMEOUT, http, read_until_local, session_app, usable
 
@@ -43,11 +43,11 @@ async def raw(own_redis: RedisProcess) -> AsyncIterator[Redis]:
         await client.aclose()
 
 
-async def new_record(store: SessionStore, **data: bytes) -> str:
+async def new_record(store: SessionStore, ttl_ms: int = 60_000, **data: bytes) -> str:
     """A stored session (raw fields), as a first save makes it; its id."""
     session_id = new_session_id()
     fields = {CREATED: str(store.now_ms()).encode(), **{DATA + k: v for k, v in data.items()}}
-    await store.save(session_id, create=True, fields=fields, ttl_ms=60_000)
+    await store.save(session_id, create=True, fields=fields, ttl_ms=ttl_ms)
     return session_id
 
 
@@ -274,3 +274,40 @@ async def test_a_client_encoding_other_than_utf8(own_redis: RedisProcess) -> Non
         await near.aclose()
         await mine.aclose()
         await theirs.aclose()
+
+
+# -- the entry a load keeps must not outlive the record in Redis ---------------------
+
+
+async def test_the_kept_entry_ends_with_the_redis_ttl(own_redis: RedisProcess, raw: Redis) -> None:
+    """The session store keeps its copy in the shared near store, where the
+    response cache reads it too (``cache._near_layer._local``: any entry under the
+    session's key but ABSENT proves the session alive, without asking Redis).
+    ``load`` itself checks the record's deadline, counted from before the LOAD was
+    sent; the entry must end no later. Replies come 0.4 s late: an entry whose
+    PTTL is counted from when the reply arrived would outlive the key by that."""
+    async with DelayProxy(own_redis.port) as proxy:
+        near = NearCache(heartbeat=30, heartbeat_timeout=5)  # no PING to delay
+        redis = Redis.from_url(proxy.url, socket_timeout=5)
+        store = SessionStore(redis, key_prefix=PREFIX, near_cache=near)
+        try:
+            await store.load("nosuch")  # starts tracking
+            await usable(near)
+            session_id = await new_record(store, ttl_ms=1500, x=b"1")
+            key = store.session_key(session_id)
+            view = store._near_view()
+            assert view is not None
+            proxy.latency = 0.4
+            deadline = time.monotonic() + 5
+            while view.get(key) is None:  # the creation's own invalidation may refuse one
+                assert time.monotonic() < deadline, "never kept"
+                assert await store.load(session_id) is not None
+            # Until Redis no longer has it (asked directly, not through the proxy).
+            while await raw.exists(key):
+                assert time.monotonic() < deadline + 5
+                await asyncio.sleep(0.01)
+            assert view.get(key) is None, "the entry outlives the record"
+            assert await store.load(session_id) is None
+        finally:
+            await near.aclose()
+            await redis.aclose()
