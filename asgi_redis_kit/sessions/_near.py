@@ -4,9 +4,10 @@ what a local copy of a record holds, and which keys a command writes.
 A local copy is the LOAD reply's raw fields (a tuple of bytes: nothing a request
 can mutate) and the Redis deadline of the record, read with them; every load
 decodes it afresh, so no two requests share a dict. Its PTTL is recomputed from
-that deadline, never from the local cap (``NearView`` also drops the copy at the
-PTTL, and at its ``max_ttl``). The absolute lifetime is checked by ``load`` on a
-local copy as on a reply.
+that deadline, never from the local cap; ``NearView`` drops the copy at that
+deadline too (``load`` gives it the PTTL left of it), and at its ``max_ttl``: the
+response cache takes any entry under a session's key as proof that it lives. The
+absolute lifetime is checked by ``load`` on a local copy as on a reply.
 
 Writes: ``StoreBase._batch`` invalidates, after it ran (or raised: it may have
 run), the keys of every command in :data:`READS`'s complement -- so a new write
