@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
 
 from asgi_redis_kit import SessionStore
@@ -24,12 +25,15 @@ from asgi_redis_kit.near import NearCache
 from asgi_redis_kit.sessions._record import CREATED, DATA
 from asgi_redis_kit.sessions._saving import new_session_id
 from tests.near.conftest import HEARTBEAT
-from tests.scaleout.servers import SentinelDeployment, ServerStartError
+from tests.scaleout.conftest import cluster
+from tests.scaleout.servers import HOST, ClusterDeployment, SentinelDeployment, ServerStartError
 from tests.support import DelayProxy, RedisProcess
 
 from .session_app import SLACK_TIMEOUT, http, read_until_local, session_app, usable
 
 pytestmark = pytest.mark.real_redis
+
+__all__ = ["cluster"]  # a fixture, imported for pytest
 
 PREFIX = "na:"
 
@@ -311,3 +315,48 @@ async def test_the_kept_entry_ends_with_the_redis_ttl(own_redis: RedisProcess, r
         finally:
             await near.aclose()
             await redis.aclose()
+
+
+# -- Redis Cluster: record, successor and index on three nodes ------------------------
+
+
+def client_of(cluster: ClusterDeployment) -> RedisCluster:
+    nodes = [ClusterNode(HOST, port) for port in cluster.ports]
+    return RedisCluster(startup_nodes=nodes, socket_timeout=2, socket_connect_timeout=2)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["revoke_user", "logout", "login_as_another"])
+async def test_on_cluster_another_instance_ends_the_copy(
+    cluster: ClusterDeployment, key_prefix: str, how: str
+) -> None:
+    """Passes (a guard): the session's record, its successor's and the user's
+    index live on different nodes, each tracked by its own connection; what
+    another instance (or an admin) does to them ends this instance's copy."""
+    near = NearCache(heartbeat=HEARTBEAT, heartbeat_timeout=SLACK_TIMEOUT)
+    mine, theirs = client_of(cluster), client_of(cluster)
+    app = session_app(mine, key_prefix, near)  # type: ignore[arg-type]
+    other = session_app(theirs, key_prefix, False)  # type: ignore[arg-type]
+    try:
+        async with http(app) as client, http(other) as elsewhere:
+            assert (await client.post("/login/alice")).status_code == 200
+            await client.get("/read")
+            await usable(near)
+            assert await read_until_local(client, near) == {"user": "alice"}
+            elsewhere.cookies = client.cookies
+            if how == "revoke_user":
+                async with SessionStore(theirs, key_prefix=key_prefix) as admin:
+                    assert await admin.revoke_user("alice") == 1
+            elif how == "logout":
+                assert (await elsewhere.post("/logout")).status_code == 200
+            else:
+                assert (await elsewhere.post("/login/bob")).status_code == 200
+            deadline = time.monotonic() + 2
+            while (await client.get("/read")).json() != {}:
+                assert time.monotonic() < deadline, "the ended session is still served"
+                await asyncio.sleep(0.02)
+            assert (await client.get("/whoami")).json()["user"] is None
+    finally:
+        await near.aclose()
+        await mine.aclose()
+        await theirs.aclose()
