@@ -9,7 +9,7 @@ Routes (the FastAPI twin in ``fastapi_app`` serves the same ones):
     POST /logout-everywhere   revoke every session of the logged-in user
     GET  /report              a slow page cached in Redis under the tag "report"
     POST /report/invalidate   drop the cached report by tag
-    GET  /healthz             JSON: who is answering and which Redis it uses
+    GET  /healthz             JSON: who is answering, which Redis, the near cache
 """
 
 from __future__ import annotations

@@ -17,7 +17,14 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from asgi_redis_kit import CacheMiddleware, Session, SessionMiddleware, SessionStore
+from asgi_redis_kit import (
+    Cache,
+    CacheMiddleware,
+    Session,
+    SessionMiddleware,
+    SessionStore,
+    get_cache,
+)
 
 from . import pages
 from .pages import Status
@@ -38,12 +45,19 @@ def middleware(settings: Settings, framework: str) -> tuple[list[Middleware], Se
     The cache wraps the sessions so a HIT is answered without loading a session.
     The store is made here so /healthz can ask it about Redis; SessionMiddleware
     still closes it at lifespan shutdown.
+
+    Both use the near cache, the recommended setting: ``near_cache=True`` is the
+    process-wide ``NearCache.shared()``, so the cache and the sessions keep their
+    Redis values in this process's memory behind one tracking connection, and
+    Redis (CLIENT TRACKING) tells every instance when a value changes. A
+    repeated cached page or a read-only session then costs no Redis command.
+    The embedded memory:// Redis has no tracking: there both run without it.
     """
-    store = SessionStore(settings.redis_url)
+    store = SessionStore(settings.redis_url, near_cache=True)
     stack = [
         Middleware(ExposeCacheStatus, instance=settings.instance, framework=framework),
         # The cache learns the session cookie's name from SessionMiddleware.
-        Middleware(CacheMiddleware, redis=settings.redis_url),
+        Middleware(CacheMiddleware, redis=settings.redis_url, near_cache=True),
         Middleware(
             SessionMiddleware,
             secret_key=settings.secret_key,
@@ -68,7 +82,20 @@ async def health(request: Request) -> dict[str, Any]:
         "framework": request.app.state.framework,
         "instance": settings.instance,
         "redis": settings.redis_label,
+        "near_cache": near_cache_state(store, get_cache(request)),
     }
+
+
+def near_cache_state(store: SessionStore, cache: Cache) -> dict[str, Any]:
+    """What /healthz says of the near cache (one, shared by the cache and the
+    sessions). ``state``: "tracking" once Redis confirmed tracking on every node,
+    "off" on a Redis without tracking (the embedded one), "idle" before the
+    first request that needed it, else the trackers' states ("connecting",
+    "lost": everything goes to Redis meanwhile). ``hits`` and ``misses``: this
+    instance's cache lookups answered from memory, and sent to Redis."""
+    stats = store.near_stats
+    state = "off" if stats is None else "/".join(sorted(set(stats.tracking.values()))) or "idle"
+    return {"state": state, "hits": cache.stats.near_hits, "misses": cache.stats.near_misses}
 
 
 def status_of(request: Request) -> Status:

@@ -37,6 +37,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import unquote
 
+from redis.asyncio.cluster import RedisCluster
 from starlette.datastructures import URL
 from starlette.requests import HTTPConnection
 
@@ -68,6 +69,16 @@ def _in_process(client: Any) -> bool:
     pool = getattr(client, "connection_pool", None)
     classes = [type(client), getattr(pool, "connection_class", type(None))]
     return any(cls.__module__.split(".")[0] == "fakeredis" for cls in classes)
+
+
+def _reads_replicas(client: Any) -> bool:
+    """Whether ``client`` is a Cluster client that sends reads to replicas. The
+    near cache tracks the primaries: a replica that has not yet applied a
+    write answers with the old value after its invalidation came, and nothing
+    would ever invalidate the copy made from that answer."""
+    return isinstance(client, RedisCluster) and bool(
+        client.read_from_replicas or client.load_balancing_strategy
+    )
 
 
 @dataclass(eq=False, slots=True)
@@ -121,7 +132,10 @@ class Cache:
             uses ``NearCache.shared()``; pass a ``NearCache`` to bound it
             yourself (it is yours to close); ``False`` (the default): off. An
             in-process ``memory://`` server has no tracking: the cache then runs
-            without it (logged once). See ``_near_layer``.
+            without it (logged once), and so does a Cluster client that reads
+            from replicas (``read_from_replicas``, ``load_balancing_strategy``):
+            a lagging replica can answer with a value older than an
+            invalidation already received. See ``_near_layer``.
 
     ``stats`` holds the counters (:class:`CacheStats`); with a near cache,
     ``stats.near_hits`` counts lookups answered from memory, ``stats.near_misses``
@@ -204,6 +218,11 @@ class Cache:
             if _in_process(self.backend.client):
                 logger.info(
                     "near_cache is ignored: an in-process memory:// Redis has no CLIENT TRACKING"
+                )
+            elif _reads_replicas(self.backend.client):
+                logger.warning(
+                    "near_cache is ignored: this Redis Cluster client reads from replicas, "
+                    "whose answers can be older than the invalidations the near cache relies on"
                 )
             else:
                 near = NearCache.shared() if near_cache is True else near_cache

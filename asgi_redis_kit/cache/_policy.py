@@ -195,8 +195,11 @@ def learned_vary(
     """The request headers a storable response varies on that the key does not
     hold yet (``keyed_headers``), sorted: the cache learns them. ``Cookie`` is
     the session's (see ``session`` above), never learned."""
+    vary = response_vary(headers)
+    if not vary:
+        return ()  # most responses: no set of the keyed names to build (~20 of them)
     keyed = {name.lower() for name in keyed_headers} | {"cookie", "*"}
-    return tuple(sorted({name for name in response_vary(headers) if name not in keyed}))
+    return tuple(sorted({name for name in vary if name not in keyed}))
 
 
 def storable_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

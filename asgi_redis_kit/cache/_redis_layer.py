@@ -94,7 +94,13 @@ async def _session_exists(key: str, backend: Backend) -> bool:
 
 
 def _versions(raw: Sequence[Any]) -> tuple[int, ...]:
-    return tuple(int(value) if value is not None else 0 for value in raw)
+    try:
+        return tuple(int(value) if value is not None else 0 for value in raw)
+    except ValueError as exc:
+        # Not a version we wrote (someone else's SET on our key): no entry can
+        # be trusted or stored against it, so the request bypasses the cache
+        # as when Redis fails (the breaker is not told: Redis is fine).
+        raise BackendUnavailable("a cache version key holds a value that is not a version") from exc
 
 
 def _same_server(a: RedisClient, b: RedisClient) -> bool:

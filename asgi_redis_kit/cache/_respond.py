@@ -127,6 +127,10 @@ class Responder:
         self.rekeyed = False
         # Whether a vary_on_session key holds someone (set by run).
         self.keyed_user = False
+        # The header rules' verdict on the last response seen (config, status,
+        # headers, reason): asked at the start message and again with the body.
+        self.header_verdict: tuple[RouteCache, int, tuple[tuple[bytes, bytes], ...], str | None]
+        self.header_verdict = (config, -1, (), None)
 
     # -- how the app's answer goes out -------------------------------------------------
 
@@ -217,12 +221,18 @@ class Responder:
         config = self.config
         if self.state.ran is not config:
             return "route"
-        reason = response_store_reason(
-            status,
-            headers,
-            statuses=self.cache.cacheable_statuses,
-            vary_on_session=config.vary_on_session,
-        )
+        # The same status and headers as at the start message (the usual miss):
+        # their verdict again, without reading every header once more.
+        seen = tuple(headers)
+        known, known_status, known_headers, reason = self.header_verdict
+        if known is not config or known_status != status or known_headers != seen:
+            reason = response_store_reason(
+                status,
+                headers,
+                statuses=self.cache.cacheable_statuses,
+                vary_on_session=config.vary_on_session,
+            )
+            self.header_verdict = (config, status, seen, reason)
         if reason is None and not config.vary_on_session and self.session.read():
             reason = "session"
         # The key holds no one, yet the session the handler saw is someone's: its

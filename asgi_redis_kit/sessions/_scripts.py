@@ -27,6 +27,9 @@ class Script:
         # Every script may call bound_user(); Redis compiles it once per script.
         self.text = _BOUND_USER + text
         self.sha = hashlib.sha1(self.text.encode(), usedforsecurity=False).hexdigest()
+        # As sent: redis-py's encoder returns bytes at its first check, a str or an
+        # int only after several (twice per script call, on every request).
+        self.sha_arg = self.sha.encode()
 
 
 # The user bound to the live session record KEYS[1] ('' when it has none), or false
@@ -329,4 +332,4 @@ Command = tuple[Any, ...]  # ("HGETALL", key): redis-py parses each reply by its
 
 
 def script(script: Script, key: str, *args: Any) -> Command:
-    return ("EVALSHA", script.sha, 1, key, *args)
+    return ("EVALSHA", script.sha_arg, b"1", key, *args)

@@ -281,3 +281,45 @@ async def test_the_route_is_found_behind_a_middleware_that_hides_its_app(
         assert (await client.get("/items/5")).headers["x-cache"] == "MISS"
         assert (await client.get("/items/5")).headers["x-cache"] == "HIT"
     await cache.aclose()
+
+
+async def test_headers_changed_between_start_and_body_are_judged_again(
+    real_redis: Redis, key_prefix: str
+) -> None:
+    """The store rules' verdict on the start message is reused with the body only
+    for the same status and headers: a Set-Cookie added to the held start message
+    before the body (by an inner middleware) still keeps the answer out."""
+    cache = Cache(real_redis, key_prefix=key_prefix)
+
+    @cached(ttl=60)
+    async def page(request: Request) -> Response:
+        return PlainTextResponse("page")
+
+    class LateCookie:
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            start: Message = {}
+
+            async def late_send(message: Message) -> None:
+                nonlocal start
+                if message["type"] == "http.response.start":
+                    start = message
+                elif scope["path"] == "/late":
+                    start["headers"].append((b"set-cookie", b"late=1"))
+                await send(message)
+
+            await self.app(scope, receive, late_send)
+
+    app = Starlette(
+        routes=[Route("/late", page), Route("/plain", page)],
+        middleware=[Middleware(CacheMiddleware, cache=cache), Middleware(LateCookie)],
+    )
+    async with client_for(app) as client:
+        first, second = await client.get("/late"), await client.get("/late")
+        assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "MISS")
+        assert first.headers["x-cache-reason"] == "set-cookie"
+        stored, hit = await client.get("/plain"), await client.get("/plain")
+        assert (stored.headers["x-cache"], hit.headers["x-cache"]) == ("MISS", "HIT")
+    await cache.aclose()

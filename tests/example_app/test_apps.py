@@ -229,6 +229,8 @@ async def test_healthz_and_status_area(app: ASGIApp, client: httpx.AsyncClient) 
     body = health.json()
     assert body["status"] == "ok"
     assert body["redis"] == "embedded in-process Redis"
+    # The embedded Redis has no CLIENT TRACKING: the near cache steps aside.
+    assert body["near_cache"] == {"state": "off", "hits": 0, "misses": 0}
     assert body["framework"] in {"Starlette", "FastAPI"}
     assert health.headers["x-served-by"] == body["instance"]
 

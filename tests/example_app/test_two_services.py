@@ -10,15 +10,20 @@ balancer.
 from __future__ import annotations
 
 import secrets
+import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
+from redis import Redis
 
 from example_app.settings import COOKIE_NAME
 from tests.example_app.helpers import by_id, visits
 from tests.example_app.servers import AppServer
+from tests.support import RedisProcess
 
 pytestmark = pytest.mark.real_redis
 
@@ -134,3 +139,167 @@ def test_cached_report_is_shared_by_both_services(
     assert 'served-by;desc="beta"' in timing
     assert 'framework;desc="FastAPI"' in timing
     assert 'cache;desc="HIT"' in timing
+
+
+# -- the near cache: both services keep Redis values in memory, and stay coherent --
+
+BOUND = 2.0  # how long one service may serve what the other changed
+
+
+def health(server: AppServer) -> dict[str, Any]:
+    response = httpx.get(f"{server.url}/healthz", timeout=5)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def until_tracking(server: AppServer, within: float = 10.0) -> None:
+    """Wait until the server's near cache tracks (its first lookup starts it)."""
+    httpx.get(f"{server.url}/report", headers={"host": "shop.example"}, timeout=10)
+    deadline = time.monotonic() + within
+    while (state := health(server)["near_cache"]["state"]) != "tracking":
+        assert time.monotonic() < deadline, f"{server.name}: near cache {state!r}"
+        time.sleep(0.05)
+
+
+def report(http: httpx.Client, server: AppServer) -> tuple[str, str | None]:
+    response = http.get(f"{server.url}/report")
+    assert response.status_code == 200, response.text
+    return response.headers["x-cache"], by_id(response.text, "built-at")
+
+
+def from_memory(http: httpx.Client, server: AppServer) -> str | None:
+    """GET /report until one is answered from the near cache; its built-at.
+
+    A read is not kept when an invalidation of one of its keys arrives while it
+    is in flight (Redis cannot say which write it is for), so the copy may take
+    a few requests."""
+    for _ in range(100):
+        before = health(server)["near_cache"]
+        verdict, built_at = report(http, server)
+        after = health(server)["near_cache"]
+        if verdict == "HIT" and after["hits"] > before["hits"]:
+            return built_at
+        time.sleep(0.02)
+    raise AssertionError(f"{server.name} never answered /report from memory")
+
+
+def test_the_near_cache_tracks_on_both_services(services: tuple[AppServer, AppServer]) -> None:
+    for server in services:
+        until_tracking(server)
+
+
+def test_a_report_invalidation_on_one_reaches_the_other_s_memory(
+    services: tuple[AppServer, AppServer],
+) -> None:
+    alpha, beta = services
+    site = {"host": "shop.example"}
+    with httpx.Client(timeout=10, headers=site) as http:
+        for server in services:
+            until_tracking(server)
+        built = {server.name: from_memory(http, server) for server in services}
+        assert built["alpha"] == built["beta"], built
+
+        post(http, beta, "/report/invalidate")
+        # alpha held the old page in memory: Redis told it, so it is rebuilt.
+        deadline = time.monotonic() + BOUND
+        while True:
+            verdict, built_at = report(http, alpha)
+            if built_at != built["alpha"]:
+                break
+            assert time.monotonic() < deadline, "alpha still serves the invalidated report"
+            time.sleep(0.02)
+        assert verdict == "MISS"
+        # ...and beta, which invalidated it, shares the new one.
+        assert report(http, beta) == ("HIT", built_at)
+
+
+def test_repeated_reports_are_served_from_memory_on_each_service(
+    services: tuple[AppServer, AppServer],
+) -> None:
+    site = {"host": "shop.example"}
+    with httpx.Client(timeout=10, headers=site) as http:
+        for server in services:
+            until_tracking(server)
+        for server in services:
+            built_at = from_memory(http, server)
+            # A loss of tracking on a busy machine (heartbeat 1 s) sends a
+            # lookup to Redis: try a few rounds of ten.
+            for _ in range(5):
+                before = health(server)["near_cache"]
+                answers = {report(http, server) for _ in range(10)}
+                after = health(server)["near_cache"]
+                assert answers == {("HIT", built_at)}
+                if after["misses"] == before["misses"]:
+                    assert after["hits"] == before["hits"] + 10
+                    break
+                built_at = from_memory(http, server)
+            else:
+                raise AssertionError(f"{server.name}: /report kept going to Redis")
+
+
+def test_session_changes_on_one_reach_the_other_within_a_bound(
+    services: tuple[AppServer, AppServer],
+) -> None:
+    alpha, beta = services
+    user = f"hedy-{uuid.uuid4().hex[:8]}"
+
+    def until_user(server: AppServer, expected: str | None) -> int:
+        deadline = time.monotonic() + BOUND
+        while (shown := page(http, server)) and by_id(shown, "user") != expected:
+            assert time.monotonic() < deadline, f"{server.name} shows {by_id(shown, 'user')}"
+            time.sleep(0.02)
+        return visits(shown)
+
+    with httpx.Client(timeout=10) as http:
+        for server in services:
+            until_tracking(server)
+        assert [visits(page(http, s)) for s in (alpha, beta, alpha)] == [1, 2, 3]
+        post(http, beta, "/login", name=user)
+        seen = until_user(alpha, user)
+        assert seen >= 4
+        assert visits(page(http, beta)) == seen + 1
+        logged_in = http.cookies[COOKIE_NAME]
+        post(http, alpha, "/logout")
+        # The logged-in cookie, replayed on beta, names no one any more.
+        http.cookies.set(COOKIE_NAME, logged_in)
+        until_user(beta, None)
+
+
+def request_commands(redis: Redis) -> Counter[str]:
+    """Commands the server ran so far, by name, without the trackers' own
+    (heartbeat PINGs, tracking set-up) and this test's INFO."""
+    stats = redis.info("commandstats")
+    return Counter(
+        {
+            name.removeprefix("cmdstat_"): int(value["calls"])
+            for name, value in stats.items()
+            if name.removeprefix("cmdstat_").split("|")[0] not in TRACKER_COMMANDS
+        }
+    )
+
+
+TRACKER_COMMANDS = {"ping", "client", "subscribe", "hello", "role", "info"}
+
+
+def test_repeated_reports_send_no_redis_command(own_redis: RedisProcess) -> None:
+    """Counted by the server itself: a Redis of this test's own, so nothing
+    but the two services talks to it."""
+    secret = secrets.token_urlsafe(32)
+    with (
+        AppServer(name="alpha", redis_url=own_redis.url, secret=secret) as alpha,
+        AppServer(name="beta", fastapi=True, redis_url=own_redis.url, secret=secret) as beta,
+        Redis.from_url(own_redis.url, socket_timeout=5) as redis,
+        httpx.Client(timeout=10, headers={"host": "shop.example"}) as http,
+    ):
+        for server in (alpha, beta):
+            until_tracking(server)
+        for _ in range(5):  # a loss of tracking on a busy machine costs a round
+            built = {from_memory(http, server) for server in (alpha, beta)}
+            before = request_commands(redis)
+            answers = {report(http, server) for server in (alpha, beta) for _ in range(10)}
+            sent = request_commands(redis) - before
+            assert answers == {("HIT", *built)}
+            if not sent:
+                return
+        raise AssertionError(f"repeated /report HITs sent {dict(sent)}")

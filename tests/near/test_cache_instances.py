@@ -52,30 +52,31 @@ class Pair:
     calls: Counter[str]
 
 
-async def instance(url: str, prefix: str, calls: Counter[str], stack: list[object]) -> Instance:
+async def instance(url: str, prefix: str, calls: Counter[str], stack: list[Instance]) -> Instance:
     spy = RedisSpy()
     # A long heartbeat: the tracker sends nothing while a test counts commands.
     near = NearCache(heartbeat=60, heartbeat_timeout=5)
     redis = counting_client(url, spy, socket_timeout=5, socket_connect_timeout=5)
     cache = Cache(redis, key_prefix=prefix, timeout=5, near_cache=near)
     client = http(make_app(cache, calls))
-    stack.append((cache, near, redis, client))
+    made = Instance(cache, near, client, spy, redis)
+    stack.append(made)
     await near_ready(cache)
-    return Instance(cache, near, client, spy, redis)
+    return made
 
 
-async def close(stack: list[object]) -> None:
-    for cache, near, redis, client in reversed(stack):  # type: ignore[misc]
-        await client.aclose()
-        await cache.aclose()
-        await near.aclose()
-        await redis.aclose()
+async def close(stack: list[Instance]) -> None:
+    for made in reversed(stack):
+        await made.client.aclose()
+        await made.cache.aclose()
+        await made.near.aclose()
+        await made.redis.aclose()
 
 
 @pytest.fixture
 async def pair(redis_url: str, key_prefix: str) -> AsyncIterator[Pair]:
     calls: Counter[str] = Counter()
-    stack: list[object] = []
+    stack: list[Instance] = []
     try:
         yield Pair(
             await instance(redis_url, key_prefix, calls, stack),
@@ -161,7 +162,7 @@ async def test_a_key_expiring_in_redis_stops_the_other(
 async def test_flushdb_from_another_client_stops_both(key_prefix: str) -> None:
     server = RedisProcess().start()
     calls: Counter[str] = Counter()
-    stack: list[object] = []
+    stack: list[Instance] = []
     raw = Redis.from_url(server.url, socket_timeout=5)
     try:
         a = await instance(server.url, key_prefix, calls, stack)
@@ -180,7 +181,7 @@ async def test_flushdb_from_another_client_stops_both(key_prefix: str) -> None:
 async def test_an_evicted_entry_stops_the_other(key_prefix: str) -> None:
     server = RedisProcess().start()
     calls: Counter[str] = Counter()
-    stack: list[object] = []
+    stack: list[Instance] = []
     raw = Redis.from_url(server.url, socket_timeout=5)
     try:
         await raw.config_set("maxmemory", "4mb")
@@ -212,7 +213,7 @@ async def test_a_reply_overtaken_by_a_change_is_not_kept(
     then), so the held reply (the old entry) must not be kept."""
     port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
     calls: Counter[str] = Counter()
-    stack: list[object] = []
+    stack: list[Instance] = []
     async with DelayProxy(port) as proxy:
         try:
             a = await instance(redis_url, key_prefix, calls, stack)
