@@ -64,7 +64,9 @@ def written_keys(commands: Iterable[Command]) -> list[str]:
     for command in commands:
         name = command[0]
         if name == "EVALSHA":
-            if command[1] in READS:
+            # The sha as sent is bytes (see _scripts.script); compared as text, so
+            # that no form of it can turn a read into a write that drops its copy.
+            if as_key(command[1]) in READS:
                 continue
             keys += (as_key(key) for key in command[3 : 3 + int(command[2])])
         elif name not in READS and len(command) > 1:
