@@ -4,9 +4,10 @@ what a local copy of a record holds, and which keys a command writes.
 A local copy is the LOAD reply's raw fields (a tuple of bytes: nothing a request
 can mutate) and the Redis deadline of the record, read with them; every load
 decodes it afresh, so no two requests share a dict. Its PTTL is recomputed from
-that deadline, never from the local cap (``NearView`` also drops the copy at the
-PTTL, and at its ``max_ttl``). The absolute lifetime is checked by ``load`` on a
-local copy as on a reply.
+that deadline, never from the local cap; ``NearView`` drops the copy at that
+deadline too (``load`` gives it the PTTL left of it), and at its ``max_ttl``: the
+response cache takes any entry under a session's key as proof that it lives. The
+absolute lifetime is checked by ``load`` on a local copy as on a reply.
 
 Writes: ``StoreBase._batch`` invalidates, after it ran (or raised: it may have
 run), the keys of every command in :data:`READS`'s complement -- so a new write
@@ -63,7 +64,9 @@ def written_keys(commands: Iterable[Command]) -> list[str]:
     for command in commands:
         name = command[0]
         if name == "EVALSHA":
-            if command[1] in READS:
+            # The sha as sent is bytes (see _scripts.script); compared as text, so
+            # that no form of it can turn a read into a write that drops its copy.
+            if as_key(command[1]) in READS:
                 continue
             keys += (as_key(key) for key in command[3 : 3 + int(command[2])])
         elif name not in READS and len(command) > 1:
