@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 
 from ._measure import Row, Scenario
 from ._server import free_port, wait_for_port
-from ._traffic import commandstats
+from ._traffic import HEARTBEAT, commandstats
 
 CONNECTIONS = 8
 ROUNDS = 6
@@ -171,6 +171,7 @@ async def _family(
                 )
                 after = await commandstats(admin)
                 after.subtract(before)
+                after.pop(HEARTBEAT, None)  # trackers' and health checks' PINGs
                 server.commands.update({k: v for k, v in after.items() if v > 0})
                 server.done += done
                 server.errors += errors
@@ -211,6 +212,7 @@ async def run(url: str, admin: Redis, only: str | None) -> tuple[list[Scenario],
     if only in (None, "sessions"):
         tools = [
             ("ours", "asgi_redis_kit"),
+            ("ours-near", "asgi_redis_kit (near cache)"),
             ("starsessions", "starsessions 2.2 + RedisStore"),
             ("starlette-cookie", "starlette SessionMiddleware (cookie, no Redis)"),
         ]
@@ -220,6 +222,7 @@ async def run(url: str, admin: Redis, only: str | None) -> tuple[list[Scenario],
     if only in (None, "cache"):
         tools = [
             ("ours", "asgi_redis_kit"),
+            ("ours-near", "asgi_redis_kit (near cache)"),
             ("fastapi-cache2", "fastapi-cache2 0.2 (RedisBackend)"),
             ("cashews", "cashews 7.6 (redis)"),
             ("aiocache", "aiocache 0.12 (RedisCache)"),
