@@ -43,7 +43,11 @@ class _Conn:
             head += f"Cookie: {cookie}\r\n"
         self.writer.write((head + "\r\n").encode())
         status_line = await self.reader.readline()
-        status = int(status_line.split()[1])
+        parts = status_line.split()
+        if len(parts) < 2 or not parts[1].isdigit():
+            # The server closed the connection (b"") or framed a body we did not read.
+            raise ConnectionError(f"bad status line {status_line[:60]!r}")
+        status = int(parts[1])
         length = 0
         while True:
             line = await self.reader.readline()
@@ -165,10 +169,19 @@ async def _family(
         for r in range(ROUNDS):
             order = live[r % len(live) :] + live[: r % len(live)] if live else []
             for server in order:
+                if server.row.error:
+                    continue
                 before = await commandstats(admin)
-                done, elapsed, lat, errors = await asyncio.wait_for(
-                    _round(server.conns, path, PER_ROUND), ROUND_LIMIT + 30
-                )
+                try:
+                    done, elapsed, lat, errors = await asyncio.wait_for(
+                        _round(server.conns, path, PER_ROUND), ROUND_LIMIT + 30
+                    )
+                except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+                    # One server failing is reported on its row, never fatal.
+                    server.row.error = f"round {r + 1}: {type(exc).__name__}: {exc}"[:160]
+                    if server.proc.poll() is not None:
+                        server.row.error += f" (uvicorn exited {server.proc.returncode})"
+                    continue
                 after = await commandstats(admin)
                 after.subtract(before)
                 after.pop(HEARTBEAT, None)  # trackers' and health checks' PINGs
@@ -178,6 +191,8 @@ async def _family(
                 server.latencies += lat
                 server.rates.append(done / elapsed)
         for server in live:
+            if server.row.error:
+                continue
             row, lat = server.row, sorted(server.latencies)
             row.median_us = statistics.median(lat)
             row.p95_us = lat[int(len(lat) * 0.95)]
