@@ -7,6 +7,7 @@ slow drifts of a noisy machine spread over all tools instead of landing on one.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import statistics
 import time
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 
 from ._asgi import Reply
-from ._traffic import Traffic
+from ._traffic import HEARTBEAT, Traffic, commandstats
 
 Send = Callable[[int], Awaitable[Reply]]
 Check = Callable[[Reply], str | None]
@@ -35,6 +36,8 @@ class Case:
     ours: bool = False
     reference: bool = False
     note: str = ""
+    # At concurrency > 1: one send per concurrent client (its own cookie jar).
+    workers: list[Send] | None = None
 
 
 @dataclass
@@ -49,6 +52,9 @@ class Row:
     cmds: float | None = None
     sent: float | None = None
     round_trips: float | None = None
+    # Server-side commands per request over every timed request (INFO commandstats
+    # around each timed round, heartbeat PINGs left out): the steady state.
+    timed_cmds: float | None = None
     breakdown: str = ""
     correctness: str = ""
     note: str = ""
@@ -89,9 +95,27 @@ async def _checked(case: Case, i: int) -> str | None:
     return None
 
 
+async def _timed_round(case: Case, per_round: int, index: list[int], lat: list[float]) -> None:
+    async def client(send: Send, count: int) -> None:
+        for _ in range(count):
+            index[0] += 1
+            t0 = time.perf_counter_ns()
+            await send(index[0])
+            lat.append((time.perf_counter_ns() - t0) / 1000)
+
+    if not case.workers:
+        await client(case.send, per_round)
+        return
+    share, extra = divmod(per_round, len(case.workers))
+    await asyncio.gather(
+        *(client(send, share + (k < extra)) for k, send in enumerate(case.workers))
+    )
+
+
 async def measure(cases: list[Case], admin: Redis, plan: Plan, index: list[int]) -> list[Row]:
     """``index`` is a shared request counter so that scenarios needing fresh keys
-    (misses) never repeat one."""
+    (misses) never repeat one. A case with ``workers`` runs each round as that many
+    concurrent clients (requests/s is then the whole round's)."""
     rows = {c.tool: Row(c.tool, ours=c.ours, reference=c.reference, note=c.note) for c in cases}
     live: list[Case] = []
     for case in cases:
@@ -119,20 +143,23 @@ async def measure(cases: list[Case], admin: Redis, plan: Plan, index: list[int])
 
     throughput: dict[str, list[float]] = {c.tool: [] for c in live}
     cpu: dict[str, list[float]] = {c.tool: [] for c in live}
+    commands: Counter[str] = Counter()
     for r in range(plan.rounds):
         order = live[r % len(live) :] + live[: r % len(live)] if live else []
         for case in order:
             lat = rows[case.tool].latencies
             gc.collect()
+            before = await commandstats(admin)
             cpu_start = time.process_time_ns()
             start = time.perf_counter_ns()
-            for _ in range(plan.per_round):
-                index[0] += 1
-                t0 = time.perf_counter_ns()
-                await case.send(index[0])
-                lat.append((time.perf_counter_ns() - t0) / 1000)
+            await _timed_round(case, plan.per_round, index, lat)
             elapsed = (time.perf_counter_ns() - start) / 1e9
-            cpu[case.tool].append((time.process_time_ns() - cpu_start) / 1000 / plan.per_round)
+            cpu_ns = time.process_time_ns() - cpu_start
+            after = await commandstats(admin)
+            after.subtract(before)
+            after.pop(HEARTBEAT, None)
+            commands[case.tool] += sum(v for v in after.values() if v > 0)
+            cpu[case.tool].append(cpu_ns / 1000 / plan.per_round)
             throughput[case.tool].append(plan.per_round / elapsed)
 
     for case in live:
@@ -147,4 +174,6 @@ async def measure(cases: list[Case], admin: Redis, plan: Plan, index: list[int])
         row.p95_us = lat[min(len(lat) - 1, int(len(lat) * 0.95))]
         row.rps = statistics.median(throughput[case.tool])
         row.cpu_us = statistics.median(cpu[case.tool])
+        if plan.rounds:
+            row.timed_cmds = commands[case.tool] / (plan.rounds * plan.per_round)
     return [rows[c.tool] for c in cases]

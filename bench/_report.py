@@ -8,6 +8,7 @@ import platform
 import subprocess
 from importlib import metadata
 
+from . import _targets
 from ._measure import Row, Scenario
 from ._server import redis_server_version
 
@@ -122,8 +123,9 @@ def _timing_table(rows: list[Row]) -> list[str]:
     ours = next((r for r in rows if r.ours and r.median_us is not None), None)
     out = [
         "| tool | µs/req median | µs/req p95 | req/s | time vs ours | CPU µs/req "
-        "| CPU vs ours | cmds sent/req | round trips/req | server-side commands/req | notes |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "| CPU vs ours | cmds sent/req | round trips/req | server-side commands/req "
+        "| server cmds/req, all timed requests | notes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for row in rows:
         note = row.note
@@ -133,9 +135,16 @@ def _timing_table(rows: list[Row]) -> list[str]:
             f"| {_label(row)} | {_num(row.median_us, 1)} | {_num(row.p95_us, 1)} "
             f"| {_num(row.rps)} | {_ratio(row, ours)} | {_num(row.cpu_us, 1)} "
             f"| {_cpu_ratio(row, ours)} | {_num(row.sent, 2)} "
-            f"| {_num(row.round_trips, 2)} | {_server(row)} | {note} |"
+            f"| {_num(row.round_trips, 2)} | {_server(row)} | {_cmds(row.timed_cmds)} | {note} |"
         )
     return out
+
+
+def _cmds(value: float | None) -> str:
+    # Exact zero must read as zero, not as a rounded "0.00".
+    if value is None:
+        return "-"
+    return "0" if value == 0 else f"{value:.3g}"
 
 
 def _correctness_table(rows: list[Row]) -> list[str]:
@@ -203,6 +212,7 @@ def render(
         "See bench/README.md.",
         "",
     ]
+    lines += _targets.table(scenarios)
     lines += _summary(scenarios)
     if notes:
         lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]

@@ -44,6 +44,13 @@ JSON_PAYLOAD: dict[str, Any] = {
     "stock": 42,
     "tags": ["blue", "small", "sale"],
     "description": "A small JSON document, the typical API answer.",
+    # ~1 KB in all, the size the issue's speed targets name.
+    "variants": [
+        {"sku": f"W-{i:03d}", "colour": c, "size": z, "price": 9.99 + i, "in_stock": i % 3 != 0}
+        for i, (c, z) in enumerate(
+            (c, z) for c in ("blue", "red", "green", "black") for z in ("small", "medium", "large")
+        )
+    ],
 }
 
 
@@ -74,6 +81,8 @@ class Tool:
     note: str = ""
     closers: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
     routes: set[str] = field(default_factory=lambda: {"json", "html", "miss", "slow"})
+    # Ours: the Cache's counters (near_hits proves a near row is served from memory).
+    stats: Any = None
 
 
 def _client(url: str) -> Redis:
@@ -112,13 +121,23 @@ def _baseline(url: str) -> Tool:
     )
 
 
-def _ours(url: str) -> Tool:
-    from asgi_redis_kit import CacheMiddleware, cached
+OURS_NEAR = "asgi_redis_kit (near cache)"
+
+
+def _ours(url: str, *, near: bool = False) -> Tool:
+    from asgi_redis_kit import Cache, CacheMiddleware, NearCache, cached
 
     calls: Counter[str] = Counter()
     client = _client(url)
     app = FastAPI()
-    app.add_middleware(CacheMiddleware, redis=client)
+    # A NearCache of its own (not the shared one), so this tool's entries and
+    # trackers are nobody else's and close with it.
+    near_cache = NearCache() if near else None
+    # Its own key prefix too: on the shared bench server it must not find the
+    # entries the plain row stored (its handler has to run, and store, itself).
+    prefix = "ark:near:" if near else "ark:c:"
+    cache = Cache(redis=client, key_prefix=prefix, near_cache=near_cache or False)
+    app.add_middleware(CacheMiddleware, cache=cache)
 
     @app.get("/json")
     @cached(ttl=TTL)
@@ -145,7 +164,18 @@ def _ours(url: str) -> Tool:
         await asyncio.sleep(SLOW_SECONDS)
         return JSON_PAYLOAD
 
-    return Tool("asgi_redis_kit", app, calls, ours=True, closers=[client.aclose])
+    closers: list[Callable[[], Awaitable[Any]]] = [client.aclose]
+    if near_cache is not None:
+        closers.insert(0, near_cache.aclose)
+        return Tool(
+            OURS_NEAR,
+            app,
+            calls,
+            note="near_cache=NearCache(): hits from process memory, kept exact by CLIENT TRACKING",
+            closers=closers,
+            stats=cache.stats,
+        )
+    return Tool("asgi_redis_kit", app, calls, ours=True, closers=closers, stats=cache.stats)
 
 
 def _fastapi_cache2(url: str) -> Tool:
@@ -377,6 +407,7 @@ ASGI_CACHES_NOTE = (
 
 FACTORIES: dict[str, Callable[[str], Tool]] = {
     "ours": _ours,
+    "ours-near": lambda url: _ours(url, near=True),
     "fastapi-cache2": _fastapi_cache2,
     "cashews": _cashews,
     "cashews client_side": lambda url: _cashews(url, client_side=True),
@@ -404,10 +435,50 @@ def build_tools(url: str) -> tuple[list[Tool], list[str]]:
 # ---------------------------------------------------------------- scenarios
 
 
+def _near_hits(tool: Tool) -> int | None:
+    return None if tool.name != OURS_NEAR or tool.stats is None else int(tool.stats.near_hits)
+
+
+async def settle_near(tool: Tool, path: str, headers: list[tuple[bytes, bytes]]) -> None:
+    """Repeat a request until the near cache answers it from memory: its tracking
+    connection confirms asynchronously, and until then a lookup goes to Redis."""
+    if _near_hits(tool) is None:
+        return
+    deadline = time.monotonic() + 10
+    while True:
+        before = _near_hits(tool)
+        await call(tool.app, path, headers=headers)
+        if _near_hits(tool) != before:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{tool.name}: {path} never answered from memory within 10 s")
+        await asyncio.sleep(0.01)
+
+
+class _NearCheck:
+    """For the near row: every checked request must be a near hit (stats.near_hits
+    grows by one), not a Redis hit. ``mark()`` before the request, ``check()`` after."""
+
+    def __init__(self, tool: Tool) -> None:
+        self.tool = tool
+        self.before: int | None = None
+
+    def mark(self) -> None:
+        self.before = _near_hits(self.tool)
+
+    def check(self) -> str | None:
+        now, before = _near_hits(self.tool), self.before
+        if now is not None and before is not None and now != before + 1:
+            return f"not a near hit: stats.near_hits went {before} -> {now}"
+        return None
+
+
 def _hit_case(tool: Tool, route: str) -> Case:
     path = f"/{route}"
+    near = _NearCheck(tool)
 
     async def send(i: int) -> Reply:
+        near.mark()
         return await call(tool.app, path)
 
     def check(reply: Reply) -> str | None:
@@ -415,7 +486,7 @@ def _hit_case(tool: Tool, route: str) -> Case:
             return f"HTTP {reply.status}: {reply.body[:80]!r}"
         if not tool.reference and tool.calls[route] != 1:
             return f"not a hit: handler ran {tool.calls[route]} times"
-        return None
+        return near.check()
 
     return Case(tool.name, send, check, ours=tool.ours, reference=tool.reference, note=tool.note)
 
@@ -456,14 +527,17 @@ async def _etag_case(tool: Tool) -> Case | Row:
     if etag is None:
         return Row(tool.name, reference=tool.reference, note="no ETag / If-None-Match support")
     headers = [(b"if-none-match", etag.encode())]
+    await settle_near(tool, "/json", headers)
+    near = _NearCheck(tool)
 
     async def send(i: int) -> Reply:
+        near.mark()
         return await call(tool.app, "/json", headers=headers)
 
     def check(reply: Reply) -> str | None:
         if reply.status != 304:
             return f"If-None-Match {etag!r} answered {reply.status}, not 304"
-        return None
+        return near.check()
 
     return Case(tool.name, send, check, ours=tool.ours, note=tool.note)
 
@@ -640,9 +714,10 @@ async def _coherence_scenario(url: str) -> Scenario:
         "Cache (g): two instances, one overwrites: does the other see it?",
         "Two cache instances (two app processes' worth) on one Redis. A stores a key, B "
         f"reads it, A overwrites it; B reads again after {delays} s. `coherent` = B got the "
-        "new value every time, `stale` = B served its old in-process copy. asgi_redis_kit's "
-        "cache keeps no in-process copy (every hit reads Redis), so it is coherent by "
-        "construction.",
+        "new value every time, `stale` = B served its old in-process copy. Without "
+        "`near_cache`, asgi_redis_kit keeps no in-process copy (every hit reads Redis); "
+        "its near cache's invalidation lag between two instances is `python -m bench lag` "
+        "(bench/results/lag.md).",
         rows,
     )
 
@@ -680,6 +755,7 @@ async def run(
             for tool in main:
                 tool.calls[route] = 0
                 await call(tool.app, f"/{route}")  # store the entry
+                await settle_near(tool, f"/{route}", [])
             cases = [_hit_case(t, route) for t in main if route in t.routes]
             scenarios.append(Scenario(key, title, what, await measure(cases, admin, plan, index)))
 

@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 
 from ._measure import Row, Scenario
 from ._server import free_port, wait_for_port
-from ._traffic import commandstats
+from ._traffic import HEARTBEAT, commandstats
 
 CONNECTIONS = 8
 ROUNDS = 6
@@ -43,7 +43,11 @@ class _Conn:
             head += f"Cookie: {cookie}\r\n"
         self.writer.write((head + "\r\n").encode())
         status_line = await self.reader.readline()
-        status = int(status_line.split()[1])
+        parts = status_line.split()
+        if len(parts) < 2 or not parts[1].isdigit():
+            # The server closed the connection (b"") or framed a body we did not read.
+            raise ConnectionError(f"bad status line {status_line[:60]!r}")
+        status = int(parts[1])
         length = 0
         while True:
             line = await self.reader.readline()
@@ -165,18 +169,30 @@ async def _family(
         for r in range(ROUNDS):
             order = live[r % len(live) :] + live[: r % len(live)] if live else []
             for server in order:
+                if server.row.error:
+                    continue
                 before = await commandstats(admin)
-                done, elapsed, lat, errors = await asyncio.wait_for(
-                    _round(server.conns, path, PER_ROUND), ROUND_LIMIT + 30
-                )
+                try:
+                    done, elapsed, lat, errors = await asyncio.wait_for(
+                        _round(server.conns, path, PER_ROUND), ROUND_LIMIT + 30
+                    )
+                except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+                    # One server failing is reported on its row, never fatal.
+                    server.row.error = f"round {r + 1}: {type(exc).__name__}: {exc}"[:160]
+                    if server.proc.poll() is not None:
+                        server.row.error += f" (uvicorn exited {server.proc.returncode})"
+                    continue
                 after = await commandstats(admin)
                 after.subtract(before)
+                after.pop(HEARTBEAT, None)  # trackers' and health checks' PINGs
                 server.commands.update({k: v for k, v in after.items() if v > 0})
                 server.done += done
                 server.errors += errors
                 server.latencies += lat
                 server.rates.append(done / elapsed)
         for server in live:
+            if server.row.error:
+                continue
             row, lat = server.row, sorted(server.latencies)
             row.median_us = statistics.median(lat)
             row.p95_us = lat[int(len(lat) * 0.95)]
@@ -211,6 +227,7 @@ async def run(url: str, admin: Redis, only: str | None) -> tuple[list[Scenario],
     if only in (None, "sessions"):
         tools = [
             ("ours", "asgi_redis_kit"),
+            ("ours-near", "asgi_redis_kit (near cache)"),
             ("starsessions", "starsessions 2.2 + RedisStore"),
             ("starlette-cookie", "starlette SessionMiddleware (cookie, no Redis)"),
         ]
@@ -220,6 +237,7 @@ async def run(url: str, admin: Redis, only: str | None) -> tuple[list[Scenario],
     if only in (None, "cache"):
         tools = [
             ("ours", "asgi_redis_kit"),
+            ("ours-near", "asgi_redis_kit (near cache)"),
             ("fastapi-cache2", "fastapi-cache2 0.2 (RedisBackend)"),
             ("cashews", "cashews 7.6 (redis)"),
             ("aiocache", "aiocache 0.12 (RedisCache)"),

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp
 from ._asgi import CookieJar, Lifespan, Reply, call
 from ._measure import Case, Plan, Row, Scenario, measure
 
+CONCURRENCY = 32
 SECRET = "bench-secret-key-0123456789abcdef0123456789abcdef"
 LOGIN_DATA: dict[str, Any] = {
     "user": "alice",
@@ -93,16 +94,37 @@ class Tool:
     client: Redis | None = None
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    closers: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
 
 
-def _ours(url: str) -> Tool:
-    from asgi_redis_kit import SessionMiddleware
+OURS_NEAR = "asgi_redis_kit (near cache)"
+
+
+def _ours(url: str, *, near: bool = False) -> Tool:
+    from asgi_redis_kit import NearCache, SessionMiddleware
 
     client = Redis.from_url(url)
+    # Its own NearCache (not the shared one): nobody else's entries, closed with it.
+    near_cache = NearCache() if near else None
     app = Starlette(
         routes=ROUTES,
-        middleware=[Middleware(SessionMiddleware, secret_key=SECRET, redis=client)],
+        middleware=[
+            Middleware(
+                SessionMiddleware,
+                secret_key=SECRET,
+                redis=client,
+                near_cache=near_cache or False,
+            )
+        ],
     )
+    if near_cache is not None:
+        return Tool(
+            OURS_NEAR,
+            app,
+            client=client,
+            note="near_cache=NearCache(): loads from process memory, kept exact by CLIENT TRACKING",
+            closers=[near_cache.aclose],
+        )
     return Tool("asgi_redis_kit", app, ours=True, client=client)
 
 
@@ -145,6 +167,7 @@ def _starlette_cookie(url: str) -> Tool:
 
 FACTORIES: dict[str, Callable[[str], Tool]] = {
     "ours": _ours,
+    "ours-near": lambda url: _ours(url, near=True),
     "starsessions": _starsessions,
     "starlette-cookie": _starlette_cookie,
 }
@@ -201,11 +224,23 @@ def _sender(app: ASGIApp, path: str, jar: CookieJar | None) -> Callable[[int], A
 
 
 async def _timed(
-    tools: list[Tool], admin: Redis, plan: Plan, index: list[int], path: str, *, cookie: bool
+    tools: list[Tool],
+    admin: Redis,
+    plan: Plan,
+    index: list[int],
+    path: str,
+    *,
+    cookie: bool,
+    concurrency: int = 1,
 ) -> list[Row]:
     cases: list[Case] = []
     for tool in tools:
         jar = await _login(tool.app) if cookie else None
+        workers = None
+        if concurrency > 1:
+            # One user per concurrent client, each with its own session.
+            jars = [await _login(tool.app) if cookie else None for _ in range(concurrency)]
+            workers = [_sender(tool.app, path, j) for j in jars]
         probe = await call(tool.app, path, headers=jar.header() if jar else [])
         sets = "answers with Set-Cookie" if probe.set_cookies() else "no Set-Cookie"
         cases.append(
@@ -216,9 +251,10 @@ async def _timed(
                 ours=tool.ours,
                 reference=tool.reference,
                 note="; ".join(filter(None, [sets, tool.note])),
+                workers=workers,
             )
         )
-        if tool.ours and path == "/visit":
+        if tool.ours and path == "/visit" and concurrency == 1:
             jar2 = await _login(tool.app)
             cases.append(
                 Case(
@@ -254,7 +290,8 @@ async def _correctness(tools: list[Tool], keys: int, incs: int) -> tuple[list[Ro
     counter_rows: list[Row] = []
     for tool in tools:
         row = Row(tool.name, ours=tool.ours, reference=tool.reference)
-        if tool.ours:
+        mine = tool.ours or tool.name == OURS_NEAR
+        if mine:
             row.note = "only changed fields are written (HSET per field)"
         elif not tool.reference:
             row.note = "whole session rewritten on save: last writer wins"
@@ -270,11 +307,11 @@ async def _correctness(tools: list[Tool], keys: int, incs: int) -> tuple[list[Ro
         key_rows.append(row)
 
         variants = [("/visit", tool.name)]
-        if tool.ours:
+        if mine:
             variants.append(("/visit-incr", f"{tool.name} (await session.incr)"))
         for path, label in variants:
             crow = Row(label, ours=tool.ours and path == "/visit", reference=tool.reference)
-            if tool.ours:
+            if mine:
                 crow.note = (
                     "atomic HINCRBY"
                     if path == "/visit-incr"
@@ -329,6 +366,17 @@ async def run(
                 await _timed(tools, admin, plan, index, "/visit", cookie=True),
             )
         )
+        scenarios.append(
+            Scenario(
+                "sessions-c32",
+                f"Sessions (c32): visit counter, {CONCURRENCY} concurrent clients",
+                f"GET /visit as in (c), from {CONCURRENCY} concurrent clients, each its own "
+                "logged-in user; requests/s is the whole round's, latency per request.",
+                await _timed(
+                    tools, admin, plan, index, "/visit", cookie=True, concurrency=CONCURRENCY
+                ),
+            )
+        )
         keys, counters = await _correctness(tools, 50, 100)
         scenarios.append(
             Scenario(
@@ -350,6 +398,8 @@ async def run(
         for lifespan in reversed(apps):
             await lifespan.__aexit__(None, None, None)
         for tool in tools:
+            for close in tool.closers:
+                await close()
             if tool.client is not None:
                 await tool.client.aclose()
     return scenarios, problems
