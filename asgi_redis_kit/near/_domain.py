@@ -299,7 +299,17 @@ def _compute_identity(client: Redis | RedisCluster) -> tuple[Any, ...]:
         kw = pool.connection_kwargs
         db = kw.get("db", 0)
         if isinstance(pool, SentinelConnectionPool):
-            where = ("sentinel", pool.service_name, db)
+            # The service name alone is not a server: two deployments may both
+            # call theirs "mymaster". Its Sentinels say which one it is.
+            sentinels = tuple(
+                sorted(
+                    (str(o.get("host", "localhost")), int(o.get("port", 26379)))
+                    for o in (
+                        s.connection_pool.connection_kwargs for s in pool.sentinel_manager.sentinels
+                    )
+                )
+            )
+            where = ("sentinel", pool.service_name, sentinels, db)
         elif kw.get("path"):
             where = ("unix", kw["path"], db)
         else:

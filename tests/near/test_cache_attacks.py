@@ -72,11 +72,6 @@ async def stored_and_kept(cache: Cache, key: CacheKey, body: bytes) -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    strict=True,
-    reason="near._near identifies a Sentinel domain by service name, db and user only: "
-    "two deployments named alike share one domain, tracked on the first one's master",
-)
 async def test_two_sentinel_deployments_with_one_service_name_are_not_one_server(
     key_prefix: str,
 ) -> None:

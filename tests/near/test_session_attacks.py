@@ -1,8 +1,7 @@
 """Attacks on the session store's near cache: ways to make ``SessionStore.load``
 answer from process memory what Redis would no longer answer, or fail.
 
-Each test says what it attacks, what the store must do, and (for the ones
-marked xfail) which part of ``asgi_redis_kit.near`` lets it through. Every
+Each test says what it attacks and what the store must do. Every
 test runs on a throwaway redis-server (or deployment) of its own, and is
 bounded: polls give up after a few seconds."""
 
@@ -68,18 +67,6 @@ async def until_none(store: SessionStore, session_id: str, within: float) -> boo
 # -- one NearCache used by several threads, each with its own event loop -------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "near/_store.py: Store (one per NearCache, shared by the domains of every "
-        "loop, so of every thread) has no lock. Its eviction takes the least recently "
-        "used entry of any domain (next(iter(_entries))) and deletes it in "
-        "_remove(); a thread removing that same entry meanwhile (an invalidation, "
-        "an expiry, its own eviction) makes the other's 'del self._entries[slot]' or "
-        "'self._by_domain[...]' raise KeyError -- out of SessionStore.load, a 500. "
-        "The byte counters (stats.bytes += ...) race the same way."
-    ),
-)
 @pytest.mark.timeout(60)
 def test_threads_each_with_its_own_loop_share_one_near_cache(own_redis: RedisProcess) -> None:
     """NearCache.shared() is process-wide and view() takes a threading lock: threads
@@ -137,17 +124,6 @@ def test_threads_each_with_its_own_loop_share_one_near_cache(own_redis: RedisPro
 # -- a raw command from redis-cli that Redis does not announce -----------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "near (server semantics, redis 7.0): SWAPDB sends no invalidation and no "
-        "flush to BCAST trackers (RENAME, COPY, RESTORE, MOVE, FLUSHALL ASYNC and "
-        "evictions do), so a copy outlives the swap until its PTTL or max_ttl "
-        "(300 s by default): a session that the swapped-in data does not have is "
-        "served. Nothing in sessions/ can see it; the near cache would need to "
-        "watch for it (e.g. compare INFO keyspace on heartbeat) or document it."
-    ),
-)
 async def test_swapdb_ends_the_copy(own_redis: RedisProcess, raw: Redis) -> None:
     near = NearCache(heartbeat=HEARTBEAT, heartbeat_timeout=SLACK_TIMEOUT)
     redis = Redis.from_url(own_redis.url, socket_timeout=5)
@@ -191,18 +167,6 @@ def two_sentinels() -> Iterator[tuple[SentinelDeployment, SentinelDeployment]]:
             deployment.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "near/_near.py _compute_identity: a Sentinel client's domain is "
-        "('sentinel', service_name, db, user), whatever Sentinels it asks. Two "
-        "deployments both named 'mymaster' (the name every example uses; say "
-        "sessions on one, the response cache on the other, both near_cache=True) "
-        "share one domain, whose tracker follows only the master of the client "
-        "that made it. Records read from the other deployment are kept and never "
-        "invalidated: a logout there is not seen here until max_ttl."
-    ),
-)
 @pytest.mark.timeout(90)
 async def test_two_sentinel_deployments_of_one_service_name(
     two_sentinels: tuple[SentinelDeployment, SentinelDeployment],
@@ -242,17 +206,6 @@ async def test_two_sentinel_deployments_of_one_service_name(
 # -- a client that encodes keys in something other than UTF-8 ------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "near/_tracker.py _decode: invalidated keys are decoded as UTF-8 "
-        "(surrogateescape), but redis-py encodes our str keys with the client's "
-        "encoding= (here latin-1). With a non-ASCII key_prefix every invalidation "
-        "from another client names a str that no entry has: nothing is dropped, and "
-        "a session deleted elsewhere is served until max_ttl. (Our own writes drop "
-        "their keys by str, so only other instances' writes are missed.)"
-    ),
-)
 async def test_a_client_encoding_other_than_utf8(own_redis: RedisProcess) -> None:
     near = NearCache(heartbeat=HEARTBEAT, heartbeat_timeout=SLACK_TIMEOUT)
     mine = Redis.from_url(own_redis.url, encoding="latin-1", socket_timeout=5)
