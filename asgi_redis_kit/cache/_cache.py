@@ -37,13 +37,13 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import unquote
 
-from redis.asyncio.cluster import RedisCluster
 from starlette.datastructures import URL
 from starlette.requests import HTTPConnection
 
 from .._redis import RedisLike, check_seconds
 from ..errors import BackendUnavailable
 from ..near import NearCache
+from ..near._fit import untracked_because
 from ._breaker import CircuitBreaker
 from ._entry import Entry
 from ._keys import CacheKey, KeyScheme
@@ -61,24 +61,6 @@ __all__ = ["DEFAULT_MAX_LIFETIME", "Cache", "CacheStats", "Lookup", "SessionProo
 DEFAULT_MAX_LIFETIME = 7 * 24 * 3600
 
 logger = logging.getLogger("asgi_redis_kit.cache")
-
-
-def _in_process(client: Any) -> bool:
-    """Whether ``client`` talks to an in-process fakeredis server (``memory://``),
-    which has no CLIENT TRACKING for a near cache to rely on."""
-    pool = getattr(client, "connection_pool", None)
-    classes = [type(client), getattr(pool, "connection_class", type(None))]
-    return any(cls.__module__.split(".")[0] == "fakeredis" for cls in classes)
-
-
-def _reads_replicas(client: Any) -> bool:
-    """Whether ``client`` is a Cluster client that sends reads to replicas. The
-    near cache tracks the primaries: a replica that has not yet applied a
-    write answers with the old value after its invalidation came, and nothing
-    would ever invalidate the copy made from that answer."""
-    return isinstance(client, RedisCluster) and bool(
-        client.read_from_replicas or client.load_balancing_strategy
-    )
 
 
 @dataclass(eq=False, slots=True)
@@ -215,15 +197,9 @@ class Cache:
         self.storage: Storage = self.redis_layer
         self.near_cache: NearCache | None = None
         if near_cache is not False:
-            if _in_process(self.backend.client):
-                logger.info(
-                    "near_cache is ignored: an in-process memory:// Redis has no CLIENT TRACKING"
-                )
-            elif _reads_replicas(self.backend.client):
-                logger.warning(
-                    "near_cache is ignored: this Redis Cluster client reads from replicas, "
-                    "whose answers can be older than the invalidations the near cache relies on"
-                )
+            unfit = untracked_because(self.backend.client)
+            if unfit is not None:
+                logger.log(unfit[0], "near_cache is ignored: %s", unfit[1])
             else:
                 near = NearCache.shared() if near_cache is True else near_cache
                 self.near_cache = near

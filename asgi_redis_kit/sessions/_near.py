@@ -50,14 +50,6 @@ def near_option(near_cache: object) -> NearCache | None:
     raise TypeError(f"near_cache must be True, False or a NearCache, got {near_cache!r}")
 
 
-def without_tracking(client: object) -> bool:
-    """Whether ``client`` cannot track keys (fakeredis, ``memory://``: no CLIENT TRACKING)."""
-    pool = getattr(client, "connection_pool", None)
-    connection_class = getattr(pool, "connection_class", None)
-    modules = (type(client).__module__, getattr(connection_class, "__module__", ""))
-    return any(module.startswith("fakeredis") for module in modules)
-
-
 def written_keys(commands: Iterable[Command]) -> list[str]:
     """The keys of the commands that may write (all but :data:`READS`)."""
     keys: list[str] = []

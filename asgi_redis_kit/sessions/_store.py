@@ -102,9 +102,10 @@ from .._redis import (
 )
 from ..errors import BackendUnavailable
 from ..near import ABSENT, NearCache, NearStats
+from ..near._fit import untracked_because
 from ._codec import is_utf8
 from ._index import UserIndex, kill_reply
-from ._near import LocalRecord, near_option, record_size, without_tracking
+from ._near import LocalRecord, near_option, record_size
 from ._record import DATA, NOTE, PREV, ROOT, Record, as_text, decode_record, handle_of
 from ._scripts import (
     DELETE_IF_USER,
@@ -188,11 +189,9 @@ class SessionStore(UserIndex):
         self.idle_ms = int(idle_timeout * 1000)
         self.absolute_ms = None if absolute_lifetime is None else int(absolute_lifetime * 1000)
         self.clock = clock
-        if near is not None and without_tracking(self.backend.client):
-            logger.info(
-                "near_cache: this Redis (fakeredis, memory://) has no CLIENT TRACKING; "
-                "sessions run without the near cache"
-            )
+        unfit = None if near is None else untracked_because(self.backend.client)
+        if unfit is not None:
+            logger.log(unfit[0], "near_cache is ignored: %s", unfit[1])
             near = None
         self.near = near
 
