@@ -102,19 +102,19 @@ class _Domain:
         self.started = False
         self.watcher: asyncio.Task[None] | None = None
         self.views: dict[str, NearView] = {}
+        # Whether a prefix past MAX_PREFIXES was refused (and said so) already.
+        self.refused_prefix = False
 
     # Prefixes ----------------------------------------------------------
 
-    def add_prefix(self, prefix: str) -> None:
+    def add_prefix(self, prefix: str) -> bool:
+        """Track ``prefix`` too; False (nothing changes) past :data:`MAX_PREFIXES`."""
         if any(prefix.startswith(p) for p in self.prefixes):
-            return  # already covered
+            return True  # already covered
         if len(self.prefixes) >= MAX_PREFIXES:
             # Each one costs a flush, a reconnect, and Redis a check per write:
             # a prefix made per tenant or per user belongs under a shared one.
-            raise ValueError(
-                f"too many near-cache prefixes on one server ({MAX_PREFIXES}): "
-                f"{prefix!r} is not under any of them; use a shared prefix"
-            )
+            return False
         self.prefixes = [p for p in self.prefixes if not p.startswith(prefix)] + [prefix]
         self.prefixes.sort()
         if not self.started:
@@ -123,6 +123,7 @@ class _Domain:
             self._lose()
             for tracker in self.trackers.values():
                 tracker.retrack()
+        return True
 
     # Trackers ----------------------------------------------------------
 

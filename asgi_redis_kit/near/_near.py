@@ -36,6 +36,7 @@ Sharing between views, servers and event loops: see ``_domain.py``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
@@ -43,8 +44,10 @@ from typing import Any, NamedTuple
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from asgi_redis_kit.near._domain import MAX_VIEWS, _Domain, _identity
+from asgi_redis_kit.near._domain import MAX_PREFIXES, MAX_VIEWS, _Domain, _identity
 from asgi_redis_kit.near._store import NearStats, Store
+
+logger = logging.getLogger("asgi_redis_kit.near")
 
 
 class _Absent:
@@ -154,8 +157,10 @@ class NearCache:
 
         Starts tracking on first use (the view is not usable until Redis has
         confirmed it); a new prefix on a tracked server re-registers (flush).
-        A ``ValueError`` past 64 prefixes on one server none of which covers
-        ``prefix``: make per-tenant or per-user prefixes under a shared one.
+        Past 64 prefixes on one server none of which covers ``prefix``, the
+        view is never usable (its reads go to Redis) and a warning says to make
+        per-tenant or per-user prefixes under a shared one: a request never
+        fails for it.
         """
         if not isinstance(client, Redis | RedisCluster):
             raise TypeError(
@@ -172,7 +177,18 @@ class NearCache:
                 domain = self._domains[(loop, identity)] = _Domain(self, identity, client, loop)
             view = domain.views.get(prefix)
             if view is None:
-                domain.add_prefix(prefix)
+                if not domain.add_prefix(prefix):
+                    if not domain.refused_prefix:  # once per server and loop, not per request
+                        domain.refused_prefix = True
+                        logger.warning(
+                            "near cache: more than %d key prefixes on one Redis server; %r is "
+                            "not under any of them, so its reads are not kept (use a shared "
+                            "prefix for per-tenant or per-user stores)",
+                            MAX_PREFIXES,
+                            prefix,
+                        )
+                    # A domain never started is never usable: every read goes to Redis.
+                    return NearView(_Domain(self, identity, client, loop), prefix)
                 view = NearView(domain, prefix)
                 if len(domain.views) < MAX_VIEWS:  # else a prefix per request: not kept
                     domain.views[prefix] = view
