@@ -8,6 +8,7 @@ tests assert HIT/MISS from the handler's side too, not only from ``X-Cache``.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from typing import Any
 
@@ -23,6 +24,8 @@ from starlette.types import ASGIApp
 
 from asgi_redis_kit import CacheMiddleware, Session, SessionMiddleware, cached, get_cache
 from asgi_redis_kit._redis import RedisLike
+from asgi_redis_kit.near import NearCache
+from tests.scaleout.servers import CommandLog
 
 SECRET = "scale-out-test-secret-key-0123456789abcdef"
 COOKIE = "session"
@@ -39,13 +42,15 @@ def build_app(
     cache: bool = True,
     cache_timeout: float = 0.5,
     gate: asyncio.Event | None = None,
+    near: NearCache | None = None,
 ) -> Starlette:
     """Sessions (and, with ``cache``, the response cache outside them) on ``redis``.
 
     ``cache_timeout`` is the cache's deadline (its default, 0.5 s, unless a test
     raises it): a burst that misses it fails open, which a loaded machine can make
     happen in a test that counts errors or handler runs. ``/slow`` waits for
-    ``gate`` (a test sets it once its burst is in flight)."""
+    ``gate`` (a test sets it once its burst is in flight). ``near``: both the
+    cache and the sessions keep copies in that NearCache (``near_cache=``)."""
 
     async def visits(request: Request) -> Response:
         count = await Session.of(request).incr("visits")
@@ -110,7 +115,10 @@ def build_app(
         Route("/users/{user}/sessions", user_sessions),
         Route("/users/{user}/revoke", revoke, methods=["POST"]),
     ]
-    middleware = [Middleware(SessionMiddleware, secret_key=SECRET, redis=redis)]
+    near_cache: NearCache | bool = False if near is None else near
+    middleware = [
+        Middleware(SessionMiddleware, secret_key=SECRET, redis=redis, near_cache=near_cache)
+    ]
     if cache:
         routes += [
             Route("/items/{item_id}", item),
@@ -120,7 +128,10 @@ def build_app(
             Route("/cache/stats", stats),
         ]
         # Outermost first: a HIT is answered before any session is loaded.
-        middleware.insert(0, Middleware(CacheMiddleware, redis=redis, timeout=cache_timeout))
+        middleware.insert(
+            0,
+            Middleware(CacheMiddleware, redis=redis, timeout=cache_timeout, near_cache=near_cache),
+        )
     return Starlette(routes=routes, middleware=middleware)
 
 
@@ -190,3 +201,76 @@ def session_id(client: httpx.AsyncClient) -> str:
 def ok_json(response: httpx.Response) -> Any:
     assert response.status_code == 200, (response.status_code, response.text)
     return response.json()
+
+
+# -- near cache: app instances with their own client, NearCache and command log --------
+
+# What a near-cache tracker sends on its own connection (made from the client's
+# connection class, so a CommandLog records it too); never a request's command.
+TRACKER_COMMANDS = frozenset({"PING", "CLIENT", "SUBSCRIBE", "UNSUBSCRIBE", "ROLE", "HELLO"})
+
+
+class NearInstance:
+    """One app instance as another process would run it: ``redis`` (its own
+    client, recorded by ``log``), its own ``near`` cache, its own handler counts."""
+
+    def __init__(self, redis: RedisLike, near: NearCache, log: CommandLog, calls: Calls) -> None:
+        self.redis = redis
+        self.near = near
+        self.log = log
+        self.calls = calls
+        self.app = build_app(redis, calls, near=near, cache_timeout=5)
+
+    def request_commands(self) -> list[tuple[int, tuple[str, ...]]]:
+        """Commands recorded since ``log.clear()``, without the trackers' own."""
+        return [
+            (port, args)
+            for port, args in self.log.commands
+            if args[0].upper() not in TRACKER_COMMANDS
+        ]
+
+    def tracking(self) -> bool:
+        states = self.near.stats.tracking
+        return bool(states) and all(state == "tracking" for state in states.values())
+
+
+async def from_memory(
+    instance: NearInstance, agent: httpx.AsyncClient, path: str, within: float = 10.0
+) -> httpx.Response:
+    """GET ``path`` until one request sends no command: answered from memory.
+
+    A read is not kept when an invalidation of one of its keys arrives while it
+    is in flight (also the one of the setup write just before it), so the copy
+    may take a few requests. Returns the zero-command response."""
+    deadline = time.monotonic() + within
+    while True:
+        instance.log.clear()
+        response = await agent.get(path)
+        assert response.status_code == 200, (path, response.status_code, response.text)
+        sent = instance.request_commands()
+        if not sent:
+            return response
+        assert time.monotonic() < deadline, f"{path} still sends {sent[:6]} after {within} s"
+        await asyncio.sleep(0.02)
+
+
+async def until_changed(
+    agent: httpx.AsyncClient, path: str, old: str, within: float = 3.0
+) -> httpx.Response:
+    """GET ``path`` until it no longer answers ``old`` (a 200 either way)."""
+    deadline = time.monotonic() + within
+    while True:
+        response = await agent.get(path)
+        assert response.status_code == 200, (path, response.status_code, response.text)
+        if response.text != old:
+            return response
+        assert time.monotonic() < deadline, f"{path} still answers {old!r} after {within} s"
+        await asyncio.sleep(0.02)
+
+
+def same_user_agent(app: ASGIApp, other: httpx.AsyncClient) -> httpx.AsyncClient:
+    """A user agent on ``app`` holding ``other``'s session cookie (the load
+    balancer sent the same user to another instance)."""
+    agent = browser(app)
+    agent.cookies.set(COOKIE, other.cookies[COOKIE])
+    return agent
