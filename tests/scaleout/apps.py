@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 from fastapi import Depends, FastAPI
 from pydantic import BaseModel
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -25,7 +26,7 @@ from starlette.types import ASGIApp
 from asgi_redis_kit import CacheMiddleware, Session, SessionMiddleware, cached, get_cache
 from asgi_redis_kit._redis import RedisLike
 from asgi_redis_kit.near import NearCache
-from tests.scaleout.servers import CommandLog
+from tests.scaleout.servers import HOST, ClusterDeployment, CommandLog
 
 SECRET = "scale-out-test-secret-key-0123456789abcdef"
 COOKIE = "session"
@@ -274,3 +275,79 @@ def same_user_agent(app: ASGIApp, other: httpx.AsyncClient) -> httpx.AsyncClient
     agent = browser(app)
     agent.cookies.set(COOKIE, other.cookies[COOKIE])
     return agent
+
+
+async def cluster_instance(
+    cluster: ClusterDeployment, calls: Calls, *, heartbeat: float = 60, heartbeat_timeout: float = 5
+) -> NearInstance:
+    """An instance with its own recorded ``RedisCluster`` client on ``cluster``
+    and its own NearCache (a 60 s heartbeat unless a test needs the trackers
+    to notice a topology change)."""
+    log = CommandLog()
+    client = RedisCluster(
+        startup_nodes=[ClusterNode(HOST, port) for port in cluster.ports],
+        socket_timeout=2,
+        socket_connect_timeout=2,
+    )
+    recording = log.connection_class()
+    client.connection_kwargs["connection_class"] = recording
+    for node in client.startup_nodes:
+        node.connection_class = recording
+    await client.initialize()
+    near = NearCache(heartbeat=heartbeat, heartbeat_timeout=heartbeat_timeout)
+    return NearInstance(client, near, log, calls)
+
+
+async def near_tracking(*instances: NearInstance, within: float = 10.0) -> None:
+    """Wait until each instance tracks every master; its first requests (a
+    cached page, a session) are what make its views and start the trackers."""
+    deadline = time.monotonic() + within
+    for instance in instances:
+        async with browser(instance.app) as agent:
+            assert (await agent.get("/items/warm-up")).status_code == 200
+            assert (await agent.get("/visits")).status_code == 200
+        while not instance.tracking():
+            assert time.monotonic() < deadline, f"not tracking: {instance.near.stats.tracking}"
+            await asyncio.sleep(0.02)
+
+
+async def entry_of(cluster: ClusterDeployment, agent: httpx.AsyncClient, path: str) -> str:
+    """GET ``path`` (a MISS on an empty cache) and return the entry key it stored."""
+    before = set(cluster.all_keys())
+    response = await agent.get(path)
+    assert (response.status_code, response.headers.get("x-cache")) == (200, "MISS"), response
+    [entry] = [k for k in set(cluster.all_keys()) - before if ":e:" in k]
+    return entry
+
+
+async def pages_on_masters(
+    cluster: ClusterDeployment, agent: httpx.AsyncClient, wanted: int
+) -> dict[int, str]:
+    """Cached pages /items/<n> whose entries are on ``wanted`` different
+    masters: {master port: path}."""
+    found: dict[int, str] = {}
+    for n in range(60):
+        path = f"/items/{n}"
+        entry = await entry_of(cluster, agent, path)
+        found.setdefault(cluster.owner_of(cluster.keyslot(entry)), path)
+        if len(found) >= wanted:
+            return found
+    raise AssertionError(f"entries landed on only {sorted(found)}")
+
+
+async def sessions_on_masters(
+    cluster: ClusterDeployment, app: ASGIApp, wanted: int
+) -> dict[int, httpx.AsyncClient]:
+    """User agents whose sessions are on ``wanted`` different masters."""
+    found: dict[int, httpx.AsyncClient] = {}
+    for _ in range(60):
+        agent = browser(app)
+        assert (await agent.get("/visits")).text == "1"
+        owner = cluster.owner_of(cluster.keyslot(f"ark:s:{session_id(agent)}"))
+        if owner in found:
+            await agent.aclose()
+            continue
+        found[owner] = agent
+        if len(found) >= wanted:
+            return found
+    raise AssertionError(f"sessions landed on only {sorted(found)}")

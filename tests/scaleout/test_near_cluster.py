@@ -22,23 +22,25 @@ from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
-from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-from asgi_redis_kit.near import NearCache
 from tests.scaleout.apps import (
     Calls,
     NearInstance,
     browser,
+    cluster_instance,
+    entry_of,
     from_memory,
+    near_tracking,
     ok_json,
+    pages_on_masters,
     same_user_agent,
     session_id,
+    sessions_on_masters,
     until_changed,
 )
 from tests.scaleout.servers import (
     HOST,
     ClusterDeployment,
-    CommandLog,
     SlotMigration,
     sync_client,
 )
@@ -46,22 +48,6 @@ from tests.scaleout.servers import (
 pytestmark = [pytest.mark.real_redis, pytest.mark.timeout(120)]
 
 WITHIN = 3.0  # seconds for a write on A to reach B (generous: it is one push)
-
-
-async def cluster_instance(cluster: ClusterDeployment, calls: Calls) -> NearInstance:
-    log = CommandLog()
-    client = RedisCluster(
-        startup_nodes=[ClusterNode(HOST, port) for port in cluster.ports],
-        socket_timeout=2,
-        socket_connect_timeout=2,
-    )
-    recording = log.connection_class()
-    client.connection_kwargs["connection_class"] = recording
-    for node in client.startup_nodes:
-        node.connection_class = recording
-    await client.initialize()
-    near = NearCache(heartbeat=60, heartbeat_timeout=5)
-    return NearInstance(client, near, log, calls)
 
 
 @pytest.fixture
@@ -81,66 +67,11 @@ async def pair(cluster: ClusterDeployment) -> AsyncIterator[tuple[NearInstance, 
         cluster.flushall()
 
 
-async def tracking(*instances: NearInstance, within: float = 10.0) -> None:
-    """Wait until each instance tracks every master; its first requests (a
-    cached page, a session) are what make its views and start the trackers."""
-    deadline = time.monotonic() + within
-    for instance in instances:
-        async with browser(instance.app) as agent:
-            assert (await agent.get("/items/warm-up")).status_code == 200
-            assert (await agent.get("/visits")).status_code == 200
-        while not instance.tracking():
-            assert time.monotonic() < deadline, f"not tracking: {instance.near.stats.tracking}"
-            await asyncio.sleep(0.02)
-
-
-async def entry_of(cluster: ClusterDeployment, agent: httpx.AsyncClient, path: str) -> str:
-    """GET ``path`` (a MISS on an empty cache) and return the entry key it stored."""
-    before = set(cluster.all_keys())
-    response = await agent.get(path)
-    assert (response.status_code, response.headers.get("x-cache")) == (200, "MISS"), response
-    [entry] = [k for k in set(cluster.all_keys()) - before if ":e:" in k]
-    return entry
-
-
-async def pages_on_masters(
-    cluster: ClusterDeployment, agent: httpx.AsyncClient, wanted: int
-) -> dict[int, str]:
-    """Cached pages /items/<n> whose entries are on ``wanted`` different
-    masters: {master port: path}."""
-    found: dict[int, str] = {}
-    for n in range(60):
-        path = f"/items/{n}"
-        entry = await entry_of(cluster, agent, path)
-        found.setdefault(cluster.owner_of(cluster.keyslot(entry)), path)
-        if len(found) >= wanted:
-            return found
-    raise AssertionError(f"entries landed on only {sorted(found)}")
-
-
-async def sessions_on_masters(
-    cluster: ClusterDeployment, app: object, wanted: int
-) -> dict[int, httpx.AsyncClient]:
-    """User agents whose sessions are on ``wanted`` different masters."""
-    found: dict[int, httpx.AsyncClient] = {}
-    for _ in range(60):
-        agent = browser(app)  # type: ignore[arg-type]
-        assert (await agent.get("/visits")).text == "1"
-        owner = cluster.owner_of(cluster.keyslot(f"ark:s:{session_id(agent)}"))
-        if owner in found:
-            await agent.aclose()
-            continue
-        found[owner] = agent
-        if len(found) >= wanted:
-            return found
-    raise AssertionError(f"sessions landed on only {sorted(found)}")
-
-
 async def test_pages_and_sessions_from_memory_and_writes_reach_the_other_instance(
     cluster: ClusterDeployment, pair: tuple[NearInstance, NearInstance]
 ) -> None:
     a, b = pair
-    await tracking(a, b)
+    await near_tracking(a, b)
     assert set(a.near.stats.tracking) == {f"{HOST}:{port}" for port in cluster.ports}
     async with browser(a.app) as anonymous_a, browser(b.app) as anonymous_b:
         pages = await pages_on_masters(cluster, anonymous_a, 2)
@@ -210,7 +141,7 @@ async def test_session_slot_migrated_live_never_serves_an_older_record(
     cluster: ClusterDeployment, pair: tuple[NearInstance, NearInstance]
 ) -> None:
     a, b = pair
-    await tracking(a, b)
+    await near_tracking(a, b)
     async with browser(a.app) as alice_a:
         assert (await alice_a.get("/visits")).text == "1"
         async with same_user_agent(b.app, alice_a) as alice_b:
@@ -254,7 +185,7 @@ async def test_cached_entry_slot_migrated_live_never_serves_an_older_page(
     cluster: ClusterDeployment, pair: tuple[NearInstance, NearInstance]
 ) -> None:
     a, b = pair
-    await tracking(a, b)
+    await near_tracking(a, b)
     async with browser(a.app) as anonymous_a, browser(b.app) as anonymous_b:
         entry = await entry_of(cluster, anonymous_a, "/items/7")
         old = (await from_memory(b, anonymous_b, "/items/7")).text
