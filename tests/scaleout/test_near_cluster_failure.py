@@ -191,3 +191,40 @@ async def test_killed_master_flushes_stays_correct_and_hits_come_back_on_its_rep
         finally:
             for agent in [*agents_a.values(), *agents_b.values()]:
                 await agent.aclose()
+
+
+async def test_hits_come_back_when_only_the_live_masters_are_requested(
+    own_cluster: ClusterDeployment, pair_with_replica: tuple[NearInstance, NearInstance, int]
+) -> None:
+    """After the takeover, an app whose traffic never touches the dead master's
+    slots (a few hot keys elsewhere) must still get its near cache back: the
+    client alone would never learn of the new primary from a failed command."""
+    a, b, replica = pair_with_replica
+    victim = own_cluster.masters[0]
+    await near_tracking(a, b)
+    agents = await sessions_on_masters(own_cluster, b.app, 3)
+    try:
+        live = next(port for port in agents if port != victim.port)
+        shown = await answered_from_memory(b, agents[live], "/show", None, 10)
+        await asyncio.to_thread(
+            wait_for,
+            "the replica to catch up",
+            lambda: SentinelDeployment.replica_caught_up(replica, victim.port),
+            10,
+        )
+        victim.kill()
+        deadline = time.monotonic() + 10
+        while b.tracking():
+            assert time.monotonic() < deadline, "the tracker never noticed the kill"
+            await asyncio.sleep(0.02)
+
+        def promoted() -> bool:
+            with sync_client(replica) as direct:
+                return bool(direct.info("replication")["role"] == "master")
+
+        await asyncio.to_thread(wait_for, "the replica to take over", promoted, 30, 0.5)
+        await answered_from_memory(b, agents[live], "/show", shown.text, 15)
+        assert f"{HOST}:{replica}" in b.near.stats.tracking
+    finally:
+        for agent in agents.values():
+            await agent.aclose()
