@@ -20,9 +20,9 @@ Cluster: one tracker per primary (``client.get_primaries()``), since tracking
 and its redirect are per node. Every heartbeat compares that set with the
 trackers; a change (a failover, a resharding that added a node) flushes the
 domain and tracks the new primaries. The set is the client's own idea of the
-topology (we never ask the cluster ourselves): a primary that dies keeps the
-domain bypassing until it is back, or until the client has learnt of its
-replacement from a MOVED or a failed command. Sentinel: the tracker's
+topology; while a tracker is lost, each heartbeat also has the client refresh
+it (``nodes_manager.initialize()``), so a dead primary's replacement is tracked
+even when no request goes to its slots; until then the domain bypasses. Sentinel: the tracker's
 connection asks Sentinel for the master when it connects, and the checks of
 ``_checks.py`` (when tracking is confirmed, then every heartbeat) make sure the
 master is still where it connected (a demoted master still answers PING but no
@@ -185,6 +185,11 @@ class _Domain:
         while True:
             await asyncio.sleep(self.near.heartbeat)
             try:
+                if not all(t.tracking for t in self.trackers.values()):
+                    # A lost primary may have been replaced; the client learns
+                    # that only from a command to its slots, which an app whose
+                    # traffic is elsewhere never sends: ask the cluster now.
+                    await client.nodes_manager.initialize()
                 names = {node.name: node for node in client.get_primaries()}
             except Exception:  # noqa: S112 -- the client is mid-reinitialisation: ask next time
                 continue
