@@ -64,6 +64,8 @@ _domain_ids = itertools.count(1)
 # Prefixes registered (tracked) per domain, and views remembered per domain
 # (a view under a registered prefix costs nothing to make again).
 MAX_PREFIXES = 64
+# Seconds aclose() waits for its trackers to stop before closing their sockets itself.
+STOP_WAIT = 5.0
 MAX_VIEWS = 1024
 
 
@@ -264,7 +266,16 @@ class _Domain:
         if self.watcher is not None:
             self.watcher.cancel()
             tasks.append(self.watcher)
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Bounded: a shutdown (lifespan, a test's teardown) must never hang on a
+        # tracker that missed its cancel (Python 3.11's wait_for can swallow one);
+        # one still running then has its socket closed here and is cancelled again.
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=STOP_WAIT)
+            for task in late:
+                task.cancel()
+            for tracker in self.trackers.values():
+                if tracker.task in late:
+                    close_socket(tracker.connection)
         self.near._store.flush(self.id)
         for name in self.trackers:
             self.near.stats.tracking.pop(name, None)
