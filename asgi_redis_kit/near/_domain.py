@@ -64,9 +64,9 @@ _domain_ids = itertools.count(1)
 # Prefixes registered (tracked) per domain, and views remembered per domain
 # (a view under a registered prefix costs nothing to make again).
 MAX_PREFIXES = 64
+MAX_VIEWS = 1024
 # Seconds aclose() waits for its trackers to stop before closing their sockets itself.
 STOP_WAIT = 5.0
-MAX_VIEWS = 1024
 
 
 class _Domain:
