@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -108,18 +109,7 @@ def _drop_connections(client: Redis) -> None:
     """
     pool = client.connection_pool
     for connection in (*pool._available_connections, *pool._in_use_connections):
-        writer = getattr(connection, "_writer", None)
-        if writer is None:
-            continue
-        connection._writer = connection._reader = None
-        try:
-            writer.close()
-        except RuntimeError:  # "Event loop is closed"
-            transport = writer.transport
-            sock = getattr(transport, "_sock", None)  # None: fakeredis, or not a selector loop
-            if sock is not None:
-                sock.close()
-                transport._sock = None
+        close_socket(connection)
 
 
 def connected(client: Redis | RedisCluster) -> bool:
@@ -175,3 +165,22 @@ def drop_all(bound: dict[asyncio.AbstractEventLoop, LoopClient]) -> None:
     themselves unclosed in the same collection, before any scheduled close ran."""
     for entry in list(bound.values()):
         entry.drop()
+
+
+def close_socket(connection: AbstractConnection | None) -> None:
+    """Close ``connection``'s socket now, without awaiting: its loop is closed
+    (or closing), so the transport's own close callback would never run.
+    asyncio has no public API for a transport whose loop is gone. Shared by
+    the per-loop clients and the near cache's tracking connections."""
+    writer = getattr(connection, "_writer", None)
+    if connection is None or writer is None:
+        return
+    connection._writer = connection._reader = None
+    try:
+        writer.close()
+    except RuntimeError:  # "Event loop is closed"
+        transport = writer.transport
+        sock = getattr(transport, "_sock", None)
+        if sock is not None:
+            sock.close()
+            transport._sock = None  # or its destructor reports it unclosed

@@ -24,7 +24,8 @@ from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import RedisError, ResponseError
 
-from asgi_redis_kit.near._tracker import _Lost, close_socket
+from asgi_redis_kit._clients import close_socket
+from asgi_redis_kit.near._tracker import _Lost
 
 
 class Check:

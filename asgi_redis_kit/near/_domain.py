@@ -51,8 +51,9 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.sentinel import SentinelConnectionPool
 
+from asgi_redis_kit._clients import close_socket
 from asgi_redis_kit.near._checks import Check, NoSwapdb, StillMaster
-from asgi_redis_kit.near._tracker import Tracker, close_socket
+from asgi_redis_kit.near._tracker import Tracker
 
 if TYPE_CHECKING:
     from asgi_redis_kit.near._near import NearCache, NearView

@@ -49,6 +49,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from redis.asyncio.connection import AbstractConnection
 
+from asgi_redis_kit._clients import close_socket
+
 if TYPE_CHECKING:
     from asgi_redis_kit.near._checks import Check
 
@@ -318,21 +320,3 @@ def _decode(key: bytes | str, encoding: str) -> str:
 async def _disconnect(connection: AbstractConnection) -> None:
     with contextlib.suppress(Exception):
         await asyncio.wait_for(connection.disconnect(nowait=True), 1.0)
-
-
-def close_socket(connection: AbstractConnection | None) -> None:
-    """Close ``connection``'s socket now, without awaiting: its loop is closed
-    (or closing), so the transport's own close callback would never run.
-    asyncio has no public API for a transport whose loop is gone."""
-    writer = getattr(connection, "_writer", None)
-    if connection is None or writer is None:
-        return
-    connection._writer = connection._reader = None
-    try:
-        writer.close()
-    except RuntimeError:  # "Event loop is closed"
-        transport = writer.transport
-        sock = getattr(transport, "_sock", None)
-        if sock is not None:
-            sock.close()
-            transport._sock = None  # or its destructor reports it unclosed
