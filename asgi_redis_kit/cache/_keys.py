@@ -178,6 +178,12 @@ class CacheKey:
         return [self.generation, self.url_version, *self.tag_versions]
 
     @property
+    def local_names(self) -> tuple[str, ...]:
+        """What a lookup reads, in its order: the entry, the vary record, then
+        the version keys."""
+        return (self.entry, self.vary_record, self.generation, self.url_version, *self.tag_versions)
+
+    @property
     def record_value(self) -> str:
         """What the vary record holds when it names exactly ``learned``."""
         return ",".join(self.learned)
