@@ -158,23 +158,23 @@ def _local(view: NearView, key: CacheKey, session: SessionProof | None) -> Looku
     # Every key this lookup reads, under one lock: the entry, its record, the
     # versions, and the session's key last.
     names = key.local_names if session is None else (*key.local_names, session.key)
-    hits = view.get_many(names)
-    if hits is None:
+    values = view.get_many(names)
+    if values is None:
         return None
-    entry = hits[0].value
+    entry = values[0]
     if not isinstance(entry, Entry):
         return None  # absent: the lease is taken in Redis
-    record = () if hits[1].value is ABSENT else hits[1].value
+    record = () if values[1] is ABSENT else values[1]
     if not isinstance(record, tuple):
         return None
     versions: list[int] = []
-    for hit in hits[2 : 2 + len(key.version_keys)]:
-        version = 0 if hit.value is ABSENT else hit.value
+    for value in values[2 : 2 + len(key.tag_versions) + 2]:
+        version = 0 if value is ABSENT else value
         if not isinstance(version, int):
             return None
         versions.append(version)
     found_versions = tuple(versions)
-    if session is not None and hits[-1].value is ABSENT:
+    if session is not None and values[-1] is ABSENT:
         return Lookup(key, None, found_versions, session_gone=True, record=record)
     if record != key.learned:
         # Not this request's variant: the caller looks up the one the record

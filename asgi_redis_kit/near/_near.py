@@ -279,27 +279,24 @@ class NearView:
         self.stats.hits += 1
         return NearHit(entry.value, entry.expires_at, max(1, int((entry.expires_at - now) * 1000)))
 
-    def get_many(self, keys: Sequence[str]) -> list[NearHit] | None:
-        """Every key's local copy, in order, or ``None`` as soon as one of them
-        is not here (or the view is not serving, as for :meth:`get`). One
-        lock for all of them; the counters move as ``get`` would have moved
-        them for the keys it read up to the first one missing."""
+    def get_many(self, keys: Sequence[str]) -> list[object] | None:
+        """Every key's local value, in order (:data:`ABSENT` for a key Redis
+        does not have), or ``None`` as soon as one of them is not here (or the
+        view is not serving, as for :meth:`get`). One lock for all of them; the
+        counters move as ``get`` would have moved them for the keys it read up
+        to the first one missing."""
         domain = self._domain
         now = domain.loop.time()
         stats = self.stats
         if not domain.usable or now > domain.trusted_until:
             stats.bypasses += 1
             return None
-        entries = self._store.get_many(domain.id, keys, now)
-        found = len(entries)
-        stats.hits += found
-        if found < len(keys):
+        values = self._store.get_many(domain.id, keys, now)
+        stats.hits += len(values)
+        if len(values) < len(keys):
             stats.misses += 1
             return None
-        return [
-            NearHit(entry.value, entry.expires_at, max(1, int((entry.expires_at - now) * 1000)))
-            for entry in entries
-        ]
+        return values
 
     def begin(self, keys: Sequence[str]) -> Ticket | None:
         """Call before sending the read of ``keys``; ``None`` when not usable

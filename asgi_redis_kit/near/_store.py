@@ -108,15 +108,15 @@ class Store:
         with self._lock:
             return self._get(domain, key, now)
 
-    def get_many(self, domain: int, keys: Sequence[str], now: float) -> list[Entry]:
-        """The entries of ``keys`` in order, up to the first one not here."""
-        found: list[Entry] = []
+    def get_many(self, domain: int, keys: Sequence[str], now: float) -> list[object]:
+        """The values of ``keys`` in order, up to the first one not here."""
+        found: list[object] = []
         with self._lock:
             for key in keys:
                 entry = self._get(domain, key, now)
                 if entry is None:
                     break
-                found.append(entry)
+                found.append(entry.value)
         return found
 
     def _get(self, domain: int, key: str, now: float) -> Entry | None:
