@@ -278,11 +278,13 @@ class KeyScheme:
         custom: bytes | None,
         headers: Mapping[bytes, bytes] | None = None,
         session: bytes | Literal["cookie"] | None = "cookie",
+        lines: Mapping[bytes, Sequence[tuple[bytes, bytes]]] | None = None,
     ) -> CacheKey:
         """``headers``: the request's :func:`header_map`, if the caller has it.
         ``session``: the per-user part of a ``vary_on_session`` key: who the
         session middleware says the user is (``None``: no session), or
-        ``"cookie"`` to hash the session cookie's raw value."""
+        ``"cookie"`` to hash the session cookie's raw value. ``lines``: the
+        request's :func:`header_lines`, if the caller has them."""
         if headers is None:
             headers = header_map(scope)
         path: str = scope.get("path", "")
@@ -302,7 +304,8 @@ class KeyScheme:
             parts += [b"path", path.encode(), query.encode()]
         else:
             parts += [b"custom", custom]
-        lines = header_lines(scope)
+        if lines is None:
+            lines = header_lines(scope)
         # Most requests carry none of the forwarding headers: their parts are then
         # always the same bytes, framed once at import.
         forwarding = (
