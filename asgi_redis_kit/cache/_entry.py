@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 
@@ -48,6 +48,9 @@ class Entry:
     stale_if_error: float
     versions: tuple[int, ...]
     per_user: bool
+    # What every serving of this entry sends alike, made on the first one
+    # (an entry never changes, and a hot one is served many times).
+    served_parts: _Served | None = field(default=None, init=False, compare=False, repr=False)
 
     @property
     def lifetime(self) -> float:
@@ -122,6 +125,11 @@ def cache_control(existing: Sequence[bytes], max_age: int, per_user: bool) -> by
     """The app's directives with max-age replaced by what is left of the entry's
     freshness; ``private`` added (and ``public`` dropped) for per-user entries so shared caches
     downstream do not keep them."""
+    return _cache_control_head(existing, per_user) + b"max-age=%d" % max_age
+
+
+def _cache_control_head(existing: Sequence[bytes], per_user: bool) -> bytes:
+    """``cache_control`` up to its max-age (with the separator, if any)."""
     kept = [
         token
         for token in header_tokens(existing)
@@ -130,8 +138,40 @@ def cache_control(existing: Sequence[bytes], max_age: int, per_user: bool) -> by
     ]
     if per_user:
         kept.insert(0, "private")
-    kept.append(f"max-age={max_age}")
-    return ", ".join(kept).encode("latin-1")
+    return "".join(token + ", " for token in kept).encode("latin-1")
+
+
+@dataclass(frozen=True, slots=True)
+class _Served:
+    """The parts of an entry's served headers that do not depend on when."""
+
+    full: tuple[tuple[bytes, bytes], ...]  # the kept headers, then the ETag
+    not_modified: tuple[tuple[bytes, bytes], ...]  # those a 304 repeats, then the ETag
+    cache_control_head: bytes
+    content_length: bytes | None
+
+    @classmethod
+    def of(cls, entry: Entry) -> _Served:
+        existing_cc = [value for name, value in entry.headers if name.lower() == b"cache-control"]
+        kept = [
+            (name, value)
+            for name, value in entry.headers
+            if name.lower() not in {b"cache-control", b"etag"}
+        ]
+        etag = (b"etag", entry.etag.encode("latin-1"))
+        return cls(
+            full=(*kept, etag),
+            not_modified=(
+                *((name, value) for name, value in kept if name.lower() in NOT_MODIFIED_HEADERS),
+                etag,
+            ),
+            cache_control_head=_cache_control_head(existing_cc, entry.per_user),
+            content_length=(
+                str(len(entry.body)).encode()
+                if entry.status not in (204, 304) and entry.status >= 200
+                else None
+            ),
+        )
 
 
 def served_headers(
@@ -142,20 +182,17 @@ def served_headers(
     reason: str | None = None,
     not_modified: bool = False,
 ) -> list[tuple[bytes, bytes]]:
+    served = entry.served_parts
+    if served is None:
+        served = _Served.of(entry)
+        object.__setattr__(entry, "served_parts", served)  # frozen; the same value each time
     age = entry.age(now)
     remaining = max(0, int(entry.fresh_for - age))
-    existing_cc = [value for name, value in entry.headers if name.lower() == b"cache-control"]
-    headers = [
-        (name, value)
-        for name, value in entry.headers
-        if name.lower() not in {b"cache-control", b"etag"}
-        and (not not_modified or name.lower() in NOT_MODIFIED_HEADERS)
-    ]
-    headers.append((b"etag", entry.etag.encode("latin-1")))
-    headers.append((b"cache-control", cache_control(existing_cc, remaining, entry.per_user)))
+    headers = list(served.not_modified if not_modified else served.full)
+    headers.append((b"cache-control", served.cache_control_head + b"max-age=%d" % remaining))
     headers.append((b"age", str(int(age)).encode()))
-    if not not_modified and entry.status not in (204, 304) and entry.status >= 200:
-        headers.append((b"content-length", str(len(entry.body)).encode()))
+    if not not_modified and served.content_length is not None:
+        headers.append((b"content-length", served.content_length))
     headers.append((b"x-cache", state.encode()))
     if reason:
         headers.append((b"x-cache-reason", reason.encode()))

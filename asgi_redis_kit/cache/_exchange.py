@@ -184,6 +184,7 @@ class Exchange(Responder):
             custom=None if config.key is None else await self.custom_key(),
             headers=self.headers,
             session=identity,
+            lines=self.lines,
         )
 
     async def fill(

@@ -110,12 +110,15 @@ _MEMO_SIZE = 4096
 _NO_LINES = struct.pack(">I", 0)
 
 
+def _framed(parts: Iterable[bytes]) -> bytes:
+    """The parts as they are hashed: each length-prefixed, joined."""
+    return b"".join([struct.pack(">I", len(part)) + part for part in parts])
+
+
 def _digest(parts: Iterable[bytes]) -> str:
     # One hash call over the joined parts (the same digest as one update each):
     # a key has some twenty parts, and every update is a call into OpenSSL.
-    return hashlib.sha256(
-        b"".join([struct.pack(">I", len(part)) + part for part in parts])
-    ).hexdigest()
+    return hashlib.sha256(_framed(parts)).hexdigest()
 
 
 def _short(text: str) -> str:
@@ -134,7 +137,7 @@ def _header_part(
     line with an empty value: they differ)."""
     found = lines.get(name, ())
     if not found:
-        return name + _NO_LINES  # most forwarding headers are absent from most requests
+        return name + _NO_LINES
     parts = [name, struct.pack(">I", len(found))]
     for sent, value in found:
         parts += [_prefixed(sent), _prefixed(vary_value(name, value) if normalise else value)]
@@ -178,6 +181,12 @@ class CacheKey:
         return [self.generation, self.url_version, *self.tag_versions]
 
     @property
+    def local_names(self) -> tuple[str, ...]:
+        """What a lookup reads, in its order: the entry, the vary record, then
+        the version keys."""
+        return (self.entry, self.vary_record, self.generation, self.url_version, *self.tag_versions)
+
+    @property
     def record_value(self) -> str:
         """What the vary record holds when it names exactly ``learned``."""
         return ",".join(self.learned)
@@ -201,6 +210,9 @@ class CacheKey:
             lock=f"{self.slot}:l:{digest}",
             learned=learned,
         )
+
+
+_NO_FORWARDING = _framed([_header_part(name, {}, normalise=False) for name in _FORWARDING_NAMES])
 
 
 class KeyScheme:
@@ -266,11 +278,13 @@ class KeyScheme:
         custom: bytes | None,
         headers: Mapping[bytes, bytes] | None = None,
         session: bytes | Literal["cookie"] | None = "cookie",
+        lines: Mapping[bytes, Sequence[tuple[bytes, bytes]]] | None = None,
     ) -> CacheKey:
         """``headers``: the request's :func:`header_map`, if the caller has it.
         ``session``: the per-user part of a ``vary_on_session`` key: who the
         session middleware says the user is (``None``: no session), or
-        ``"cookie"`` to hash the session cookie's raw value."""
+        ``"cookie"`` to hash the session cookie's raw value. ``lines``: the
+        request's :func:`header_lines`, if the caller has them."""
         if headers is None:
             headers = header_map(scope)
         path: str = scope.get("path", "")
@@ -290,9 +304,17 @@ class KeyScheme:
             parts += [b"path", path.encode(), query.encode()]
         else:
             parts += [b"custom", custom]
-        lines = header_lines(scope)
-        parts += [_header_part(name, lines, normalise=False) for name in _FORWARDING_NAMES]
-        parts.append(b"cookie:1" if cookie is not None else b"cookie:0")
+        if lines is None:
+            lines = header_lines(scope)
+        # Most requests carry none of the forwarding headers: their parts are then
+        # always the same bytes, framed once at import.
+        forwarding = (
+            _NO_FORWARDING
+            if lines.keys().isdisjoint(_FORWARDING_NAMES)
+            else _framed([_header_part(name, lines, normalise=False) for name in _FORWARDING_NAMES])
+        )
+        head = _framed(parts)
+        parts = [b"cookie:1" if cookie is not None else b"cookie:0"]
         if vary_on_session:
             if session == "cookie":
                 if cookie is not None:
@@ -306,7 +328,7 @@ class KeyScheme:
         parts += [
             _header_part(name.encode("latin-1"), lines, normalise=True) for name in sorted(vary)
         ]
-        digest = _digest(parts)
+        digest = hashlib.sha256(head + forwarding + _framed(parts)).hexdigest()
         url_id = self.url_id(namespace, host, path)
         slot = f"{self.prefix}{{u:{url_id}}}"
         key = CacheKey(

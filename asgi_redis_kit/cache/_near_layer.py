@@ -52,10 +52,20 @@ class NearLayer:
         self.near = near
         self.prefix = prefix
         self.stats = stats
+        # The last view asked for, with its loop and client: reused while it
+        # is open (one layer usually serves one loop, so this is every request).
+        self._kept: tuple[asyncio.AbstractEventLoop, object, NearView] | None = None
 
     def view(self) -> NearView:
-        """The view of the running loop's client (a few dict lookups)."""
-        return self.near.view(self.inner.backend.client, self.prefix)
+        """The view of the running loop's client."""
+        loop = asyncio.get_running_loop()
+        client = self.inner.backend.client
+        kept = self._kept
+        if kept is not None and kept[0] is loop and kept[1] is client and not kept[2].closed:
+            return kept[2]
+        view = self.near.view(client, self.prefix)
+        self._kept = (loop, client, view)
+        return view
 
     # -- lookups -----------------------------------------------------------------------
 
@@ -145,32 +155,27 @@ def _local(view: NearView, key: CacheKey, session: SessionProof | None) -> Looku
         return None
     if session is not None and session.backend is not None:
         return None  # the session lives on another server: only it can say
-    hit = view.get(key.entry)
-    if hit is None or not isinstance(hit.value, Entry):
-        return None  # unknown here, or absent: the lease is taken in Redis
-    entry: Entry = hit.value
-    hit = view.get(key.vary_record)
-    if hit is None:
+    # Every key this lookup reads, under one lock: the entry, its record, the
+    # versions, and the session's key last.
+    names = key.local_names if session is None else (*key.local_names, session.key)
+    values = view.get_many(names)
+    if values is None:
         return None
-    record = () if hit.value is ABSENT else hit.value
+    entry = values[0]
+    if not isinstance(entry, Entry):
+        return None  # absent: the lease is taken in Redis
+    record = () if values[1] is ABSENT else values[1]
     if not isinstance(record, tuple):
         return None
     versions: list[int] = []
-    for name in key.version_keys:
-        hit = view.get(name)
-        if hit is None:
-            return None
-        version = 0 if hit.value is ABSENT else hit.value
+    for value in values[2 : 2 + len(key.tag_versions) + 2]:
+        version = 0 if value is ABSENT else value
         if not isinstance(version, int):
             return None
         versions.append(version)
     found_versions = tuple(versions)
-    if session is not None:
-        hit = view.get(session.key)
-        if hit is None:
-            return None
-        if hit.value is ABSENT:
-            return Lookup(key, None, found_versions, session_gone=True, record=record)
+    if session is not None and values[-1] is ABSENT:
+        return Lookup(key, None, found_versions, session_gone=True, record=record)
     if record != key.learned:
         # Not this request's variant: the caller looks up the one the record
         # names (Redis takes no lease then either).

@@ -35,7 +35,7 @@ import contextlib
 import ipaddress
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from urllib.parse import unquote_plus
 
 from starlette.types import Scope
@@ -150,6 +150,27 @@ def canonical_host(scope: Scope) -> str | None:
     if found is None:
         server = scope.get("server")
         return f"{server[0]}:{server[1]}".lower() if server else ""
+    if type(found) is not bytes:  # the ASGI spec says bytes; anything else is not memoised
+        return _canonical_value(found)
+    try:
+        return _hosts[found]
+    except KeyError:
+        pass
+    host = _canonical_value(found)
+    if len(_hosts) >= _HOSTS_SIZE:
+        _hosts.clear()
+    _hosts[found] = host
+    return host
+
+
+# The verdict on each Host value seen: a site answers to a few, and a full memo
+# (cache-busting Hosts) is emptied rather than grown.
+_HOSTS_SIZE = 1024
+_hosts: dict[bytes, str | None] = {}
+
+
+def _canonical_value(found: bytes) -> str | None:
+    """``canonical_host`` for the one ``host`` header's value ``found``."""
     match = _CANONICAL_HOST.fullmatch(found)
     if match is None:
         return None
@@ -190,8 +211,21 @@ def header_lines(scope: Scope) -> dict[bytes, tuple[tuple[bytes, bytes], ...]]:
     found: dict[bytes, tuple[tuple[bytes, bytes], ...]] = {}
     for key, value in scope.get("headers", ()):
         name = key.lower()
-        found[name] = (*found.get(name, ()), (key, value))
+        previous = found.get(name)
+        found[name] = ((key, value),) if previous is None else (*previous, (key, value))
     return found
+
+
+def joined_headers(
+    lines: Mapping[bytes, Sequence[tuple[bytes, bytes]]],
+) -> dict[bytes, bytes]:
+    """``_http.header_map`` of the request whose :func:`header_lines` are
+    ``lines`` (the same dict, in the same order), without another pass over
+    its headers."""
+    return {
+        name: found[0][1] if len(found) == 1 else b", ".join([value for _, value in found])
+        for name, found in lines.items()
+    }
 
 
 def vary_value(name: bytes, value: bytes) -> bytes:

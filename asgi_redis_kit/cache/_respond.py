@@ -22,7 +22,6 @@ from typing import Any, Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .._http import header_map
 from .._redis import Backend
 from ..errors import BackendUnavailable
 from ..sessions import SessionMiddleware
@@ -32,7 +31,7 @@ from ._entry import Entry, content_etag, encode, etag_matches, served_headers
 from ._keys import CacheKey
 from ._lock import Flight
 from ._policy import learned_vary, response_store_reason, storable_headers, with_vary
-from ._request import FORWARDING_HEADERS
+from ._request import FORWARDING_HEADERS, header_lines, joined_headers
 from ._session_rules import SessionRules, SessionWarnings
 
 logger = logging.getLogger("asgi_redis_kit.cache")
@@ -112,7 +111,9 @@ class Responder:
         self.config = config
         self.path_params = path_params
         self.stats = self.cache.stats
-        self.headers = header_map(scope)
+        # Every header line by name, and the joined values: one pass over the headers.
+        self.lines = header_lines(scope)
+        self.headers = joined_headers(self.lines)
         self.cookie_name = middleware.cookie_name(scope)
         self.session = SessionRules(
             self.scope,

@@ -188,7 +188,11 @@ class NearCache:
                             prefix,
                         )
                     # A domain never started is never usable: every read goes to Redis.
-                    return NearView(_Domain(self, identity, client, loop), prefix)
+                    # Closed too, so a caller keeping views asks again next time
+                    # (the server's prefixes may have been freed by then).
+                    refused = _Domain(self, identity, client, loop)
+                    refused.closed = True
+                    return NearView(refused, prefix)
                 view = NearView(domain, prefix)
                 if len(domain.views) < MAX_VIEWS:  # else a prefix per request: not kept
                     domain.views[prefix] = view
@@ -246,6 +250,13 @@ class NearView:
         return f"<NearView {self.prefix!r} usable={self.usable}>"
 
     @property
+    def closed(self) -> bool:
+        """This view will never be usable again (its domain was closed, or its
+        loop finished): ask :meth:`NearCache.view` for a new one. A caller may
+        keep an open view per (client, loop) instead of asking on each request."""
+        return self._domain.closed
+
+    @property
     def usable(self) -> bool:
         """Tracking is confirmed on every node of this view's client. (``get``
         also wants it heard from within ``heartbeat + heartbeat_timeout``.)"""
@@ -267,6 +278,25 @@ class NearView:
             return None
         self.stats.hits += 1
         return NearHit(entry.value, entry.expires_at, max(1, int((entry.expires_at - now) * 1000)))
+
+    def get_many(self, keys: Sequence[str]) -> list[object] | None:
+        """Every key's local value, in order (:data:`ABSENT` for a key Redis
+        does not have), or ``None`` as soon as one of them is not here (or the
+        view is not serving, as for :meth:`get`). One lock for all of them; the
+        counters move as ``get`` would have moved them for the keys it read up
+        to the first one missing."""
+        domain = self._domain
+        now = domain.loop.time()
+        stats = self.stats
+        if not domain.usable or now > domain.trusted_until:
+            stats.bypasses += 1
+            return None
+        values = self._store.get_many(domain.id, keys, now)
+        stats.hits += len(values)
+        if len(values) < len(keys):
+            stats.misses += 1
+            return None
+        return values
 
     def begin(self, keys: Sequence[str]) -> Ticket | None:
         """Call before sending the read of ``keys``; ``None`` when not usable

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +107,17 @@ class Store:
     def get(self, domain: int, key: str, now: float) -> Entry | None:
         with self._lock:
             return self._get(domain, key, now)
+
+    def get_many(self, domain: int, keys: Sequence[str], now: float) -> list[object]:
+        """The values of ``keys`` in order, up to the first one not here."""
+        found: list[object] = []
+        with self._lock:
+            for key in keys:
+                entry = self._get(domain, key, now)
+                if entry is None:
+                    break
+                found.append(entry.value)
+        return found
 
     def _get(self, domain: int, key: str, now: float) -> Entry | None:
         slot = (domain, key)

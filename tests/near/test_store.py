@@ -195,3 +195,34 @@ async def test_prefixes_made_per_request_neither_leak_nor_flush_for_ever(
     assert refused > 900
     assert near.stats.flushes - flushes <= 64
     assert len(view._domain.prefixes) <= 64
+
+
+async def test_get_many_answers_every_key_in_order_or_none(
+    small: NearCache, client: Redis, key_prefix: str
+) -> None:
+    view = await usable(small.view(client, key_prefix))
+    a, b, c = (f"{key_prefix}{name}" for name in "abc")
+    store(view, a, b"one", 10)
+    store(view, b, ABSENT, 10, pttl_ms=-2)
+    assert view.get_many([a, b]) == [b"one", ABSENT]
+    hits, misses = small.stats.hits, small.stats.misses
+    assert view.get_many([a, c, b]) is None  # c is not here
+    # Counted as get() would have: a hit for a, then the miss that stopped it.
+    assert (small.stats.hits, small.stats.misses) == (hits + 1, misses + 1)
+    view.invalidate([a])
+    assert view.get_many([a, b]) is None
+
+
+async def test_a_view_is_closed_once_its_cache_is(client: Redis, key_prefix: str) -> None:
+    near = NearCache(heartbeat=HEARTBEAT, heartbeat_timeout=HEARTBEAT_TIMEOUT)
+    view = await usable(near.view(client, key_prefix))
+    assert not view.closed
+    assert near.view(client, key_prefix) is view
+    await near.aclose()
+    assert view.closed
+    fresh = near.view(client, key_prefix)
+    try:
+        assert fresh is not view
+        assert not fresh.closed
+    finally:
+        await near.aclose()
