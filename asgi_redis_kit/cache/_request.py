@@ -157,15 +157,17 @@ def canonical_host(scope: Scope) -> str | None:
     except KeyError:
         pass
     host = _canonical_value(found)
-    if len(_hosts) >= _HOSTS_SIZE:
-        _hosts.clear()
-    _hosts[found] = host
+    if len(found) <= _HOST_MEMO_BYTES:  # a long (hostile) value is judged, not kept
+        if len(_hosts) >= _HOSTS_SIZE:
+            _hosts.clear()
+        _hosts[found] = host
     return host
 
 
 # The verdict on each Host value seen: a site answers to a few, and a full memo
 # (cache-busting Hosts) is emptied rather than grown.
 _HOSTS_SIZE = 1024
+_HOST_MEMO_BYTES = 260  # a DNS name (253) with a port
 _hosts: dict[bytes, str | None] = {}
 
 

@@ -169,6 +169,9 @@ class _Domain:
         if swapdb:
             checks.append(NoSwapdb(connect))
 
+        # Until this node's tracker confirms, its keys' changes go unheard: no
+        # other tracker coming up meanwhile may make the domain usable again.
+        self.usable = False
         self.trackers[name] = Tracker(
             name,
             connect=connect,
@@ -311,7 +314,12 @@ def _compute_identity(client: Redis | RedisCluster) -> tuple[Any, ...]:
     if isinstance(client, RedisCluster):
         kw = client.connection_kwargs
         known = client.nodes_manager.startup_nodes.values()
-        where: tuple[Any, ...] = ("cluster", tuple(sorted(node.name for node in known)))
+        # The client itself is part of it: a domain learns the topology from its
+        # own client only, so another client object that followed a MOVED to a
+        # node this one does not know would have its reads kept untracked. (The
+        # domain holds its client, so the id is not reused while it lives.)
+        nodes = tuple(sorted(node.name for node in known))
+        where: tuple[Any, ...] = ("cluster", nodes, id(client))
     else:
         pool = client.connection_pool
         kw = pool.connection_kwargs
