@@ -26,7 +26,7 @@ invalidations to come back.
 from __future__ import annotations
 
 import asyncio
-import math
+import functools
 from collections.abc import Sequence
 
 from ..near import ABSENT, NearCache, NearView, Ticket
@@ -85,16 +85,14 @@ class NearLayer:
         # Registered before the read is sent: an invalidation overtaking the
         # reply then makes put() refuse it.
         ticket = view.begin([*names, session.key] if own_session and session else names)
-        loop = asyncio.get_running_loop()
-        sent = loop.time()
         try:
             found, read = await self.inner.lookup_reading(
                 key, lease=lease, session=session, ttls=ticket is not None
             )
             if read is not None:
-                # A PTTL counts from when Redis read it, some time after ``sent``:
-                # counting it from ``sent`` keeps the local deadline before Redis's.
-                _keep(view, ticket, names, read, math.ceil((loop.time() - sent) * 1000))
+                # put() counts each PTTL from begin(), before the read was sent,
+                # so no local deadline falls after Redis's.
+                _keep(view, ticket, names, read)
                 if own_session and session and not read.alive:
                     view.put(ticket, session.key, ABSENT, -2, _SMALL)
             return found
@@ -185,18 +183,9 @@ def _local(view: NearView, key: CacheKey, session: SessionProof | None) -> Looku
     return Lookup(key, entry, found_versions, record=record)
 
 
-def _keep(
-    view: NearView, ticket: Ticket | None, names: list[str], read: ReadBack, elapsed_ms: int
-) -> None:
-    """Put what one Redis lookup read: decoded, never the request's own data.
-    ``elapsed_ms``: how long the round trip took, taken off every PTTL."""
-
-    def put(name: str, value: object, pttl: int, size: int) -> None:
-        if pttl > 0:
-            pttl -= elapsed_ms
-            if pttl <= 0:
-                return  # gone from Redis by the time the reply came
-        view.put(ticket, name, value, pttl, size)
+def _keep(view: NearView, ticket: Ticket | None, names: list[str], read: ReadBack) -> None:
+    """Put what one Redis lookup read: decoded, never the request's own data."""
+    put = functools.partial(view.put, ticket)
 
     entry_raw = read.values[0]
     if entry_raw is None:

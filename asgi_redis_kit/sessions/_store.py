@@ -85,7 +85,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable
 from types import TracebackType
@@ -262,16 +261,13 @@ class SessionStore(UserIndex):
             elif ours:
                 pttl = int(reply[0])
                 fields = tuple(v.encode() if isinstance(v, str) else bytes(v) for v in reply[1])
+                # The record's Redis deadline, for the PTTL a local hit reports.
+                # put() counts the PTTL from begin() (before ``sent``) and refuses
+                # a reply already past it, so the entry ends by that deadline too:
+                # the response cache takes any entry under the key but ABSENT as
+                # proof that the session lives.
                 deadline = None if pttl < 0 else sent + pttl / 1000
-                if deadline is not None:
-                    # put() counts a PTTL from now, when the reply came: the entry
-                    # must end by the record's deadline too, since other readers of
-                    # the near store (the response cache) take any entry under the
-                    # key but ABSENT as proof that the session lives.
-                    pttl = math.floor((deadline - loop.time()) * 1000)
-                if deadline is None or pttl > 0:  # else over by the time it came
-                    local = LocalRecord(fields, deadline)
-                    view.put(ticket, key, local, pttl, record_size(fields))
+                view.put(ticket, key, LocalRecord(fields, deadline), pttl, record_size(fields))
             return record
         finally:
             view.end(ticket)
