@@ -43,7 +43,7 @@ from starlette.requests import HTTPConnection
 from .._redis import RedisLike, check_seconds
 from ..errors import BackendUnavailable
 from ..near import NearCache
-from ..near._fit import untracked_because
+from ..near._fit import near_for, near_option
 from ._breaker import CircuitBreaker
 from ._entry import Entry
 from ._keys import CacheKey, KeyScheme
@@ -145,10 +145,7 @@ class Cache:
         clock: Callable[[], float] = time.time,
         near_cache: bool | NearCache = False,
     ) -> None:
-        if not isinstance(near_cache, bool | NearCache):
-            raise TypeError(
-                f"near_cache takes True, False or a NearCache, got {type(near_cache).__name__}"
-            )
+        wanted = near_option(near_cache)
         if not key_prefix:
             raise ValueError("key_prefix must not be empty: it keeps cache keys apart from others")
         if not namespace:
@@ -195,18 +192,10 @@ class Cache:
         self.backend = self.redis_layer.backend
         # Where every lookup, lease and store goes: the chain of storage layers.
         self.storage: Storage = self.redis_layer
-        self.near_cache: NearCache | None = None
-        if near_cache is not False:
-            unfit = untracked_because(self.backend.client)
-            if unfit is not None:
-                logger.log(unfit[0], "near_cache is ignored: %s", unfit[1])
-            else:
-                near = NearCache.shared() if near_cache is True else near_cache
-                self.near_cache = near
-                self.stats.near = near.stats
-                self.storage = NearLayer(
-                    self.redis_layer, near, prefix=key_prefix, stats=self.stats
-                )
+        self.near_cache = near = near_for(wanted, self.backend.client, logger)
+        if near is not None:
+            self.stats.near = near.stats
+            self.storage = NearLayer(self.redis_layer, near, prefix=key_prefix, stats=self.stats)
 
     def __repr__(self) -> str:
         return f"<Cache namespace={self.namespace!r} breaker={self.breaker.state}>"

@@ -1,9 +1,9 @@
-"""Which Redis clients a near cache can keep coherent, and why not the others.
+"""What ``near_cache=`` means for a client: which NearCache, or none and why.
 
-Both the response cache and the session store ask :func:`untracked_because`
-before they put a near layer in front of a client, so the two can never
-disagree about a client (and a new kind of unfit client is refused in one
-place).
+Both the response cache and the session store read their ``near_cache=``
+option with :func:`near_option` and ask :func:`near_for` before they put a
+near layer in front of a client, so the two can never disagree about an
+option or a client (and a new kind of unfit client is refused in one place).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 
 from redis.asyncio.cluster import RedisCluster
+
+from asgi_redis_kit.near._near import NearCache
 
 
 def untracked_because(client: object) -> tuple[int, str] | None:
@@ -32,3 +34,23 @@ def untracked_because(client: object) -> tuple[int, str] | None:
             "older than the invalidations the near cache relies on"
         )
     return None
+
+
+def near_option(near_cache: object) -> NearCache | None:
+    """The ``NearCache`` that ``near_cache=`` names (``True``: the shared one)."""
+    if near_cache is False:
+        return None
+    if near_cache is True:
+        return NearCache.shared()
+    if isinstance(near_cache, NearCache):
+        return near_cache
+    raise TypeError(f"near_cache must be True, False or a NearCache, got {near_cache!r}")
+
+
+def near_for(near: NearCache | None, client: object, logger: logging.Logger) -> NearCache | None:
+    """``near``, unless ``client`` cannot be kept coherent (then ``None``, said once)."""
+    unfit = None if near is None else untracked_because(client)
+    if unfit is not None:
+        logger.log(unfit[0], "near_cache is ignored: %s", unfit[1])
+        return None
+    return near

@@ -21,7 +21,6 @@ import logging
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
-from ..near import NearCache
 from ._scripts import INFO, LINK, LOAD, Command
 
 logger = logging.getLogger("asgi_redis_kit.sessions")
@@ -37,17 +36,6 @@ class LocalRecord(NamedTuple):
     # loop.time() at which Redis expires the record (None: it has no TTL). Taken
     # before the LOAD was sent, so it is never later than Redis's own deadline.
     deadline: float | None
-
-
-def near_option(near_cache: object) -> NearCache | None:
-    """The ``NearCache`` that ``near_cache=`` names (``True``: the shared one)."""
-    if near_cache is False:
-        return None
-    if near_cache is True:
-        return NearCache.shared()
-    if isinstance(near_cache, NearCache):
-        return near_cache
-    raise TypeError(f"near_cache must be True, False or a NearCache, got {near_cache!r}")
 
 
 def written_keys(commands: Iterable[Command]) -> list[str]:

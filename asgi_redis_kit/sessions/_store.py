@@ -101,10 +101,10 @@ from .._redis import (
 )
 from ..errors import BackendUnavailable
 from ..near import ABSENT, NearCache, NearStats
-from ..near._fit import untracked_because
+from ..near._fit import near_for, near_option
 from ._codec import is_utf8
 from ._index import UserIndex, kill_reply
-from ._near import LocalRecord, near_option, record_size
+from ._near import LocalRecord, record_size
 from ._record import DATA, NOTE, PREV, ROOT, Record, as_text, decode_record, handle_of
 from ._scripts import (
     DELETE_IF_USER,
@@ -188,11 +188,7 @@ class SessionStore(UserIndex):
         self.idle_ms = int(idle_timeout * 1000)
         self.absolute_ms = None if absolute_lifetime is None else int(absolute_lifetime * 1000)
         self.clock = clock
-        unfit = None if near is None else untracked_because(self.backend.client)
-        if unfit is not None:
-            logger.log(unfit[0], "near_cache is ignored: %s", unfit[1])
-            near = None
-        self.near = near
+        self.near = near_for(near, self.backend.client, logger)
 
     @property
     def near_stats(self) -> NearStats | None:
