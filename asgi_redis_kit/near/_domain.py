@@ -314,12 +314,11 @@ def _compute_identity(client: Redis | RedisCluster) -> tuple[Any, ...]:
     if isinstance(client, RedisCluster):
         kw = client.connection_kwargs
         known = client.nodes_manager.startup_nodes.values()
-        # The client itself is part of it: a domain learns the topology from its
-        # own client only, so another client object that followed a MOVED to a
-        # node this one does not know would have its reads kept untracked. (The
-        # domain holds its client, so the id is not reused while it lives.)
-        nodes = tuple(sorted(node.name for node in known))
-        where: tuple[Any, ...] = ("cluster", nodes, id(client))
+        # Not the client object: clients made and closed in turn on one loop
+        # would each keep a domain, its trackers and connections, for good. The
+        # domain learns the topology from the first client, though: see the
+        # README on passing the cache and the sessions one RedisCluster.
+        where: tuple[Any, ...] = ("cluster", tuple(sorted(node.name for node in known)))
     else:
         pool = client.connection_pool
         kw = pool.connection_kwargs
