@@ -14,8 +14,9 @@ from .errors import (
     SessionNotLoaded,
     SessionStoreUnavailable,
 )
+from .metrics import FleetFlusher, Metrics, fleet_stats
 from .near import NearCache, NearStats
-from .sessions import Session, SessionInfo, SessionMiddleware, SessionStore
+from .sessions import Session, SessionInfo, SessionMiddleware, SessionStats, SessionStore
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,8 @@ __all__ = [
     "CacheStats",
     "CookieTooLarge",
     "DuplicateMiddleware",
+    "FleetFlusher",
+    "Metrics",
     "NearCache",
     "NearStats",
     "Session",
@@ -36,9 +39,11 @@ __all__ = [
     "SessionInfo",
     "SessionMiddleware",
     "SessionNotLoaded",
+    "SessionStats",
     "SessionStore",
     "SessionStoreUnavailable",
     "__version__",
     "cached",
+    "fleet_stats",
     "get_cache",
 ]

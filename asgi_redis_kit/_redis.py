@@ -54,6 +54,7 @@ from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import RedisClusterException, RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ._calls import CallStats
 from ._clients import LoopClient, connected, drop_all, url_client
 from .errors import BackendUnavailable
 
@@ -98,6 +99,9 @@ class Backend:
     ``client`` is the client of the running loop (with no loop running: the one
     used last, for its type and connection options); ``cluster`` whether it is a
     ``RedisCluster``; Redis work goes through :meth:`call`, which bounds it.
+    ``calls`` counts the calls that failed (:class:`~._calls.CallStats`), and
+    times them all once a metrics exporter set ``calls.latency``; ``label`` is
+    the operation a call is counted under when it names none.
     """
 
     def __init__(
@@ -110,6 +114,8 @@ class Backend:
         if not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.timeout = timeout
+        self.calls = CallStats()
+        self.label = "redis"
         client: RedisClient
         # A URL client not yet used: the first loop to call takes it.
         self._spare: Redis | None = None
@@ -213,11 +219,14 @@ class Backend:
             if bound.drop_if_dead():
                 self._bound.pop(loop, None)
 
-    def call(self) -> AbstractAsyncContextManager[RedisClient]:
+    def call(self, op: str | None = None) -> AbstractAsyncContextManager[RedisClient]:
         """Bound the enclosed Redis work by ``timeout`` and translate its failures::
 
             async with backend.call() as client:
                 await client.get(key)
+
+        ``op`` names the work for ``calls`` (default: ``label``): a name from the
+        code, never a key, as it becomes a metrics label.
 
         At the deadline the enclosed work is cancelled, and the block ends with
         :class:`~asgi_redis_kit.errors.BackendUnavailable`. redis-py drops a
@@ -231,7 +240,7 @@ class Backend:
         and withdrawn on the way out, so none leaks to the caller; a cancel from
         anyone else still propagates as ``CancelledError``.
         """
-        return _Call(self)
+        return _Call(self, self.label if op is None else op)
 
     async def _follow_sentinel(
         self, pool: SentinelConnectionPool, loop: asyncio.AbstractEventLoop
@@ -322,12 +331,25 @@ class _Watch:
 class _Call:
     """One :meth:`Backend.call` (a class, not a generator: it runs on every request)."""
 
-    __slots__ = ("backend", "cancelled_before", "deadline", "ours", "task", "timer", "watch")
+    __slots__ = (
+        "backend",
+        "cancelled_before",
+        "deadline",
+        "op",
+        "ours",
+        "started",
+        "task",
+        "timer",
+        "watch",
+    )
     timer: asyncio.TimerHandle
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, op: str) -> None:
         self.backend = backend
+        self.op = op
         self.ours = 0
+        # Negative: not timed (no latency histogram when the call began).
+        self.started = -1.0 if backend.calls.latency is None else time.perf_counter()
 
     async def __aenter__(self) -> RedisClient:
         task = asyncio.current_task()
@@ -377,14 +399,22 @@ class _Call:
         else:
             # Not expired: still waiting in the watch.
             del self.watch.calls[self]
+        calls = self.backend.calls
+        if self.started >= 0 and calls.latency is not None:
+            calls.latency.observe(self.op, time.perf_counter() - self.started)
         if exc is None:
             return
         if isinstance(exc, asyncio.CancelledError):
             if self.ours and self.task.cancelling() <= self.cancelled_before:
+                calls.timeouts[self.op] += 1
                 raise BackendUnavailable("Redis did not answer: TimeoutError") from exc
         elif isinstance(exc, RedisError | RedisClusterException | OSError | TimeoutError):
             # RedisClusterException (SlotNotCoveredError, "cluster down" while
             # slots move) is not a RedisError in redis-py.
+            if isinstance(exc, TimeoutError):
+                calls.timeouts[self.op] += 1
+            else:
+                calls.errors[self.op] += 1
             raise BackendUnavailable(f"Redis did not answer: {type(exc).__name__}") from exc
 
 

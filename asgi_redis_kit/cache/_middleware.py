@@ -27,7 +27,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.routing import Router
@@ -42,6 +42,9 @@ from ._decorator import RequestState, RouteCache, current, route_config
 from ._discovery import find_proxy_middleware, find_router, find_sessions, match_route
 from ._exchange import Exchange
 from ._session_rules import SessionWarnings
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
 
 logger = logging.getLogger("asgi_redis_kit.cache")
 
@@ -79,6 +82,8 @@ class CacheMiddleware:
             one. Set it when a middleware hides the session middleware (keeps
             its inner app elsewhere than ``.app``): a warning then names it. A name that
             contradicts that SessionMiddleware raises ``ValueError``.
+        metrics: a :class:`~asgi_redis_kit.metrics.Metrics` to export the cache's
+            counters (``stats``), breaker state and Redis latencies through.
     """
 
     def __init__(
@@ -102,6 +107,7 @@ class CacheMiddleware:
         max_lifetime: float | _Unset = _UNSET,
         clock: Callable[[], float] | _Unset = _UNSET,
         near_cache: bool | NearCache | _Unset = _UNSET,
+        metrics: Metrics | None = None,
     ) -> None:
         # Explicit keywords (not **options) so mypy can check
         # Middleware(CacheMiddleware, ...) calls against them; the defaults are
@@ -136,6 +142,8 @@ class CacheMiddleware:
         # A Cache we make is ours to close (aclose); one passed in stays the caller's.
         self._owns_cache = cache is None
         self.cache = cache if cache is not None else Cache(**given)
+        if metrics is not None:
+            metrics.watch(self.cache)
         self.app = app
         self._router: Router | None = None
         self._warned = False

@@ -25,6 +25,9 @@ class CacheStats:
     coalesced: int = 0
     bypass: Counter[str] = field(default_factory=Counter)
     not_stored: Counter[str] = field(default_factory=Counter)
+    #: ``invalidate_tags`` / ``invalidate`` / ``clear`` calls, by kind
+    #: (``tag`` per tag, ``url``, ``namespace``)
+    invalidations: Counter[str] = field(default_factory=Counter)
     #: lookups answered from the near cache with no Redis command (``near_cache=``)
     near_hits: int = 0
     #: lookups the near cache could not answer, sent to Redis while it was usable
@@ -39,6 +42,7 @@ class CacheStats:
         self.near_hits = self.near_misses = 0
         self.bypass.clear()
         self.not_stored.clear()
+        self.invalidations.clear()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -52,6 +56,7 @@ class CacheStats:
             "coalesced": self.coalesced,
             "bypass": dict(self.bypass),
             "not_stored": dict(self.not_stored),
+            "invalidations": dict(self.invalidations),
             "near_hits": self.near_hits,
             "near_misses": self.near_misses,
             "near": None if self.near is None else self.near.as_dict(),

@@ -31,6 +31,7 @@ from ..errors import SessionStoreUnavailable
 from ._index import SessionInfo
 from ._middleware import SessionIdentity, SessionMiddleware
 from ._session import Session
+from ._stats import SessionStats
 from ._store import SessionStore
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "SessionIdentity",
     "SessionInfo",
     "SessionMiddleware",
+    "SessionStats",
     "SessionStore",
     "SessionStoreUnavailable",
 ]

@@ -16,7 +16,8 @@ from redis.exceptions import NoScriptError, ResponseError
 from .._redis import Backend, RedisClient
 from ..near import NearCache, NearView
 from ._near import written_keys
-from ._scripts import SCRIPTS, Command
+from ._scripts import SCRIPTS, Command, operation_of
+from ._stats import SessionStats
 
 
 class StoreBase:
@@ -28,6 +29,7 @@ class StoreBase:
     absolute_ms: int | None
     clock: Callable[[], float]
     near: NearCache | None
+    stats: SessionStats
 
     def _near_view(self) -> NearView | None:
         """This loop's view of our keys in the near cache, if we use one."""
@@ -94,7 +96,7 @@ class StoreBase:
                         view.invalidate(written)
 
     async def _run(self, commands: tuple[Command, ...]) -> list[Any]:
-        async with self.backend.call() as client:
+        async with self.backend.call(operation_of(commands[0])) as client:
             results = await self._send(client, commands)
             refused = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
             if refused:

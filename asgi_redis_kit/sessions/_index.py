@@ -186,6 +186,7 @@ class UserIndex(StoreBase):
         # Entries of records bound elsewhere go back (maybe a bind to user_id in
         # flight), then the marker goes: the same key, so in order even on Cluster.
         await self._batch(*self._index_commands(user_id, *keep), ("SREM", index, marker), *after)
+        self.stats.revoked += deleted
         return deleted
 
     async def _delete_bound(
@@ -238,6 +239,7 @@ class UserIndex(StoreBase):
         chain = [sid for sid in ids if lines[sid] in ended or handles[sid] == handle]
         deleted, _, after = await self._delete_bound(user_id, chain)
         await self._batch(("SREM", index, marker), *after)
+        self.stats.revoked += deleted
         return deleted > 0
 
 

@@ -31,7 +31,7 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from starlette.datastructures import Secret
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -43,8 +43,12 @@ from ..near import NearCache
 from ._cookie import CookieSettings, CookieSigner, SameSite
 from ._responder import Responder
 from ._session import Session
+from ._stats import SessionStats
 from ._store import SessionStore
 from ._unavailable import UnavailableSession
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
 
 logger = logging.getLogger("asgi_redis_kit.sessions")
 
@@ -102,6 +106,8 @@ class SessionMiddleware:
             which only reads its session sends no Redis command (see
             :class:`SessionStore`): ``True`` for ``NearCache.shared()``, or a
             ``NearCache``. Off by default.
+        metrics: a :class:`~asgi_redis_kit.metrics.Metrics` to export the store's
+            counters (``stats``) and Redis call latencies through.
         store: a ready :class:`SessionStore`, instead of ``redis``, ``key_prefix``,
             ``idle_timeout``, ``absolute_lifetime``, ``timeout``, ``max_connections``
             and ``near_cache`` (giving any of those too is an error, not a silent
@@ -131,6 +137,7 @@ class SessionMiddleware:
         retry_after: int = 5,
         near_cache: bool | NearCache = False,
         store: SessionStore | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.app = app
         self.signer = CookieSigner(secret_key)
@@ -179,9 +186,16 @@ class SessionMiddleware:
             absolute_lifetime=absolute_lifetime,
             near_cache=near_cache,
         )
+        if metrics is not None:
+            metrics.watch(self.store)
 
     def __repr__(self) -> str:
         return f"<SessionMiddleware cookie={self.cookie.name!r} {self.store!r}>"
+
+    @property
+    def stats(self) -> SessionStats:
+        """The store's counters (:class:`SessionStats`), shared with ``store.stats``."""
+        return self.store.stats
 
     @property
     def cookie_name(self) -> str:
@@ -267,6 +281,7 @@ class SessionMiddleware:
             if denial and session._store_failed and (accepted or not can_deny):
                 if not closed:
                     closed = True
+                    self.store.stats.websocket_closes += 1
                     await send({"type": "websocket.close", "code": 1013})
                 return
             accepted = accepted or kind == "websocket.accept"
@@ -288,6 +303,7 @@ class SessionMiddleware:
             # The session was used while Redis was down, and nothing answered it.
             logger.warning("session store unavailable during a websocket: %s", exc)
             if not closed:
+                self.store.stats.websocket_closes += 1
                 await send({"type": "websocket.close", "code": 1013})
 
     def _mark(self, scope: Scope) -> None:
@@ -332,8 +348,10 @@ class SessionMiddleware:
             session_id, resign = verified
             record = await self.store.load(session_id)
             if record is None:
+                self.store.stats.not_found += 1
                 presented = True
                 continue
+            self.store.stats.loaded += 1
             return Session(
                 self.store,
                 session_id=session_id,
@@ -347,6 +365,7 @@ class SessionMiddleware:
         return Session(self.store, presented=presented, retry_after=self.retry_after)
 
     async def _unavailable(self, send: Send) -> None:
+        self.store.stats.unavailable += 1
         await send(
             {
                 "type": "http.response.start",

@@ -65,6 +65,10 @@ class Responder:
             await self.middleware._unavailable(self.send_downstream)
             return
         if message["status"] >= 500:
+            if message["status"] == 503 and session._store_failed:
+                # The placeholder's SessionStoreUnavailable, answered by the app's
+                # exception handling instead of our _unavailable().
+                self.middleware.store.stats.unavailable += 1
             session._discard()
         else:
             started = time.monotonic()
@@ -79,6 +83,8 @@ class Responder:
                 self.replaced = True
                 await self.middleware._unavailable(self.send_downstream)
                 return
+            if session._cleared:
+                self.middleware.store.stats.cleared += 1
         message.setdefault("headers", [])
         headers = MutableHeaders(scope=message)
         if session.accessed and not _varies_on_cookie(headers):

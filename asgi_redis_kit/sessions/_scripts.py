@@ -333,3 +333,20 @@ Command = tuple[Any, ...]  # ("HGETALL", key): redis-py parses each reply by its
 
 def script(script: Script, key: str, *args: Any) -> Command:
     return ("EVALSHA", script.sha_arg, b"1", key, *args)
+
+
+# The metrics name of each script's round trip ("session_load"...).
+_OPERATIONS = {
+    each.sha_arg: f"session_{name.lower()}"
+    for name, each in list(globals().items())
+    if isinstance(each, Script)
+}
+
+
+def operation_of(command: Command) -> str:
+    """The operation a round trip is counted under: its first command's script
+    (``session_save``) or Redis command (``session_pexpire``); never a key."""
+    name = command[0]
+    if name == "EVALSHA":
+        return _OPERATIONS.get(command[1], "session_script")
+    return f"session_{str(name).lower()}"

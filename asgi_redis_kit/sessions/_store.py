@@ -115,8 +115,10 @@ from ._scripts import (
     MOVED,
     NOTE_USER,
     SAVE,
+    SAVED,
     script,
 )
+from ._stats import SessionStats
 
 logger = logging.getLogger("asgi_redis_kit.sessions")
 
@@ -147,6 +149,8 @@ class SessionStore(UserIndex):
             of the store drops the copies it wrote. ``memory://`` (fakeredis)
             cannot track keys: there the store runs without it.
 
+    ``stats`` is the store's counters (:class:`SessionStats`: sessions loaded,
+    created, saved, regenerated, cleared, revoked, refused with 503...);
     ``near_stats`` is the near cache's counters (``NearStats``: hits, misses,
     bypasses, stores, invalidations, flushes...; process-wide for that
     ``NearCache``), or ``None`` without one.
@@ -189,6 +193,7 @@ class SessionStore(UserIndex):
         self.absolute_ms = None if absolute_lifetime is None else int(absolute_lifetime * 1000)
         self.clock = clock
         self.near = near_for(near, self.backend.client, logger)
+        self.stats = SessionStats()
 
     @property
     def near_stats(self) -> NearStats | None:
@@ -217,7 +222,7 @@ class SessionStore(UserIndex):
         """Whether Redis answers within the deadline: for health endpoints, which
         should report "degraded" rather than fail when it does not."""
         try:
-            async with self.backend.call() as client:
+            async with self.backend.call("session_ping") as client:
                 await client.ping()
         except BackendUnavailable:
             return False
@@ -331,10 +336,13 @@ class SessionStore(UserIndex):
                 self._index_commands(bind, session_id) + self._unindex_commands(drop),
             )
             await self._unindex_noted(drop, killed)
+            self.stats.created += 1
             return int(created)
         keep = self._keep_index(user, ttl_ms) if bind is None else []
         _, (result, *_) = await self._steps(self._index_commands(bind, session_id), [save, *keep])
         result = int(result)
+        if result == SAVED:
+            self.stats.saved += 1
         if bind is not None and result == MOVED:
             # Bound to someone else meanwhile, but live: our entry may be relied on
             # by a bind to ``bind`` in flight, so it stays, noted in the record for
@@ -394,6 +402,7 @@ class SessionStore(UserIndex):
         if code == 1:
             if noted:  # an anonymous session was in no index
                 await self._batch(*self._srem_commands(old_id, noted))
+            self.stats.regenerated += 1
             return True
         # old is gone (dead for good: un-index it) or live and bound to someone else
         # (an entry a bind in flight may rely on: keep it). Drop the new record.
@@ -407,6 +416,8 @@ class SessionStore(UserIndex):
         it outlives the session); False if the session no longer exists."""
         key = self.session_key(session_id)
         refreshed, *_ = await self._batch(("PEXPIRE", key, ttl_ms), *self._keep_index(user, ttl_ms))
+        if refreshed:
+            self.stats.touched += 1
         return bool(refreshed)
 
     async def incr(

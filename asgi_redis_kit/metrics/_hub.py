@@ -1,0 +1,144 @@
+"""Metrics: the stats objects an app's metrics are read from, gathered in one place.
+
+The library's counters are plain ints on ``CacheStats``, ``SessionStats``,
+``NearStats`` and each Redis backend's ``CallStats``, incremented in place where
+things happen. A :class:`Metrics` only knows where they are: the Prometheus
+collector reads them at scrape time and the fleet flusher diffs snapshots of
+them, so a request pays nothing for either. Watching a backend also switches
+on its latency histogram (two clock reads per Redis call).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from .._calls import Latency
+from ._catalog import COUNTERS, Row, Source
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
+    from starlette.types import ASGIApp
+
+    from .._redis import Backend
+    from ..cache import Cache
+    from ..near import NearCache
+    from ..sessions import SessionStore
+
+
+class Metrics:
+    """What to export: the caches, session stores, near caches and Redis backends
+    of one process. Pass it as ``metrics=`` to ``CacheMiddleware`` and
+    ``SessionMiddleware`` (they watch what they create), or :meth:`watch` a
+    ``Cache`` or ``SessionStore`` of your own::
+
+        metrics = Metrics()
+        app = Starlette(routes=[Mount("/metrics", metrics.asgi_app())], middleware=[
+            Middleware(CacheMiddleware, redis=url, metrics=metrics),
+            Middleware(SessionMiddleware, secret_key=key, redis=url, metrics=metrics),
+        ])
+
+    Parameters:
+        latency: time every Redis call of the watched backends into a histogram
+            by operation (``asgi_redis_kit_redis_call_duration_seconds``).
+    """
+
+    def __init__(self, *, latency: bool = True) -> None:
+        self.caches: list[Cache] = []
+        self.stores: list[SessionStore] = []
+        self.backends: list[Backend] = []
+        self._near: dict[int, NearCache] = {}
+        self._latency = latency
+
+    def __repr__(self) -> str:
+        return (
+            f"<Metrics caches={len(self.caches)} stores={len(self.stores)} "
+            f"backends={len(self.backends)}>"
+        )
+
+    # -- what to read ---------------------------------------------------------------
+
+    def watch(self, *targets: Cache | SessionStore) -> None:
+        """Export the counters of ``targets`` (and of their near caches and Redis
+        backends). Watching one twice is harmless."""
+        from ..cache import Cache
+
+        for target in targets:
+            if isinstance(target, Cache):
+                if target not in self.caches:
+                    self.caches.append(target)
+                    self._watch_backend(target.backend, "cache")
+                    self._watch_near(target.near_cache)
+            else:
+                if target not in self.stores:
+                    self.stores.append(target)
+                    self._watch_backend(target.backend, "session")
+                    self._watch_near(target.near)
+
+    def _watch_backend(self, backend: Backend, label: str) -> None:
+        if any(backend is known for known in self.backends):
+            return
+        self.backends.append(backend)
+        if backend.label == "redis":  # the default: name the calls after their owner
+            backend.label = label
+        if self._latency and backend.calls.latency is None:
+            backend.calls.latency = Latency()
+
+    def _watch_near(self, near: NearCache | None) -> None:
+        if near is not None:
+            self._near[id(near)] = near
+
+    @property
+    def near_caches(self) -> list[NearCache]:
+        return list(self._near.values())
+
+    def sources(self, source: Source) -> Iterator[Any]:
+        """The stats objects a catalog row of ``source`` reads."""
+        if source == "cache":
+            yield from (cache.stats for cache in self.caches)
+        elif source == "session":
+            yield from (store.stats for store in self.stores)
+        elif source == "near":
+            yield from (near.stats for near in self._near.values())
+        else:
+            yield from (backend.calls for backend in self.backends)
+
+    def values(self, row: Row) -> Iterator[tuple[str | None, int]]:
+        """(``by`` label value or None, count) of one row, summed over its sources."""
+        if row.by is None:
+            yield None, sum(getattr(stats, row.attr) for stats in self.sources(row.source))
+            return
+        summed: dict[str, int] = {}
+        for stats in self.sources(row.source):
+            for key, count in getattr(stats, row.attr).items():
+                summed[key] = summed.get(key, 0) + count
+        yield from summed.items()
+
+    def snapshot(self) -> dict[str, int]:
+        """Every counter now, by its fleet name (``cache_lookups.hit``); what the
+        fleet flusher diffs. Copies plain ints: safe to call at any time."""
+        out: dict[str, int] = {}
+        for row in COUNTERS:
+            for key, count in self.values(row):
+                if count:
+                    out[row.fleet_key(key)] = count
+        return out
+
+    # -- exporters (prometheus_client is imported only here) -------------------------
+
+    def collector(self) -> Collector:
+        """A ``prometheus_client`` collector of everything watched, read at scrape
+        time: ``REGISTRY.register(metrics.collector())``. Needs the ``metrics``
+        extra (``pip install asgi-redis-kit[metrics]``)."""
+        from ._prometheus import KitCollector
+
+        return KitCollector(self)
+
+    def asgi_app(self) -> ASGIApp:
+        """An ASGI app answering Prometheus scrapes with these metrics alone (mount
+        it at ``/metrics``). For the process metrics too, register
+        :meth:`collector` in ``prometheus_client.REGISTRY`` and mount
+        ``prometheus_client.make_asgi_app()`` instead."""
+        from ._prometheus import metrics_app
+
+        return metrics_app(self)
