@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
+from starlette.routing import Route
 
 from asgi_redis_kit import cached, get_cache
 
@@ -42,15 +43,20 @@ def _back(path: str = "/") -> RedirectResponse:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The FastAPI example app; ``settings`` defaults to the environment's."""
     settings = settings or Settings.from_env()
-    middleware, store = web.middleware(settings, FRAMEWORK)
+    metrics, flusher = web.monitoring(settings)
+    middleware, store = web.middleware(settings, FRAMEWORK, metrics)
     app = FastAPI(
         title="asgi_redis_kit example",
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
         middleware=middleware,
+        lifespan=web.lifespan(flusher),
     )
     app.state.store = store
+    app.state.fleet = flusher
+    # An ASGI app, so a Starlette Route (FastAPI's add_route wants a request handler).
+    app.router.routes.append(Route("/metrics", metrics.asgi_app(), methods=["GET"]))
     app.state.settings = settings
     app.state.framework = FRAMEWORK
 
@@ -106,6 +112,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def invalidate_report(request: Request) -> RedirectResponse:
         await get_cache(request).invalidate_tags(REPORT_TAG)
         return _back("/report")
+
+    @app.get("/stats", response_class=HTMLResponse)
+    async def stats(request: Request) -> HTMLResponse:
+        return HTMLResponse(await web.stats(request))
 
     @app.get("/healthz")
     async def healthz(request: Request) -> dict[str, Any]:

@@ -9,6 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from html import escape
 
+from asgi_redis_kit.metrics import FleetStats, hit_ratio, lookups
+
+from .charts import line_chart
+
 STYLE = """
 :root { --ink:#1f2933; --muted:#616e7c; --line:#e4e7eb; --bg:#f5f7fa; --card:#fff;
   --brand:#c2410c; --brand-dark:#9a3412; --ok:#15803d; --warn:#b45309; }
@@ -55,6 +59,10 @@ footer { max-width:880px; margin:0 auto 32px; padding:0 20px; }
 footer .status { display:flex; flex-wrap:wrap; gap:8px 24px; font-size:14px;
   color:var(--muted); border-top:1px solid var(--line); padding-top:14px; }
 footer b { color:var(--ink); font-weight:600; }
+figure { margin:12px 0 0; } figcaption { font-weight:600; margin-bottom:6px; }
+svg.chart { width:100%; height:auto; }
+.legend { font-size:14px; display:inline-flex; align-items:center; gap:6px; }
+.legend i { width:12px; height:12px; border-radius:3px; display:inline-block; }
 """
 
 
@@ -84,7 +92,8 @@ def _layout(title: str, active: str, body: str, status: Status, script: str = ""
 <body>
 <header><div class="bar">
   <div class="logo">asgi_redis_kit <span>demo</span></div>
-  <nav>{link("/", "Visits &amp; login")}{link("/report", "Cached report")}</nav>
+  <nav>{link("/", "Visits &amp; login")}{link("/report", "Cached report")}
+  {link("/stats", "Stats")}</nav>
 </div></header>
 <main>
 {body}
@@ -220,3 +229,50 @@ def report_page(
   </div>
 </section>"""
     return _layout("Cached report", "/report", body, status, REPORT_SCRIPT)
+
+
+def _percent(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{ratio * 100:.0f}%"
+
+
+def stats_page(*, fleet: FleetStats | None, interval: float, status: Status) -> str:
+    """The fleet's last minutes, from the counters every instance adds into Redis."""
+    if fleet is None:
+        body = """
+<section class="card wide"><h1>Fleet stats</h1>
+<p id="stats-unavailable">Redis does not answer: no fleet counters right now.</p></section>"""
+        return _layout("Fleet stats", "/stats", body, status)
+    requests = {
+        name: [float(m.get("http_requests", 0)) for m in row.per_minute]
+        for name, row in fleet.instances.items()
+    }
+    ratios = {name: [hit_ratio(m) for m in row.per_minute] for name, row in fleet.instances.items()}
+    rows = "".join(
+        f'<tr data-instance="{escape(name)}"><td class="instance">{escape(name)}</td>'
+        f'<td class="num">{row.totals.get("http_requests", 0):,}</td>'
+        f'<td class="num">{lookups(row.totals):,}</td>'
+        f'<td class="num">{_percent(hit_ratio(row.totals))}</td>'
+        f'<td class="num">{row.totals.get("sessions.created", 0):,}</td></tr>'
+        for name, row in fleet.instances.items()
+    )
+    minutes = len(fleet.minutes)
+    body = f"""
+<section class="card wide">
+  <h1>Fleet stats</h1>
+  <p class="muted">Every instance adds its counters into Redis every {interval:g} s, one
+  hash per minute; this page reads the last {minutes} minutes back, so it shows what the
+  whole fleet did, whichever instance answers. Prometheus scrapes each instance at
+  <a href="/metrics"><code>/metrics</code></a>.</p>
+  <table id="instances"><thead><tr><th>Instance</th><th class="num">Requests</th>
+  <th class="num">Cache lookups</th><th class="num">Hit ratio</th>
+  <th class="num">Sessions created</th></tr></thead>
+  <tbody>{rows}</tbody>
+  <tfoot><tr><th>Fleet</th>
+  <th class="num" id="fleet-requests">{fleet.totals.get("http_requests", 0):,}</th>
+  <th class="num">{lookups(fleet.totals):,}</th>
+  <th class="num" id="fleet-hit-ratio">{_percent(hit_ratio(fleet.totals))}</th>
+  <th class="num">{fleet.totals.get("sessions.created", 0):,}</th></tr></tfoot></table>
+  {line_chart("Requests per minute", fleet.minutes, requests, chart_id="requests-chart")}
+  {line_chart("Cache hit ratio", fleet.minutes, ratios, percent=True, chart_id="hit-ratio-chart")}
+</section>"""
+    return _layout("Fleet stats", "/stats", body, status)

@@ -51,6 +51,10 @@ class Settings:
         secret_is_default: True when ``secret_key`` is :data:`DEV_SECRET`.
         instance: shown on every page so the answering service is visible.
         report_delay: seconds the slow report takes to build (tests shorten it).
+        metrics_interval: seconds between two flushes of this instance's counters
+            into Redis (``METRICS_FLUSH_SECONDS``), for the fleet's /stats page.
+        metrics_prefix: key prefix of the fleet's counters (``METRICS_KEY_PREFIX``):
+            the instances that share it are one fleet on /stats.
     """
 
     redis_url: str = EMBEDDED_REDIS_URL
@@ -58,6 +62,8 @@ class Settings:
     secret_is_default: bool = True
     instance: str = field(default_factory=lambda: f"pid {os.getpid()}")
     report_delay: float = 1.0
+    metrics_interval: float = 5.0
+    metrics_prefix: str = "ark:m:"
 
     @classmethod
     def from_env(
@@ -70,6 +76,8 @@ class Settings:
             secret_key=secret or DEV_SECRET,
             secret_is_default=not secret,
             instance=instance or env.get("INSTANCE_NAME") or f"pid {os.getpid()}",
+            metrics_interval=float(env.get("METRICS_FLUSH_SECONDS") or 5.0),
+            metrics_prefix=env.get("METRICS_KEY_PREFIX") or "ark:m:",
         )
 
     @property

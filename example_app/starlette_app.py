@@ -10,6 +10,8 @@ Routes (the FastAPI twin in ``fastapi_app`` serves the same ones):
     GET  /report              a slow page cached in Redis under the tag "report"
     POST /report/invalidate   drop the cached report by tag
     GET  /healthz             JSON: who is answering, which Redis, the near cache
+    GET  /stats               the fleet's last minutes (counters every instance adds in Redis)
+    GET  /metrics             Prometheus exposition of this instance
 """
 
 from __future__ import annotations
@@ -100,6 +102,10 @@ async def invalidate_report(request: Request) -> RedirectResponse | PlainTextRes
     return _back("/report")
 
 
+async def stats(request: Request) -> HTMLResponse:
+    return HTMLResponse(await web.stats(request))
+
+
 async def healthz(request: Request) -> JSONResponse:
     return JSONResponse(await web.health(request))
 
@@ -107,6 +113,7 @@ async def healthz(request: Request) -> JSONResponse:
 def create_app(settings: Settings | None = None) -> Starlette:
     """The Starlette example app; ``settings`` defaults to the environment's."""
     settings = settings or Settings.from_env()
+    metrics, flusher = web.monitoring(settings)
     routes = [
         Route("/", home, methods=["GET"]),
         Route("/reset", reset, methods=["POST"]),
@@ -116,9 +123,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/report", report, methods=["GET"]),
         Route("/report/invalidate", invalidate_report, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/stats", stats, methods=["GET"]),
+        Route("/metrics", metrics.asgi_app(), methods=["GET"]),
     ]
-    middleware, store = web.middleware(settings, FRAMEWORK)
-    app = Starlette(routes=routes, middleware=middleware)
+    middleware, store = web.middleware(settings, FRAMEWORK, metrics)
+    app = Starlette(routes=routes, middleware=middleware, lifespan=web.lifespan(flusher))
+    app.state.fleet = flusher
     app.state.store = store
     app.state.settings = settings
     app.state.framework = FRAMEWORK

@@ -8,6 +8,8 @@ and the framework's own idioms differ between ``starlette_app`` and
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -18,11 +20,15 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from asgi_redis_kit import (
+    BackendUnavailable,
     Cache,
     CacheMiddleware,
+    FleetFlusher,
+    Metrics,
     Session,
     SessionMiddleware,
     SessionStore,
+    fleet_stats,
     get_cache,
 )
 
@@ -39,7 +45,46 @@ def settings_of(request: Request) -> Settings:
     return settings
 
 
-def middleware(settings: Settings, framework: str) -> tuple[list[Middleware], SessionStore]:
+def monitoring(settings: Settings) -> tuple[Metrics, FleetFlusher]:
+    """What both apps export: ``Metrics`` (given to the middlewares below, read
+    by /metrics) and the flusher that adds this instance's counters into Redis
+    for /stats, run by :func:`lifespan`."""
+    metrics = Metrics()
+    flusher = FleetFlusher(
+        metrics,
+        settings.redis_url,
+        instance=settings.instance,
+        interval=settings.metrics_interval,
+        key_prefix=settings.metrics_prefix,
+    )
+    return metrics, flusher
+
+
+def lifespan(flusher: FleetFlusher) -> Callable[[Any], AbstractAsyncContextManager[None]]:
+    """The apps' lifespan: the fleet flusher runs while the app does, and
+    flushes what is left at shutdown."""
+
+    @asynccontextmanager
+    async def run(app: Any) -> AsyncIterator[None]:
+        async with flusher:
+            yield
+
+    return run
+
+
+async def stats(request: Request) -> str:
+    """/stats: the fleet's last 15 minutes, from Redis."""
+    flusher: FleetFlusher = request.app.state.fleet
+    try:
+        fleet = await fleet_stats(flusher.backend, minutes=15, key_prefix=flusher.key_prefix)
+    except BackendUnavailable:
+        fleet = None
+    return pages.stats_page(fleet=fleet, interval=flusher.interval, status=status_of(request))
+
+
+def middleware(
+    settings: Settings, framework: str, metrics: Metrics | None = None
+) -> tuple[list[Middleware], SessionStore]:
     """Both apps' middleware, outermost first, and the session store inside it.
 
     The cache wraps the sessions so a HIT is answered without loading a session.
@@ -57,13 +102,14 @@ def middleware(settings: Settings, framework: str) -> tuple[list[Middleware], Se
     stack = [
         Middleware(ExposeCacheStatus, instance=settings.instance, framework=framework),
         # The cache learns the session cookie's name from SessionMiddleware.
-        Middleware(CacheMiddleware, redis=settings.redis_url, near_cache=True),
+        Middleware(CacheMiddleware, redis=settings.redis_url, near_cache=True, metrics=metrics),
         Middleware(
             SessionMiddleware,
             secret_key=settings.secret_key,
             store=store,
             cookie_name=COOKIE_NAME,
             path=COOKIE_PATH,
+            metrics=metrics,
         ),
     ]
     return stack, store

@@ -263,6 +263,7 @@ class CacheMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        self.cache.stats.requests += 1
         if not self._proxy_checked:
             self._find_proxy()
         if SCOPE_KEY in scope:

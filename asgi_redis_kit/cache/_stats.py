@@ -14,6 +14,8 @@ class CacheStats:
     """Counters since the Cache was created. Plain ints and Counters: read them,
     reset them with :meth:`reset`, export them to your metrics system."""
 
+    #: HTTP requests through CacheMiddleware, on @cached routes or not
+    requests: int = 0
     hits: int = 0
     misses: int = 0
     stale: int = 0
@@ -37,7 +39,7 @@ class CacheStats:
     near: NearStats | None = None
 
     def reset(self) -> None:
-        self.hits = self.misses = self.stale = self.not_modified = 0
+        self.requests = self.hits = self.misses = self.stale = self.not_modified = 0
         self.stores = self.refreshes = self.errors = self.coalesced = 0
         self.near_hits = self.near_misses = 0
         self.bypass.clear()
@@ -46,6 +48,7 @@ class CacheStats:
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "requests": self.requests,
             "hits": self.hits,
             "misses": self.misses,
             "stale": self.stale,

@@ -48,6 +48,7 @@ _NEAR = "Near-cache lookups by outcome"
 
 COUNTERS: tuple[Row, ...] = (
     # -- the response cache (CacheStats) -------------------------------------------------
+    Row("cache", "http_requests", "requests", "HTTP requests through CacheMiddleware"),
     Row("cache", "cache_lookups", "hits", _LOOKUPS, {"outcome": "hit"}),
     Row("cache", "cache_lookups", "stale", _LOOKUPS, {"outcome": "stale"}),
     Row("cache", "cache_lookups", "misses", _LOOKUPS, {"outcome": "miss"}),

@@ -18,7 +18,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .._calls import BUCKETS
 from ._catalog import COUNTERS
@@ -122,5 +122,15 @@ def metrics_app(metrics: Metrics) -> ASGIApp:
     ``metrics``' collector."""
     registry = CollectorRegistry(auto_describe=True)
     registry.register(KitCollector(metrics))
-    app: ASGIApp = make_asgi_app(registry)
-    return app
+    return _Exposition(make_asgi_app(registry))
+
+
+class _Exposition:
+    """An ASGI app object, not a function, so Starlette's ``Route("/metrics", app)``
+    serves it as ASGI (a function would be taken for a request handler)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)

@@ -31,6 +31,7 @@ class AppServer:
         fastapi: bool = False,
         redis_url: str | None = None,
         secret: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.name = name
         self.port = free_port()
@@ -45,6 +46,7 @@ class AppServer:
             self.env["REDIS_URL"] = redis_url
         if secret is not None:
             self.env["SESSION_SECRET"] = secret
+        self.env.update(env or {})
         self.log_file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in close()
             prefix=f"example-app-{name}-", suffix=".log", delete=False
         )

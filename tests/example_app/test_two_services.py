@@ -9,6 +9,7 @@ balancer.
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 import uuid
@@ -18,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
 from example_app.settings import COOKIE_NAME
@@ -31,9 +33,11 @@ pytestmark = pytest.mark.real_redis
 @pytest.fixture(scope="module")
 def services(redis_url: str) -> Iterator[tuple[AppServer, AppServer]]:
     secret = secrets.token_urlsafe(32)  # shared by both, as the README tells users
+    # Fast flushes into a fleet of their own, for /stats.
+    fleet = {"METRICS_FLUSH_SECONDS": "0.2", "METRICS_KEY_PREFIX": f"tf{uuid.uuid4().hex[:8]}:"}
     with (
-        AppServer(name="alpha", redis_url=redis_url, secret=secret) as alpha,
-        AppServer(name="beta", fastapi=True, redis_url=redis_url, secret=secret) as beta,
+        AppServer(name="alpha", redis_url=redis_url, secret=secret, env=fleet) as alpha,
+        AppServer(name="beta", fastapi=True, redis_url=redis_url, secret=secret, env=fleet) as beta,
     ):
         yield alpha, beta
 
@@ -303,3 +307,38 @@ def test_repeated_reports_send_no_redis_command(own_redis: RedisProcess) -> None
             if not sent:
                 return
         raise AssertionError(f"repeated /report HITs sent {dict(sent)}")
+
+
+def fleet_requests(server: AppServer) -> dict[str, int]:
+    """Instance name -> the requests /stats shows for it (its first number)."""
+    with httpx.Client(timeout=10) as http:
+        html = page(http, server, "/stats")
+    rows = re.findall(r'<tr data-instance="([^"]+)">.*?<td class="num">([\d,]+)</td>', html)
+    return {name: int(count.replace(",", "")) for name, count in rows}
+
+
+def test_stats_show_both_services_and_metrics_parse(
+    services: tuple[AppServer, AppServer],
+) -> None:
+    alpha, beta = services
+    with httpx.Client(timeout=10) as http:
+        for server in (alpha, beta, alpha, beta):
+            page(http, server, "/report")
+    # Each flushes every 0.2 s: wait (bounded) until both flushed their traffic.
+    deadline = time.monotonic() + 20
+    seen = fleet_requests(beta)
+    while time.monotonic() < deadline and not (seen.get("alpha", 0) and seen.get("beta", 0)):
+        time.sleep(0.1)
+        seen = fleet_requests(beta)
+    assert seen.get("alpha", 0) >= 2, seen
+    assert seen.get("beta", 0) >= 2, seen
+    with httpx.Client(timeout=10) as http:
+        html = page(http, alpha, "/stats")
+    assert 'data-instance="beta"' in html
+    assert html.count("<svg") == 2
+    for server in services:
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        assert families["asgi_redis_kit_http_requests"].samples[0].value >= 2
+        lookups = families["asgi_redis_kit_cache_lookups"].samples
+        assert sum(s.value for s in lookups if s.labels["outcome"] in ("hit", "miss")) >= 2
