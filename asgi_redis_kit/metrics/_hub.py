@@ -130,15 +130,24 @@ class Metrics:
         """A ``prometheus_client`` collector of everything watched, read at scrape
         time: ``REGISTRY.register(metrics.collector())``. Needs the ``metrics``
         extra (``pip install asgi-redis-kit[metrics]``)."""
-        from ._prometheus import KitCollector
-
-        return KitCollector(self)
+        collector: Collector = _exporter().KitCollector(self)
+        return collector
 
     def asgi_app(self) -> ASGIApp:
         """An ASGI app answering Prometheus scrapes with these metrics alone (mount
         it at ``/metrics``). For the process metrics too, register
         :meth:`collector` in ``prometheus_client.REGISTRY`` and mount
         ``prometheus_client.make_asgi_app()`` instead."""
-        from ._prometheus import metrics_app
+        app: ASGIApp = _exporter().metrics_app(self)
+        return app
 
-        return metrics_app(self)
+
+def _exporter() -> Any:
+    """The ``_prometheus`` module, or an ImportError that says what to install."""
+    try:
+        from . import _prometheus
+    except ImportError as exc:
+        raise ImportError(
+            'Prometheus exposition needs prometheus_client: pip install "asgi-redis-kit[metrics]"'
+        ) from exc
+    return _prometheus
