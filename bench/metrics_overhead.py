@@ -3,15 +3,15 @@ request, with metrics off and on, in one run.
 
     python -m bench.metrics_overhead [-n 2000] [--rounds 9] [--out PATH]
 
-"On" is what an app that monitors runs: a ``Metrics`` watching the cache and
-the session store (so every Redis call is timed into the latency histogram)
-and a ``FleetFlusher`` adding the counters into Redis every second, in the
-background, during the timed requests. "Off" is the same app without them;
-the library's counters (plain ints) are kept either way. Rounds alternate which
-side goes first; each row gives the median over rounds of CPU µs per request
-(``time.process_time``, the steadiest figure on a shared machine) and of wall
-µs per request, and the ratio on/off. A second "off" app (the control) runs in
-the same rounds: its difference from the first is the noise floor of the run.
+"On" is what an app that monitors runs: every Redis call timed into the
+latency histogram, and a ``FleetFlusher`` adding the counters into Redis every
+second, in the background, during the timed requests. "Off" is the same app
+with both switched off, between rounds (two apps differ by more than that: their
+connections and memory layout); the library's counters (plain ints) are kept
+either way. Rounds rotate which goes first; each row gives the median over
+rounds of CPU µs per request (``time.process_time``, the steadiest figure on a
+shared machine) and of wall µs per request, and the ratio on/off. A second
+"off" round in every cycle (the control) gives the noise floor of the run.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +41,7 @@ from asgi_redis_kit import (
     SessionMiddleware,
     cached,
 )
+from asgi_redis_kit._calls import Latency
 from bench._asgi import CookieJar, Lifespan, call
 from bench._server import BenchRedis
 
@@ -65,14 +66,25 @@ async def read(request: Request) -> Response:
 class Side:
     app: ASGIApp
     path: str
+    metrics: Metrics
+    flusher: FleetFlusher
     jar: CookieJar | None = None
+
+    async def switch(self, on: bool) -> None:
+        """Metrics on (latency histogram, flusher running) or off, in the same app."""
+        for backend in self.metrics.backends:
+            backend.calls.latency = Latency() if on else None
+        if on:
+            self.flusher.start()
+        else:
+            await self.flusher.stop()
 
 
 @asynccontextmanager
 async def side(
-    url: str, kind: str, *, metrics: bool, tag: str, near: NearCache | None = None
+    url: str, kind: str, *, tag: str, near: NearCache | None = None
 ) -> AsyncIterator[Side]:
-    hub = Metrics() if metrics else None
+    hub = Metrics()
     routes = [Route("/page", page), Route("/login", login), Route("/read", read)]
     if kind == "cache":
         layer = Middleware(
@@ -87,22 +99,19 @@ async def side(
             SessionMiddleware, secret_key=SECRET, redis=url, key_prefix=f"bs:{tag}:", metrics=hub
         )
     app = Starlette(routes=routes, middleware=[layer])
-    async with AsyncExitStack() as stack:
-        await stack.enter_async_context(Lifespan(app))
-        if hub is not None:
-            await stack.enter_async_context(
-                FleetFlusher(hub, url, instance=tag, key_prefix=f"bf:{tag}:", interval=1.0)
-            )
+    flusher = FleetFlusher(hub, url, instance=tag, key_prefix=f"bf:{tag}:", interval=1.0)
+    async with Lifespan(app):
         if kind == "cache":
             warm = await call(app, "/page")
             warm = await call(app, "/page")
             assert warm.header("x-cache") == "HIT", warm.headers
-            yield Side(app, "/page")
+            yield Side(app, "/page", hub, flusher)
         else:
             jar = CookieJar()
             jar.update(await call(app, "/login"))
             assert (await call(app, "/read", headers=jar.header())).body == b"ada"
-            yield Side(app, "/read", jar)
+            yield Side(app, "/read", hub, flusher, jar)
+        await flusher.stop()
 
 
 async def timed(target: Side, n: int) -> tuple[float, float]:
@@ -117,22 +126,22 @@ async def timed(target: Side, n: int) -> tuple[float, float]:
 
 
 async def compare(url: str, kind: str, n: int, rounds: int, near: bool) -> dict[str, float]:
+    """One app, metrics switched on and off between rounds (so the figures differ
+    by the metrics alone, not by two apps' connections or memory layout); the
+    control is a second round of "off" in every cycle."""
     near_cache = NearCache() if near else None
     label = f"{kind}{'-near' if near else ''}"
+    results: dict[str, list[tuple[float, float]]] = {"off": [], "on": [], "control": []}
     try:
-        async with (
-            side(url, kind, metrics=False, tag=f"{label}-off", near=near_cache) as off,
-            side(url, kind, metrics=True, tag=f"{label}-on", near=near_cache) as on,
-            side(url, kind, metrics=False, tag=f"{label}-ctl", near=near_cache) as control,
-        ):
-            sides = [("off", off), ("on", on), ("control", control)]
-            for _, target in sides:
-                await timed(target, n // 4)  # warm every side before the first round
-            results: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in sides}
+        async with side(url, kind, tag=label, near=near_cache) as target:
+            await target.switch(False)
+            await timed(target, n // 4)  # warm up
+            plan = ["off", "on", "control"]
             for index in range(rounds):
-                # Rotate who goes first, so drifts of the machine hit every side.
-                for name, target in sides[index % 3 :] + sides[: index % 3]:
+                for name in plan[index % 3 :] + plan[: index % 3]:
+                    await target.switch(name == "on")
                     results[name].append(await timed(target, n))
+            await target.switch(False)
     finally:
         if near_cache is not None:
             await near_cache.aclose()

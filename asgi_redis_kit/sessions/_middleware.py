@@ -284,6 +284,8 @@ class SessionMiddleware:
                     self.store.stats.websocket_closes += 1
                     await send({"type": "websocket.close", "code": 1013})
                 return
+            if kind == "websocket.http.response.start" and session._store_failed:
+                self.store.stats.unavailable += 1  # the 503 denial of a session-less socket
             accepted = accepted or kind == "websocket.accept"
             closed = closed or kind == "websocket.close" or denial
             await send(message)

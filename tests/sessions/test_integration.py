@@ -169,6 +169,9 @@ async def test_websocket_with_redis_down_is_closed_with_try_again_later_if_it_us
         assert (b"retry-after", b"5") in sent[0]["headers"]
         sent = await run_websocket(mw, cookie, path="/ws-early")
         assert sent == [{"type": "websocket.close", "code": 1013}]
+        # Counted: two closes with 1013, one 503 denial.
+        assert mw.stats.websocket_closes == 2
+        assert mw.stats.unavailable == 1
     finally:
         await mw.aclose()
 
