@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -10,10 +11,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from starlette.applications import Starlette
 
-from asgi_redis_kit import Metrics, SessionStore
+from asgi_redis_kit import Metrics, NearCache, SessionStore
 from asgi_redis_kit.cache import Cache
 from tests.example_app.helpers import lifespan
 from tests.metrics.apps import build, client
+from tests.near.cache_app import near_ready
 from tests.support import RedisProcess
 
 pytestmark = pytest.mark.real_redis
@@ -196,3 +198,29 @@ async def test_two_caches_are_summed(redis_url: str, key_prefix: str) -> None:
     ]
     assert [s.value for s in hits] == [5]
     assert metrics.caches == [a, b]
+
+
+async def test_near_cache_metrics(redis_url: str, key_prefix: str) -> None:
+    """With a near cache: its hits, what it holds and its tracking state."""
+    metrics = Metrics()
+    near = NearCache()
+    asgi = build(redis=redis_url, key_prefix=key_prefix, metrics=metrics, near_cache=near)
+    try:
+        async with lifespan(asgi), client(asgi) as http:
+            (cache,) = metrics.caches
+            await near_ready(cache)
+            for _ in range(50):  # until a hit is answered from memory (see tests/near)
+                await http.get("/page")
+                if cache.stats.near_hits:
+                    break
+                await asyncio.sleep(0.01)
+            samples = await scrape(asgi)
+    finally:
+        await near.aclose()
+    assert near.stats.hits >= 1
+    assert value(samples, "asgi_redis_kit_cache_near_lookups_total", outcome="hit") >= 1
+    assert value(samples, "asgi_redis_kit_near_hits_total") == near.stats.hits
+    assert value(samples, "asgi_redis_kit_near_stores_total") >= 1
+    assert value(samples, "asgi_redis_kit_near_bytes") > 0
+    assert value(samples, "asgi_redis_kit_near_entries") >= 1
+    assert value(samples, "asgi_redis_kit_near_tracking", state="tracking") == 1
