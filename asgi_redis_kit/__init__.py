@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from .cache import Cache, CacheMiddleware, CacheStats, cached, get_cache
+from .cache import (
+    Cache,
+    CacheMiddleware,
+    CacheStats,
+    JsonSerializer,
+    Memoized,
+    PydanticSerializer,
+    Serializer,
+    cached,
+    get_cache,
+)
 from .errors import (
     AsgiRedisKitError,
     BackendUnavailable,
@@ -29,8 +39,12 @@ __all__ = [
     "CacheStats",
     "CookieTooLarge",
     "DuplicateMiddleware",
+    "JsonSerializer",
+    "Memoized",
     "NearCache",
     "NearStats",
+    "PydanticSerializer",
+    "Serializer",
     "Session",
     "SessionError",
     "SessionInfo",
