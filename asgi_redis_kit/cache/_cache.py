@@ -193,7 +193,7 @@ class Cache(Values):
         # Memoized refills in progress, by entry key (``_memo``).
         self.value_flights: dict[str, asyncio.Future[Any]] = {}
         self._background: set[asyncio.Task[None]] = set()
-        self._lookups: dict[tuple[str, bool], _SharedLookup] = {}
+        self._lookups: dict[tuple[str, bool, tuple[str, ...]], _SharedLookup] = {}
         self.redis_layer = RedisLayer(
             redis,
             timeout=timeout,
@@ -273,7 +273,9 @@ class Cache(Values):
     async def _shared_lookup(
         self, key: CacheKey, lease: bool, session: SessionProof | None
     ) -> Lookup:
-        name = (key.entry, lease)
+        # A value's entry name is shared by lookups of other tags (a set() of
+        # the key and a memoized call): the versions read differ with them.
+        name = (key.entry, lease, key.learned)
         flight = self._lookups.get(name)
         if flight is not None:
             # A per-user entry's key names its session, so joiners share the proof.

@@ -71,6 +71,9 @@ Redis key layout (``{...}`` is a Redis Cluster hash tag)::
     <prefix>{u:<url id>}:v                version of the URL: invalidate(url) bumps it
     <prefix>{n:<namespace id>}:g          namespace generation: clear() bumps it
     <prefix>{t:<tag id>}:v                version of a tag: invalidate_tags() bumps it
+    <prefix>{d:<value id>}:e / :l / :y / :v  a data-cache value (``Cache.set``,
+                                          ``@cache.memoize``): entry, lease, record
+                                          (its tag ids) and its own version
 
 The URL id hashes namespace, the host's origin (:func:`canonical_origin`:
 lower-case, IDNA-encoded, ports 80 and 443 dropped; the key itself keeps

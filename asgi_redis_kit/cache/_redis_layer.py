@@ -437,6 +437,7 @@ class RedisLayer:
         px = max(1, int(min(lifetime, self.max_lifetime) * 1000))
         args: list[Any] = [head, body, px, key.record_value, self._version_px]
         await self._value_script(self._set_value, key, args)
+        self._remember(key, lifetime, self.clock())
 
     async def incr_value(self, key: CacheKey, head: bytes, amount: int, lifetime: float) -> int:
         """Add ``amount`` to the counter at ``key`` (``_scripts.INCR_VALUE``)."""
@@ -457,6 +458,7 @@ class RedisLayer:
                 [key.entry, key.url_version, key.vary_record],
                 [self._version_px],
             )
+        self._remember(key, None)
         return bool(gone)
 
     async def _value_script(self, script: AsyncScript, key: CacheKey, args: list[Any]) -> Any:
