@@ -452,7 +452,7 @@ class RedisLayer:
     async def delete_value(self, key: CacheKey) -> bool:
         """Bump the value's version and drop its entry and record; whether it was there."""
         async with self._redis() as client:
-            gone = await _evalsha(
+            gone = await _run(
                 self._delete_value,
                 client,
                 [key.entry, key.url_version, key.vary_record],
@@ -472,7 +472,7 @@ class RedisLayer:
             # value's slot. An invalidation between the two is as if it came before.
             versions = _versions(await self._mget(client, others))
         async with self._redis() as client:
-            return await _evalsha(script, client, own, [*args, *versions])
+            return await _run(script, client, own, [*args, *versions])
 
     async def bump(self, names: list[str]) -> None:
         px = self._version_px
@@ -500,3 +500,11 @@ async def _evalsha(
     except NoScriptError:
         script.sha = await client.execute_command("SCRIPT LOAD", script.script)
         return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+
+
+async def _run(script: AsyncScript, client: RedisClient, keys: list[Any], args: list[Any]) -> Any:
+    """:func:`_evalsha` on a single server; on Cluster, redis-py's own script
+    call, which loads a missing script on the node that owns the keys."""
+    if isinstance(client, RedisCluster):
+        return await script(keys=keys, args=args, client=client)
+    return await _evalsha(script, client, keys, args)
