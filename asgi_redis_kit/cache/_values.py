@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, Final
 
 from .._redis import check_seconds
 from ..errors import BackendUnavailable
@@ -36,7 +36,7 @@ from ._keys import CacheKey, KeyScheme
 from ._outcome import Fresh, Stale, classify
 from ._serializers import Serializer
 from ._stats import CacheStats
-from ._storage import Lookup, SessionProof, Storage
+from ._storage import Lookup, Storage
 
 MAX_KEY_LENGTH: Final = 1024
 VALUE_STATUS: Final = 0
@@ -158,16 +158,8 @@ class Values:
     max_lifetime: float
     serializer: Serializer
 
-    if TYPE_CHECKING:
-
-        async def lookup(
-            self,
-            key: CacheKey,
-            *,
-            lease: bool = False,
-            session: SessionProof | None = None,
-            follow: bool = True,
-        ) -> Lookup: ...
+    # Cache.lookup: concurrent lookups of one key share a round trip.
+    lookup: Callable[..., Awaitable[Lookup]]
 
     def value_key(self, key: str, tags: Iterable[str] | None = None) -> CacheKey:
         """The CacheKey of value ``key`` (checked) in this cache's namespace."""
