@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from .cache import Cache, CacheMiddleware, CacheStats, cached, get_cache
+from .cache import (
+    Cache,
+    CacheMiddleware,
+    CacheStats,
+    JsonSerializer,
+    Memoized,
+    PydanticSerializer,
+    Serializer,
+    cached,
+    get_cache,
+)
 from .errors import (
     AsgiRedisKitError,
     BackendUnavailable,
@@ -31,9 +41,13 @@ __all__ = [
     "CookieTooLarge",
     "DuplicateMiddleware",
     "FleetFlusher",
+    "JsonSerializer",
+    "Memoized",
     "Metrics",
     "NearCache",
     "NearStats",
+    "PydanticSerializer",
+    "Serializer",
     "Session",
     "SessionError",
     "SessionInfo",

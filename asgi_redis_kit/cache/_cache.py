@@ -29,12 +29,13 @@ within the invalidation's delivery, and this process at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 from urllib.parse import unquote
 
 from starlette.datastructures import URL
@@ -48,17 +49,23 @@ from ._breaker import CircuitBreaker
 from ._entry import Entry
 from ._keys import CacheKey, KeyScheme
 from ._lock import SingleFlight
+from ._memo import Memoized
 from ._near_layer import NearLayer
 from ._outcome import Fresh, classify
 from ._policy import DEFAULT_CACHEABLE_STATUSES
 from ._redis_layer import RedisLayer
 from ._request import request_host
+from ._serializers import JsonSerializer, Serializer
 from ._stats import CacheStats
 from ._storage import Lookup, SessionProof, Storage
+from ._values import Values
 
 __all__ = ["DEFAULT_MAX_LIFETIME", "Cache", "CacheStats", "Lookup", "SessionProof"]
 
 DEFAULT_MAX_LIFETIME = 7 * 24 * 3600
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 logger = logging.getLogger("asgi_redis_kit.cache")
 
@@ -73,8 +80,10 @@ class _SharedLookup:
     outcome: asyncio.Future[Lookup | BackendUnavailable | None] | None = None
 
 
-class Cache:
-    """The response cache's backend, counters and invalidation API.
+class Cache(Values):
+    """The response cache's backend, counters and invalidation API, and the
+    data cache: ``get``/``set``/``delete``/``incr`` (``_values``) and
+    :meth:`memoize` (``_memo``).
 
     CacheMiddleware creates one; ``get_cache(request)`` returns it. Create one
     yourself (same ``redis``, ``key_prefix``) in an admin script to invalidate
@@ -108,6 +117,9 @@ class Cache:
         max_lifetime: upper bound, in seconds, of any entry's life in Redis.
         clock: wall-clock seconds (``time.time``); stored-at times are compared
             across workers, so it must be a real clock outside tests.
+        serializer: how ``get``/``set`` and memoized results turn values into bytes
+            and back (a ``dumps``/``loads`` object); default :class:`JsonSerializer`
+            (orjson). Never pickle.
         near_cache: keep entries, vary records and versions in process memory too
             (``asgi_redis_kit.near``, kept correct by Redis CLIENT TRACKING), so a
             hit, a 304 or a HEAD of a hot page sends no Redis command. ``True``
@@ -144,6 +156,7 @@ class Cache:
         max_lifetime: float = DEFAULT_MAX_LIFETIME,
         clock: Callable[[], float] = time.time,
         near_cache: bool | NearCache = False,
+        serializer: Serializer | None = None,
     ) -> None:
         wanted = near_option(near_cache)
         if not key_prefix:
@@ -176,8 +189,11 @@ class Cache:
         self.clock = clock
         self.stats = CacheStats()
         self.flights = SingleFlight()
+        self.serializer: Serializer = serializer or JsonSerializer()
+        # Memoized refills in progress, by entry key (``_memo``).
+        self.value_flights: dict[str, asyncio.Future[Any]] = {}
         self._background: set[asyncio.Task[None]] = set()
-        self._lookups: dict[tuple[str, bool], _SharedLookup] = {}
+        self._lookups: dict[tuple[str, bool, tuple[str, ...]], _SharedLookup] = {}
         self.redis_layer = RedisLayer(
             redis,
             timeout=timeout,
@@ -214,7 +230,12 @@ class Cache:
     # -- lookups, shared by concurrent requests -----------------------------------------
 
     async def lookup(
-        self, key: CacheKey, *, lease: bool = False, session: SessionProof | None = None
+        self,
+        key: CacheKey,
+        *,
+        lease: bool = False,
+        session: SessionProof | None = None,
+        follow: bool = True,
     ) -> Lookup:
         """Entry and versions in one round trip; with ``lease=True`` on a single
         server (not Cluster), also the stampede lease when the entry key is
@@ -239,9 +260,12 @@ class Cache:
         first request sends it from its own task (no task per lookup) and alone
         gets the lease token; the others wait for its outcome and never see the
         token. If that first request is cancelled, the others look up for
-        themselves, and a lease its script may have taken is released."""
+        themselves, and a lease its script may have taken is released.
+
+        ``follow=False``: return what ``key`` found even when the record names
+        other headers (tags, for a value: a memoized call stores under its own)."""
         found = await self._shared_lookup(key, lease, session)
-        if found.record == key.learned or found.session_gone:
+        if found.record == key.learned or found.session_gone or not follow:
             return found
         # Each request derives the variant from its own header values.
         return await self._shared_lookup(self.keys.learn(key, found.record), lease, session)
@@ -249,7 +273,9 @@ class Cache:
     async def _shared_lookup(
         self, key: CacheKey, lease: bool, session: SessionProof | None
     ) -> Lookup:
-        name = (key.entry, lease)
+        # A value's entry name is shared by lookups of other tags (a set() of
+        # the key and a memoized call): the versions read differ with them.
+        name = (key.entry, lease, key.learned)
         flight = self._lookups.get(name)
         if flight is not None:
             # A per-user entry's key names its session, so joiners share the proof.
@@ -304,6 +330,31 @@ class Cache:
     async def release(self, key: CacheKey, token: str) -> None:
         await self.storage.release(key, token)
 
+    async def release_quietly(self, key: CacheKey, token: str) -> None:
+        """:meth:`release`, for a background task: a Redis failure lets the lease expire."""
+        with contextlib.suppress(BackendUnavailable):
+            await self.storage.release(key, token)
+
+    async def wait_for_lease(
+        self, key: CacheKey, versions: tuple[int, ...]
+    ) -> tuple[Entry | None, bool]:
+        """Poll ``key``'s entry while another process holds its lease: the fresh
+        entry, and whether the lease was released without one (False: ``lock_wait``
+        ran out). Backs off from 5 ms to 100 ms between polls."""
+        delay = 0.005
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.lock_wait
+        while loop.time() < deadline:
+            await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+            delay = min(delay * 1.5, 0.1)
+            found = await self.poll(key, versions)
+            outcome = classify(found, self.clock())
+            if isinstance(outcome, Fresh):
+                return outcome.entry, False
+            if not found.locked:
+                return None, True
+        return None, False
+
     async def store(
         self,
         key: CacheKey,
@@ -324,6 +375,63 @@ class Cache:
             target = self.keys.learn(key, sorted({*key.learned, *vary}))
         await self.storage.store(target, key, value, lifetime, token)
         self.stats.stores += 1
+
+    # -- the data cache: memoized functions ------------------------------------------
+
+    def memoize(
+        self,
+        *,
+        ttl: float,
+        key: str | Callable[..., str] | None = None,
+        tags: Iterable[str] = (),
+        stale_while_revalidate: float = 0,
+        stale_if_error: float = 0,
+        lock: bool = True,
+        serializer: Serializer | None = None,
+    ) -> Callable[[Callable[P, Awaitable[R]]], Memoized[P, R]]:
+        """Cache an ``async def`` function's results for ``ttl`` seconds::
+
+            @cache.memoize(ttl=300, tags=["user:{user_id}"])
+            async def load_profile(user_id: int) -> dict[str, Any]: ...
+
+        Parameters:
+            ttl: seconds a result is fresh.
+            key: the data key of a call, as a template over the arguments
+                (``"profile:{user_id}"``) or a function of them; default: the
+                function's module and qualified name and a hash of its bound
+                arguments (defaults applied; ``self``/``cls`` left out). An
+                argument the default cannot encode canonically is a TypeError
+                that asks for ``key=``.
+            tags: templates over the arguments (``"user:{user_id}"``);
+                ``invalidate_tags("user:42")`` drops the results stored with it,
+                and the cached pages with that tag.
+            stale_while_revalidate: seconds after ``ttl`` in which a stale result
+                is returned while one background call refreshes it.
+            stale_if_error: seconds after ``ttl`` in which a stale result is
+                returned if the function raises.
+            lock: hold a Redis lease while the function runs, so concurrent calls
+                in other processes wait for its result (in this process they
+                always do).
+            serializer: instead of the cache's (``PydanticSerializer(Model)`` for
+                functions that return pydantic models).
+
+        See ``_memo`` for the flow and :class:`Memoized` for ``.key()`` and
+        ``.invalidate()``."""
+
+        def decorate(func: Callable[P, Awaitable[R]]) -> Memoized[P, R]:
+            return Memoized(
+                self,
+                func,
+                ttl=ttl,
+                key=key,
+                tags=tags,
+                stale_while_revalidate=stale_while_revalidate,
+                stale_if_error=stale_if_error,
+                lock=lock,
+                serializer=serializer,
+            )
+
+        return decorate
 
     # -- invalidation ----------------------------------------------------------------------
 

@@ -71,22 +71,27 @@ class Entry:
 
 
 def encode(entry: Entry) -> bytes:
-    meta = orjson.dumps(
-        {
-            "s": entry.status,
-            "h": [
-                [name.decode("latin-1"), value.decode("latin-1")] for name, value in entry.headers
-            ],
-            "e": entry.etag,
-            "t": entry.stored_at,
-            "f": entry.fresh_for,
-            "w": entry.stale_while_revalidate,
-            "x": entry.stale_if_error,
-            "v": list(entry.versions),
-            "p": entry.per_user,
-        }
-    )
+    meta = orjson.dumps({**_meta(entry), "v": list(entry.versions)})
     return MAGIC + _HEADER.pack(len(meta)) + meta + entry.body
+
+
+def encode_head(entry: Entry) -> bytes:
+    """The meta of ``entry`` as :func:`encode` writes it, up to its versions
+    (the last member), for a script that reads them to complete it."""
+    return orjson.dumps(_meta(entry))[:-1]
+
+
+def _meta(entry: Entry) -> dict[str, object]:
+    return {
+        "s": entry.status,
+        "h": [[name.decode("latin-1"), value.decode("latin-1")] for name, value in entry.headers],
+        "e": entry.etag,
+        "t": entry.stored_at,
+        "f": entry.fresh_for,
+        "w": entry.stale_while_revalidate,
+        "x": entry.stale_if_error,
+        "p": entry.per_user,
+    }
 
 
 def decode(raw: bytes) -> Entry | None:

@@ -1,6 +1,6 @@
 """The flow of one request to a ``@cached`` route, top to bottom: ``Exchange.run``
 (rules, key, lookup, classify, serve or fill), then ``fill`` (lead),
-``follow`` (wait for this process's leader), ``wait_for_other_process`` (poll
+``follow`` (wait for this process's leader), ``Cache.wait_for_lease`` (poll
 while another process holds the lease) and ``refresh`` (stale-while-revalidate).
 
 The whole request, step by step:
@@ -215,7 +215,7 @@ class Exchange(Responder):
                     token, entry = await cache.acquire(key, versions)
                     locked = entry is None and token is None
                 if locked:
-                    entry, released = await self.wait_for_other_process(key, versions)
+                    entry, released = await cache.wait_for_lease(key, versions)
                     if released and not self.rekeyed:
                         # The other leader may have stored under a variant its
                         # response's Vary named (not under ``key``): read the vary
@@ -300,26 +300,6 @@ class Exchange(Responder):
             await self.fill(found.key, found.versions, fallback)
             return
         await self.run_app(found.key, found.versions, None, fallback)
-
-    async def wait_for_other_process(
-        self, key: CacheKey, versions: tuple[int, ...]
-    ) -> tuple[Entry | None, bool]:
-        """Poll ``key``'s entry while another process holds its lease: the entry,
-        and whether the lease was released without one (False: ``lock_wait`` ran out)."""
-        cache = self.cache
-        delay = 0.005
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + cache.lock_wait
-        while loop.time() < deadline:
-            await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
-            delay = min(delay * 1.5, 0.1)
-            found = await cache.poll(key, versions)
-            outcome = classify(found, cache.clock())
-            if isinstance(outcome, Fresh):
-                return outcome.entry, False
-            if not found.locked:
-                return None, True
-        return None, False
 
     def schedule_refresh(self, key: CacheKey, versions: tuple[int, ...]) -> None:
         flight = self.cache.flights.lead(key.digest)

@@ -71,6 +71,9 @@ Redis key layout (``{...}`` is a Redis Cluster hash tag)::
     <prefix>{u:<url id>}:v                version of the URL: invalidate(url) bumps it
     <prefix>{n:<namespace id>}:g          namespace generation: clear() bumps it
     <prefix>{t:<tag id>}:v                version of a tag: invalidate_tags() bumps it
+    <prefix>{d:<value id>}:e / :l / :y / :v  a data-cache value (``Cache.set``,
+                                          ``@cache.memoize``): entry, lease, record
+                                          (its tag ids) and its own version
 
 The URL id hashes namespace, the host's origin (:func:`canonical_origin`:
 lower-case, IDNA-encoded, ports 80 and 443 dropped; the key itself keeps
@@ -144,6 +147,15 @@ def _header_part(
     return b"".join(parts)
 
 
+def tag_id(tag: str) -> str:
+    """How a tag is named in Redis keys (and in a data entry's record)."""
+    return _short(tag)
+
+
+def tag_version_key(prefix: str, tag_id: str) -> str:
+    return f"{prefix}{{t:{tag_id}}}:v"
+
+
 def record_names(raw: bytes | str | None) -> tuple[str, ...]:
     """The header names a vary record holds (none when it is absent)."""
     if not raw:
@@ -175,6 +187,10 @@ class CacheKey:
     headers: Mapping[bytes, Sequence[tuple[bytes, bytes]]] = field(
         default_factory=dict, repr=False, compare=False
     )
+    # A data-cache key (:meth:`KeyScheme.for_value`): its record names the hashes
+    # of its tags, not headers, and a variant changes the tags, never the entry.
+    # The key prefix, to name the tags' version keys; "" for a response's key.
+    value_of: str = field(default="", repr=False)
 
     @property
     def version_keys(self) -> list[str]:
@@ -196,6 +212,12 @@ class CacheKey:
         learned = tuple(names)
         if learned == self.learned:
             return self
+        if self.value_of:
+            return replace(
+                self,
+                learned=learned,
+                tag_versions=tuple(tag_version_key(self.value_of, tag) for tag in learned),
+            )
         digest = self.base
         if learned:
             parts = [self.base.encode(), b"vary"]
@@ -263,7 +285,38 @@ class KeyScheme:
         return key
 
     def tag_version(self, tag: str) -> str:
-        return f"{self.prefix}{{t:{_short(tag)}}}:v"
+        return tag_version_key(self.prefix, tag_id(tag))
+
+    def for_value(self, namespace: str, name: str, tags: Iterable[str] | None) -> CacheKey:
+        """The key of the data cache's value ``name`` (``Cache.get``/``set``,
+        ``@cache.memoize``) in ``namespace``, stored with ``tags`` (their ids,
+        sorted, are its record; ``None``: the tags this process last saw it
+        stored with, which the lookup's record confirms or corrects).
+
+        Its keys share one slot; its *URL version* is the value's own version,
+        which ``delete`` and ``set`` bump so a refill that read the value
+        before them can never store over them; the namespace generation and
+        the tag versions are the response cache's, so ``clear()`` and
+        ``invalidate_tags()`` reach cached pages and data alike."""
+        digest = _digest([b"value", namespace.encode(), name.encode()])
+        slot = f"{self.prefix}{{d:{digest[:32]}}}"
+        if tags is None:
+            learned = self._learned.get(digest, ())
+        else:
+            learned = tuple(sorted({tag_id(tag) for tag in tags}))
+        return CacheKey(
+            digest=digest,
+            entry=f"{slot}:e",
+            lock=f"{slot}:l",
+            url_version=f"{slot}:v",
+            generation=self.generation(namespace),
+            tag_versions=tuple(tag_version_key(self.prefix, tag) for tag in learned),
+            base=digest,
+            vary_record=f"{slot}:y",
+            learned=learned,
+            slot=slot,
+            value_of=self.prefix,
+        )
 
     def for_request(
         self,

@@ -127,6 +127,24 @@ class NearLayer:
         finally:
             self._wrote([target.entry, target.vary_record, leased.lock])
 
+    async def set_value(self, key: CacheKey, head: bytes, body: bytes, lifetime: float) -> None:
+        try:
+            await self.inner.set_value(key, head, body, lifetime)
+        finally:
+            self._wrote(_value_keys(key))
+
+    async def incr_value(self, key: CacheKey, head: bytes, amount: int, lifetime: float) -> int:
+        try:
+            return await self.inner.incr_value(key, head, amount, lifetime)
+        finally:
+            self._wrote(_value_keys(key))
+
+    async def delete_value(self, key: CacheKey) -> bool:
+        try:
+            return await self.inner.delete_value(key)
+        finally:
+            self._wrote(_value_keys(key))
+
     async def bump(self, names: list[str]) -> None:
         try:
             await self.inner.bump(names)
@@ -145,6 +163,11 @@ class NearLayer:
     async def aclose(self) -> None:
         # The NearCache may be shared (NearCache.shared()): its owner closes it.
         await self.inner.aclose()
+
+
+def _value_keys(key: CacheKey) -> list[str]:
+    """What a data-cache write may change: the entry, its version and its record."""
+    return [key.entry, key.url_version, key.vary_record]
 
 
 def _local(view: NearView, key: CacheKey, session: SessionProof | None) -> Lookup | None:

@@ -38,7 +38,15 @@ from ._breaker import CircuitBreaker
 from ._entry import Entry, decode
 from ._keys import CacheKey, record_names
 from ._lock import new_token
-from ._scripts import ACQUIRE, LOOKUP, RELEASE, STORE_AND_RELEASE
+from ._scripts import (
+    ACQUIRE,
+    DELETE_VALUE,
+    INCR_VALUE,
+    LOOKUP,
+    RELEASE,
+    SET_VALUE,
+    STORE_AND_RELEASE,
+)
 from ._stats import CacheStats
 from ._storage import Lookup, ReadBack, SessionProof
 
@@ -164,6 +172,9 @@ class RedisLayer:
         self._acquire = client.register_script(ACQUIRE)
         self._release = client.register_script(RELEASE)
         self._store = client.register_script(STORE_AND_RELEASE)
+        self._set_value = client.register_script(SET_VALUE)
+        self._incr_value = client.register_script(INCR_VALUE)
+        self._delete_value = client.register_script(DELETE_VALUE)
 
     async def aclose(self) -> None:
         await self.backend.aclose()
@@ -399,6 +410,8 @@ class RedisLayer:
                 pipe.set(target.entry, value, px=px)
                 if target.learned:
                     pipe.set(target.vary_record, target.record_value, px=px)
+                elif target.value_of:
+                    pipe.delete(target.vary_record)
                 if token:
                     pipe.eval(RELEASE, 1, leased.lock, token)
                 await pipe.execute()
@@ -407,14 +420,62 @@ class RedisLayer:
                     self._store,
                     client,
                     [target.entry, leased.lock, target.vary_record],
-                    [value, px, token or "", target.record_value],
+                    [value, px, token or "", target.record_value, 1 if target.value_of else 0],
                 )
         self._remember(target, lifetime, self.clock())
 
-    async def bump(self, names: list[str]) -> None:
+    @property
+    def _version_px(self) -> int:
         # Versions outlive every entry written under them, so an expired version
         # key can never bring back an entry stored before the bump.
-        px = int((self.max_lifetime + 60) * 1000)
+        return int((self.max_lifetime + 60) * 1000)
+
+    async def set_value(self, key: CacheKey, head: bytes, body: bytes, lifetime: float) -> None:
+        """Write a data entry under the current versions, bumping the value's
+        own (``_scripts.SET_VALUE``): one round trip on a single server; on
+        Cluster, the other versions are read first."""
+        px = max(1, int(min(lifetime, self.max_lifetime) * 1000))
+        args: list[Any] = [head, body, px, key.record_value, self._version_px]
+        await self._value_script(self._set_value, key, args)
+        self._remember(key, lifetime, self.clock())
+
+    async def incr_value(self, key: CacheKey, head: bytes, amount: int, lifetime: float) -> int:
+        """Add ``amount`` to the counter at ``key`` (``_scripts.INCR_VALUE``)."""
+        px = max(1, int(min(lifetime, self.max_lifetime) * 1000))
+        status, text = await self._value_script(self._incr_value, key, [head, amount, px, ""])
+        if int(status) == 0:
+            raise TypeError("the cached value is not a counter made by incr()")
+        if int(status) == 2:
+            raise ValueError("the counter would pass 2**53, past which Redis's Lua is not exact")
+        return int(text)
+
+    async def delete_value(self, key: CacheKey) -> bool:
+        """Bump the value's version and drop its entry and record; whether it was there."""
+        async with self._redis() as client:
+            gone = await _run(
+                self._delete_value,
+                client,
+                [key.entry, key.url_version, key.vary_record],
+                [self._version_px],
+            )
+        self._remember(key, None)
+        return bool(gone)
+
+    async def _value_script(self, script: AsyncScript, key: CacheKey, args: list[Any]) -> Any:
+        own = [key.entry, key.url_version, key.vary_record]
+        others = [key.generation, *key.tag_versions]
+        async with self._redis() as client:
+            if not isinstance(client, RedisCluster):
+                return await _evalsha(script, client, [*own, *others], args)
+            # The generation and tag versions live in other slots: read them first
+            # (one GET each, pipelined, see _mget); the script then runs in the
+            # value's slot. An invalidation between the two is as if it came before.
+            versions = _versions(await self._mget(client, others))
+        async with self._redis() as client:
+            return await _run(script, client, own, [*args, *versions])
+
+    async def bump(self, names: list[str]) -> None:
+        px = self._version_px
         async with self._redis() as client:
             pipe = client.pipeline(transaction=not isinstance(client, RedisCluster))
             for name in names:
@@ -439,3 +500,11 @@ async def _evalsha(
     except NoScriptError:
         script.sha = await client.execute_command("SCRIPT LOAD", script.script)
         return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+
+
+async def _run(script: AsyncScript, client: RedisClient, keys: list[Any], args: list[Any]) -> Any:
+    """:func:`_evalsha` on a single server; on Cluster, redis-py's own script
+    call, which loads a missing script on the node that owns the keys."""
+    if isinstance(client, RedisCluster):
+        return await script(keys=keys, args=args, client=client)
+    return await _evalsha(script, client, keys, args)

@@ -82,16 +82,126 @@ return 0
 """
 
 # Store the entry, name its learned headers in the vary record (ARGV[4], '' = none:
-# the record is left as it is) and release our lease, in one round trip (the keys
-# share a hash tag). The lease is the one the caller holds: the key it looked up,
-# which names fewer headers than the entry's when the response taught it more.
+# the record is left as it is, unless ARGV[5] is '1': a data entry's record names
+# exactly its tags, and none is no record) and release our lease, in one round trip
+# (the keys share a hash tag). The lease is the one the caller holds: the key it
+# looked up, which names fewer headers than the entry's when the response taught it
+# more.
 STORE_AND_RELEASE = """
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 if ARGV[4] ~= '' then
   redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[2])
+elseif ARGV[5] == '1' then
+  redis.call('DEL', KEYS[3])
 end
 if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then
   redis.call('DEL', KEYS[2])
 end
 return 1
+"""
+
+# The data cache (``_values``) writes entries in Lua, in the format of ``_entry``:
+# b"ark1", the meta's length (4 bytes, big-endian), the meta (JSON whose last
+# member is "v", the versions), the body. ``frame`` completes a meta head that
+# Python encoded up to the versions. ``versions`` reads the version keys from KEYS[4]
+# on (a single server) or takes them from ARGV from ``first`` on (Cluster, where they
+# live in other slots and were read in a round trip before), with the value's own
+# version ``own`` second, as ``CacheKey.version_keys`` orders them.
+_VALUE_HELPERS = """
+local function frame(head, versions, body)
+  local meta = head .. ',"v":[' .. versions .. ']}'
+  local n = #meta
+  return 'ark1' .. string.char(math.floor(n / 16777216) % 256, math.floor(n / 65536) % 256,
+    math.floor(n / 256) % 256, n % 256) .. meta .. body
+end
+local function number(raw)
+  local n = tonumber(raw)
+  if n == nil then return '0' end
+  return string.format('%d', n)
+end
+local function versions(own, first)
+  local found = {}
+  if #KEYS > 3 then
+    found[1] = number(redis.call('GET', KEYS[4]))
+    found[2] = own
+    for i = 5, #KEYS do found[#found + 1] = number(redis.call('GET', KEYS[i])) end
+  else
+    found[1] = number(ARGV[first])
+    found[2] = own
+    for i = first + 1, #ARGV do found[#found + 1] = number(ARGV[i]) end
+  end
+  return table.concat(found, ',')
+end
+"""
+
+# ``Cache.set``. KEYS: entry, the value's version, its record, then (single server)
+# the generation and tag version keys. ARGV: meta head, body, entry PX, record ('' =
+# none), version PX, then (Cluster) the generation and tag versions. Bumps the
+# value's version first, so a refill that read the old one never stores over this.
+SET_VALUE = (
+    _VALUE_HELPERS
+    + """
+local own = redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+redis.call('SET', KEYS[1], frame(ARGV[1], versions(number(own), 6), ARGV[2]), 'PX', ARGV[3])
+if ARGV[4] == '' then
+  redis.call('DEL', KEYS[3])
+else
+  redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[3])
+end
+return 1
+"""
+)
+
+# ``Cache.incr``: a counter is an entry whose meta says "e":"n" and whose body is the
+# integer. KEYS, ARGV[1] (the head of a new counter), ARGV[3] and the versions as for
+# SET_VALUE; ARGV[2] the amount. A counter still valid for the current versions is
+# incremented in place and keeps its TTL; anything else under the key that is valid
+# is not a counter (an error, nothing written); an invalid or absent one starts at
+# the amount with the head's TTL. Returns {1, the new value}, {0, ''} (not a
+# counter) or {2, ''} (Lua numbers are doubles: past 2^53 it would not be exact).
+INCR_VALUE = (
+    _VALUE_HELPERS
+    + """
+local current = versions(number(redis.call('GET', KEYS[2])), 5)
+local suffix = ',"v":[' .. current .. ']}'
+local raw = redis.call('GET', KEYS[1])
+if raw and string.sub(raw, 1, 4) == 'ark1' and #raw >= 8 then
+  local b1, b2, b3, b4 = string.byte(raw, 5, 8)
+  local n = ((b1 * 256 + b2) * 256 + b3) * 256 + b4
+  local meta = string.sub(raw, 9, 8 + n)
+  if #meta > #suffix and string.sub(meta, -#suffix) == suffix then
+    local body = string.sub(raw, 9 + n)
+    if not string.find(meta, '"e":"n"', 1, true) or not string.match(body, '^%-?%d+$') then
+      return {0, ''}
+    end
+    local value = tonumber(body) + tonumber(ARGV[2])
+    if math.abs(value) >= 9007199254740992 then
+      return {2, ''}
+    end
+    local left = redis.call('PTTL', KEYS[1])
+    local text = string.format('%d', value)
+    if left > 0 then
+      redis.call('SET', KEYS[1], string.sub(raw, 1, 8 + n) .. text, 'PX', left)
+    else
+      redis.call('SET', KEYS[1], string.sub(raw, 1, 8 + n) .. text)
+    end
+    return {1, text}
+  end
+end
+local text = string.format('%d', tonumber(ARGV[2]))
+redis.call('SET', KEYS[1], frame(ARGV[1], current, text), 'PX', ARGV[3])
+redis.call('DEL', KEYS[3])
+return {1, text}
+"""
+)
+
+# ``Cache.delete``: bump the value's version (a refill that read it before never
+# stores over the delete) and drop the entry and its record. KEYS: entry, version,
+# record; ARGV: version PX. Returns 1 if the entry key existed.
+DELETE_VALUE = """
+redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[3])
+return redis.call('DEL', KEYS[1])
 """

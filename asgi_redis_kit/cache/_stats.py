@@ -34,6 +34,19 @@ class CacheStats:
     near_hits: int = 0
     #: lookups the near cache could not answer, sent to Redis while it was usable
     near_misses: int = 0
+    #: the data cache (``get``/``exists`` and memoized calls): values found
+    #: (stale ones a memoized call revalidates included), and not found
+    data_hits: int = 0
+    data_misses: int = 0
+    #: memoized calls answered with a stale value (revalidating, or the
+    #: function failed inside ``stale_if_error``)
+    data_stale: int = 0
+    #: values written (``set``, ``set_many``, memoized results)
+    data_stores: int = 0
+    #: memoized calls answered by another call's run in this process
+    data_coalesced: int = 0
+    #: background refreshes of stale memoized values
+    data_refreshes: int = 0
     #: the NearCache's own counters (shared by everyone using that NearCache;
     #: ``reset()`` leaves them), or None without a near cache
     near: NearStats | None = None
@@ -42,6 +55,8 @@ class CacheStats:
         self.requests = self.hits = self.misses = self.stale = self.not_modified = 0
         self.stores = self.refreshes = self.errors = self.coalesced = 0
         self.near_hits = self.near_misses = 0
+        self.data_hits = self.data_misses = self.data_stale = self.data_stores = 0
+        self.data_coalesced = self.data_refreshes = 0
         self.bypass.clear()
         self.not_stored.clear()
         self.invalidations.clear()
@@ -62,5 +77,11 @@ class CacheStats:
             "invalidations": dict(self.invalidations),
             "near_hits": self.near_hits,
             "near_misses": self.near_misses,
+            "data_hits": self.data_hits,
+            "data_misses": self.data_misses,
+            "data_stale": self.data_stale,
+            "data_stores": self.data_stores,
+            "data_coalesced": self.data_coalesced,
+            "data_refreshes": self.data_refreshes,
             "near": None if self.near is None else self.near.as_dict(),
         }

@@ -102,6 +102,19 @@ class Storage(Protocol):
         the lease ``token`` of ``leased``, the key the caller looked up."""
         ...
 
+    async def set_value(self, key: CacheKey, head: bytes, body: bytes, lifetime: float) -> None:
+        """Write a data entry (its meta ``head`` up to the versions, then
+        ``body``) under the current versions, bumping the value's own."""
+        ...
+
+    async def incr_value(self, key: CacheKey, head: bytes, amount: int, lifetime: float) -> int:
+        """Add ``amount`` to the counter at ``key`` (a new one: ``head``); the result."""
+        ...
+
+    async def delete_value(self, key: CacheKey) -> bool:
+        """Invalidate and drop the data entry; whether one was there."""
+        ...
+
     async def bump(self, names: list[str]) -> None:
         """Increment version counters (invalidation)."""
         ...

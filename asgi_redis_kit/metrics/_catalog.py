@@ -45,6 +45,7 @@ class Row:
 _LOOKUPS = "Cache lookups by outcome (hit, stale, miss, coalesced; bypasses: see reasons)"
 _SESSIONS = "Session events by kind"
 _NEAR = "Near-cache lookups by outcome"
+_DATA = "Data-cache lookups (get, exists, memoized calls) by outcome"
 
 COUNTERS: tuple[Row, ...] = (
     # -- the response cache (CacheStats) -------------------------------------------------
@@ -73,6 +74,15 @@ COUNTERS: tuple[Row, ...] = (
     ),
     Row("cache", "cache_near_lookups", "near_hits", _NEAR, {"outcome": "hit"}),
     Row("cache", "cache_near_lookups", "near_misses", _NEAR, {"outcome": "miss"}),
+    # -- the data cache: Cache.get/set and @cache.memoize (CacheStats.data_*) ------------
+    Row("cache", "cache_data_lookups", "data_hits", _DATA, {"outcome": "hit"}),
+    Row("cache", "cache_data_lookups", "data_misses", _DATA, {"outcome": "miss"}),
+    Row("cache", "cache_data_lookups", "data_stale", _DATA, {"outcome": "stale"}),
+    Row("cache", "cache_data_lookups", "data_coalesced", _DATA, {"outcome": "coalesced"}),
+    Row("cache", "cache_data_stores", "data_stores", "Values written (set, memoized results)"),
+    Row(
+        "cache", "cache_data_refreshes", "data_refreshes", "Background refreshes of memoized values"
+    ),
     # -- sessions (SessionStats) ---------------------------------------------------------
     Row("session", "sessions", "loaded", _SESSIONS, {"event": "loaded"}),
     Row("session", "sessions", "not_found", _SESSIONS, {"event": "not_found"}),

@@ -224,3 +224,28 @@ async def test_near_cache_metrics(redis_url: str, key_prefix: str) -> None:
     assert value(samples, "asgi_redis_kit_near_bytes") > 0
     assert value(samples, "asgi_redis_kit_near_entries") >= 1
     assert value(samples, "asgi_redis_kit_near_tracking", state="tracking") == 1
+
+
+async def test_data_cache_counters(redis_url: str, key_prefix: str) -> None:
+    """The data cache's counters reach Prometheus through their catalog rows."""
+    metrics = Metrics()
+    async with Cache(redis_url, key_prefix=key_prefix) as cache:
+        metrics.watch(cache)
+        await cache.set("clave", "valor", ttl=60)
+        assert await cache.get("clave") == "valor"
+        assert await cache.get("missing") is None
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        registry = CollectorRegistry()
+        registry.register(metrics.collector())
+        text = generate_latest(registry).decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    lookups = "asgi_redis_kit_cache_data_lookups_total"
+    assert value(samples, lookups, outcome="hit") == 1
+    assert value(samples, lookups, outcome="miss") == 1
+    assert value(samples, "asgi_redis_kit_cache_data_stores_total") == 1
+    assert metrics.snapshot()["cache_data_lookups.hit"] == 1

@@ -1,0 +1,418 @@
+"""``@cache.memoize``: a coroutine function's results in the data cache.
+
+A call, top to bottom (``Memoized.__call__``, then ``_Call``):
+
+1. The key: the function's module and qualified name and a canonical encoding
+   of its bound arguments (:func:`canonical_arguments`: defaults applied, so
+   ``f(1)``, ``f(x=1)`` and ``f(1, y=<default>)`` are one entry; ``self`` and
+   ``cls`` left out), or the ``key=`` template or function. Tags are templates
+   over the same arguments. An argument with no canonical encoding is a
+   ``TypeError`` here, before Redis.
+2. One lookup (``Cache.lookup``: concurrent calls share it; on a single server
+   it takes the Redis lease when the value is absent), one ``classify``:
+   fresh -> return it; stale within ``stale_while_revalidate`` -> return it and
+   refresh once in the background; otherwise fill.
+3. Fill: the first call in this process leads, the others wait for it (and get
+   the bytes it stored, each read back into its own object). The leader holds
+   the Redis lease, or polls while another process holds it and runs the
+   function itself after ``lock_wait``; it runs the function, stores the result
+   and gives the lease back in the same round trip.
+4. Redis down or slow (or the breaker open): the function runs, and concurrent
+   calls of one key in this process still run it once.
+
+Exceptions are never stored: the leader's exception is raised in the calls
+that waited for it, and with ``stale_if_error`` a stale value is returned
+instead. A leader that is cancelled gives its lease back (in the background)
+and its waiters start over; a store is one atomic command, never half done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import decimal
+import enum
+import functools
+import hashlib
+import inspect
+import logging
+import math
+import string
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, assert_never
+
+import orjson
+
+from ..errors import BackendUnavailable
+from ._entry import Entry, encode
+from ._keys import CacheKey
+from ._outcome import Absent, Fresh, SessionGone, Stale, classify
+from ._serializers import Serializer
+from ._values import MISSING, check_key, check_tags, check_ttl, read_value, value_entry
+
+if TYPE_CHECKING:
+    from ._cache import Cache
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+logger = logging.getLogger("asgi_redis_kit.cache")
+
+_SKIPPED = ("self", "cls")
+
+
+class _Unencodable(TypeError):
+    pass
+
+
+def _canonical(value: Any) -> Any:
+    """``value`` as a JSON tree that names every type, so that distinct arguments
+    never share a key (``1``/``1.0``/``True``, ``None``/NaN, a list/tuple, a
+    ``UUID`` and its string) and equal ones always do (dicts and sets in any
+    order). Lists stand for types: no user value can pass for one."""
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, enum.Enum):
+        return ["enum", type(value).__qualname__, _canonical(value.value)]
+    if isinstance(value, int):
+        return value if -(2**63) <= value < 2**64 else ["int", hex(value)]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else ["float", repr(value)]
+    if isinstance(value, bytes):
+        return ["bytes", value.hex()]
+    if isinstance(value, list | tuple):
+        return ["list" if isinstance(value, list) else "tuple", *map(_canonical, value)]
+    if isinstance(value, dict):
+        items = sorted((orjson.dumps(_canonical(k)), _canonical(v)) for k, v in value.items())
+        return ["dict", *[[k.decode(), v] for k, v in items]]
+    if isinstance(value, set | frozenset):
+        return ["set", *sorted(orjson.dumps(_canonical(item)).decode() for item in value)]
+    if isinstance(value, datetime.datetime | datetime.date | datetime.time):
+        return [type(value).__name__, value.isoformat()]
+    if isinstance(value, datetime.timedelta):
+        return ["timedelta", value.days, value.seconds, value.microseconds]
+    if isinstance(value, uuid.UUID | decimal.Decimal):
+        return [type(value).__name__, str(value)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        return ["dataclass", type(value).__qualname__, _canonical(fields)]
+    dump = getattr(value, "model_dump", None)
+    if callable(dump) and hasattr(type(value), "model_fields"):  # a pydantic model
+        return ["model", type(value).__qualname__, _canonical(dump(mode="json"))]
+    raise _Unencodable(type(value).__name__)
+
+
+def canonical_arguments(
+    qualname: str, signature: inspect.Signature, args: Any, kwargs: Any
+) -> tuple[dict[str, Any], bytes]:
+    """The call's arguments by name (defaults applied), and their canonical
+    encoding (``self``/``cls`` first left out)."""
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    parts = []
+    for index, (name, value) in enumerate(arguments.items()):
+        if index == 0 and name in _SKIPPED:
+            continue
+        try:
+            parts.append([name, _canonical(value)])
+        except _Unencodable as exc:
+            raise TypeError(
+                f"{qualname}(): argument {name!r} ({exc}) has no canonical encoding for "
+                "a cache key; pass key= to @cache.memoize (a template such as "
+                f"'{qualname}:{{{name}.id}}' or a function of the arguments)"
+            ) from None
+    return arguments, orjson.dumps(parts)
+
+
+def _template_names(template: str) -> set[str]:
+    """The argument names a ``str.format`` template uses."""
+    names = set()
+    for _, field, _, _ in string.Formatter().parse(template):
+        if field is not None:
+            root = field.split(".", 1)[0].split("[", 1)[0]
+            if not root or root.isdigit():
+                raise ValueError(f"template {template!r}: name the arguments ({{user_id}})")
+            names.add(root)
+    return names
+
+
+class Memoized(Generic[P, R]):
+    """A memoized coroutine function (see :meth:`Cache.memoize`). Call it as the
+    function; ``.key(*args, **kwargs)`` is the data key of a call (for
+    ``cache.get``/``delete``) and ``await .invalidate(*args, **kwargs)`` drops
+    its value."""
+
+    def __init__(
+        self,
+        cache: Cache,
+        func: Callable[P, Awaitable[R]],
+        *,
+        ttl: float,
+        key: str | Callable[..., str] | None,
+        tags: Iterable[str],
+        stale_while_revalidate: float,
+        stale_if_error: float,
+        lock: bool,
+        serializer: Serializer | None,
+    ) -> None:
+        if not inspect.iscoroutinefunction(func):
+            raise TypeError(f"@cache.memoize goes on an async def function, got {func!r}")
+        self.ttl = check_ttl("ttl", ttl, optional=False) or 0.0
+        self.stale_while_revalidate = _window("stale_while_revalidate", stale_while_revalidate)
+        self.stale_if_error = _window("stale_if_error", stale_if_error)
+        self.cache = cache
+        self.func = func
+        self.lock = lock
+        self.serializer = serializer or cache.serializer
+        self.signature = inspect.signature(func)
+        self.name = f"{func.__module__}.{func.__qualname__}"
+        self.tags = check_tags(tags)
+        if key is not None and not (isinstance(key, str) or callable(key)):
+            raise TypeError(f"key= is a template str or a function, got {key!r}")
+        self.key_option = key
+        params = set(self.signature.parameters)
+        for template in (*self.tags, *([key] if isinstance(key, str) else [])):
+            unknown = _template_names(template) - params
+            if unknown:
+                raise ValueError(
+                    f"template {template!r} names {sorted(unknown)}, which "
+                    f"{func.__qualname__}() has no parameter for"
+                )
+        functools.update_wrapper(self, func)
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        # Used on a method: bind the instance as the first argument, as a function would.
+        if instance is None:
+            return self
+        return _Bound(self, instance)
+
+    def key(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """The data key of this call."""
+        return self._name_and_tags(args, kwargs)[0]
+
+    async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
+        """Drop the value of this call (``cache.delete``); whether one was there."""
+        return await self.cache.delete(self.key(*args, **kwargs))
+
+    async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        name, tags = self._name_and_tags(args, kwargs)
+        key = self.cache.keys.for_value(self.cache.namespace, name, tags)
+        result: R = await _Call(self, key, functools.partial(self.func, *args, **kwargs)).run()
+        return result
+
+    def _name_and_tags(self, args: Any, kwargs: Any) -> tuple[str, tuple[str, ...]]:
+        arguments, encoded = canonical_arguments(
+            self.func.__qualname__, self.signature, args, kwargs
+        )
+        option = self.key_option
+        if option is None:
+            name = f"{self.name}:{hashlib.sha256(encoded).hexdigest()[:32]}"
+        elif isinstance(option, str):
+            name = option.format_map(arguments)
+        else:
+            name = option(*args, **kwargs)
+        tags = tuple(tag.format_map(arguments) for tag in self.tags)
+        return check_key(name), tags
+
+
+class _Bound:
+    """A Memoized method bound to its instance."""
+
+    def __init__(self, memo: Memoized[..., Any], instance: object) -> None:
+        self._memo = memo
+        self._instance = instance
+        functools.update_wrapper(self, memo.func)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Awaitable[Any]:
+        return self._memo(self._instance, *args, **kwargs)
+
+    def key(self, *args: Any, **kwargs: Any) -> str:
+        return self._memo.key(self._instance, *args, **kwargs)
+
+    async def invalidate(self, *args: Any, **kwargs: Any) -> bool:
+        return await self._memo.invalidate(self._instance, *args, **kwargs)
+
+
+def _window(name: str, seconds: float) -> float:
+    if seconds == 0:
+        return 0.0
+    return check_ttl(name, seconds, optional=False) or 0.0
+
+
+# What a leader leaves for the calls that waited on it in this process: the bytes
+# stored (each waiter reads its own copy), the exception the function raised, or
+# None (the leader was cancelled: start over).
+_Shared = bytes | BaseException | None
+
+
+class _Call:
+    """One memoized call's flow: lookup, classify, then return or fill."""
+
+    def __init__(
+        self, memo: Memoized[..., Any], key: CacheKey, call: Callable[[], Awaitable[Any]]
+    ) -> None:
+        self.memo = memo
+        self.cache = memo.cache
+        self.stats = memo.cache.stats
+        self.key = key
+        self.call = call
+        self.token: str | None = None  # the Redis lease while we hold it
+
+    async def run(self) -> Any:
+        cache = self.cache
+        try:
+            # ``follow=False``: the record may name other tags (a set() of this key);
+            # this call stores under its own, whose versions this lookup reads.
+            found = await cache.lookup(self.key, lease=self.memo.lock, follow=False)
+        except BackendUnavailable:
+            return await self.fill((), None, redis=False)
+        versions = found.versions
+        outcome = classify(found, cache.clock())
+        entry = getattr(outcome, "entry", None)
+        if entry is not None and self.read(entry) is MISSING:
+            outcome = Absent()  # stored with other tags, or unreadable: refill
+        match outcome:
+            case Fresh(entry):
+                self.stats.data_hits += 1
+                return self.read(entry)
+            case Stale(entry, "revalidate"):
+                self.stats.data_hits += 1
+                self.stats.data_stale += 1
+                self.schedule_refresh(versions)
+                return self.read(entry)
+            case Stale(entry, _):
+                self.stats.data_misses += 1
+                return await self.fill(versions, entry)
+            case Absent(token, locked):
+                self.stats.data_misses += 1
+                self.token = token
+                return await self.fill(versions, None, locked=locked)
+            case SessionGone(token):  # only a per-user page's lookup proves a session
+                self.token = token
+                return await self.fill(versions, None)
+            case unknown:
+                assert_never(unknown)
+
+    def read(self, entry: Entry) -> Any:
+        return read_value(entry, self.key, self.memo.serializer)
+
+    async def fill(
+        self,
+        versions: tuple[int, ...],
+        fallback: Entry | None,
+        *,
+        locked: bool = False,
+        redis: bool = True,
+    ) -> Any:
+        """Lead the refill in this process, or wait for the call that does."""
+        flights = self.cache.value_flights
+        shared = flights.get(self.key.entry)
+        if shared is not None:
+            self.give_back()
+            return await self.follow(shared)
+        flight: asyncio.Future[_Shared] = asyncio.get_running_loop().create_future()
+        flights[self.key.entry] = flight
+        outcome: _Shared = None
+        try:
+            body = await self.lead(versions, fallback, locked=locked, redis=redis)
+            outcome = body
+            return self.memo.serializer.loads(body)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            outcome = exc
+            raise
+        finally:
+            self.give_back()
+            if flights.get(self.key.entry) is flight:
+                del flights[self.key.entry]
+            flight.set_result(outcome)
+
+    async def follow(self, shared: asyncio.Future[_Shared]) -> Any:
+        try:
+            async with asyncio.timeout(self.cache.lock_wait):
+                # shield: one cancelled caller must not cancel what the others wait on.
+                outcome = await asyncio.shield(shared)
+        except TimeoutError:
+            return await self.call()  # the leader is stuck: do not wait for it any longer
+        if outcome is None:
+            return await _Call(self.memo, self.key, self.call).run()
+        if isinstance(outcome, BaseException):
+            raise outcome
+        self.stats.data_coalesced += 1
+        return self.memo.serializer.loads(outcome)
+
+    async def lead(
+        self, versions: tuple[int, ...], fallback: Entry | None, *, locked: bool, redis: bool
+    ) -> bytes:
+        """The function's result as stored (or a value another leader stored
+        meanwhile), holding the Redis lease where there is one."""
+        cache = self.cache
+        if redis and self.memo.lock and self.token is None:
+            try:
+                if not locked:
+                    self.token, entry = await cache.acquire(self.key, versions)
+                    if entry is not None and self.read(entry) is not MISSING:
+                        return entry.body  # stored just before we asked
+                    locked = self.token is None
+                if locked:
+                    entry, _ = await cache.wait_for_lease(self.key, versions)
+                    if entry is not None and self.read(entry) is not MISSING:
+                        return entry.body
+            except BackendUnavailable:
+                redis = False
+        try:
+            value = await self.call()
+        except Exception:
+            if fallback is not None and fallback.in_error_window(cache.clock()):
+                self.stats.data_stale += 1
+                return fallback.body
+            raise
+        body = self.memo.serializer.dumps(value)
+        if redis:
+            entry = value_entry(
+                self.key,
+                body,
+                now=cache.clock(),
+                ttl=self.memo.ttl,
+                stale_while_revalidate=self.memo.stale_while_revalidate,
+                stale_if_error=self.memo.stale_if_error,
+                versions=versions,
+            )
+            token, self.token = self.token, None
+            try:
+                await cache.storage.store(self.key, self.key, encode(entry), entry.lifetime, token)
+                self.stats.data_stores += 1
+            except BackendUnavailable:
+                pass  # fail open: the caller gets its value; the lease expires
+            except asyncio.CancelledError:
+                self.token = token  # the store may not have released it
+                raise
+        return body
+
+    def give_back(self) -> None:
+        """Release a lease we still hold, in the background (we may be cancelled)."""
+        token, self.token = self.token, None
+        if token is not None:
+            self.cache.spawn(self.cache.release_quietly(self.key, token))
+
+    def schedule_refresh(self, versions: tuple[int, ...]) -> None:
+        if self.key.entry in self.cache.value_flights:
+            return  # a refresh (or a refill) of this key is already running here
+        self.cache.spawn(self.refresh(versions))
+
+    async def refresh(self, versions: tuple[int, ...]) -> None:
+        cache = self.cache
+        with contextlib.suppress(BackendUnavailable):
+            self.token, _ = await cache.acquire(self.key, versions)
+        if self.token is None:
+            return  # another process refreshes it, or already did
+        self.stats.data_refreshes += 1
+        try:
+            await self.fill(versions, None)
+        except Exception:
+            logger.exception("background refresh of a memoized value failed")
