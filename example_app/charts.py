@@ -49,9 +49,12 @@ def line_chart(
             f'fill="#616e7c">{label}</text>'
         )
     if minutes:
-        for index in sorted({0, len(minutes) // 2, len(minutes) - 1}):
+        last = len(minutes) - 1
+        for index in sorted({0, len(minutes) // 2, last}):
+            # The end labels are anchored inwards, so they are not cut at the edges.
+            anchor = "start" if index == 0 else "end" if index == last else "middle"
             parts.append(
-                f'<text x="{LEFT + index * step:.1f}" y="{HEIGHT - 8}" text-anchor="middle" '
+                f'<text x="{LEFT + index * step:.1f}" y="{HEIGHT - 8}" text-anchor="{anchor}" '
                 f'font-size="11" fill="#616e7c">{_clock(minutes[index])}</text>'
             )
     for number, (name, points) in enumerate(series.items()):
