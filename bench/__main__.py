@@ -117,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import fleet
 
         return fleet.main(argv[1:])
+    if argv[:1] == ["data"]:
+        from . import data
+
+        return data.main(argv[1:])
     if argv[:1] == ["lag"]:
         from . import lag
 
