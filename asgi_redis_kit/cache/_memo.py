@@ -273,17 +273,19 @@ class _Call:
         versions = found.versions
         outcome = classify(found, cache.clock())
         entry = getattr(outcome, "entry", None)
-        if entry is not None and self.read(entry) is MISSING:
+        # Read once: the check and a hit's answer are the same deserialized value.
+        value = MISSING if entry is None else self.read(entry)
+        if entry is not None and value is MISSING:
             outcome = Absent()  # stored with other tags, or unreadable: refill
         match outcome:
-            case Fresh(entry):
+            case Fresh(_):
                 self.stats.data_hits += 1
-                return self.read(entry)
-            case Stale(entry, "revalidate"):
+                return value
+            case Stale(_, "revalidate"):
                 self.stats.data_hits += 1
                 self.stats.data_stale += 1
                 self.schedule_refresh(versions)
-                return self.read(entry)
+                return value
             case Stale(entry, _):
                 self.stats.data_misses += 1
                 return await self.fill(versions, entry)
