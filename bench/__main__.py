@@ -30,6 +30,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         "[--concurrency C] [--out PATH]\n  (python -m bench soak --help for its options)\n"
         "the fleet run (near-cache invalidation cost on Redis):\n  python -m bench fleet "
         "[--clients N] [--writes W] [--seconds S] [--out PATH]\n"
+        "the data cache (Cache.get, @cache.memoize) vs cashews and aiocache:\n  "
+        "python -m bench data [-n N] [--rounds R] [--out PATH]\n"
         "the near cache's invalidation lag between two instances:\n  python -m bench lag "
         "[--trials N] [--keys K] [--out PATH]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -117,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import fleet
 
         return fleet.main(argv[1:])
+    if argv[:1] == ["data"]:
+        from . import data
+
+        return data.main(argv[1:])
     if argv[:1] == ["lag"]:
         from . import lag
 

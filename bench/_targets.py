@@ -22,6 +22,17 @@ AIOCACHE = "aiocache"
 NO_CACHE = "no cache"
 STARSESSIONS = "starsessions"
 
+# The data cache's targets (issue 9; ``bench/data.py``, its own report): a memoized
+# call's hit time over a peer's, same run: (operation, tool, peer, limit).
+DATA_CASHEWS = "cashews (redis)"
+DATA_AIOCACHE = "aiocache (RedisCache)"
+DATA_TARGETS: tuple[tuple[str, str, str, float], ...] = (
+    ("hit", OURS, DATA_CASHEWS, 0.5),
+    ("hit", OURS, DATA_AIOCACHE, 0.5),
+    ("hit", NEAR, DATA_CASHEWS, 0.1),
+    ("hit", NEAR, DATA_AIOCACHE, 0.1),
+)
+
 
 @dataclass
 class Target:

@@ -105,14 +105,53 @@ def _canonical(value: Any) -> Any:
     raise _Unencodable(type(value).__name__)
 
 
+# A signature whose parameters are all plain (positional-or-keyword): its names
+# and defaults in order, so a call binds without ``Signature.bind``.
+_Plain = tuple[tuple[str, Any], ...]
+
+
+def plain_parameters(signature: inspect.Signature) -> _Plain | None:
+    """The names and defaults (``inspect.Parameter.empty`` for none) of a signature
+    with only positional-or-keyword parameters; None for any other."""
+    params = signature.parameters.values()
+    if any(p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params):
+        return None
+    return tuple((p.name, p.default) for p in params)
+
+
+def _bind_plain(plain: _Plain, args: Any, kwargs: Any) -> dict[str, Any] | None:
+    """What ``bind`` + ``apply_defaults`` give for a plain signature, in the same
+    order; None when the call does not fit it (``bind`` then raises its TypeError)."""
+    if len(args) > len(plain):
+        return None
+    arguments = {name: value for (name, _), value in zip(plain, args, strict=False)}
+    used = 0
+    for name, default in plain[len(args) :]:
+        if name in kwargs:
+            arguments[name] = kwargs[name]
+            used += 1
+        elif default is inspect.Parameter.empty:
+            return None
+        else:
+            arguments[name] = default
+    return arguments if used == len(kwargs) else None
+
+
 def canonical_arguments(
-    qualname: str, signature: inspect.Signature, args: Any, kwargs: Any
+    qualname: str,
+    signature: inspect.Signature,
+    args: Any,
+    kwargs: Any,
+    plain: _Plain | None = None,
 ) -> tuple[dict[str, Any], bytes]:
     """The call's arguments by name (defaults applied), and their canonical
-    encoding (``self``/``cls`` first left out)."""
-    bound = signature.bind(*args, **kwargs)
-    bound.apply_defaults()
-    arguments = dict(bound.arguments)
+    encoding (``self``/``cls`` first left out). ``plain``: the signature's
+    :func:`plain_parameters`, which spares most calls ``Signature.bind``."""
+    arguments = None if plain is None else _bind_plain(plain, args, kwargs)
+    if arguments is None:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
     parts = []
     for index, (name, value) in enumerate(arguments.items()):
         if index == 0 and name in _SKIPPED:
@@ -169,6 +208,7 @@ class Memoized(Generic[P, R]):
         self.lock = lock
         self.serializer = serializer or cache.serializer
         self.signature = inspect.signature(func)
+        self.plain = plain_parameters(self.signature)
         self.name = f"{func.__module__}.{func.__qualname__}"
         self.tags = check_tags(tags)
         if key is not None and not (isinstance(key, str) or callable(key)):
@@ -206,7 +246,7 @@ class Memoized(Generic[P, R]):
 
     def _name_and_tags(self, args: Any, kwargs: Any) -> tuple[str, tuple[str, ...]]:
         arguments, encoded = canonical_arguments(
-            self.func.__qualname__, self.signature, args, kwargs
+            self.func.__qualname__, self.signature, args, kwargs, self.plain
         )
         option = self.key_option
         if option is None:
@@ -273,17 +313,19 @@ class _Call:
         versions = found.versions
         outcome = classify(found, cache.clock())
         entry = getattr(outcome, "entry", None)
-        if entry is not None and self.read(entry) is MISSING:
+        # Read once: the check and a hit's answer are the same deserialized value.
+        value = MISSING if entry is None else self.read(entry)
+        if entry is not None and value is MISSING:
             outcome = Absent()  # stored with other tags, or unreadable: refill
         match outcome:
-            case Fresh(entry):
+            case Fresh(_):
                 self.stats.data_hits += 1
-                return self.read(entry)
-            case Stale(entry, "revalidate"):
+                return value
+            case Stale(_, "revalidate"):
                 self.stats.data_hits += 1
                 self.stats.data_stale += 1
                 self.schedule_refresh(versions)
-                return self.read(entry)
+                return value
             case Stale(entry, _):
                 self.stats.data_misses += 1
                 return await self.fill(versions, entry)
