@@ -441,6 +441,7 @@ class Cache(Values):
         Returns the number of tags bumped (version counters, not entries)."""
         if tags:
             await self.storage.bump([self.keys.tag_version(tag) for tag in tags])
+            self.stats.invalidations["tag"] += len(tags)
         return len(tags)
 
     async def invalidate(
@@ -469,12 +470,17 @@ class Cache(Values):
             path = unquote(parsed.path) or "/"
         url_id = self.keys.url_id(namespace or self.namespace, host, path)
         await self.storage.bump([self.keys.url_version(url_id)])
+        self.stats.invalidations["url"] += 1
         return 1
 
     async def clear(self, namespace: str | None = None) -> int:
         """Drop every entry of ``namespace`` (default: the cache's) in O(1) by bumping
         its generation; old entries expire on their own. Returns the new generation."""
-        return await self.storage.bump_generation(self.keys.generation(namespace or self.namespace))
+        generation = await self.storage.bump_generation(
+            self.keys.generation(namespace or self.namespace)
+        )
+        self.stats.invalidations["namespace"] += 1
+        return generation
 
     # -- lifecycle ----------------------------------------------------------------------
 

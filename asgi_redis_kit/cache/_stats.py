@@ -28,7 +28,7 @@ class CacheStats:
     bypass: Counter[str] = field(default_factory=Counter)
     not_stored: Counter[str] = field(default_factory=Counter)
     #: ``invalidate_tags`` / ``invalidate`` / ``clear`` calls, by kind
-    #: (``tag`` per tag, ``url``, ``namespace``)
+    #: (``tag`` per tag, ``url``, ``namespace``, ``key``: a data-cache ``delete``)
     invalidations: Counter[str] = field(default_factory=Counter)
     #: lookups answered from the near cache with no Redis command (``near_cache=``)
     near_hits: int = 0

@@ -227,7 +227,9 @@ class Values:
         """Remove ``key``'s value: True if one was there. A memoized call or refill
         that read the value before is never stored over the delete. Raises
         BackendUnavailable if Redis did not answer."""
-        return await self.storage.delete_value(self.value_key(key, ()))
+        found = await self.storage.delete_value(self.value_key(key, ()))
+        self.stats.invalidations["key"] += 1
+        return found
 
     async def incr(self, key: str, amount: int = 1, *, ttl: float | None = None) -> int:
         """Add ``amount`` to the counter ``key`` atomically and return the new

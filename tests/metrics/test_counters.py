@@ -159,11 +159,6 @@ async def test_redis_outage_counts_503_and_timeouts(
     assert value(samples, "asgi_redis_kit_redis_call_timeouts_total", operation="session_load") >= 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Cache.invalidate*/clear do not count stats.invalidations yet (cache/_cache.py, "
-    "owned by the data-cache work); remove this mark when they do",
-)
 async def test_invalidations(app: tuple[Starlette, Metrics]) -> None:
     asgi, metrics = app
     async with client(asgi) as http:
