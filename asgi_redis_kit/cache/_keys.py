@@ -250,6 +250,9 @@ class KeyScheme:
         # The header names each base key's responses vary on, as far as this
         # process knows (bounded the same way); Redis's vary record decides.
         self._learned: dict[str, tuple[str, ...]] = {}
+        # Hot values and tags are few too: their keys and ids, bounded the same way.
+        self._values: dict[tuple[str, str], CacheKey] = {}
+        self._tag_ids: dict[str, str] = {}
 
     def learn(self, key: CacheKey, names: Sequence[str]) -> CacheKey:
         """Remember that ``key``'s URL varies on ``names``; the variant key for them."""
@@ -298,22 +301,38 @@ class KeyScheme:
         before them can never store over them; the namespace generation and
         the tag versions are the response cache's, so ``clear()`` and
         ``invalidate_tags()`` reach cached pages and data alike."""
+        base = self._values.get((namespace, name))
+        if base is None:
+            base = self._value_key(namespace, name)
+            if len(self._values) >= _MEMO_SIZE:
+                self._values.clear()
+            self._values[namespace, name] = base
+        if tags is None:
+            return base.varied(self._learned.get(base.digest, ()))
+        return base.varied(tuple(sorted({self._tag_id(tag) for tag in tags})))
+
+    def _tag_id(self, tag: str) -> str:
+        found = self._tag_ids.get(tag)
+        if found is None:
+            found = tag_id(tag)
+            if len(self._tag_ids) >= _MEMO_SIZE:
+                self._tag_ids.clear()
+            self._tag_ids[tag] = found
+        return found
+
+    def _value_key(self, namespace: str, name: str) -> CacheKey:
+        """A value's key with no tags (the same every time: a memo keeps it)."""
         digest = _digest([b"value", namespace.encode(), name.encode()])
         slot = f"{self.prefix}{{d:{digest[:32]}}}"
-        if tags is None:
-            learned = self._learned.get(digest, ())
-        else:
-            learned = tuple(sorted({tag_id(tag) for tag in tags}))
         return CacheKey(
             digest=digest,
             entry=f"{slot}:e",
             lock=f"{slot}:l",
             url_version=f"{slot}:v",
             generation=self.generation(namespace),
-            tag_versions=tuple(tag_version_key(self.prefix, tag) for tag in learned),
+            tag_versions=(),
             base=digest,
             vary_record=f"{slot}:y",
-            learned=learned,
             slot=slot,
             value_of=self.prefix,
         )
