@@ -7,6 +7,7 @@ import asyncio
 from redis.asyncio import Redis
 
 from asgi_redis_kit import Cache
+from tests.support import RedisProcess
 
 
 async def test_set_during_a_memoized_refill_is_not_lost(real_redis: Redis, key_prefix: str) -> None:
@@ -54,3 +55,17 @@ async def test_set_with_tags_during_a_memoized_refill_keeps_its_tags(
     assert await other.get("item:2") == "tagged"
     await cache.invalidate_tags("t")
     assert await other.get("item:2") is None
+
+
+async def test_many_keys_at_once_do_not_exhaust_the_pool(own_redis: RedisProcess) -> None:
+    # get_many/set_many of many keys: one command per key at once waits on the
+    # connection pool past the timeout, fails, and opens the breaker for every
+    # other caller of the cache.
+    cache = Cache(own_redis.url, key_prefix="many:", max_connections=4, timeout=0.05)
+    try:
+        values = {f"k{i}": i for i in range(2000)}
+        await cache.set_many(values)
+        assert await cache.get_many(list(values)) == list(values.values())
+        assert await cache.get("k1") == 1
+    finally:
+        await cache.aclose()
