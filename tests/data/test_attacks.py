@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from redis.asyncio import Redis
 
 from asgi_redis_kit import Cache
@@ -69,3 +70,13 @@ async def test_many_keys_at_once_do_not_exhaust_the_pool(own_redis: RedisProcess
         assert await cache.get("k1") == 1
     finally:
         await cache.aclose()
+
+
+async def test_incr_refuses_a_value_stored_with_tags(real_redis: Redis, key_prefix: str) -> None:
+    # incr() on a key holding a value that is not a counter is a TypeError and
+    # writes nothing, tags or none: the tagged value must not be replaced by 1.
+    cache = Cache(real_redis, key_prefix=key_prefix)
+    await cache.set("k", "hello", tags=["a"])
+    with pytest.raises(TypeError):
+        await cache.incr("k")
+    assert await cache.get("k") == "hello"
