@@ -454,7 +454,7 @@ class RedisLayer:
         px = max(1, int(min(lifetime, self.max_lifetime) * 1000))
         status, text = await self._value_script(self._incr_value, key, [head, amount, px, ""])
         if int(status) == 0:
-            raise TypeError("the cached value is not a counter made by incr()")
+            raise TypeError("the cached value is not a counter made by incr(); delete() it first")
         if int(status) == 2:
             raise ValueError("the counter would pass 2**53, past which Redis's Lua is not exact")
         return int(text)

@@ -197,6 +197,13 @@ if raw and string.sub(raw, 1, 4) == 'ark1' and #raw >= 8 then
     end
     return {1, text}
   end
+  -- A value set with tags under the current generation and own version: its tag
+  -- versions live in other slots and are not read here, so it may still be valid;
+  -- refuse rather than replace it (delete() it first).
+  if string.find(meta, ',"v":[' .. current .. ',', 1, true) and
+      not string.find(meta, '"e":"n"', 1, true) then
+    return {0, ''}
+  end
 end
 local text = string.format('%d', tonumber(ARGV[2]))
 redis.call('SET', KEYS[1], frame(ARGV[1], current, text), 'PX', ARGV[3])

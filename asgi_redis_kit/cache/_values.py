@@ -257,7 +257,9 @@ class Values:
         value; a missing counter starts at ``amount`` and lives ``ttl`` seconds
         from then (``None``: ``max_lifetime``), later increments keep that TTL.
         ``get(key)`` reads it as an ``int``. A key holding a value that is not
-        a counter is a TypeError (nothing is written); past 2**53 a ValueError.
+        a counter is a TypeError (nothing is written; a value set with tags
+        stays one until deleted or expired, even once its tags are invalidated);
+        past 2**53 a ValueError.
         Counters take no tags; ``delete`` and ``clear`` reset them."""
         if isinstance(amount, bool) or not isinstance(amount, int):
             raise TypeError(f"amount is an int, got {amount!r}")
