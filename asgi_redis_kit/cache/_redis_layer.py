@@ -403,15 +403,25 @@ class RedisLayer:
         names) and release ``leased``'s lease ``token``, in one round trip."""
         px = max(1, int(min(lifetime, self.max_lifetime) * 1000))
         async with self._redis() as client:
-            if isinstance(client, RedisCluster):
+            if target.value_of:
+                # A data entry's keys share one slot (Cluster too): the script stores
+                # it only if no set()/delete() bumped the value's version since the
+                # refill read it (its versions' second, see CacheKey.version_keys).
+                entry = decode(value)
+                own = entry.versions[1] if entry is not None and len(entry.versions) > 1 else 0
+                await _evalsha(
+                    self._store,
+                    client,
+                    [target.entry, leased.lock, target.vary_record, target.url_version],
+                    [value, px, token or "", target.record_value, 1, own],
+                )
+            elif isinstance(client, RedisCluster):
                 # Single-key commands, one pipeline (see _mget): the SETs, then the
                 # token-checked release.
                 pipe = client.pipeline()
                 pipe.set(target.entry, value, px=px)
                 if target.learned:
                     pipe.set(target.vary_record, target.record_value, px=px)
-                elif target.value_of:
-                    pipe.delete(target.vary_record)
                 if token:
                     pipe.eval(RELEASE, 1, leased.lock, token)
                 await pipe.execute()
@@ -420,7 +430,7 @@ class RedisLayer:
                     self._store,
                     client,
                     [target.entry, leased.lock, target.vary_record],
-                    [value, px, token or "", target.record_value, 1 if target.value_of else 0],
+                    [value, px, token or "", target.record_value, 0],
                 )
         self._remember(target, lifetime, self.clock())
 
@@ -444,7 +454,7 @@ class RedisLayer:
         px = max(1, int(min(lifetime, self.max_lifetime) * 1000))
         status, text = await self._value_script(self._incr_value, key, [head, amount, px, ""])
         if int(status) == 0:
-            raise TypeError("the cached value is not a counter made by incr()")
+            raise TypeError("the cached value is not a counter made by incr(); delete() it first")
         if int(status) == 2:
             raise ValueError("the counter would pass 2**53, past which Redis's Lua is not exact")
         return int(text)

@@ -87,12 +87,21 @@ return 0
 # (the keys share a hash tag). The lease is the one the caller holds: the key it
 # looked up, which names fewer headers than the entry's when the response taught it
 # more.
+#
+# A data entry (ARGV[5] '1') is stored only while the value's own version (KEYS[4])
+# is still the one its refill read (ARGV[6]): a set() or delete() since bumped it,
+# and storing then would overwrite the set's entry and record (a lost write). The
+# lease is released either way.
 STORE_AND_RELEASE = """
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if ARGV[4] ~= '' then
-  redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[2])
-elseif ARGV[5] == '1' then
-  redis.call('DEL', KEYS[3])
+local current = ARGV[5] ~= '1' or
+  tonumber(redis.call('GET', KEYS[4]) or '0') == tonumber(ARGV[6])
+if current then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  if ARGV[4] ~= '' then
+    redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[2])
+  elseif ARGV[5] == '1' then
+    redis.call('DEL', KEYS[3])
+  end
 end
 if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then
   redis.call('DEL', KEYS[2])
@@ -187,6 +196,13 @@ if raw and string.sub(raw, 1, 4) == 'ark1' and #raw >= 8 then
       redis.call('SET', KEYS[1], string.sub(raw, 1, 8 + n) .. text)
     end
     return {1, text}
+  end
+  -- A value set with tags under the current generation and own version: its tag
+  -- versions live in other slots and are not read here, so it may still be valid;
+  -- refuse rather than replace it (delete() it first).
+  if string.find(meta, ',"v":[' .. current .. ',', 1, true) and
+      not string.find(meta, '"e":"n"', 1, true) then
+    return {0, ''}
   end
 end
 local text = string.format('%d', tonumber(ARGV[2]))

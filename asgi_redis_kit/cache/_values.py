@@ -43,6 +43,10 @@ VALUE_STATUS: Final = 0
 # The etag field of a value entry: what its body is.
 SERIALIZED: Final = ""
 COUNTER: Final = "n"
+# At most this many commands of one get_many/set_many in flight: all of them at
+# once would wait on the connection pool past the timeout, fail, and open the
+# breaker for every other caller of the cache.
+MANY_AT_ONCE: Final = 8
 
 
 class Missing:
@@ -137,6 +141,17 @@ def read_value(entry: Entry, key: CacheKey, serializer: Serializer) -> Any:
         return MISSING
 
 
+async def bounded(calls: Iterable[Awaitable[Any]]) -> list[Any]:
+    """``asyncio.gather`` of ``calls``, at most :data:`MANY_AT_ONCE` running at a time."""
+    gate = asyncio.Semaphore(MANY_AT_ONCE)
+
+    async def one(call: Awaitable[Any]) -> Any:
+        async with gate:
+            return await call
+
+    return await asyncio.gather(*(one(call) for call in calls))
+
+
 def usable(found: Lookup, now: float) -> Entry | None:
     """A value lookup's entry if a reader may return it: fresh, or stale inside
     its revalidate window (``get`` serves what a memoized call would)."""
@@ -178,7 +193,7 @@ class Values:
     async def get_many(self, keys: Sequence[str], default: Any = None) -> list[Any]:
         """:meth:`get` of each key, concurrently; a list in the same order."""
         names = [self.value_key(key) for key in keys]
-        found = await asyncio.gather(*(self._read(name) for name in names))
+        found = await bounded(self._read(name) for name in names)
         return [default if value is MISSING else value for value in found]
 
     async def _read(self, key: CacheKey) -> Any:
@@ -219,8 +234,8 @@ class Values:
         for key, value in values.items():
             check_key(key)
             self.serializer.dumps(value)
-        await asyncio.gather(
-            *(self.set(key, value, ttl=lifetime, tags=found_tags) for key, value in values.items())
+        await bounded(
+            self.set(key, value, ttl=lifetime, tags=found_tags) for key, value in values.items()
         )
 
     async def delete(self, key: str) -> bool:
@@ -236,7 +251,9 @@ class Values:
         value; a missing counter starts at ``amount`` and lives ``ttl`` seconds
         from then (``None``: ``max_lifetime``), later increments keep that TTL.
         ``get(key)`` reads it as an ``int``. A key holding a value that is not
-        a counter is a TypeError (nothing is written); past 2**53 a ValueError.
+        a counter is a TypeError (nothing is written; a value set with tags
+        stays one until deleted or expired, even once its tags are invalidated);
+        past 2**53 a ValueError.
         Counters take no tags; ``delete`` and ``clear`` reset them."""
         if isinstance(amount, bool) or not isinstance(amount, int):
             raise TypeError(f"amount is an int, got {amount!r}")

@@ -131,9 +131,7 @@ async def test_a_second_instance_sees_every_invalidation(
 
 
 @pytest.mark.parametrize("entries", [1, 50])
-async def test_invalidation_is_o1(
-    cache: Cache, spy: RedisSpy, entries: int
-) -> None:
+async def test_invalidation_is_o1(cache: Cache, spy: RedisSpy, entries: int) -> None:
     """The commands an invalidation sends do not grow with what it drops."""
     for i in range(entries):
         await cache.set(f"k{i}", i, ttl=60, tags=["shared"])
@@ -169,9 +167,7 @@ async def test_counters(cache: Cache, redis_url: str, key_prefix: str, real_redi
     assert await cache.incr("visits", -2) == 4
     assert await cache.get("visits") == 4
     async with Cache(redis_url, key_prefix=key_prefix) as other:
-        await asyncio.gather(
-            *(c.incr("many") for c in (cache, other) for _ in range(100))
-        )
+        await asyncio.gather(*(c.incr("many") for c in (cache, other) for _ in range(100)))
         assert await other.get("many") == 200
     await cache.clear()
     assert await cache.incr("visits") == 1  # clear() resets counters too
@@ -233,7 +229,8 @@ async def test_bad_input_is_refused_before_redis(
     with pytest.raises(error):
         await call(cache)
     assert spy.total == 0
-    assert await cache.get("k") is None and await cache.get("a") is None
+    assert await cache.get("k") is None
+    assert await cache.get("a") is None
 
 
 async def test_the_longest_key_works(cache: Cache) -> None:
