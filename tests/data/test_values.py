@@ -9,6 +9,7 @@ import dataclasses
 import datetime
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -137,11 +138,12 @@ async def test_invalidation_is_o1(cache: Cache, spy: RedisSpy, entries: int) -> 
         await cache.set(f"k{i}", i, ttl=60, tags=["shared"])
     await cache.delete("warm")  # Redis has the script from then on (no NOSCRIPT below)
     sent = {}
-    for name, invalidate in (
+    invalidations: list[tuple[str, Callable[[], Awaitable[object]]]] = [
         ("tag", lambda: cache.invalidate_tags("shared")),
         ("namespace", lambda: cache.clear()),
         ("key", lambda: cache.delete("k0")),
-    ):
+    ]
+    for name, invalidate in invalidations:
         spy.reset()
         await invalidate()
         sent[name] = (spy.total, spy.round_trips)
