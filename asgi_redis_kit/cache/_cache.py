@@ -49,7 +49,7 @@ from ._breaker import CircuitBreaker
 from ._entry import Entry
 from ._keys import CacheKey, KeyScheme
 from ._lock import SingleFlight
-from ._memo import Memoized
+from ._memo import Memoized, check_options
 from ._near_layer import NearLayer
 from ._outcome import Fresh, classify
 from ._policy import DEFAULT_CACHEABLE_STATUSES
@@ -417,6 +417,8 @@ class Cache(Values):
 
         See ``_memo`` for the flow and :class:`Memoized` for ``.key()`` and
         ``.invalidate()``."""
+
+        check_options(ttl, tags, stale_while_revalidate, stale_if_error)  # now, not at decoration
 
         def decorate(func: Callable[P, Awaitable[R]]) -> Memoized[P, R]:
             return Memoized(

@@ -137,21 +137,21 @@ def _bind_plain(plain: _Plain, args: Any, kwargs: Any) -> dict[str, Any] | None:
     return arguments if used == len(kwargs) else None
 
 
-def canonical_arguments(
-    qualname: str,
-    signature: inspect.Signature,
-    args: Any,
-    kwargs: Any,
-    plain: _Plain | None = None,
-) -> tuple[dict[str, Any], bytes]:
-    """The call's arguments by name (defaults applied), and their canonical
-    encoding (``self``/``cls`` first left out). ``plain``: the signature's
+def bound_arguments(
+    signature: inspect.Signature, args: Any, kwargs: Any, plain: _Plain | None = None
+) -> dict[str, Any]:
+    """The call's arguments by name, defaults applied. ``plain``: the signature's
     :func:`plain_parameters`, which spares most calls ``Signature.bind``."""
     arguments = None if plain is None else _bind_plain(plain, args, kwargs)
     if arguments is None:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         arguments = dict(bound.arguments)
+    return arguments
+
+
+def canonical_arguments(qualname: str, arguments: dict[str, Any]) -> bytes:
+    """The canonical encoding of bound ``arguments`` (``self``/``cls`` first left out)."""
     parts = []
     for index, (name, value) in enumerate(arguments.items()):
         if index == 0 and name in _SKIPPED:
@@ -164,7 +164,19 @@ def canonical_arguments(
                 "a cache key; pass key= to @cache.memoize (a template such as "
                 f"'{qualname}:{{{name}.id}}' or a function of the arguments)"
             ) from None
-    return arguments, orjson.dumps(parts)
+    return orjson.dumps(parts)
+
+
+def check_options(
+    ttl: float, tags: Iterable[str], stale_while_revalidate: float, stale_if_error: float
+) -> tuple[float, tuple[str, ...], float, float]:
+    """``@cache.memoize``'s options, checked (errors name the option)."""
+    return (
+        check_ttl("ttl", ttl, optional=False) or 0.0,
+        check_tags(tags),
+        _window("stale_while_revalidate", stale_while_revalidate),
+        _window("stale_if_error", stale_if_error),
+    )
 
 
 def _template_names(template: str) -> set[str]:
@@ -200,9 +212,9 @@ class Memoized(Generic[P, R]):
     ) -> None:
         if not inspect.iscoroutinefunction(func):
             raise TypeError(f"@cache.memoize goes on an async def function, got {func!r}")
-        self.ttl = check_ttl("ttl", ttl, optional=False) or 0.0
-        self.stale_while_revalidate = _window("stale_while_revalidate", stale_while_revalidate)
-        self.stale_if_error = _window("stale_if_error", stale_if_error)
+        self.ttl, self.tags, self.stale_while_revalidate, self.stale_if_error = check_options(
+            ttl, tags, stale_while_revalidate, stale_if_error
+        )
         self.cache = cache
         self.func = func
         self.lock = lock
@@ -210,7 +222,6 @@ class Memoized(Generic[P, R]):
         self.signature = inspect.signature(func)
         self.plain = plain_parameters(self.signature)
         self.name = f"{func.__module__}.{func.__qualname__}"
-        self.tags = check_tags(tags)
         if key is not None and not (isinstance(key, str) or callable(key)):
             raise TypeError(f"key= is a template str or a function, got {key!r}")
         self.key_option = key
@@ -245,11 +256,10 @@ class Memoized(Generic[P, R]):
         return result
 
     def _name_and_tags(self, args: Any, kwargs: Any) -> tuple[str, tuple[str, ...]]:
-        arguments, encoded = canonical_arguments(
-            self.func.__qualname__, self.signature, args, kwargs, self.plain
-        )
+        arguments = bound_arguments(self.signature, args, kwargs, self.plain)
         option = self.key_option
         if option is None:
+            encoded = canonical_arguments(self.func.__qualname__, arguments)
             name = f"{self.name}:{hashlib.sha256(encoded).hexdigest()[:32]}"
         elif isinstance(option, str):
             name = option.format_map(arguments)
