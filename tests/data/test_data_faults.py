@@ -78,7 +78,8 @@ async def test_caching_resumes_when_redis_returns(own_redis: RedisProcess) -> No
 
         own_redis.stop()
         assert await f() == 1
-        assert cache.breaker.state == "open"
+        opened = cache.breaker.state
+        assert opened == "open"
         own_redis.start()
         now[0] += 6  # the cool-down is over: the next call probes
         assert await f() == 2
