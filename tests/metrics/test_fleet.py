@@ -10,7 +10,7 @@ import uuid
 import pytest
 from redis.asyncio import Redis
 
-from asgi_redis_kit import FleetFlusher, Metrics, fleet_stats
+from asgi_redis_kit import Cache, FleetFlusher, Metrics, fleet_stats
 from asgi_redis_kit.metrics import hit_ratio, lookups
 from tests.example_app.helpers import lifespan
 from tests.metrics.apps import build, client
@@ -136,3 +136,29 @@ def test_bad_settings_are_refused() -> None:
         FleetFlusher(Metrics(), "redis://localhost", key_prefix="a{b}")
     with pytest.raises(ValueError, match="'\\|'"):
         FleetFlusher(Metrics(), "redis://localhost", instance="a|b")
+
+
+async def test_one_cache_reset_does_not_resend_the_others_counts(
+    redis_url: str, key_prefix: str, fleet_prefix: str
+) -> None:
+    """Two caches in one process, one of them ``stats.reset()``: the fleet gets
+    what happened after, not the other cache's whole count a second time."""
+    one = Cache(redis_url, key_prefix=key_prefix + "1:")
+    two = Cache(redis_url, key_prefix=key_prefix + "2:")
+    metrics = Metrics()
+    metrics.watch(one, two)
+    flusher = FleetFlusher(metrics, redis_url, instance="a", key_prefix=fleet_prefix, interval=3600)
+    try:
+        async with flusher:
+            for _ in range(5):
+                await one.get("absent")
+            await two.get("absent")
+            assert await flusher.flush()
+            two.stats.reset()
+            await one.get("absent")
+            assert await flusher.flush()
+        fleet = await fleet_stats(redis_url, minutes=2, key_prefix=fleet_prefix)
+    finally:
+        await one.aclose()
+        await two.aclose()
+    assert fleet.totals["cache_data_lookups.miss"] == 7  # 5 + 1, then 1 more
