@@ -1,9 +1,9 @@
 """Fleet-wide counters in Redis: every instance adds what it counted, per minute.
 
 Each instance's :class:`FleetFlusher` wakes every ``interval`` seconds, takes a
-snapshot of its counters (``Metrics.snapshot()``: plain ints, copied in one
-go), and adds the difference from the previous snapshot into the hash of the
-current minute::
+snapshot of its counters (``Metrics.counts()``: plain ints, copied in one
+go, per stats object), and adds the difference from the previous snapshot
+into the hash of the current minute::
 
     {ark:m:}:29481234   (epoch minute)   field "cache_lookups.hit|web-1" -> 1234
 
@@ -114,7 +114,7 @@ class FleetFlusher:
         self.clock = clock
         self.backend = _backend(redis, timeout)
         self.flushes = self.failures = 0
-        self._sent: dict[str, int] = {}
+        self._sent: dict[tuple[int, str], int] = {}
         self._task: asyncio.Task[None] | None = None
         self._failing = False
 
@@ -124,14 +124,15 @@ class FleetFlusher:
     def _deltas(self) -> dict[str, int]:
         """What changed since the last snapshot, and that snapshot taken: one
         synchronous step, so two flushes never send the same increment."""
-        now = self.metrics.snapshot()
+        now = self.metrics.counts()
         previous, self._sent = self._sent, now
         deltas: dict[str, int] = {}
-        for name, value in now.items():
-            # Lower than before: the stats were reset; count from zero again.
-            delta = value - previous.get(name, 0) if value >= previous.get(name, 0) else value
+        for (source, name), value in now.items():
+            before = previous.get((source, name), 0)
+            # Lower than before: that source's stats were reset; count from zero again.
+            delta = value - before if value >= before else value
             if delta:
-                deltas[name] = delta
+                deltas[name] = deltas.get(name, 0) + delta
         return deltas
 
     async def flush(self) -> bool:
@@ -166,7 +167,7 @@ class FleetFlusher:
         """Flush every ``interval`` seconds from a task on the running loop."""
         if self._task is not None and not self._task.done():
             raise RuntimeError("this FleetFlusher is already running; stop() it first")
-        self._sent = self.metrics.snapshot()  # count from now on, not what came before
+        self._sent = self.metrics.counts()  # count from now on, not what came before
         self._task = asyncio.get_running_loop().create_task(self._run(), name=repr(self))
 
     async def _run(self) -> None:
