@@ -10,13 +10,14 @@ into the hash of the current minute::
 One hash per minute, one field per (counter, instance), kept ``keep_minutes``
 by its TTL: the size depends on the number of instances and counter names
 (closed sets), never on the traffic. Every key carries the prefix as its hash
-tag, so on Cluster a flush and a read are one slot each. A flush is one round
-trip, sent from the flusher's own task and bounded by ``timeout``: a request
-never waits on it. When Redis does not answer, that interval's difference is
-dropped (never re-sent: a write that timed out may have landed) and the next
-flush sends only what came after; so an outage loses at most the intervals it
-lasted, and an instance that dies simply stops adding. ``_flushes`` counts
-each instance's flushes, so an idle instance still shows up.
+tag, so on Cluster a flush and a read are one slot each. A flush is a probe
+(EXISTS of the hash) and one round trip, sent from the flusher's own task and
+bounded by ``timeout``: a request never waits on it. When Redis does not
+answer the probe, nothing was sent and the next flush sends it along; when it
+stops answering the increments themselves, that interval's difference is
+dropped (never re-sent: a write that timed out may have landed). So an outage
+loses at most one interval, and an instance that dies simply stops adding.
+``_flushes`` counts each instance's flushes, so an idle instance still shows up.
 
 :func:`fleet_stats` reads the last minutes back: totals and a row per instance.
 """
@@ -138,11 +139,18 @@ class FleetFlusher:
     async def flush(self) -> bool:
         """Send the increments since the last flush; False (nothing raised) when
         Redis did not answer: they are dropped, see the module docstring."""
+        previous = self._sent
         deltas = self._deltas()
         key = bucket_key(self.key_prefix, int(self.clock() // 60))
         suffix = "|" + self.instance
+        sending = False
         try:
             async with self.backend.call("fleet_flush") as client:
+                # Until Redis answers this probe none of the counts left: a failure
+                # then keeps them for the next flush (they cannot have landed). A
+                # keyed command, so on Cluster it asks the node holding the hash.
+                await client.exists(key)
+                sending = True
                 pipe = client.pipeline(transaction=False)
                 pipe.hincrby(key, HEARTBEAT + suffix, 1)
                 for name, delta in deltas.items():
@@ -150,9 +158,15 @@ class FleetFlusher:
                 pipe.expire(key, self.ttl)
                 await pipe.execute()
         except BackendUnavailable as exc:
+            if not sending:
+                self._sent = previous
             self.failures += 1
             if not self._failing:
-                logger.warning("fleet metrics: Redis did not answer (%s); counts dropped", exc)
+                logger.warning(
+                    "fleet metrics: Redis did not answer (%s); counts %s",
+                    exc,
+                    "of this interval dropped" if sending else "kept for the next flush",
+                )
             self._failing = True
             return False
         self.flushes += 1
