@@ -1,22 +1,23 @@
 """Fleet-wide counters in Redis: every instance adds what it counted, per minute.
 
 Each instance's :class:`FleetFlusher` wakes every ``interval`` seconds, takes a
-snapshot of its counters (``Metrics.snapshot()``: plain ints, copied in one
-go), and adds the difference from the previous snapshot into the hash of the
-current minute::
+snapshot of its counters (``Metrics.counts()``: plain ints, copied in one
+go, per stats object), and adds the difference from the previous snapshot
+into the hash of the current minute::
 
     {ark:m:}:29481234   (epoch minute)   field "cache_lookups.hit|web-1" -> 1234
 
 One hash per minute, one field per (counter, instance), kept ``keep_minutes``
 by its TTL: the size depends on the number of instances and counter names
 (closed sets), never on the traffic. Every key carries the prefix as its hash
-tag, so on Cluster a flush and a read are one slot each. A flush is one round
-trip, sent from the flusher's own task and bounded by ``timeout``: a request
-never waits on it. When Redis does not answer, that interval's difference is
-dropped (never re-sent: a write that timed out may have landed) and the next
-flush sends only what came after; so an outage loses at most the intervals it
-lasted, and an instance that dies simply stops adding. ``_flushes`` counts
-each instance's flushes, so an idle instance still shows up.
+tag, so on Cluster a flush and a read are one slot each. A flush is a probe
+(EXISTS of the hash) and one round trip, sent from the flusher's own task and
+bounded by ``timeout``: a request never waits on it. When Redis does not
+answer the probe, nothing was sent and the next flush sends it along; when it
+stops answering the increments themselves, that interval's difference is
+dropped (never re-sent: a write that timed out may have landed). So an outage
+loses at most one interval, and an instance that dies simply stops adding.
+``_flushes`` counts each instance's flushes, so an idle instance still shows up.
 
 :func:`fleet_stats` reads the last minutes back: totals and a row per instance.
 """
@@ -114,7 +115,7 @@ class FleetFlusher:
         self.clock = clock
         self.backend = _backend(redis, timeout)
         self.flushes = self.failures = 0
-        self._sent: dict[str, int] = {}
+        self._sent: dict[tuple[int, str], int] = {}
         self._task: asyncio.Task[None] | None = None
         self._failing = False
 
@@ -124,24 +125,32 @@ class FleetFlusher:
     def _deltas(self) -> dict[str, int]:
         """What changed since the last snapshot, and that snapshot taken: one
         synchronous step, so two flushes never send the same increment."""
-        now = self.metrics.snapshot()
+        now = self.metrics.counts()
         previous, self._sent = self._sent, now
         deltas: dict[str, int] = {}
-        for name, value in now.items():
-            # Lower than before: the stats were reset; count from zero again.
-            delta = value - previous.get(name, 0) if value >= previous.get(name, 0) else value
+        for (source, name), value in now.items():
+            before = previous.get((source, name), 0)
+            # Lower than before: that source's stats were reset; count from zero again.
+            delta = value - before if value >= before else value
             if delta:
-                deltas[name] = delta
+                deltas[name] = deltas.get(name, 0) + delta
         return deltas
 
     async def flush(self) -> bool:
         """Send the increments since the last flush; False (nothing raised) when
         Redis did not answer: they are dropped, see the module docstring."""
+        previous = self._sent
         deltas = self._deltas()
         key = bucket_key(self.key_prefix, int(self.clock() // 60))
         suffix = "|" + self.instance
+        sending = False
         try:
             async with self.backend.call("fleet_flush") as client:
+                # Until Redis answers this probe none of the counts left: a failure
+                # then keeps them for the next flush (they cannot have landed). A
+                # keyed command, so on Cluster it asks the node holding the hash.
+                await client.exists(key)
+                sending = True
                 pipe = client.pipeline(transaction=False)
                 pipe.hincrby(key, HEARTBEAT + suffix, 1)
                 for name, delta in deltas.items():
@@ -149,9 +158,15 @@ class FleetFlusher:
                 pipe.expire(key, self.ttl)
                 await pipe.execute()
         except BackendUnavailable as exc:
+            if not sending:
+                self._sent = previous
             self.failures += 1
             if not self._failing:
-                logger.warning("fleet metrics: Redis did not answer (%s); counts dropped", exc)
+                logger.warning(
+                    "fleet metrics: Redis did not answer (%s); counts %s",
+                    exc,
+                    "of this interval dropped" if sending else "kept for the next flush",
+                )
             self._failing = True
             return False
         self.flushes += 1
@@ -166,7 +181,7 @@ class FleetFlusher:
         """Flush every ``interval`` seconds from a task on the running loop."""
         if self._task is not None and not self._task.done():
             raise RuntimeError("this FleetFlusher is already running; stop() it first")
-        self._sent = self.metrics.snapshot()  # count from now on, not what came before
+        self._sent = self.metrics.counts()  # count from now on, not what came before
         self._task = asyncio.get_running_loop().create_task(self._run(), name=repr(self))
 
     async def _run(self) -> None:

@@ -115,13 +115,27 @@ class Metrics:
         yield from summed.items()
 
     def snapshot(self) -> dict[str, int]:
-        """Every counter now, by its fleet name (``cache_lookups.hit``); what the
-        fleet flusher diffs. Copies plain ints: safe to call at any time."""
+        """Every counter now, summed, by its fleet name (``cache_lookups.hit``); the
+        fleet's field names. Copies plain ints: safe to call at any time."""
         out: dict[str, int] = {}
         for row in COUNTERS:
             for key, count in self.values(row):
                 if count:
                     out[row.fleet_key(key)] = count
+        return out
+
+    def counts(self) -> dict[tuple[int, str], int]:
+        """Every counter now, by (its stats object's id, fleet name): what the
+        fleet flusher diffs. Per source, not summed, so one cache's
+        ``stats.reset()`` is not taken for (or hidden by) the others' counts."""
+        out: dict[tuple[int, str], int] = {}
+        for row in COUNTERS:
+            for stats in self.sources(row.source):
+                value = getattr(stats, row.attr)
+                items = value.items() if row.by is not None else ((None, value),)
+                for key, count in items:
+                    if count:
+                        out[id(stats), row.fleet_key(key)] = count
         return out
 
     # -- exporters (prometheus_client is imported only here) -------------------------
