@@ -265,6 +265,9 @@ class FleetStats:
     instances: dict[str, InstanceStats]
 
 
+MAX_MINUTES = 7 * 24 * 60
+
+
 async def fleet_stats(
     redis: RedisLike | Backend,
     *,
@@ -277,8 +280,9 @@ async def fleet_stats(
     one included), in one round trip. Raises
     :class:`~asgi_redis_kit.errors.BackendUnavailable` when Redis does not answer."""
     _check_prefix(key_prefix)
-    if minutes < 1:
-        raise ValueError(f"minutes must be at least 1, got {minutes!r}")
+    if not 1 <= minutes <= MAX_MINUTES:
+        # One HGETALL per minute, in one pipeline: bounded like everything we send.
+        raise ValueError(f"minutes must be from 1 to {MAX_MINUTES} (a week), got {minutes!r}")
     backend = _backend(redis, timeout)
     now = int(clock() // 60)
     window = list(range(now - minutes + 1, now + 1))

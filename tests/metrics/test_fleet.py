@@ -190,3 +190,11 @@ async def test_redis_down_for_several_flushes_loses_at_most_one_interval(
     assert fleet.totals["cache_lookups.miss"] == 1
     # One interval may be lost (a round trip under way when Redis went), not both.
     assert fleet.totals["cache_lookups.hit"] >= 1
+
+
+@pytest.mark.parametrize("minutes", [0, -1, 7 * 24 * 60 + 1, 10**8])
+async def test_fleet_stats_refuses_a_window_it_cannot_read_in_bounded_time(
+    redis_url: str, minutes: int
+) -> None:
+    with pytest.raises(ValueError, match="minutes"):
+        await fleet_stats(redis_url, minutes=minutes)
