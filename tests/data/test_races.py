@@ -91,3 +91,52 @@ async def test_cancelled_leader_leaves_no_lease(real_redis: Redis, key_prefix: s
     assert [k async for k in real_redis.scan_iter(match=f"{key_prefix}*:l")] == []
     assert [k async for k in real_redis.scan_iter(match=f"{key_prefix}*:e")] == []
     assert await f() == 2
+
+
+async def test_waiters_give_up_on_a_stuck_leader(redis_url: str, key_prefix: str) -> None:
+    """The leader in one instance never finishes; a caller in the other waits
+    ``lock_wait`` for its entry, then runs the function itself."""
+    caches = [Cache(redis_url, key_prefix=key_prefix, timeout=5, lock_wait=0.3) for _ in range(2)]
+    stuck = asyncio.Event()
+    calls = 0
+
+    async def f() -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await stuck.wait()
+        return calls
+
+    memos = [cache.memoize(ttl=60)(f) for cache in caches]
+    leader = asyncio.create_task(memos[0]())
+    try:
+        await _until(lambda: calls == 1, "the leader never started")
+        assert await memos[1]() == 2
+    finally:
+        stuck.set()
+        await leader
+        for cache in caches:
+            await cache.aclose()
+
+
+async def test_waiters_in_process_get_the_leaders_exception(
+    real_redis: Redis, key_prefix: str
+) -> None:
+    cache = Cache(real_redis, key_prefix=key_prefix)
+    gate = asyncio.Event()
+    calls = 0
+
+    @cache.memoize(ttl=60)
+    async def f() -> int:
+        nonlocal calls
+        calls += 1
+        await gate.wait()
+        raise LookupError("nope")
+
+    tasks = [asyncio.create_task(f()) for _ in range(10)]
+    await _until(lambda: calls == 1, "the leader never started")
+    await asyncio.sleep(0.1)  # let the others join the leader
+    gate.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, LookupError) for r in results)
+    assert calls == 1
