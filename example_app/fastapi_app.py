@@ -113,6 +113,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await get_cache(request).invalidate_tags(REPORT_TAG)
         return _back("/report")
 
+    @app.get("/rate", response_class=HTMLResponse)
+    async def rate(request: Request) -> HTMLResponse:
+        return HTMLResponse(await web.rate(request))
+
+    @app.post("/rate/invalidate", dependencies=[SameOrigin])
+    async def invalidate_rate(request: Request) -> RedirectResponse:
+        await web.invalidate_rate(request)
+        return _back("/rate")
+
     @app.get("/stats", response_class=HTMLResponse)
     async def stats(request: Request) -> HTMLResponse:
         return HTMLResponse(await web.stats(request))

@@ -93,6 +93,7 @@ def _layout(title: str, active: str, body: str, status: Status, script: str = ""
 <header><div class="bar">
   <div class="logo">asgi_redis_kit <span>demo</span></div>
   <nav>{link("/", "Visits &amp; login")}{link("/report", "Cached report")}
+  {link("/rate", "Cached data")}
   {link("/stats", "Stats")}</nav>
 </div></header>
 <main>
@@ -229,6 +230,39 @@ def report_page(
   </div>
 </section>"""
     return _layout("Cached report", "/report", body, status, REPORT_SCRIPT)
+
+
+def rate_page(
+    *,
+    user: str | None,
+    pair: str,
+    value: float,
+    age: float,
+    computed_by: str,
+    verdict: str,
+    status: Status,
+) -> str:
+    greeting = f"Hola, {escape(user)}" if user else "Hola, visitante"
+    body = f"""
+<section class="card wide">
+  <h1 id="greeting">{greeting}</h1>
+  <p class="muted">The page is built for you on every request (it reads your session);
+  only the slow lookup behind it is cached, with <code>@cache.memoize(ttl=30,
+  tags=["rate"])</code>, so every instance shares one value.</p>
+  <p class="lead">{escape(pair)}: <b class="count" id="rate-value">{value:.4f}</b></p>
+  <div class="row">
+    <span>This lookup: <span class="pill {verdict.lower()}" id="rate-status">{verdict}</span></span>
+    <span>Age <b class="mono" id="rate-age">{age:.1f} s</b></span>
+    <span>Computed by <b id="computed-by">{escape(computed_by)}</b></span>
+  </div>
+  <div class="row">
+    <a class="button primary" href="/rate" id="reload">Reload</a>
+    <form method="post" action="/rate/invalidate">
+      <button type="submit" id="invalidate">Invalidar</button>
+    </form>
+  </div>
+</section>"""
+    return _layout("Cached data", "/rate", body, status)
 
 
 def _percent(ratio: float | None) -> str:

@@ -23,6 +23,8 @@ DEV_SECRET = "asgi-redis-kit example app: development secret, not for production
 EMBEDDED_REDIS_URL = "memory://example_app"
 REPORT_TAG = "report"
 REPORT_TTL = 30
+RATE_TAG = "rate"
+RATE_TTL = 30
 
 
 def redact_url(url: str) -> str:

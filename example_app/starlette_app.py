@@ -9,6 +9,8 @@ Routes (the FastAPI twin in ``fastapi_app`` serves the same ones):
     POST /logout-everywhere   revoke every session of the logged-in user
     GET  /report              a slow page cached in Redis under the tag "report"
     POST /report/invalidate   drop the cached report by tag
+    GET  /rate                a slow lookup memoized in Redis (tag "rate"), page per user
+    POST /rate/invalidate     drop the memoized lookup by tag
     GET  /healthz             JSON: who is answering, which Redis, the near cache
     GET  /stats               the fleet's last minutes (counters every instance adds in Redis)
     GET  /metrics             Prometheus exposition of this instance
@@ -102,6 +104,17 @@ async def invalidate_report(request: Request) -> RedirectResponse | PlainTextRes
     return _back("/report")
 
 
+async def rate(request: Request) -> HTMLResponse:
+    return HTMLResponse(await web.rate(request))
+
+
+async def invalidate_rate(request: Request) -> RedirectResponse | PlainTextResponse:
+    if not web.is_same_origin(request):
+        return _forbidden()
+    await web.invalidate_rate(request)
+    return _back("/rate")
+
+
 async def stats(request: Request) -> HTMLResponse:
     return HTMLResponse(await web.stats(request))
 
@@ -122,6 +135,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/logout-everywhere", logout_everywhere, methods=["POST"]),
         Route("/report", report, methods=["GET"]),
         Route("/report/invalidate", invalidate_report, methods=["POST"]),
+        Route("/rate", rate, methods=["GET"]),
+        Route("/rate/invalidate", invalidate_rate, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/stats", stats, methods=["GET"]),
         Route("/metrics", metrics.asgi_app(), methods=["GET"]),

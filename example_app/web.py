@@ -8,8 +8,10 @@ and the framework's own idioms differ between ``starlette_app`` and
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -24,6 +26,7 @@ from asgi_redis_kit import (
     Cache,
     CacheMiddleware,
     FleetFlusher,
+    Memoized,
     Metrics,
     Session,
     SessionMiddleware,
@@ -34,7 +37,7 @@ from asgi_redis_kit import (
 
 from . import pages
 from .pages import Status
-from .settings import COOKIE_NAME, COOKIE_PATH, Settings
+from .settings import COOKIE_NAME, COOKIE_PATH, RATE_TAG, RATE_TTL, Settings
 
 MAX_FORM_BYTES = 4096
 MAX_NAME_LENGTH = 40
@@ -224,6 +227,59 @@ async def build_report(delay: float) -> tuple[str, list[tuple[str, int]]]:
     ]
     stamp = built.strftime("%Y-%m-%d %H:%M:%S.") + f"{built.microsecond // 1000:03d} UTC"
     return stamp, rows
+
+
+RATE_DELAY = 0.3
+
+# Set by the request that asks for the rate, marked by the lookup when it really
+# runs: a list, not a bool, so a mark made inside a task the cache starts (which
+# copies the context) is still seen by the request.
+_computed: ContextVar[list[bool] | None] = ContextVar("rate_computed", default=None)
+
+
+def rate_lookup(request: Request) -> Memoized[[], dict[str, Any]]:
+    """The slow "exchange rate" lookup, memoized with the Cache the app's
+    CacheMiddleware uses (made once per app, kept in ``app.state``)."""
+    state = request.app.state
+    lookup: Memoized[[], dict[str, Any]] | None = getattr(state, "rate_lookup", None)
+    if lookup is None:
+        instance = settings_of(request).instance
+
+        @get_cache(request).memoize(ttl=RATE_TTL, tags=[RATE_TAG])
+        async def exchange_rate() -> dict[str, Any]:
+            marks = _computed.get()
+            if marks is not None:
+                marks.append(True)
+            await asyncio.sleep(RATE_DELAY)
+            now = time.time()
+            value = round(1.05 + (int(now) % 100) / 1000, 4)
+            return {"pair": "EUR/USD", "value": value, "computed_at": now, "by": instance}
+
+        lookup = state.rate_lookup = exchange_rate
+    return lookup
+
+
+async def rate(request: Request) -> str:
+    """/rate: the data is cached, the page is not (it greets this session's user)."""
+    marks: list[bool] = []
+    token = _computed.set(marks)
+    try:
+        data = await rate_lookup(request)()
+    finally:
+        _computed.reset(token)
+    return pages.rate_page(
+        user=session_of(request).user_id,
+        pair=str(data["pair"]),
+        value=float(data["value"]),
+        age=max(0.0, time.time() - float(data["computed_at"])),
+        computed_by=str(data["by"]),
+        verdict="MISS" if marks else "HIT",
+        status=status_of(request),
+    )
+
+
+async def invalidate_rate(request: Request) -> None:
+    await get_cache(request).invalidate_tags(RATE_TAG)
 
 
 class ExposeCacheStatus:

@@ -155,6 +155,27 @@ async def test_report_miss_hit_and_invalidate(client: httpx.AsyncClient) -> None
     assert by_id(third.text, "built-at") != built
 
 
+async def test_rate_lookup_miss_hit_and_invalidate(client: httpx.AsyncClient) -> None:
+    first = await client.get("/rate")
+    assert first.status_code == 200
+    assert by_id(first.text, "rate-status") == "MISS"
+    value = by_id(first.text, "rate-value")
+    second = await client.get("/rate")
+    assert by_id(second.text, "rate-status") == "HIT"
+    assert by_id(second.text, "rate-value") == value
+    # The data is cached, the page is not: it greets whoever asks.
+    await login(client, "Ana")
+    greeted = await client.get("/rate")
+    assert by_id(greeted.text, "greeting") == "Hola, Ana"
+    assert by_id(greeted.text, "rate-status") == "HIT"
+
+    response = await client.post("/rate/invalidate")
+    assert response.status_code == 303
+    assert response.headers["location"] == "/rate"
+    third = await client.get("/rate")
+    assert by_id(third.text, "rate-status") == "MISS"
+
+
 async def test_report_page_explains_its_no_cache(client: httpx.AsyncClient) -> None:
     """The library would send ``max-age`` (the entry's remaining TTL); the demo sends
     ``no-cache`` so every reload reaches the server and the HIT/MISS badge is about

@@ -205,6 +205,21 @@ def test_cached_report_miss_hit_and_invalidate(page: Page, server: AppServer) ->
     assert rebuilt != built
 
 
+def test_rate_lookup_hit_after_reload_and_miss_after_invalidar(
+    page: Page, server: AppServer
+) -> None:
+    reset = page.request.post(f"{server.url}/rate/invalidate", max_redirects=0)
+    assert reset.status == 303
+    page.goto("/rate")
+    assert page.locator("#rate-status").inner_text() == "MISS"
+    page.reload()
+    assert page.locator("#rate-status").inner_text() == "HIT"
+    with page.expect_navigation():
+        page.click("#invalidate")
+    assert page.url.endswith("/rate")
+    assert page.locator("#rate-status").inner_text() == "MISS"
+
+
 def test_screenshot_of_the_home_page(page: Page, tmp_path: Path) -> None:
     """Takes the picture the README shows. It lands in docs/screenshot.png only
     with UPDATE_SCREENSHOT=1, so an ordinary run leaves the work tree clean (the

@@ -193,6 +193,29 @@ def test_the_near_cache_tracks_on_both_services(services: tuple[AppServer, AppSe
         until_tracking(server)
 
 
+def rate_status(http: httpx.Client, server: AppServer) -> str | None:
+    return by_id(page(http, server, "/rate"), "rate-status")
+
+
+def test_a_rate_invalidation_on_one_makes_the_other_compute_again(
+    services: tuple[AppServer, AppServer],
+) -> None:
+    alpha, beta = services
+    with httpx.Client(timeout=10) as http:
+        post(http, beta, "/rate/invalidate")
+        assert rate_status(http, alpha) == "MISS"
+        assert rate_status(http, beta) == "HIT"
+        assert rate_status(http, alpha) == "HIT"
+
+        post(http, beta, "/rate/invalidate")
+        # alpha may hold the value in memory until Redis tells it: bounded.
+        deadline = time.monotonic() + BOUND
+        while (verdict := rate_status(http, alpha)) == "HIT":
+            assert time.monotonic() < deadline, "alpha still serves the invalidated rate"
+            time.sleep(0.02)
+        assert verdict == "MISS"
+
+
 def test_a_report_invalidation_on_one_reaches_the_other_s_memory(
     services: tuple[AppServer, AppServer],
 ) -> None:
