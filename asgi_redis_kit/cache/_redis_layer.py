@@ -60,16 +60,17 @@ class _Guarded:
     """What ``RedisLayer._redis()`` returns. A class, not ``@asynccontextmanager``: it
     wraps every Redis call of every request, hits included."""
 
-    __slots__ = ("_cache", "_call")
+    __slots__ = ("_cache", "_call", "_op")
     _call: AbstractAsyncContextManager[RedisClient]
 
-    def __init__(self, cache: RedisLayer) -> None:
+    def __init__(self, cache: RedisLayer, op: str) -> None:
         self._cache = cache
+        self._op = op
 
     async def __aenter__(self) -> RedisClient:
         if not self._cache.breaker.allow():
             raise BackendUnavailable("the cache's circuit breaker is open")
-        self._call = self._cache.backend.call()
+        self._call = self._cache.backend.call(self._op)
         try:
             return await self._call.__aenter__()
         except BaseException as exc:
@@ -186,10 +187,11 @@ class RedisLayer:
 
     # -- Redis access, guarded by the breaker -------------------------------------------
 
-    def _redis(self) -> _Guarded:
-        """``async with self._redis() as client``: one Redis call, bounded by the
-        backend's deadline, failures translated and fed to the breaker."""
-        return _Guarded(self)
+    def _redis(self, op: str) -> _Guarded:
+        """``async with self._redis(op) as client``: one Redis call, bounded by the
+        backend's deadline, failures translated and fed to the breaker; ``op``
+        names it in the backend's counters (the latency histogram's label)."""
+        return _Guarded(self, op)
 
     def _settle(self, exc: BaseException | None) -> None:
         """Tell the breaker how a call through :meth:`_redis` ended."""
@@ -305,7 +307,7 @@ class RedisLayer:
             return replace(found, entry=None, session_gone=True), read
         alive = True
         pttls: list[Any] = []
-        async with self._redis() as client:
+        async with self._redis("cache_lookup") as client:
             # On one server the lookup script also proves the session still exists.
             single = not isinstance(client, RedisCluster)
             session_keys = [session.key] if session is not None and single else []
@@ -363,7 +365,7 @@ class RedisLayer:
 
     async def poll(self, key: CacheKey, versions: tuple[int, ...]) -> Lookup:
         """The entry, and (``locked``) whether someone still holds its lease."""
-        async with self._redis() as client:
+        async with self._redis("cache_poll") as client:
             raw = await self._mget(client, [key.entry, key.lock])
         return Lookup(key, self._valid(raw[0], versions), versions, locked=raw[1] is not None)
 
@@ -374,7 +376,7 @@ class RedisLayer:
         or (None, None) if someone else holds it."""
         token = new_token()
         lease_ms = int(self.lock_lease * 1000)
-        async with self._redis() as client:
+        async with self._redis("cache_acquire") as client:
             if isinstance(client, RedisCluster):
                 # Single-key commands, one pipeline (same slot, same node), for the
                 # reason given in _mget. The GET still follows the SET, except while
@@ -393,7 +395,7 @@ class RedisLayer:
         return token, self._valid(raw, versions)
 
     async def release(self, key: CacheKey, token: str) -> None:
-        async with self._redis() as client:
+        async with self._redis("cache_release") as client:
             await self._release(keys=[key.lock], args=[token], client=client)
 
     async def store(
@@ -402,7 +404,7 @@ class RedisLayer:
         """Store ``value`` under ``target`` (its vary record too, when it learned
         names) and release ``leased``'s lease ``token``, in one round trip."""
         px = max(1, int(min(lifetime, self.max_lifetime) * 1000))
-        async with self._redis() as client:
+        async with self._redis("cache_store") as client:
             if target.value_of:
                 # A data entry's keys share one slot (Cluster too): the script stores
                 # it only if no set()/delete() bumped the value's version since the
@@ -461,7 +463,7 @@ class RedisLayer:
 
     async def delete_value(self, key: CacheKey) -> bool:
         """Bump the value's version and drop its entry and record; whether it was there."""
-        async with self._redis() as client:
+        async with self._redis("cache_delete_value") as client:
             gone = await _run(
                 self._delete_value,
                 client,
@@ -474,19 +476,19 @@ class RedisLayer:
     async def _value_script(self, script: AsyncScript, key: CacheKey, args: list[Any]) -> Any:
         own = [key.entry, key.url_version, key.vary_record]
         others = [key.generation, *key.tag_versions]
-        async with self._redis() as client:
+        async with self._redis("cache_value_write") as client:
             if not isinstance(client, RedisCluster):
                 return await _evalsha(script, client, [*own, *others], args)
             # The generation and tag versions live in other slots: read them first
             # (one GET each, pipelined, see _mget); the script then runs in the
             # value's slot. An invalidation between the two is as if it came before.
             versions = _versions(await self._mget(client, others))
-        async with self._redis() as client:
+        async with self._redis("cache_value_write") as client:
             return await _run(script, client, own, [*args, *versions])
 
     async def bump(self, names: list[str]) -> None:
         px = self._version_px
-        async with self._redis() as client:
+        async with self._redis("cache_bump") as client:
             pipe = client.pipeline(transaction=not isinstance(client, RedisCluster))
             for name in names:
                 pipe.incr(name)
@@ -494,7 +496,7 @@ class RedisLayer:
             await pipe.execute()
 
     async def bump_generation(self, name: str) -> int:
-        async with self._redis() as client:
+        async with self._redis("cache_bump") as client:
             generation = await client.incr(name)
         return int(generation)
 

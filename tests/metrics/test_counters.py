@@ -82,13 +82,19 @@ async def test_cache_outcomes(app: tuple[Starlette, Metrics]) -> None:
     assert value(samples, "asgi_redis_kit_cache_breaker_state", state="closed") == 1
     assert value(samples, "asgi_redis_kit_cache_breaker_state", state="open") == 0
     # Every cache round trip was timed: lookups, the store, the second lookup...
-    calls = value(samples, "asgi_redis_kit_redis_call_duration_seconds_count", operation="cache")
-    assert calls >= 4
+    calls = value(
+        samples, "asgi_redis_kit_redis_call_duration_seconds_count", operation="cache_lookup"
+    )
+    assert calls >= 3
+    assert (
+        value(samples, "asgi_redis_kit_redis_call_duration_seconds_count", operation="cache_store")
+        == cache.stats.stores
+    )
     assert (
         value(
             samples,
             "asgi_redis_kit_redis_call_duration_seconds_bucket",
-            operation="cache",
+            operation="cache_lookup",
             le="+Inf",
         )
         == calls
