@@ -68,6 +68,12 @@ class _Unencodable(TypeError):
     pass
 
 
+def _type_name(value: Any) -> str:
+    # With the module: two types of one name in two modules are not one argument.
+    kind = type(value)
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
 def _canonical(value: Any) -> Any:
     """``value`` as a JSON tree that names every type, so that distinct arguments
     never share a key (``1``/``1.0``/``True``, ``None``/NaN, a list/tuple, a
@@ -76,7 +82,7 @@ def _canonical(value: Any) -> Any:
     if value is None or isinstance(value, bool | str):
         return value
     if isinstance(value, enum.Enum):
-        return ["enum", type(value).__qualname__, _canonical(value.value)]
+        return ["enum", _type_name(value), _canonical(value.value)]
     if isinstance(value, int):
         return value if -(2**63) <= value < 2**64 else ["int", hex(value)]
     if isinstance(value, float):
@@ -98,10 +104,10 @@ def _canonical(value: Any) -> Any:
         return [type(value).__name__, str(value)]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-        return ["dataclass", type(value).__qualname__, _canonical(fields)]
+        return ["dataclass", _type_name(value), _canonical(fields)]
     dump = getattr(value, "model_dump", None)
     if callable(dump) and hasattr(type(value), "model_fields"):  # a pydantic model
-        return ["model", type(value).__qualname__, _canonical(dump(mode="json"))]
+        return ["model", _type_name(value), _canonical(dump(mode="json"))]
     raise _Unencodable(type(value).__name__)
 
 
@@ -265,7 +271,7 @@ class Memoized(Generic[P, R]):
             name = option.format_map(arguments)
         else:
             name = option(*args, **kwargs)
-        tags = tuple(tag.format_map(arguments) for tag in self.tags)
+        tags = check_tags([tag.format_map(arguments) for tag in self.tags])  # none empty
         return check_key(name), tags
 
 

@@ -375,6 +375,19 @@ class RedisLayer:
         """Take the lease: (token, the valid entry there at that moment, if any),
         or (None, None) if someone else holds it."""
         token = new_token()
+        try:
+            return await self._acquire_with(token, key, versions)
+        except (asyncio.CancelledError, BackendUnavailable) as exc:
+            # Cancelled, or the reply lost after it was sent (not the breaker, which
+            # sends nothing): the SET may have taken the lease. Give it back, or the
+            # other processes wait for it until lock_lease.
+            if isinstance(exc, asyncio.CancelledError) or exc.__cause__ is not None:
+                self._spawn(self._release_quietly(key, token))
+            raise
+
+    async def _acquire_with(
+        self, token: str, key: CacheKey, versions: tuple[int, ...]
+    ) -> tuple[str | None, Entry | None]:
         lease_ms = int(self.lock_lease * 1000)
         async with self._redis("cache_acquire") as client:
             if isinstance(client, RedisCluster):

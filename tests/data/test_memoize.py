@@ -355,3 +355,68 @@ async def test_a_function_returning_none_is_cached(cache: Cache) -> None:
     assert first is None
     assert second is None
     assert calls == 1
+
+
+async def test_a_call_cancelled_while_taking_the_lease_gives_it_back(
+    redis_url: str, key_prefix: str, real_redis: Redis
+) -> None:
+    """A stale entry's refill takes the lease in a round trip of its own; a caller
+    cancelled while that reply is on its way must not leave the lease held."""
+    from urllib.parse import urlsplit
+
+    from tests.support import DelayProxy
+
+    proxy = await DelayProxy(urlsplit(redis_url).port or 6379).start()
+    try:
+        async with Cache(proxy.url, key_prefix=key_prefix, timeout=5) as cache:
+
+            @cache.memoize(ttl=0.05, stale_if_error=60, key="leased")
+            async def f() -> int:
+                return 1
+
+            assert await f() == 1
+            await asyncio.sleep(0.1)  # stale, in its error window: a refill acquires
+            lock = cache.value_key("leased").lock
+            proxy.latency = 0.5
+            task = asyncio.create_task(f())
+            # The acquire's SET has run in Redis; its reply waits in the proxy.
+            for _ in range(500):
+                if await real_redis.exists(lock):
+                    break
+                await asyncio.sleep(0.01)
+            assert await real_redis.exists(lock)
+            assert not task.done()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            proxy.latency = 0
+            await cache.wait_background()
+            assert not await real_redis.exists(lock)
+    finally:
+        await proxy.stop()
+
+
+async def test_types_of_one_name_from_two_modules_are_distinct_arguments(cache: Cache) -> None:
+    import dataclasses as dc
+
+    first = dc.make_dataclass("Point", [("x", int)])
+    second = dc.make_dataclass("Point", [("x", int)])
+    first.__module__, second.__module__ = "shop.a", "shop.b"
+
+    @cache.memoize(ttl=60)
+    async def f(p: Any) -> int:
+        return 1
+
+    assert f.key(first(1)) != f.key(second(1))
+    assert f.key(first(1)) == f.key(first(1))
+
+
+async def test_a_tag_template_that_fills_to_nothing_is_refused(cache: Cache, spy: Any) -> None:
+    @cache.memoize(ttl=60, tags=["{label}"])
+    async def f(label: str) -> int:
+        return 1
+
+    spy.reset()
+    with pytest.raises(TypeError, match="tag"):
+        await f("")
+    assert spy.total == 0
