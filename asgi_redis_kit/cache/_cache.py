@@ -501,4 +501,7 @@ class Cache(Values):
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        # What the cancelled ones spawned on their way out (a lease to give back,
+        # bounded by the Redis deadline) still runs before the client closes.
+        await self.wait_background()
         await self.storage.aclose()
