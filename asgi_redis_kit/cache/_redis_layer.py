@@ -467,7 +467,8 @@ class RedisLayer:
     async def incr_value(self, key: CacheKey, head: bytes, amount: int, lifetime: float) -> int:
         """Add ``amount`` to the counter at ``key`` (``_scripts.INCR_VALUE``)."""
         px = max(1, int(min(lifetime, self.max_lifetime) * 1000))
-        status, text = await self._value_script(self._incr_value, key, [head, amount, px, ""])
+        args = [head, amount, px, self._version_px]
+        status, text = await self._value_script(self._incr_value, key, args)
         if int(status) == 0:
             raise TypeError("the cached value is not a counter made by incr(); delete() it first")
         if int(status) == 2:

@@ -164,10 +164,11 @@ return 1
 
 # ``Cache.incr``: a counter is an entry whose meta says "e":"n" and whose body is the
 # integer. KEYS, ARGV[1] (the head of a new counter), ARGV[3] and the versions as for
-# SET_VALUE; ARGV[2] the amount. A counter still valid for the current versions is
-# incremented in place and keeps its TTL; anything else under the key that is valid
-# is not a counter (an error, nothing written); an invalid or absent one starts at
-# the amount with the head's TTL. Returns {1, the new value}, {0, ''} (not a
+# SET_VALUE; ARGV[2] the amount, ARGV[4] the version PX. A counter still valid for
+# the current versions is incremented in place and keeps its TTL; anything else
+# under the key that is valid is not a counter (an error, nothing written); an
+# invalid or absent one starts at the amount with the head's TTL and bumps the
+# value's own version, as set() does. Returns {1, the new value}, {0, ''} (not a
 # counter) or {2, ''} (Lua numbers are doubles: past 2^53 it would not be exact).
 INCR_VALUE = (
     _VALUE_HELPERS
@@ -205,6 +206,11 @@ if raw and string.sub(raw, 1, 4) == 'ark1' and #raw >= 8 then
     return {0, ''}
   end
 end
+-- A new counter is a write like set(): bump the value's own version, so a refill
+-- that read the key before never stores over it.
+local own = redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+current = versions(number(own), 5)
 local text = string.format('%d', tonumber(ARGV[2]))
 redis.call('SET', KEYS[1], frame(ARGV[1], current, text), 'PX', ARGV[3])
 redis.call('DEL', KEYS[3])
