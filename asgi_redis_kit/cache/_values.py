@@ -83,8 +83,9 @@ def check_ttl(name: str, ttl: object, *, optional: bool) -> float | None:
         return None
     if isinstance(ttl, bool) or not isinstance(ttl, int | float):
         raise TypeError(f"{name} is a number of seconds, got {ttl!r}")
-    if not (ttl > 0 and math.isfinite(ttl)):
-        raise ValueError(f"{name} must be a positive number of seconds, got {ttl!r}")
+    if not (ttl >= 0.001 and math.isfinite(ttl)):
+        # Below Redis's millisecond PX a value would be gone as it is stored.
+        raise ValueError(f"{name} must be at least 0.001 seconds (1 ms), got {ttl!r}")
     check_seconds(name, ttl)
     return float(ttl)
 
@@ -213,8 +214,8 @@ class Values:
     async def set(
         self, key: str, value: Any, *, ttl: float | None = None, tags: Iterable[str] = ()
     ) -> None:
-        """Store ``value`` under ``key`` for ``ttl`` seconds (``None``: the
-        cache's ``max_lifetime``), invalidated by any of ``tags``. One round
+        """Store ``value`` under ``key`` for ``ttl`` seconds (``None``, or more
+        than the cache's ``max_lifetime``: that), invalidated by any of ``tags``. One round
         trip on a single server. Raises BackendUnavailable if Redis did not
         take it; a value the serializer refuses is a TypeError, before Redis."""
         lifetime = check_ttl("ttl", ttl, optional=True) or self.max_lifetime

@@ -213,6 +213,7 @@ class Unencodable:
         (lambda c: c.set("k", {1: "non-str key"}, ttl=60), TypeError),
         (lambda c: c.set("k", "v", ttl=0), ValueError),
         (lambda c: c.set("k", "v", ttl=-1), ValueError),
+        (lambda c: c.set("k", "v", ttl=0.0005), ValueError),
         (lambda c: c.set("k", "v", ttl=float("nan")), ValueError),
         (lambda c: c.set("k", "v", ttl=float("inf")), ValueError),
         (lambda c: c.set("k", "v", ttl=True), TypeError),
