@@ -424,7 +424,7 @@ class RedisLayer:
                 # refill read it (its versions' second, see CacheKey.version_keys).
                 entry = decode(value)
                 own = entry.versions[1] if entry is not None and len(entry.versions) > 1 else 0
-                await _evalsha(
+                await _run(
                     self._store,
                     client,
                     [target.entry, leased.lock, target.vary_record, target.url_version],

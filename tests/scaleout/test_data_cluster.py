@@ -83,3 +83,31 @@ async def test_memoize_stampede_over_two_cluster_clients(
         assert_clean(a, redis_log, cluster)
     finally:
         await second.aclose()
+
+
+async def test_every_write_loads_its_script_on_a_node_that_lost_it(
+    own_cluster: ClusterDeployment, own_cluster_client: RedisCluster
+) -> None:
+    """After SCRIPT FLUSH on every node (a restart, a new replica promoted), each
+    data-cache script is loaded again where its keys live, not refused."""
+    from tests.scaleout.servers import sync_client
+
+    cache = Cache(own_cluster_client, key_prefix="flushed:")
+    calls = 0
+
+    @cache.memoize(ttl=30, tags=["t"])
+    async def f() -> int:
+        nonlocal calls
+        calls += 1
+        return 5
+
+    for port in own_cluster.ports:
+        with sync_client(port) as client:
+            client.script_flush()
+    assert await f() == 5  # the store script
+    await cache.set("k", "v", ttl=30, tags=["t"])
+    assert await cache.incr("n") == 1
+    assert await cache.delete("k")
+    assert await f() == 5
+    assert calls == 1
+    assert cache.stats.errors == 0
