@@ -139,9 +139,9 @@ class FleetFlusher:
     async def flush(self) -> bool:
         """Send the increments since the last flush; False (nothing raised) when
         Redis did not answer: they are dropped, see the module docstring."""
+        key = bucket_key(self.key_prefix, int(self.clock() // 60))
         previous = self._sent
         deltas = self._deltas()
-        key = bucket_key(self.key_prefix, int(self.clock() // 60))
         suffix = "|" + self.instance
         sending = False
         try:
@@ -187,7 +187,12 @@ class FleetFlusher:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:
+                # Anything but Redis failing (handled in flush): a bug, or a clock
+                # of the caller's that raised. Say so, and keep counting.
+                logger.exception("fleet metrics: a flush failed")
 
     async def stop(self) -> None:
         """Stop the task, flush what is left, close the client if we made it."""

@@ -198,3 +198,38 @@ async def test_fleet_stats_refuses_a_window_it_cannot_read_in_bounded_time(
 ) -> None:
     with pytest.raises(ValueError, match="minutes"):
         await fleet_stats(redis_url, minutes=minutes)
+
+
+async def test_a_flush_that_raises_does_not_end_the_flusher(
+    redis_url: str, key_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A clock of the caller's that raises once costs that flush, logged; the
+    task keeps flushing and nothing counted is lost."""
+    import time
+
+    raised: list[bool] = []
+
+    def clock() -> float:
+        if not raised:
+            raised.append(True)
+            raise RuntimeError("clock broke")
+        return time.time()
+
+    metrics = Metrics()
+    prefix = key_prefix + "fleet:"
+    async with Cache(redis_url, key_prefix=key_prefix) as cache:
+        metrics.watch(cache)
+        flusher = FleetFlusher(
+            metrics, redis_url, instance="one", key_prefix=prefix, interval=0.05, clock=clock
+        )
+        async with flusher:
+            cache.stats.hits += 3
+            for _ in range(200):
+                if flusher.flushes:
+                    break
+                await asyncio.sleep(0.02)
+        assert raised
+        assert flusher.flushes >= 1
+        assert "a flush failed" in caplog.text
+        fleet = await fleet_stats(redis_url, key_prefix=prefix, minutes=2)
+        assert fleet.totals["cache_lookups.hit"] == 3
