@@ -113,7 +113,12 @@ async def test_incr_is_atomic_across_instances(
 ) -> None:
     other = Redis.from_url(redis_url)
     try:
-        caches = [Cache(real_redis, key_prefix=key_prefix), Cache(other, key_prefix=key_prefix)]
+        # A 5 s deadline: the burst opens ~100 fresh connections, which a loaded
+        # machine may not do in the default 0.5 s; this test is about atomicity.
+        caches = [
+            Cache(real_redis, key_prefix=key_prefix, timeout=5),
+            Cache(other, key_prefix=key_prefix, timeout=5),
+        ]
         await asyncio.gather(*(caches[i % 2].incr("n", ttl=60) for i in range(200)))
         assert await caches[0].get("n") == 200
     finally:
