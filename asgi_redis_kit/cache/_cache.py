@@ -418,20 +418,11 @@ class Cache(Values):
         See ``_memo`` for the flow and :class:`Memoized` for ``.key()`` and
         ``.invalidate()``."""
 
-        check_options(ttl, tags, stale_while_revalidate, stale_if_error)  # now, not at decoration
+        # Checked now, not when the decorator is applied.
+        options = check_options(ttl, tags, stale_while_revalidate, stale_if_error)
 
         def decorate(func: Callable[P, Awaitable[R]]) -> Memoized[P, R]:
-            return Memoized(
-                self,
-                func,
-                ttl=ttl,
-                key=key,
-                tags=tags,
-                stale_while_revalidate=stale_while_revalidate,
-                stale_if_error=stale_if_error,
-                lock=lock,
-                serializer=serializer,
-            )
+            return Memoized(self, func, options=options, key=key, lock=lock, serializer=serializer)
 
         return decorate
 

@@ -204,8 +204,7 @@ class Exchange(Responder):
             if token is not None:
                 # Our lookup took the lease although a leader here already runs
                 # (its lease had expired): that leader stores; give ours back.
-                with contextlib.suppress(BackendUnavailable):
-                    await cache.release(key, token)
+                await cache.release_quietly(key, token)
             await self.follow(key, fallback)
             return
         try:

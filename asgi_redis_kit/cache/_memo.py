@@ -42,7 +42,7 @@ import math
 import string
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, assert_never
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, ParamSpec, TypeVar, assert_never
 
 import orjson
 
@@ -173,11 +173,20 @@ def canonical_arguments(qualname: str, arguments: dict[str, Any]) -> bytes:
     return orjson.dumps(parts)
 
 
+class Options(NamedTuple):
+    """``@cache.memoize``'s options, checked."""
+
+    ttl: float
+    tags: tuple[str, ...]
+    stale_while_revalidate: float
+    stale_if_error: float
+
+
 def check_options(
     ttl: float, tags: Iterable[str], stale_while_revalidate: float, stale_if_error: float
-) -> tuple[float, tuple[str, ...], float, float]:
+) -> Options:
     """``@cache.memoize``'s options, checked (errors name the option)."""
-    return (
+    return Options(
         check_ttl("ttl", ttl, optional=False) or 0.0,
         check_tags(tags),
         _window("stale_while_revalidate", stale_while_revalidate),
@@ -208,19 +217,14 @@ class Memoized(Generic[P, R]):
         cache: Cache,
         func: Callable[P, Awaitable[R]],
         *,
-        ttl: float,
+        options: Options,
         key: str | Callable[..., str] | None,
-        tags: Iterable[str],
-        stale_while_revalidate: float,
-        stale_if_error: float,
         lock: bool,
         serializer: Serializer | None,
     ) -> None:
         if not inspect.iscoroutinefunction(func):
             raise TypeError(f"@cache.memoize goes on an async def function, got {func!r}")
-        self.ttl, self.tags, self.stale_while_revalidate, self.stale_if_error = check_options(
-            ttl, tags, stale_while_revalidate, stale_if_error
-        )
+        self.ttl, self.tags, self.stale_while_revalidate, self.stale_if_error = options
         self.cache = cache
         self.func = func
         self.lock = lock

@@ -308,8 +308,7 @@ class Responder:
                 cache.flights.done(key.digest, flight)
             if token is not None:
                 lease, token = token, None
-                with contextlib.suppress(BackendUnavailable):
-                    await cache.release(key, lease)
+                await cache.release_quietly(key, lease)
 
         async def send(message: Message) -> None:
             nonlocal held, mode, token, not_stored
