@@ -22,7 +22,7 @@ tracking connection, ``_store.py`` for the memory bound and local expiry.
 
 from __future__ import annotations
 
-from asgi_redis_kit.near._near import ABSENT, NearCache, NearHit, NearView, Ticket
+from asgi_redis_kit.near._near import ABSENT, NearCache, NearHit, NearView, Ticket, pttl_left
 from asgi_redis_kit.near._store import NearStats
 
-__all__ = ["ABSENT", "NearCache", "NearHit", "NearStats", "NearView", "Ticket"]
+__all__ = ["ABSENT", "NearCache", "NearHit", "NearStats", "NearView", "Ticket", "pttl_left"]

@@ -72,6 +72,15 @@ class NearHit(NamedTuple):
     remaining_ms: int
 
 
+def pttl_left(pttl_ms: int) -> float:
+    """The seconds surely left of a key whose PTTL read ``pttl_ms`` (> 0).
+
+    Redis counts a PTTL from the start of its current millisecond, so the reply
+    can claim up to 1 ms more than is left: a copy kept for the whole PTTL
+    could outlive the key by that much."""
+    return (pttl_ms - 1) / 1000
+
+
 class Ticket:
     """A read in flight: the domain epoch and key versions ``begin`` saw, and
     when (``loop.time()``): Redis runs the read after that, so the PTTL it
@@ -351,7 +360,7 @@ class NearView:
         elif pttl_ms == -1:
             ttl = self.max_ttl
         elif pttl_ms > 0:
-            ttl = min(pttl_ms / 1000, self.max_ttl)
+            ttl = min(pttl_left(pttl_ms), self.max_ttl)
         else:
             self.stats.refused += 1
             return

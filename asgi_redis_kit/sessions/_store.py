@@ -100,7 +100,7 @@ from .._redis import (
     check_seconds,
 )
 from ..errors import BackendUnavailable
-from ..near import ABSENT, NearCache, NearStats
+from ..near import ABSENT, NearCache, NearStats, pttl_left
 from ..near._fit import near_for, near_option
 from ._codec import is_utf8
 from ._index import UserIndex, kill_reply
@@ -267,7 +267,7 @@ class SessionStore(UserIndex):
                 # a reply already past it, so the entry ends by that deadline too:
                 # the response cache takes any entry under the key but ABSENT as
                 # proof that the session lives.
-                deadline = None if pttl < 0 else sent + pttl / 1000
+                deadline = None if pttl < 0 else sent + pttl_left(pttl)
                 view.put(ticket, key, LocalRecord(fields, deadline), pttl, record_size(fields))
             return record
         finally:

@@ -94,6 +94,25 @@ async def test_put_follows_pttl(near: NearCache, client: Redis, key_prefix: str)
     assert view.get(f"{key_prefix}zero") is None
 
 
+async def test_a_copy_ends_a_millisecond_before_the_pttl_it_read(
+    near: NearCache, client: Redis, key_prefix: str
+) -> None:
+    """Redis counts a PTTL from the start of its current millisecond, so up to
+    1 ms of it may be gone already: a copy kept for the whole PTTL could be
+    served after Redis dropped the key."""
+    view = await usable(near.view(client, key_prefix))
+    key = f"{key_prefix}ttl"
+    ticket = view.begin([key])
+    assert ticket is not None
+    view.put(ticket, key, b"v", 1500, 1)
+    view.end(ticket)
+    hit = view.get(key)
+    assert hit is not None
+    assert hit.expires_at <= ticket.started + 1.499
+    store(view, f"{key_prefix}one", b"v", 1, pttl_ms=1)  # nothing surely left
+    assert view.get(f"{key_prefix}one") is None
+
+
 async def test_a_ticket_is_good_for_one_read_and_end_releases_it(
     near: NearCache, client: Redis, key_prefix: str
 ) -> None:

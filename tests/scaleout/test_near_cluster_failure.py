@@ -166,11 +166,7 @@ async def test_killed_master_flushes_stays_correct_and_hits_come_back_on_its_rep
             # new one only from a command to the dead master's slots that fails
             # or is MOVED: so the victim's user comes first. (Only requests to
             # the other masters would keep bypassing: see the report of issue 8.)
-            def promoted() -> bool:
-                with sync_client(replica) as direct:
-                    return bool(direct.info("replication")["role"] == "master")
-
-            await asyncio.to_thread(wait_for, "the replica to take over", promoted, 30, 0.5)
+            await asyncio.to_thread(own_cluster.replica_takes_over, replica)
             first = [victim.port, *(port for port in agents_b if port != victim.port)]
             for port in first:
                 await answered_from_memory(b, agents_b[port], "/show", records[port], RECOVERY)
@@ -218,11 +214,7 @@ async def test_hits_come_back_when_only_the_live_masters_are_requested(
             assert time.monotonic() < deadline, "the tracker never noticed the kill"
             await asyncio.sleep(0.02)
 
-        def promoted() -> bool:
-            with sync_client(replica) as direct:
-                return bool(direct.info("replication")["role"] == "master")
-
-        await asyncio.to_thread(wait_for, "the replica to take over", promoted, 30, 0.5)
+        await asyncio.to_thread(own_cluster.replica_takes_over, replica)
         await answered_from_memory(b, agents[live], "/show", shown.text, 15)
         assert f"{HOST}:{replica}" in b.near.stats.tracking
     finally:
