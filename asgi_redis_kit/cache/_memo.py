@@ -42,6 +42,7 @@ import math
 import string
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, ParamSpec, TypeVar, assert_never
 
 import orjson
@@ -304,9 +305,9 @@ def _window(name: str, seconds: float) -> float:
 
 
 # What a leader leaves for the calls that waited on it in this process: the bytes
-# stored (each waiter reads its own copy), the exception the function raised, or
-# None (the leader was cancelled: start over).
-_Shared = bytes | BaseException | None
+# stored (each waiter reads its own copy), the exception the function raised with
+# the traceback it had then, or None (the leader was cancelled: start over).
+_Shared = bytes | tuple[BaseException, TracebackType | None] | None
 
 
 class _Call:
@@ -386,7 +387,7 @@ class _Call:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            outcome = exc
+            outcome = (exc, exc.__traceback__)
             raise
         finally:
             self.give_back()
@@ -403,8 +404,11 @@ class _Call:
             return await self.call()  # the leader is stuck: do not wait for it any longer
         if outcome is None:
             return await _Call(self.memo, self.key, self.call).run()
-        if isinstance(outcome, BaseException):
-            raise outcome
+        if isinstance(outcome, tuple):
+            # Every waiter raises the one object: from the function's traceback, as
+            # asyncio.Future.result() does, or each raise would chain its frames on.
+            exc, tb = outcome
+            raise exc.with_traceback(tb)
         self.stats.data_coalesced += 1
         return self.memo.serializer.loads(outcome)
 
