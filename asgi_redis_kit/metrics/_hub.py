@@ -110,7 +110,9 @@ class Metrics:
             return
         summed: dict[str, int] = {}
         for stats in self.sources(row.source):
-            for key, count in getattr(stats, row.attr).items():
+            # list() copies the map in one step: a scrape may run in another
+            # thread (prometheus_client's own server) while the loop adds a key.
+            for key, count in list(getattr(stats, row.attr).items()):
                 summed[key] = summed.get(key, 0) + count
         yield from summed.items()
 

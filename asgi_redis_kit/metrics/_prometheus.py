@@ -86,7 +86,8 @@ class KitCollector(Collector):
             "Redis nodes whose invalidation channel is in each state (tracking: healthy)",
             labels=["state"],
         )
-        nodes = [state for each in near for state in each.stats.tracking.values()]
+        # list(): see _hub.values (the loop may add a node during a threaded scrape).
+        nodes = [state for each in near for state in list(each.stats.tracking.values())]
         for state in TRACKING_STATES:
             tracking.add_metric([state], nodes.count(state))
         yield tracking
@@ -102,7 +103,7 @@ class KitCollector(Collector):
             latency = backend.calls.latency
             if latency is None:
                 continue
-            for operation, histogram in latency.by_operation.items():
+            for operation, histogram in list(latency.by_operation.items()):  # see _hub.values
                 counts, total = merged.get(operation, ([0] * (len(BUCKETS) + 1), 0.0))
                 merged[operation] = (
                     [a + b for a, b in zip(counts, histogram.counts, strict=True)],
