@@ -451,7 +451,9 @@ class _Call:
             )
             token, self.token = self.token, None
             try:
-                await cache.storage.store(self.key, self.key, encode(entry), entry.lifetime, token)
+                await cache.storage.store(
+                    self.key, self.key, encode(entry), entry.lifetime, token, versions=versions
+                )
                 self.stats.data_stores += 1
             except BackendUnavailable:
                 pass  # fail open: the caller gets its value; the lease expires

@@ -120,10 +120,17 @@ class NearLayer:
             self._wrote([key.lock])
 
     async def store(
-        self, target: CacheKey, leased: CacheKey, value: bytes, lifetime: float, token: str | None
+        self,
+        target: CacheKey,
+        leased: CacheKey,
+        value: bytes,
+        lifetime: float,
+        token: str | None,
+        *,
+        versions: tuple[int, ...],
     ) -> None:
         try:
-            await self.inner.store(target, leased, value, lifetime, token)
+            await self.inner.store(target, leased, value, lifetime, token, versions=versions)
         finally:
             self._wrote([target.entry, target.vary_record, leased.lock])
 

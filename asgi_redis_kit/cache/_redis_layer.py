@@ -161,9 +161,12 @@ class RedisLayer:
         # Background work of the Cache (a lease to give back after a cancel).
         self._spawn = spawn
         client = self.backend.client
+        # Known once (the Backend's clients are all alike): an isinstance() of
+        # redis-py's Protocol-based client classes is slow, and every call asked.
+        self._cluster = self.backend.cluster
         # On Cluster the version keys live in other slots than the entry: no script
         # can read them with it, so a miss takes its lease in a round trip of its own.
-        self._lease_in_lookup = not isinstance(client, RedisCluster)
+        self._lease_in_lookup = not self._cluster
         # Entry keys seen lately, and when Redis drops them (our clock). A key
         # expected to be there is looked up with a plain MGET: Redis runs a script
         # ~10x slower than MGET, and a hit has no lease to take. Only a hint: a
@@ -214,7 +217,7 @@ class RedisLayer:
     ) -> list[Any]:
         """GET of every key (``exists_last``: EXISTS of the last one), one round trip;
         ``ttls`` (Cluster only): then the PTTL of each GET's key, appended."""
-        if isinstance(client, RedisCluster):
+        if self._cluster:
             # Entry, namespace and tag keys live in different slots on purpose
             # (spreading load). One GET per key, pipelined: redis-py sends one
             # pipeline per node, the round trips of MGET across slots. Not MGET:
@@ -237,7 +240,10 @@ class RedisLayer:
             batch.exists(keys[-1])
             values, exists = await batch.execute()
             return [*values, exists]
-        return list(await client.mget(keys))
+        # The MGET client.mget() sends, without its argument handling (a hit's
+        # only command): the reply is a new list already.
+        reply: list[Any] = await client.execute_command("MGET", *keys)
+        return reply
 
     def _valid(self, raw: bytes | None, versions: tuple[int, ...]) -> Entry | None:
         if raw is None:
@@ -309,7 +315,7 @@ class RedisLayer:
         pttls: list[Any] = []
         async with self._redis("cache_lookup") as client:
             # On one server the lookup script also proves the session still exists.
-            single = not isinstance(client, RedisCluster)
+            single = not self._cluster
             session_keys = [session.key] if session is not None and single else []
             if single and (token or session_keys or ttls):
                 # One atomic step: the entry, its vary record and versions, and the
@@ -390,7 +396,7 @@ class RedisLayer:
     ) -> tuple[str | None, Entry | None]:
         lease_ms = int(self.lock_lease * 1000)
         async with self._redis("cache_acquire") as client:
-            if isinstance(client, RedisCluster):
+            if self._cluster:
                 # Single-key commands, one pipeline (same slot, same node), for the
                 # reason given in _mget. The GET still follows the SET, except while
                 # the slot migrates (an ASKed SET is re-sent after the pipeline): then
@@ -412,25 +418,33 @@ class RedisLayer:
             await self._release(keys=[key.lock], args=[token], client=client)
 
     async def store(
-        self, target: CacheKey, leased: CacheKey, value: bytes, lifetime: float, token: str | None
+        self,
+        target: CacheKey,
+        leased: CacheKey,
+        value: bytes,
+        lifetime: float,
+        token: str | None,
+        *,
+        versions: tuple[int, ...],
     ) -> None:
         """Store ``value`` under ``target`` (its vary record too, when it learned
-        names) and release ``leased``'s lease ``token``, in one round trip."""
+        names) and release ``leased``'s lease ``token``, in one round trip.
+        ``versions``: those ``value`` was made under (a data entry's own is checked)."""
         px = max(1, int(min(lifetime, self.max_lifetime) * 1000))
         async with self._redis("cache_store") as client:
             if target.value_of:
                 # A data entry's keys share one slot (Cluster too): the script stores
                 # it only if no set()/delete() bumped the value's version since the
                 # refill read it (its versions' second, see CacheKey.version_keys).
-                entry = decode(value)
-                own = entry.versions[1] if entry is not None and len(entry.versions) > 1 else 0
-                await _run(
+                # The caller says which that was: decoding ``value`` to learn it
+                # cost more than the rest of this method.
+                await self._run(
                     self._store,
                     client,
                     [target.entry, leased.lock, target.vary_record, target.url_version],
-                    [value, px, token or "", target.record_value, 1, own],
+                    [value, px, token or "", target.record_value, 1, versions[1]],
                 )
-            elif isinstance(client, RedisCluster):
+            elif self._cluster:
                 # Single-key commands, one pipeline (see _mget): the SETs, then the
                 # token-checked release.
                 pipe = client.pipeline()
@@ -448,6 +462,15 @@ class RedisLayer:
                     [value, px, token or "", target.record_value, 0],
                 )
         self._remember(target, lifetime, self.clock())
+
+    async def _run(
+        self, script: AsyncScript, client: RedisClient, keys: list[Any], args: list[Any]
+    ) -> Any:
+        """:func:`_evalsha` on a single server; on Cluster, redis-py's own script
+        call, which loads a missing script on the node that owns the keys."""
+        if self._cluster:
+            return await script(keys=keys, args=args, client=client)
+        return await _evalsha(script, client, keys, args)
 
     @property
     def _version_px(self) -> int:
@@ -478,7 +501,7 @@ class RedisLayer:
     async def delete_value(self, key: CacheKey) -> bool:
         """Bump the value's version and drop its entry and record; whether it was there."""
         async with self._redis("cache_delete_value") as client:
-            gone = await _run(
+            gone = await self._run(
                 self._delete_value,
                 client,
                 [key.entry, key.url_version, key.vary_record],
@@ -491,19 +514,19 @@ class RedisLayer:
         own = [key.entry, key.url_version, key.vary_record]
         others = [key.generation, *key.tag_versions]
         async with self._redis("cache_value_write") as client:
-            if not isinstance(client, RedisCluster):
+            if not self._cluster:
                 return await _evalsha(script, client, [*own, *others], args)
             # The generation and tag versions live in other slots: read them first
             # (one GET each, pipelined, see _mget); the script then runs in the
             # value's slot. An invalidation between the two is as if it came before.
             versions = _versions(await self._mget(client, others))
         async with self._redis("cache_value_write") as client:
-            return await _run(script, client, own, [*args, *versions])
+            return await self._run(script, client, own, [*args, *versions])
 
     async def bump(self, names: list[str]) -> None:
         px = self._version_px
         async with self._redis("cache_bump") as client:
-            pipe = client.pipeline(transaction=not isinstance(client, RedisCluster))
+            pipe = client.pipeline(transaction=not self._cluster)
             for name in names:
                 pipe.incr(name)
                 pipe.pexpire(name, px)
@@ -526,11 +549,3 @@ async def _evalsha(
     except NoScriptError:
         script.sha = await client.execute_command("SCRIPT LOAD", script.script)
         return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-
-
-async def _run(script: AsyncScript, client: RedisClient, keys: list[Any], args: list[Any]) -> Any:
-    """:func:`_evalsha` on a single server; on Cluster, redis-py's own script
-    call, which loads a missing script on the node that owns the keys."""
-    if isinstance(client, RedisCluster):
-        return await script(keys=keys, args=args, client=client)
-    return await _evalsha(script, client, keys, args)

@@ -357,7 +357,14 @@ class Responder:
                 entry = self.build_entry(status, headers, body, versions)
                 vary = self.learned_vary(headers)
                 try:
-                    await cache.store(key, encode(entry), entry.lifetime, token, vary=vary)
+                    await cache.store(
+                        key,
+                        encode(entry),
+                        entry.lifetime,
+                        token,
+                        versions=entry.versions,
+                        vary=vary,
+                    )
                     token = None  # released by the store script
                     if flight is not None:
                         # Waiters re-read it now, not after the app's background tasks,

@@ -59,7 +59,7 @@ async def stored_and_kept(cache: Cache, key: CacheKey, body: bytes) -> None:
     """Store ``body`` under ``key``, then look it up until memory answers."""
     found = await cache.lookup(key, lease=True)
     assert found.entry is None
-    await cache.store(key, entry(body, found.versions), 60, found.token)
+    await cache.store(key, entry(body, found.versions), 60, found.token, versions=found.versions)
     for _ in range(200):
         hits = cache.stats.near_hits
         found = await cache.lookup(key)
@@ -187,7 +187,9 @@ async def test_reads_from_a_lagging_replica_are_never_kept(key_prefix: str) -> N
             await near_ready(cache, 20)
         key = page_key(cache)
         found = await cache.lookup(key, lease=True)
-        await cache.store(key, entry(b"one", found.versions), 60, found.token)
+        await cache.store(
+            key, entry(b"one", found.versions), 60, found.token, versions=found.versions
+        )
         for _ in range(200):
             found = await cache.lookup(key)
             if found.entry is not None and (cache.near_cache is None or cache.stats.near_hits):

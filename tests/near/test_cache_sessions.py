@@ -160,7 +160,9 @@ async def test_a_gone_session_is_never_proved_alive_from_memory(
     await near_ready(cache)
     found = await cache.lookup(key, lease=True, session=proof)
     body = b"ann's page"
-    await cache.store(key, encode(_entry(body, found.versions)), 60, found.token)
+    await cache.store(
+        key, encode(_entry(body, found.versions)), 60, found.token, versions=found.versions
+    )
     await know(sessions, redis, record)
     for _ in range(50):
         hits = cache.stats.near_hits

@@ -110,7 +110,7 @@ async def kept(cache: Cache, key: CacheKey, body: bytes) -> None:
 async def stored(cache: Cache, key: CacheKey, body: bytes) -> None:
     found = await cache.lookup(key, lease=True)
     assert found.entry is None
-    await cache.store(key, entry(body, found.versions), 60, found.token)
+    await cache.store(key, entry(body, found.versions), 60, found.token, versions=found.versions)
 
 
 async def test_a_store_replacing_a_kept_entry_is_read_back_at_once(cache: Cache) -> None:
@@ -118,7 +118,7 @@ async def test_a_store_replacing_a_kept_entry_is_read_back_at_once(cache: Cache)
     await stored(cache, key, b"one")
     await kept(cache, key, b"one")
     versions = (await cache.lookup(key)).versions
-    await cache.store(key, entry(b"two", versions), 60, None)
+    await cache.store(key, entry(b"two", versions), 60, None, versions=versions)
     found = await cache.lookup(key)
     assert found.entry is not None
     assert found.entry.body == b"two"
