@@ -4,8 +4,8 @@ A call, top to bottom (``Memoized.__call__``, then ``_Call``):
 
 1. The key: the function's module and qualified name and a canonical encoding
    of its bound arguments (:func:`canonical_arguments`: defaults applied, so
-   ``f(1)``, ``f(x=1)`` and ``f(1, y=<default>)`` are one entry; ``self`` and
-   ``cls`` left out), or the ``key=`` template or function. Tags are templates
+   ``f(1)``, ``f(x=1)`` and ``f(1, y=<default>)`` are one entry; a method's
+   ``self`` and ``cls`` left out), or the ``key=`` template or function. Tags are templates
    over the same arguments. An argument with no canonical encoding is a
    ``TypeError`` here, before Redis.
 2. One lookup (``Cache.lookup``: concurrent calls share it; on a single server
@@ -156,11 +156,22 @@ def bound_arguments(
     return arguments
 
 
-def canonical_arguments(qualname: str, arguments: dict[str, Any]) -> bytes:
-    """The canonical encoding of bound ``arguments`` (``self``/``cls`` first left out)."""
+def is_method(func: Callable[..., Any], signature: inspect.Signature) -> bool:
+    """Whether ``func``'s first parameter is a method's ``self`` or ``cls``: named
+    so, in a function defined in a class body (its qualified name's parent is a
+    class, not ``<locals>`` or the module). A plain function's ``cls`` is an
+    argument like any other: left out, two calls would share one entry."""
+    first = next(iter(signature.parameters), None)
+    owner, dot, _ = func.__qualname__.rpartition(".")
+    return first in _SKIPPED and bool(dot) and not owner.endswith("<locals>")
+
+
+def canonical_arguments(qualname: str, arguments: dict[str, Any], *, method: bool) -> bytes:
+    """The canonical encoding of bound ``arguments`` (the first, a method's
+    ``self``/``cls``, left out when ``method``)."""
     parts = []
     for index, (name, value) in enumerate(arguments.items()):
-        if index == 0 and name in _SKIPPED:
+        if index == 0 and method:
             continue
         try:
             parts.append([name, _canonical(value)])
@@ -231,6 +242,7 @@ class Memoized(Generic[P, R]):
         self.serializer = serializer or cache.serializer
         self.signature = inspect.signature(func)
         self.plain = plain_parameters(self.signature)
+        self.method = is_method(func, self.signature)
         self.name = f"{func.__module__}.{func.__qualname__}"
         if key is not None and not (isinstance(key, str) or callable(key)):
             raise TypeError(f"key= is a template str or a function, got {key!r}")
@@ -269,7 +281,7 @@ class Memoized(Generic[P, R]):
         arguments = bound_arguments(self.signature, args, kwargs, self.plain)
         option = self.key_option
         if option is None:
-            encoded = canonical_arguments(self.func.__qualname__, arguments)
+            encoded = canonical_arguments(self.func.__qualname__, arguments, method=self.method)
             name = f"{self.name}:{hashlib.sha256(encoded).hexdigest()[:32]}"
         elif isinstance(option, str):
             name = option.format_map(arguments)
