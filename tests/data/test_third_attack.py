@@ -4,6 +4,7 @@ serializers that cannot read back what they wrote. Real Redis; the suite's
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 
 import pytest
@@ -44,3 +45,36 @@ async def test_a_plain_functions_first_parameter_named_cls_is_part_of_the_key(
 
     assert await nested("a") == "a"
     assert await nested("b") == "b"
+
+
+class Repo:
+    def __init__(self, tenant: str) -> None:
+        self.tenant = tenant
+
+    async def load(self, n: int) -> str:
+        return f"{self.tenant}:{n}"
+
+
+async def tenant_load(tenant: str, n: int) -> str:
+    return f"{tenant}:{n}"
+
+
+async def test_a_bound_method_or_partial_never_shares_another_ones_results(
+    cache: Cache,
+) -> None:
+    # memoize(repo.load) or memoize(partial(f, tenant)): the callable carries
+    # its instance or its first arguments, which its signature does not show.
+    # A default key of name and visible arguments gave tenant b tenant a's
+    # data; no default key can name them, so memoize asks for key= (a
+    # TypeError, as for an argument it cannot encode).
+    a = Repo("a").load
+    with pytest.raises(TypeError, match="key="):
+        cache.memoize(ttl=60)(a)
+    with pytest.raises(TypeError, match="key="):
+        cache.memoize(ttl=60)(functools.partial(tenant_load, "a"))
+    # With key= naming the tenant, both work.
+    by_key = cache.memoize(ttl=60, key="repo:b:{n}")(Repo("b").load)
+    assert await by_key(1) == "b:1"
+    partial = cache.memoize(ttl=60, key="p:c:{n}")(functools.partial(tenant_load, "c"))
+    assert await partial(1) == "c:1"
+    assert await cache.get("p:c:1") == "c:1"
