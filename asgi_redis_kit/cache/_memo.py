@@ -156,13 +156,13 @@ def bound_arguments(
     return arguments
 
 
-def is_method(func: Callable[..., Any], signature: inspect.Signature) -> bool:
-    """Whether ``func``'s first parameter is a method's ``self`` or ``cls``: named
-    so, in a function defined in a class body (its qualified name's parent is a
-    class, not ``<locals>`` or the module). A plain function's ``cls`` is an
-    argument like any other: left out, two calls would share one entry."""
+def is_method(qualname: str, signature: inspect.Signature) -> bool:
+    """Whether a function's first parameter is a method's ``self`` or ``cls``:
+    named so, in a function defined in a class body (its ``qualname``'s parent
+    is a class, not ``<locals>`` or the module). A plain function's ``cls`` is
+    an argument like any other: left out, two calls would share one entry."""
     first = next(iter(signature.parameters), None)
-    owner, dot, _ = func.__qualname__.rpartition(".")
+    owner, dot, _ = qualname.rpartition(".")
     return first in _SKIPPED and bool(dot) and not owner.endswith("<locals>")
 
 
@@ -182,6 +182,14 @@ def canonical_arguments(qualname: str, arguments: dict[str, Any], *, method: boo
                 f"'{qualname}:{{{name}.id}}' or a function of the arguments)"
             ) from None
     return orjson.dumps(parts)
+
+
+def _defined(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The function a ``functools.partial`` wraps (``func`` itself otherwise),
+    whose module and qualified name a partial lacks."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    return func
 
 
 class Options(NamedTuple):
@@ -242,8 +250,18 @@ class Memoized(Generic[P, R]):
         self.serializer = serializer or cache.serializer
         self.signature = inspect.signature(func)
         self.plain = plain_parameters(self.signature)
-        self.method = is_method(func, self.signature)
-        self.name = f"{func.__module__}.{func.__qualname__}"
+        if key is None and (inspect.ismethod(func) or isinstance(func, functools.partial)):
+            # Its instance or first arguments are in none of the arguments a
+            # default key encodes: two of them would share every entry.
+            raise TypeError(
+                f"@cache.memoize({func!r}): a bound method or partial carries arguments "
+                "its signature does not show, which no default key names; pass key= "
+                "(a template or function that names them, e.g. the tenant)"
+            )
+        defined = _defined(func)
+        self.qualname: str = defined.__qualname__
+        self.method = is_method(self.qualname, self.signature)
+        self.name = f"{defined.__module__}.{self.qualname}"
         if key is not None and not (isinstance(key, str) or callable(key)):
             raise TypeError(f"key= is a template str or a function, got {key!r}")
         self.key_option = key
@@ -253,7 +271,7 @@ class Memoized(Generic[P, R]):
             if unknown:
                 raise ValueError(
                     f"template {template!r} names {sorted(unknown)}, which "
-                    f"{func.__qualname__}() has no parameter for"
+                    f"{self.qualname}() has no parameter for"
                 )
         functools.update_wrapper(self, func)
 
@@ -281,7 +299,7 @@ class Memoized(Generic[P, R]):
         arguments = bound_arguments(self.signature, args, kwargs, self.plain)
         option = self.key_option
         if option is None:
-            encoded = canonical_arguments(self.func.__qualname__, arguments, method=self.method)
+            encoded = canonical_arguments(self.qualname, arguments, method=self.method)
             name = f"{self.name}:{hashlib.sha256(encoded).hexdigest()[:32]}"
         elif isinstance(option, str):
             name = option.format_map(arguments)
