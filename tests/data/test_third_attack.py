@@ -8,9 +8,10 @@ import functools
 from collections.abc import AsyncIterator
 
 import pytest
+from pydantic import BaseModel
 from redis.asyncio import Redis
 
-from asgi_redis_kit import Cache
+from asgi_redis_kit import Cache, PydanticSerializer
 
 pytestmark = [pytest.mark.real_redis, pytest.mark.timeout(60)]
 
@@ -78,3 +79,38 @@ async def test_a_bound_method_or_partial_never_shares_another_ones_results(
     partial = cache.memoize(ttl=60, key="p:c:{n}")(functools.partial(tenant_load, "c"))
     assert await partial(1) == "c:1"
     assert await cache.get("p:c:1") == "c:1"
+
+
+class Rate(BaseModel):
+    pair: str
+    value: float
+
+
+async def test_pydantic_refuses_a_value_it_cannot_read_back(
+    real_redis: Redis, key_prefix: str
+) -> None:
+    # pydantic writes NaN as null and then refuses null for a float: the value
+    # validated, was stored, and no read could ever return it. set() then
+    # stored what get() reads as absent, and a memoized call ran the function
+    # and raised ValidationError on every call. Like the JSON serializer's
+    # refusals: a TypeError before Redis, nothing stored.
+    serializer = PydanticSerializer(Rate)
+    nan = Rate(pair="EURUSD", value=float("nan"))
+    async with Cache(real_redis, key_prefix=key_prefix, serializer=serializer) as cache:
+        with pytest.raises(TypeError):
+            await cache.set("rate", nan, ttl=60)
+        runs = []
+
+        @cache.memoize(ttl=60)
+        async def rate() -> Rate:
+            runs.append(1)
+            return nan
+
+        with pytest.raises(TypeError):
+            await rate()
+        assert [key async for key in real_redis.scan_iter(match=f"{key_prefix}*:e")] == []
+        good = Rate(pair="EURUSD", value=1.1)
+        await cache.set("rate", good, ttl=60)
+        assert await cache.get("rate") == good
+    with pytest.raises(TypeError):
+        PydanticSerializer(bytes).dumps(b"\xff")  # not UTF-8: pydantic's ValueError
