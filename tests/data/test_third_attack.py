@@ -11,7 +11,7 @@ import pytest
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
-from asgi_redis_kit import Cache, PydanticSerializer
+from asgi_redis_kit import Cache, Memoized, PydanticSerializer
 
 pytestmark = [pytest.mark.real_redis, pytest.mark.timeout(60)]
 
@@ -114,3 +114,26 @@ async def test_pydantic_refuses_a_value_it_cannot_read_back(
         assert await cache.get("rate") == good
     with pytest.raises(TypeError):
         PydanticSerializer(bytes).dumps(b"\xff")  # not UTF-8: pydantic's ValueError
+
+
+def tenant_loader(cache: Cache, tenant: str) -> Memoized[[int], str]:
+    """A factory of memoized closures: each closes over its tenant."""
+
+    @cache.memoize(ttl=60)
+    async def load(n: int) -> str:
+        return f"{tenant}:{n}"
+
+    return load
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="design question: the default key is module, qualified name and arguments; "
+    "two closures of one factory have the same name, and what they close over is "
+    "no argument (refusing closures without key= would refuse every memoized "
+    "function that closes over a logger or a client)",
+)
+async def test_two_closures_of_one_factory_never_share_results(cache: Cache) -> None:
+    a, b = tenant_loader(cache, "a"), tenant_loader(cache, "b")
+    assert await a(1) == "a:1"
+    assert await b(1) == "b:1"
