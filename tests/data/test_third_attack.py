@@ -4,6 +4,7 @@ serializers that cannot read back what they wrote. Real Redis; the suite's
 
 from __future__ import annotations
 
+import enum
 import functools
 from collections.abc import AsyncIterator
 
@@ -137,3 +138,23 @@ async def test_two_closures_of_one_factory_never_share_results(cache: Cache) -> 
     a, b = tenant_loader(cache, "a"), tenant_loader(cache, "b")
     assert await a(1) == "a:1"
     assert await b(1) == "b:1"
+
+
+class Step(enum.IntEnum):
+    ONE = 1
+    TEN = 10
+
+
+async def test_an_int_enum_amount_counts_and_never_reaches_redis_as_its_repr(
+    cache: Cache,
+) -> None:
+    # An IntEnum is an int (incr's check passes) whose repr, which redis-py
+    # sends for ints, is '<Step.ONE: 1>': the script failed on it, and that
+    # bad input was reported as BackendUnavailable ("Redis did not answer")
+    # and counted towards the breaker, so a route counting with an enum
+    # opened the breaker for every caller of the cache.
+    assert await cache.incr("steps", Step.ONE) == 1
+    assert await cache.incr("steps", Step.TEN) == 11
+    assert await cache.get("steps") == 11
+    assert cache.stats.errors == 0
+    assert cache.breaker.state == "closed"
