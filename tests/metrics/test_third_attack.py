@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from asgi_redis_kit import Metrics
+from asgi_redis_kit import FleetFlusher, Metrics, fleet_stats
 from asgi_redis_kit.cache import Cache
 
 pytestmark = [pytest.mark.real_redis, pytest.mark.timeout(60)]
@@ -68,3 +68,27 @@ async def test_one_caches_reset_never_makes_the_summed_counter_go_back(
         assert invalidations(registry) == [2]
         await a.invalidate_tags("t")
         assert invalidations(registry) == [3]
+
+
+async def test_a_fractional_keep_minutes_is_refused_not_sent_as_a_failing_expire(
+    redis_url: str, key_prefix: str, real_redis: Redis
+) -> None:
+    # keep_minutes=1.5 was accepted: the hash's TTL became 150.0, EXPIRE
+    # refuses a float, and every flush then landed its HINCRBYs, failed on the
+    # EXPIRE, reported "Redis did not answer", and left the minute's hash
+    # with no TTL at all (kept forever). A setting is checked where it is given.
+    with pytest.raises(TypeError, match="keep_minutes"):
+        FleetFlusher(Metrics(), redis_url, key_prefix=key_prefix, keep_minutes=1.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="minutes"):
+        await fleet_stats(redis_url, key_prefix=key_prefix, minutes=2.5)  # type: ignore[arg-type]
+    flusher = FleetFlusher(Metrics(), redis_url, key_prefix=key_prefix, keep_minutes=2)
+    try:
+        assert await flusher.flush()
+        keys = [key async for key in real_redis.scan_iter(match=f"{{{key_prefix}}}:*")]
+        assert keys
+        assert 0 < await real_redis.ttl(keys[0]) <= 3 * 60
+    finally:
+        await flusher.stop()
+        # The fleet's keys start with the hash tag, not the prefix real_redis cleans.
+        async for key in real_redis.scan_iter(match=f"{{{key_prefix}}}:*"):
+            await real_redis.delete(key)
