@@ -3,6 +3,9 @@ semantics of a counter. Real Redis; every test is bounded by the timeout mark.""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -92,3 +95,32 @@ async def test_a_fractional_keep_minutes_is_refused_not_sent_as_a_failing_expire
         # The fleet's keys start with the hash tag, not the prefix real_redis cleans.
         async for key in real_redis.scan_iter(match=f"{{{key_prefix}}}:*"):
             await real_redis.delete(key)
+
+
+async def test_a_flush_cancelled_before_redis_answered_keeps_its_counts(
+    redis_url: str, key_prefix: str, real_redis: Redis
+) -> None:
+    # stop() cancels the flusher's task, which may be in a flush, and then
+    # flushes once more. A flush cancelled before its probe was answered sent
+    # nothing, yet its counts were taken: the last flush did not send them
+    # either, and the shutdown lost them. (A probe that fails keeps them.)
+    metrics = Metrics()
+    fleet = key_prefix + "fleet"
+    async with Cache(redis_url, key_prefix=key_prefix) as cache:
+        metrics.watch(cache)
+        flusher = FleetFlusher(metrics, redis_url, key_prefix=fleet, instance="web-1")
+        try:
+            for _ in range(3):
+                assert await cache.get("absent") is None
+            flush = asyncio.create_task(flusher.flush())
+            await asyncio.sleep(0)  # it took its counts and waits on the probe
+            flush.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flush
+            assert await flusher.flush()
+            stats = await fleet_stats(redis_url, key_prefix=fleet)
+            assert stats.totals.get("cache_data_lookups.miss") == 3
+        finally:
+            await flusher.stop()
+            async for key in real_redis.scan_iter(match=f"{{{fleet}}}:*"):
+                await real_redis.delete(key)
