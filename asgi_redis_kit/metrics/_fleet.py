@@ -167,6 +167,10 @@ class FleetFlusher:
                     pipe.hincrby(key, name + suffix, delta)
                 pipe.expire(key, self.ttl)
                 await pipe.execute()
+        except asyncio.CancelledError:
+            if not sending:
+                self._sent = previous  # none left: the next flush (stop()'s) sends them
+            raise
         except BackendUnavailable as exc:
             if not sending:
                 self._sent = previous

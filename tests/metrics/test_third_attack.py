@@ -1,5 +1,6 @@
 """Third attack on the monitoring: what Prometheus reads must keep the
-semantics of a counter. Real Redis; every test is bounded by the timeout mark."""
+semantics of a counter; the fleet's settings and flushes. Real Redis; every
+test is bounded by the timeout mark."""
 
 from __future__ import annotations
 
