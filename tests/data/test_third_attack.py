@@ -7,9 +7,12 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
+import inspect
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
+from fastapi import Depends, FastAPI
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
@@ -180,3 +183,41 @@ async def test_an_invalidation_after_a_version_key_expired_never_brings_back_old
         await asyncio.sleep(0.002)  # the minute or more that passes, as milliseconds
         await cache.invalidate_tags("t")
         assert await cache.get("k") is None
+
+
+async def test_a_memoized_method_on_an_instance_is_what_its_bound_method_was(
+    cache: Cache,
+) -> None:
+    # "Call it as the function": a memoized method reached through an instance
+    # stands where the bound method stood, e.g. as a FastAPI dependency or
+    # endpoint. It showed the function's signature, self included (FastAPI
+    # asked the client for a query parameter "self": 422), and a sync
+    # __call__ (frameworks would run it in a thread and get a coroutine).
+
+    class Settings:
+        async def plain(self, section: str = "ui") -> dict[str, str]:
+            return {"section": section}
+
+        @cache.memoize(ttl=60, key="settings:{section}")
+        async def memoized(self, section: str = "ui") -> dict[str, str]:
+            return {"section": section}
+
+    settings = Settings()
+    assert inspect.signature(settings.memoized) == inspect.signature(settings.plain)
+    app = FastAPI()
+
+    @app.get("/plain")
+    async def plain(conf: dict[str, str] = Depends(settings.plain)) -> dict[str, str]:  # noqa: B008
+        return conf
+
+    @app.get("/memoized")
+    async def memoized(conf: dict[str, str] = Depends(settings.memoized)) -> dict[str, str]:  # noqa: B008
+        return conf
+
+    app.get("/endpoint")(settings.memoized)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        for path in ("/plain", "/memoized", "/endpoint"):
+            response = await http.get(path, params={"section": "mail"})
+            assert (response.status_code, response.json()) == (200, {"section": "mail"}), path
+    assert await cache.get("settings:mail") == {"section": "mail"}
