@@ -250,6 +250,10 @@ class Memoized(Generic[P, R]):
         self.serializer = serializer or cache.serializer
         self.signature = inspect.signature(func)
         self.plain = plain_parameters(self.signature)
+        # What a method's _Bound shows: the signature without its first parameter.
+        self.bound_signature = self.signature.replace(
+            parameters=list(self.signature.parameters.values())[1:]
+        )
         if key is None and (inspect.ismethod(func) or isinstance(func, functools.partial)):
             # Its instance or first arguments are in none of the arguments a
             # default key encodes: two of them would share every entry.
@@ -310,15 +314,22 @@ class Memoized(Generic[P, R]):
 
 
 class _Bound:
-    """A Memoized method bound to its instance."""
+    """A Memoized method bound to its instance: it stands where the bound method
+    would (a FastAPI dependency or endpoint), so its signature leaves out the
+    instance's parameter and its ``__call__`` is a coroutine function, as the
+    frameworks that inspect a callable expect of a bound ``async def``."""
+
+    __signature__: inspect.Signature
 
     def __init__(self, memo: Memoized[..., Any], instance: object) -> None:
         self._memo = memo
         self._instance = instance
         functools.update_wrapper(self, memo.func)
+        # Read before __wrapped__ (the function, self included) by inspect.signature.
+        self.__signature__ = memo.bound_signature
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Awaitable[Any]:
-        return self._memo(self._instance, *args, **kwargs)
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._memo(self._instance, *args, **kwargs)
 
     def key(self, *args: Any, **kwargs: Any) -> str:
         return self._memo.key(self._instance, *args, **kwargs)
