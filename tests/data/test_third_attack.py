@@ -8,12 +8,15 @@ import asyncio
 import enum
 import functools
 import inspect
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 from fastapi import Depends, FastAPI
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
 from asgi_redis_kit import Cache, Memoized, PydanticSerializer
@@ -221,3 +224,48 @@ async def test_a_memoized_method_on_an_instance_is_what_its_bound_method_was(
             response = await http.get(path, params={"section": "mail"})
             assert (response.status_code, response.json()) == (200, {"section": "mail"}), path
     assert await cache.get("settings:mail") == {"section": "mail"}
+
+
+class Search(BaseModel):
+    tenant: str = Field(exclude=True)  # kept out of what the model serializes, not of the call
+    text: str
+
+
+class Tagged(BaseModel):
+    tags: set[str]
+
+
+async def tagged_load(item: Tagged) -> int:
+    return len(item.tags)
+
+
+async def test_a_pydantic_arguments_excluded_field_is_part_of_the_key(cache: Cache) -> None:
+    # The default key encoded a model through model_dump(mode="json"), which
+    # leaves out Field(exclude=True): two tenants' queries shared an entry.
+    @cache.memoize(ttl=60)
+    async def search(query: Search) -> str:
+        return f"{query.tenant}:{query.text}"
+
+    assert await search(Search(tenant="a", text="x")) == "a:x"
+    assert await search(Search(tenant="b", text="x")) == "b:x"
+
+
+def test_a_pydantic_arguments_set_field_has_one_key_in_every_process() -> None:
+    # ... and turned a set into a list in iteration order, which differs
+    # between processes (str hashes are randomised): no two processes ever
+    # shared the entry of such an argument. Sets elsewhere are sorted.
+    script = (
+        "from asgi_redis_kit import Cache\n"
+        "from tests.data.test_third_attack import Tagged, tagged_load\n"
+        "memo = Cache('memory://').memoize(ttl=60)(tagged_load)\n"
+        "print(memo.key(Tagged(tags={'alpha', 'beta', 'gamma', 'delta', 'epsilon'})))\n"
+    )
+    keys = set()
+    for seed in range(6):
+        env = {**os.environ, "PYTHONHASHSEED": str(seed), "PYTHONPATH": os.getcwd()}
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=30
+        )
+        assert done.returncode == 0, done.stderr
+        keys.add(done.stdout.strip())
+    assert len(keys) == 1, keys
