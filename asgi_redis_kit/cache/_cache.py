@@ -411,7 +411,7 @@ class Cache(Values):
             key: the data key of a call, as a template over the arguments
                 (``"profile:{user_id}"``) or a function of them; default: the
                 function's module and qualified name and a hash of its bound
-                arguments (defaults applied; ``self``/``cls`` left out). An
+                arguments (defaults applied; a method's ``self``/``cls`` left out). An
                 argument the default cannot encode canonically is a TypeError
                 that asks for ``key=``.
             tags: templates over the arguments (``"user:{user_id}"``);

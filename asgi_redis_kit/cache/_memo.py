@@ -4,8 +4,8 @@ A call, top to bottom (``Memoized.__call__``, then ``_Call``):
 
 1. The key: the function's module and qualified name and a canonical encoding
    of its bound arguments (:func:`canonical_arguments`: defaults applied, so
-   ``f(1)``, ``f(x=1)`` and ``f(1, y=<default>)`` are one entry; ``self`` and
-   ``cls`` left out), or the ``key=`` template or function. Tags are templates
+   ``f(1)``, ``f(x=1)`` and ``f(1, y=<default>)`` are one entry; a method's
+   ``self`` and ``cls`` left out), or the ``key=`` template or function. Tags are templates
    over the same arguments. An argument with no canonical encoding is a
    ``TypeError`` here, before Redis.
 2. One lookup (``Cache.lookup``: concurrent calls share it; on a single server
@@ -157,11 +157,22 @@ def bound_arguments(
     return arguments
 
 
-def canonical_arguments(qualname: str, arguments: dict[str, Any]) -> bytes:
-    """The canonical encoding of bound ``arguments`` (``self``/``cls`` first left out)."""
+def is_method(qualname: str, signature: inspect.Signature) -> bool:
+    """Whether a function's first parameter is a method's ``self`` or ``cls``:
+    named so, in a function defined in a class body (its ``qualname``'s parent
+    is a class, not ``<locals>`` or the module). A plain function's ``cls`` is
+    an argument like any other: left out, two calls would share one entry."""
+    first = next(iter(signature.parameters), None)
+    owner, dot, _ = qualname.rpartition(".")
+    return first in _SKIPPED and bool(dot) and not owner.endswith("<locals>")
+
+
+def canonical_arguments(qualname: str, arguments: dict[str, Any], *, method: bool) -> bytes:
+    """The canonical encoding of bound ``arguments`` (the first, a method's
+    ``self``/``cls``, left out when ``method``)."""
     parts = []
     for index, (name, value) in enumerate(arguments.items()):
-        if index == 0 and name in _SKIPPED:
+        if index == 0 and method:
             continue
         try:
             parts.append([name, _canonical(value)])
@@ -172,6 +183,14 @@ def canonical_arguments(qualname: str, arguments: dict[str, Any]) -> bytes:
                 f"'{qualname}:{{{name}.id}}' or a function of the arguments)"
             ) from None
     return orjson.dumps(parts)
+
+
+def _defined(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The function a ``functools.partial`` wraps (``func`` itself otherwise),
+    whose module and qualified name a partial lacks."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    return func
 
 
 class Options(NamedTuple):
@@ -232,7 +251,22 @@ class Memoized(Generic[P, R]):
         self.serializer = serializer or cache.serializer
         self.signature = inspect.signature(func)
         self.plain = plain_parameters(self.signature)
-        self.name = f"{func.__module__}.{func.__qualname__}"
+        # What a method's _Bound shows: the signature without its first parameter.
+        self.bound_signature = self.signature.replace(
+            parameters=list(self.signature.parameters.values())[1:]
+        )
+        if key is None and (inspect.ismethod(func) or isinstance(func, functools.partial)):
+            # Its instance or first arguments are in none of the arguments a
+            # default key encodes: two of them would share every entry.
+            raise TypeError(
+                f"@cache.memoize({func!r}): a bound method or partial carries arguments "
+                "its signature does not show, which no default key names; pass key= "
+                "(a template or function that names them, e.g. the tenant)"
+            )
+        defined = _defined(func)
+        self.qualname: str = defined.__qualname__
+        self.method = is_method(self.qualname, self.signature)
+        self.name = f"{defined.__module__}.{self.qualname}"
         if key is not None and not (isinstance(key, str) or callable(key)):
             raise TypeError(f"key= is a template str or a function, got {key!r}")
         self.key_option = key
@@ -242,7 +276,7 @@ class Memoized(Generic[P, R]):
             if unknown:
                 raise ValueError(
                     f"template {template!r} names {sorted(unknown)}, which "
-                    f"{func.__qualname__}() has no parameter for"
+                    f"{self.qualname}() has no parameter for"
                 )
         functools.update_wrapper(self, func)
 
@@ -270,7 +304,7 @@ class Memoized(Generic[P, R]):
         arguments = bound_arguments(self.signature, args, kwargs, self.plain)
         option = self.key_option
         if option is None:
-            encoded = canonical_arguments(self.func.__qualname__, arguments)
+            encoded = canonical_arguments(self.qualname, arguments, method=self.method)
             name = f"{self.name}:{hashlib.sha256(encoded).hexdigest()[:32]}"
         elif isinstance(option, str):
             name = option.format_map(arguments)
@@ -281,15 +315,22 @@ class Memoized(Generic[P, R]):
 
 
 class _Bound:
-    """A Memoized method bound to its instance."""
+    """A Memoized method bound to its instance: it stands where the bound method
+    would (a FastAPI dependency or endpoint), so its signature leaves out the
+    instance's parameter and its ``__call__`` is a coroutine function, as the
+    frameworks that inspect a callable expect of a bound ``async def``."""
+
+    __signature__: inspect.Signature
 
     def __init__(self, memo: Memoized[..., Any], instance: object) -> None:
         self._memo = memo
         self._instance = instance
         functools.update_wrapper(self, memo.func)
+        # Read before __wrapped__ (the function, self included) by inspect.signature.
+        self.__signature__ = memo.bound_signature
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Awaitable[Any]:
-        return self._memo(self._instance, *args, **kwargs)
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._memo(self._instance, *args, **kwargs)
 
     def key(self, *args: Any, **kwargs: Any) -> str:
         return self._memo.key(self._instance, *args, **kwargs)

@@ -40,6 +40,7 @@ from ._keys import CacheKey, record_names
 from ._lock import new_token
 from ._scripts import (
     ACQUIRE,
+    BUMP,
     DELETE_VALUE,
     INCR_VALUE,
     LOOKUP,
@@ -528,8 +529,9 @@ class RedisLayer:
         async with self._redis("cache_bump") as client:
             pipe = client.pipeline(transaction=not self._cluster)
             for name in names:
-                pipe.incr(name)
-                pipe.pexpire(name, px)
+                # EVAL, not EVALSHA: an invalidation is rare, and a pipeline
+                # could not load a script a node lost (NOSCRIPT) and retry.
+                pipe.eval(BUMP, 1, name, px)
             await pipe.execute()
 
     async def bump_generation(self, name: str) -> int:

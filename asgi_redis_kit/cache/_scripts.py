@@ -218,6 +218,26 @@ return {1, text}
 """
 )
 
+# ``invalidate_tags``/``invalidate``: bump one tag's or URL's version (KEYS[1];
+# ARGV[1]: its PX). A version key expires (its PX outlives every entry written
+# before the bump), and an INCR would then count 0 -> 1 again, the version an
+# entry stored late in the key's last life was written under: that entry would
+# be served again after this invalidation. So a key that is absent starts at
+# Redis's clock in ms instead: later than any number it held before, which
+# started at that clock too and grew by one per bump (more than a minute of ms
+# has passed since its last bump: fewer bumps than ms, unless a tag was bumped
+# over a thousand times a second all its life). Numbers stay far below 2**53.
+BUMP = """
+local version = redis.call('INCR', KEYS[1])
+if version == 1 then
+  local now = redis.call('TIME')
+  version = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  redis.call('SET', KEYS[1], string.format('%d', version))
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
 # ``Cache.delete``: bump the value's version (a refill that read it before never
 # stores over the delete) and drop the entry and its record. KEYS: entry, version,
 # record; ARGV: version PX. Returns 1 if the entry key existed.

@@ -80,12 +80,17 @@ class PydanticSerializer:
 
     def dumps(self, value: Any) -> bytes:
         from pydantic import ValidationError
+        from pydantic_core import PydanticSerializationError
 
         try:
             # Validated first, so a value of another type is refused here, not read back wrong.
-            return bytes(self._adapter.dump_json(self._adapter.validate_python(value)))
-        except ValidationError as exc:
+            body = bytes(self._adapter.dump_json(self._adapter.validate_python(value)))
+            # And read back once: pydantic writes values it refuses to read (a NaN
+            # float as null), which no get or memoized hit could ever return.
+            self._adapter.validate_json(body)
+        except (ValidationError, PydanticSerializationError) as exc:
             raise TypeError(f"cannot cache this value as {self.type!r}: {exc}") from None
+        return body
 
     def loads(self, data: bytes) -> Any:
         return self._adapter.validate_json(data)

@@ -260,6 +260,10 @@ class Values:
             raise TypeError(f"amount is an int, got {amount!r}")
         if abs(amount) >= 2**53:
             raise ValueError(f"amount must be below 2**53 in size, got {amount!r}")
+        # A plain int: redis-py sends an int as its repr, and an int subclass's
+        # (an IntEnum's '<Step.ONE: 1>') would fail in the script, reported as
+        # Redis failing and counted towards the breaker.
+        amount = int(amount)
         lifetime = check_ttl("ttl", ttl, optional=True) or self.max_lifetime
         name = self.value_key(key, ())
         head = encode_head(value_entry(name, b"", now=self.clock(), ttl=lifetime, kind=COUNTER))

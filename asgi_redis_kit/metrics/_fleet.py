@@ -56,6 +56,17 @@ def _check_prefix(prefix: str) -> None:
         )
 
 
+def _check_minutes(name: str, value: object, most: int | None = None) -> int:
+    """A whole number of minutes, at least 1 (and at most ``most``): a fraction
+    would reach Redis as a TTL or a bucket it refuses or never wrote."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} is a whole number of minutes, got {value!r}")
+    if value < 1 or (most is not None and value > most):
+        limit = "at least 1" if most is None else f"from 1 to {most} (a week)"
+        raise ValueError(f"{name} must be {limit}, got {value!r}")
+    return int(value)
+
+
 def _backend(redis: RedisLike | Backend, timeout: float) -> Backend:
     if isinstance(redis, Backend):
         return redis
@@ -103,8 +114,7 @@ class FleetFlusher:
         _check_prefix(key_prefix)
         if not interval > 0:
             raise ValueError(f"interval must be a positive number of seconds, got {interval!r}")
-        if keep_minutes < 1:
-            raise ValueError(f"keep_minutes must be at least 1, got {keep_minutes!r}")
+        keep_minutes = _check_minutes("keep_minutes", keep_minutes)
         self.metrics = metrics
         self.instance = instance or f"{socket.gethostname()}:{os.getpid()}"
         if "|" in self.instance:
@@ -157,6 +167,10 @@ class FleetFlusher:
                     pipe.hincrby(key, name + suffix, delta)
                 pipe.expire(key, self.ttl)
                 await pipe.execute()
+        except asyncio.CancelledError:
+            if not sending:
+                self._sent = previous  # none left: the next flush (stop()'s) sends them
+            raise
         except BackendUnavailable as exc:
             if not sending:
                 self._sent = previous
@@ -285,9 +299,8 @@ async def fleet_stats(
     one included), in one round trip. Raises
     :class:`~asgi_redis_kit.errors.BackendUnavailable` when Redis does not answer."""
     _check_prefix(key_prefix)
-    if not 1 <= minutes <= MAX_MINUTES:
-        # One HGETALL per minute, in one pipeline: bounded like everything we send.
-        raise ValueError(f"minutes must be from 1 to {MAX_MINUTES} (a week), got {minutes!r}")
+    # One HGETALL per minute, in one pipeline: bounded like everything we send.
+    minutes = _check_minutes("minutes", minutes, MAX_MINUTES)
     backend = _backend(redis, timeout)
     now = int(clock() // 60)
     window = list(range(now - minutes + 1, now + 1))

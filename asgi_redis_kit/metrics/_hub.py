@@ -49,6 +49,9 @@ class Metrics:
         self.backends: list[Backend] = []
         self._near: dict[int, NearCache] = {}
         self._latency = latency
+        # For values(): per (stats object, attribute), per label value, the last
+        # count read and what resets of that object have taken away since.
+        self._seen: dict[tuple[int, str], dict[str | None, tuple[int, int]]] = {}
 
     def __repr__(self) -> str:
         return (
@@ -104,21 +107,34 @@ class Metrics:
             yield from (backend.calls for backend in self.backends)
 
     def values(self, row: Row) -> Iterator[tuple[str | None, int]]:
-        """(``by`` label value or None, count) of one row, summed over its sources."""
-        if row.by is None:
-            yield None, sum(getattr(stats, row.attr) for stats in self.sources(row.source))
-            return
-        summed: dict[str, int] = {}
+        """(``by`` label value or None, count) of one row, summed over its sources.
+
+        Never lower than the last time it was read: a source whose stats were
+        reset since (``stats.reset()``) counts on from what it had reached. A
+        sum that went down would be read by Prometheus as a restart, and
+        ``rate()`` would count the other sources' whole totals again."""
+        summed: dict[str | None, int] = {} if row.by is not None else {None: 0}
         for stats in self.sources(row.source):
-            # list() copies the map in one step: a scrape may run in another
+            value = getattr(stats, row.attr)
+            # dict() copies the map in one step: a scrape may run in another
             # thread (prometheus_client's own server) while the loop adds a key.
-            for key, count in list(getattr(stats, row.attr).items()):
-                summed[key] = summed.get(key, 0) + count
+            now: dict[str | None, int] = dict(value) if row.by is not None else {None: value}
+            # (last count read, what resets took away) per label value: a reset
+            # Counter loses its keys, so the ones read before are read again.
+            seen = self._seen.setdefault((id(stats), row.attr), {})
+            for key in now.keys() | seen.keys():
+                count = now.get(key, 0)
+                last, carried = seen.get(key, (0, 0))
+                if count < last:
+                    carried += last
+                seen[key] = (count, carried)
+                summed[key] = summed.get(key, 0) + carried + count
         yield from summed.items()
 
     def snapshot(self) -> dict[str, int]:
-        """Every counter now, summed, by its fleet name (``cache_lookups.hit``); the
-        fleet's field names. Copies plain ints: safe to call at any time."""
+        """Every counter now, summed (as :meth:`values`: resets carried), by its
+        fleet name (``cache_lookups.hit``); the fleet's field names. Copies plain
+        ints: safe to call at any time."""
         out: dict[str, int] = {}
         for row in COUNTERS:
             for key, count in self.values(row):
