@@ -93,8 +93,7 @@ def _canonical(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return ["list" if isinstance(value, list) else "tuple", *map(_canonical, value)]
     if isinstance(value, dict):
-        items = sorted((orjson.dumps(_canonical(k)), _canonical(v)) for k, v in value.items())
-        return ["dict", *[[k.decode(), v] for k, v in items]]
+        return ["dict", *_sorted_items(value, _canonical)]
     if isinstance(value, set | frozenset):
         return ["set", *sorted(orjson.dumps(_canonical(item)).decode() for item in value)]
     if isinstance(value, datetime.datetime | datetime.date | datetime.time):
@@ -106,10 +105,37 @@ def _canonical(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
         return ["dataclass", _type_name(value), _canonical(fields)]
-    dump = getattr(value, "model_dump", None)
-    if callable(dump) and hasattr(type(value), "model_fields"):  # a pydantic model
-        return ["model", _type_name(value), _canonical(dump(mode="json"))]
+    declared = getattr(type(value), "model_fields", None)
+    if isinstance(declared, dict) and callable(getattr(value, "model_dump", None)):
+        # A pydantic model, by its attributes as a dataclass is: its JSON dump
+        # leaves out Field(exclude=True) (two tenants' queries would share a key)
+        # and writes a set in iteration order (another key in every process).
+        attrs = {name: getattr(value, name) for name in declared}
+        attrs.update(getattr(value, "model_extra", None) or {})
+        return ["model", _type_name(value), ["dict", *_sorted_items(attrs, _field)]]
     raise _Unencodable(type(value).__name__)
+
+
+def _field(value: Any) -> Any:
+    """A model field's value: canonical, or else as pydantic itself makes it JSON
+    (its own types: URLs, constrained and secret strings...), named with its type."""
+    try:
+        return _canonical(value)
+    except _Unencodable:
+        if hasattr(value, "get_secret_value"):
+            raise  # a SecretStr's JSON is "**********": every secret would share a key
+        from pydantic_core import to_jsonable_python  # present: the value is pydantic's
+
+        try:
+            plain = to_jsonable_python(value)
+        except Exception:  # pydantic_core's PydanticSerializationError, and others
+            raise _Unencodable(type(value).__name__) from None
+        return ["jsonable", _type_name(value), _canonical(plain)]
+
+
+def _sorted_items(mapping: dict[Any, Any], encode: Callable[[Any], Any]) -> list[list[Any]]:
+    items = sorted((orjson.dumps(_canonical(k)), encode(v)) for k, v in mapping.items())
+    return [[k.decode(), v] for k, v in items]
 
 
 # A signature whose parameters are all plain (positional-or-keyword): its names
