@@ -25,6 +25,7 @@ that is not a positive number, a value the serializer refuses) raises
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
@@ -151,13 +152,15 @@ def fan_out(client: RedisClient) -> int:
     return max(1, min(MANY_AT_ONCE, size))
 
 
-async def bounded(calls: Iterable[Awaitable[Any]], limit: int) -> list[Any]:
-    """``asyncio.gather`` of ``calls``, at most ``limit`` running at a time."""
+async def bounded(calls: Iterable[Callable[[], Awaitable[Any]]], limit: int) -> list[Any]:
+    """``asyncio.gather`` of each of ``calls`` called, at most ``limit`` running at
+    a time. Each is called once its turn comes: a coroutine made before, and
+    never awaited because the gather was cancelled first, is a RuntimeWarning."""
     gate = asyncio.Semaphore(limit)
 
-    async def one(call: Awaitable[Any]) -> Any:
+    async def one(call: Callable[[], Awaitable[Any]]) -> Any:
         async with gate:
-            return await call
+            return await call()
 
     return await asyncio.gather(*(one(call) for call in calls))
 
@@ -204,7 +207,9 @@ class Values:
     async def get_many(self, keys: Sequence[str], default: Any = None) -> list[Any]:
         """:meth:`get` of each key, concurrently; a list in the same order."""
         names = [self.value_key(key) for key in keys]
-        found = await bounded((self._read(name) for name in names), fan_out(self.backend.client))
+        found = await bounded(
+            (functools.partial(self._read, name) for name in names), fan_out(self.backend.client)
+        )
         return [default if value is MISSING else value for value in found]
 
     async def _read(self, key: CacheKey) -> Any:
@@ -246,7 +251,10 @@ class Values:
             check_key(key)
             self.serializer.dumps(value)
         await bounded(
-            (self.set(key, value, ttl=lifetime, tags=found_tags) for key, value in values.items()),
+            (
+                functools.partial(self.set, key, value, ttl=lifetime, tags=found_tags)
+                for key, value in values.items()
+            ),
             fan_out(self.backend.client),
         )
 
