@@ -25,11 +25,12 @@ that is not a positive number, a value the serializer refuses) raises
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
-from .._redis import check_seconds
+from .._redis import Backend, RedisClient, check_seconds
 from ..errors import BackendUnavailable
 from ._entry import Entry, encode_head
 from ._keys import CacheKey, KeyScheme
@@ -45,7 +46,8 @@ SERIALIZED: Final = ""
 COUNTER: Final = "n"
 # At most this many commands of one get_many/set_many in flight: all of them at
 # once would wait on the connection pool past the timeout, fail, and open the
-# breaker for every other caller of the cache.
+# breaker for every other caller of the cache. Never more than the client's
+# pool holds either (a caller's non-blocking pool refuses the rest at once).
 MANY_AT_ONCE: Final = 8
 
 
@@ -142,13 +144,23 @@ def read_value(entry: Entry, key: CacheKey, serializer: Serializer) -> Any:
         return MISSING
 
 
-async def bounded(calls: Iterable[Awaitable[Any]]) -> list[Any]:
-    """``asyncio.gather`` of ``calls``, at most :data:`MANY_AT_ONCE` running at a time."""
-    gate = asyncio.Semaphore(MANY_AT_ONCE)
+def fan_out(client: RedisClient) -> int:
+    """:data:`MANY_AT_ONCE`, or the size of ``client``'s pool if smaller (a Cluster
+    client's pools are per node, and as large as it opens)."""
+    pool = getattr(client, "connection_pool", None)
+    size = getattr(pool, "max_connections", MANY_AT_ONCE)
+    return max(1, min(MANY_AT_ONCE, size))
 
-    async def one(call: Awaitable[Any]) -> Any:
+
+async def bounded(calls: Iterable[Callable[[], Awaitable[Any]]], limit: int) -> list[Any]:
+    """``asyncio.gather`` of each of ``calls`` called, at most ``limit`` running at
+    a time. Each is called once its turn comes: a coroutine made before, and
+    never awaited because the gather was cancelled first, is a RuntimeWarning."""
+    gate = asyncio.Semaphore(limit)
+
+    async def one(call: Callable[[], Awaitable[Any]]) -> Any:
         async with gate:
-            return await call
+            return await call()
 
     return await asyncio.gather(*(one(call) for call in calls))
 
@@ -169,6 +181,7 @@ class Values:
     keys: KeyScheme
     namespace: str
     storage: Storage
+    backend: Backend
     stats: CacheStats
     clock: Callable[[], float]
     max_lifetime: float
@@ -194,7 +207,9 @@ class Values:
     async def get_many(self, keys: Sequence[str], default: Any = None) -> list[Any]:
         """:meth:`get` of each key, concurrently; a list in the same order."""
         names = [self.value_key(key) for key in keys]
-        found = await bounded(self._read(name) for name in names)
+        found = await bounded(
+            (functools.partial(self._read, name) for name in names), fan_out(self.backend.client)
+        )
         return [default if value is MISSING else value for value in found]
 
     async def _read(self, key: CacheKey) -> Any:
@@ -236,7 +251,11 @@ class Values:
             check_key(key)
             self.serializer.dumps(value)
         await bounded(
-            self.set(key, value, ttl=lifetime, tags=found_tags) for key, value in values.items()
+            (
+                functools.partial(self.set, key, value, ttl=lifetime, tags=found_tags)
+                for key, value in values.items()
+            ),
+            fan_out(self.backend.client),
         )
 
     async def delete(self, key: str) -> bool:
