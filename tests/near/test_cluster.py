@@ -16,7 +16,7 @@ from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from asgi_redis_kit.near import NearCache, NearView
 from tests.near.conftest import load, until, usable
 from tests.scaleout.conftest import own_cluster, own_cluster_client
-from tests.scaleout.servers import HOST, ClusterDeployment, sync_client, wait_for
+from tests.scaleout.servers import HOST, ClusterDeployment, ServerStartError, sync_client, wait_for
 from tests.support import free_port
 
 pytestmark = pytest.mark.real_redis
@@ -184,12 +184,17 @@ async def test_a_new_primary_is_tracked_and_the_old_entries_are_flushed(
             return False
 
     await asyncio.to_thread(wait_for, "the replica to take over", promoted, 20, 2.0)
-    await asyncio.to_thread(
-        wait_for,
-        "the old primary to learn of the new one",
-        lambda: own_cluster.owner_of(own_cluster.keyslot(by_port[old_port])) == new_port,
-        20,
-    )
+    try:
+        await asyncio.to_thread(
+            wait_for,
+            "the old primary to learn of the new one",
+            lambda: own_cluster.owner_of(own_cluster.keyslot(by_port[old_port])) == new_port,
+            20,
+        )
+    except ServerStartError as exc:
+        with sync_client(old_port) as client:
+            nodes = client.execute_command("CLUSTER", "NODES")
+        raise AssertionError(f"{exc}; the old primary's CLUSTER NODES:\n{nodes}") from None
     # The client learns of the new primary from a MOVED (or its own refresh).
     for client in (own_cluster_client, writer):
         await until_served(client, by_port[old_port])
