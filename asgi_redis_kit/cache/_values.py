@@ -16,7 +16,8 @@ Failure policy, the same everywhere: reads fail open (``get`` returns the
 default, ``exists`` False, a memoized function runs), writes raise
 :class:`~asgi_redis_kit.errors.BackendUnavailable` (``set``, ``set_many``,
 ``delete``, ``incr``, as ``invalidate_tags`` and ``clear`` already do), so a
-caller can always tell a write that did not happen. Bad input (a key that is
+write that may not have happened never looks like one that did (a command sent
+before a timeout can still land: the value is then the old or the new). Bad input (a key that is
 not a non-empty ``str`` of at most :data:`MAX_KEY_LENGTH` characters, a TTL
 that is not a positive number, a value the serializer refuses) raises
 ``TypeError``/``ValueError`` before any Redis call.
