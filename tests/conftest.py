@@ -16,7 +16,7 @@ import fakeredis
 import pytest
 from redis.asyncio import Redis
 
-from tests.support import RedisProcess, RedisSpy, counting_client
+from tests.support import DelayProxy, RedisProcess, RedisSpy, counting_client
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +40,24 @@ def own_redis() -> Iterator[RedisProcess]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture
+async def admin(own_redis: RedisProcess) -> AsyncIterator[Redis]:
+    """A direct client of ``own_redis`` (never through a proxy), to seed,
+    count and inspect."""
+    client = Redis.from_url(own_redis.url, socket_timeout=10)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def proxy(own_redis: RedisProcess) -> AsyncIterator[DelayProxy]:
+    """A :class:`DelayProxy` in front of ``own_redis``."""
+    async with DelayProxy(own_redis.port) as running:
+        yield running
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, Literal
 
@@ -40,7 +40,7 @@ from starlette.types import ASGIApp
 from asgi_redis_kit import CacheMiddleware, Session, SessionMiddleware, cached
 from asgi_redis_kit._redis import Backend
 from asgi_redis_kit.errors import BackendUnavailable
-from tests.support import DelayProxy, RedisProcess
+from tests.support import DelayProxy
 
 pytestmark = pytest.mark.real_redis
 
@@ -58,22 +58,6 @@ HANG = 30.0  # did-not-hang bound for a whole phase, in seconds
 RETRIES = 5  # read-back attempts per caller when Redis was unavailable
 
 Mode = Literal["deadline", "cancel"]
-
-
-@pytest.fixture
-async def proxy(own_redis: RedisProcess) -> AsyncIterator[DelayProxy]:
-    async with DelayProxy(own_redis.port) as running:
-        yield running
-
-
-@pytest.fixture
-async def admin(own_redis: RedisProcess) -> AsyncIterator[Redis]:
-    """A direct client (not through the proxy) to seed, count and inspect."""
-    client = Redis.from_url(own_redis.url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def gets_executed(admin: Redis) -> int:

@@ -22,7 +22,7 @@ import pytest
 from redis.asyncio import Redis
 
 from asgi_redis_kit import BackendUnavailable, Cache
-from tests.support import DelayProxy, RedisProcess
+from tests.support import DelayProxy
 from tests.test_cancellation import HANG, POOL, RETRIES, Mode, abandon, all_closed, check_pool
 
 pytestmark = [pytest.mark.real_redis, pytest.mark.timeout(60)]
@@ -30,21 +30,6 @@ pytestmark = [pytest.mark.real_redis, pytest.mark.timeout(60)]
 N = 200
 CHUNK = 10  # keys per get_many call
 MISS = object()
-
-
-@pytest.fixture
-async def proxy(own_redis: RedisProcess) -> AsyncIterator[DelayProxy]:
-    async with DelayProxy(own_redis.port) as running:
-        yield running
-
-
-@pytest.fixture
-async def admin(own_redis: RedisProcess) -> AsyncIterator[Redis]:
-    client = Redis.from_url(own_redis.url, socket_timeout=5)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture

@@ -158,15 +158,6 @@ async def test_every_error_reply_fails_reads_open_and_writes_closed(
 
 
 @pytest.fixture
-async def admin(own_redis: RedisProcess) -> AsyncIterator[Redis]:
-    client = Redis.from_url(own_redis.url, socket_timeout=10)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
 async def seeded(own_redis: RedisProcess) -> AsyncIterator[Cache]:
     """A cache on the throwaway server, with a value under "k"."""
     cache = cache_on(own_redis.url)

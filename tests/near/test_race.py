@@ -33,12 +33,6 @@ async def direct(own_redis: RedisProcess) -> AsyncIterator[Redis]:
 
 
 @pytest.fixture
-async def proxy(own_redis: RedisProcess) -> AsyncIterator[DelayProxy]:
-    async with DelayProxy(own_redis.port) as proxy:
-        yield proxy
-
-
-@pytest.fixture
 async def slow(proxy: DelayProxy) -> AsyncIterator[Redis]:
     """A client whose replies the proxy may hold back."""
     client = Redis.from_url(proxy.url, socket_timeout=10)
