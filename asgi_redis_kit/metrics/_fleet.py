@@ -167,13 +167,13 @@ class FleetFlusher:
                     pipe.hincrby(key, name + suffix, delta)
                 pipe.expire(key, self.ttl)
                 await pipe.execute()
-        except asyncio.CancelledError:
+        except BaseException as exc:
             if not sending:
-                self._sent = previous  # none left: the next flush (stop()'s) sends them
-            raise
-        except BackendUnavailable as exc:
-            if not sending:
+                # Cancelled or failed before the probe's answer: none of them left,
+                # so the next flush (stop()'s included) sends them.
                 self._sent = previous
+            if not isinstance(exc, BackendUnavailable):
+                raise
             self.failures += 1
             if not self._failing:
                 logger.warning(
