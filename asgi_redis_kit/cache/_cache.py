@@ -366,17 +366,9 @@ class Cache(Values):
         return None, False
 
     async def store(
-        self,
-        key: CacheKey,
-        value: bytes,
-        lifetime: float,
-        token: str | None,
-        *,
-        versions: tuple[int, ...],
-        vary: Sequence[str] = (),
+        self, key: CacheKey, entry: Entry, token: str | None, *, vary: Sequence[str] = ()
     ) -> None:
-        """Store ``value`` for ``key`` and release its lease ``token``;
-        ``versions``: those the entry was made under (its lookup's).
+        """Store ``entry`` for ``key`` and release its lease ``token``.
 
         ``vary``: the request headers the response varies on that ``key`` does
         not hold yet (learned from its ``Vary``). The entry then goes under the
@@ -385,7 +377,7 @@ class Cache(Values):
         target = key
         if not set(vary) <= set(key.learned):
             target = self.keys.learn(key, sorted({*key.learned, *vary}))
-        await self.storage.store(target, key, value, lifetime, token, versions=versions)
+        await self.storage.store(target, key, entry, token)
         self.stats.stores += 1
 
     # -- the data cache: memoized functions ------------------------------------------

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Generic, NamedTuple, ParamSpec, TypeVar, 
 import orjson
 
 from ..errors import BackendUnavailable
-from ._entry import Entry, encode
+from ._entry import Entry
 from ._keys import CacheKey
 from ._outcome import Absent, Fresh, SessionGone, Stale, classify
 from ._serializers import Serializer
@@ -518,9 +518,7 @@ class _Call:
             )
             token, self.token = self.token, None
             try:
-                await cache.storage.store(
-                    self.key, self.key, encode(entry), entry.lifetime, token, versions=versions
-                )
+                await cache.storage.store(self.key, self.key, entry, token)
                 self.stats.data_stores += 1
             except BackendUnavailable:
                 pass  # fail open: the caller gets its value; the lease expires

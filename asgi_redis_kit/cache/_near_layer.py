@@ -120,17 +120,10 @@ class NearLayer:
             self._wrote([key.lock])
 
     async def store(
-        self,
-        target: CacheKey,
-        leased: CacheKey,
-        value: bytes,
-        lifetime: float,
-        token: str | None,
-        *,
-        versions: tuple[int, ...],
+        self, target: CacheKey, leased: CacheKey, entry: Entry, token: str | None
     ) -> None:
         try:
-            await self.inner.store(target, leased, value, lifetime, token, versions=versions)
+            await self.inner.store(target, leased, entry, token)
         finally:
             self._wrote([target.entry, target.vary_record, leased.lock])
 

@@ -35,7 +35,7 @@ from redis.exceptions import MaxConnectionsError, NoScriptError
 from .._redis import Backend, RedisClient, RedisLike
 from ..errors import BackendUnavailable
 from ._breaker import CircuitBreaker
-from ._entry import Entry, decode
+from ._entry import Entry, decode, encode
 from ._keys import CacheKey, record_names
 from ._lock import new_token
 from ._scripts import (
@@ -419,31 +419,23 @@ class RedisLayer:
             await self._release(keys=[key.lock], args=[token], client=client)
 
     async def store(
-        self,
-        target: CacheKey,
-        leased: CacheKey,
-        value: bytes,
-        lifetime: float,
-        token: str | None,
-        *,
-        versions: tuple[int, ...],
+        self, target: CacheKey, leased: CacheKey, entry: Entry, token: str | None
     ) -> None:
-        """Store ``value`` under ``target`` (its vary record too, when it learned
-        names) and release ``leased``'s lease ``token``, in one round trip.
-        ``versions``: those ``value`` was made under (a data entry's own is checked)."""
+        """Store ``entry`` under ``target`` (its vary record too, when it learned
+        names) and release ``leased``'s lease ``token``, in one round trip."""
+        value = encode(entry)
+        lifetime = entry.lifetime
         px = max(1, int(min(lifetime, self.max_lifetime) * 1000))
         async with self._redis("cache_store") as client:
             if target.value_of:
                 # A data entry's keys share one slot (Cluster too): the script stores
                 # it only if no set()/delete() bumped the value's version since the
                 # refill read it (its versions' second, see CacheKey.version_keys).
-                # The caller says which that was: decoding ``value`` to learn it
-                # cost more than the rest of this method.
                 await self._run(
                     self._store,
                     client,
                     [target.entry, leased.lock, target.vary_record, target.url_version],
-                    [value, px, token or "", target.record_value, 1, versions[1]],
+                    [value, px, token or "", target.record_value, 1, entry.versions[1]],
                 )
             elif self._cluster:
                 # Single-key commands, one pipeline (see _mget): the SETs, then the

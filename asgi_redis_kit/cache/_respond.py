@@ -27,7 +27,7 @@ from ..errors import BackendUnavailable
 from ..sessions import SessionMiddleware
 from ._cache import Cache
 from ._decorator import RequestState, RouteCache
-from ._entry import Entry, content_etag, encode, etag_matches, served_headers
+from ._entry import Entry, content_etag, etag_matches, served_headers
 from ._keys import CacheKey
 from ._lock import Flight
 from ._policy import learned_vary, response_store_reason, storable_headers, with_vary
@@ -357,14 +357,7 @@ class Responder:
                 entry = self.build_entry(status, headers, body, versions)
                 vary = self.learned_vary(headers)
                 try:
-                    await cache.store(
-                        key,
-                        encode(entry),
-                        entry.lifetime,
-                        token,
-                        versions=entry.versions,
-                        vary=vary,
-                    )
+                    await cache.store(key, entry, token, vary=vary)
                     token = None  # released by the store script
                     if flight is not None:
                         # Waiters re-read it now, not after the app's background tasks,

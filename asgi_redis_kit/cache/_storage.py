@@ -96,20 +96,12 @@ class Storage(Protocol):
         ...
 
     async def store(
-        self,
-        target: CacheKey,
-        leased: CacheKey,
-        value: bytes,
-        lifetime: float,
-        token: str | None,
-        *,
-        versions: tuple[int, ...],
+        self, target: CacheKey, leased: CacheKey, entry: Entry, token: str | None
     ) -> None:
-        """Store ``value`` under ``target`` (and its vary record), and release
-        the lease ``token`` of ``leased``, the key the caller looked up.
-        ``versions``: those the entry in ``value`` was made under (what the
-        caller's lookup read); a data entry is stored only while its own
-        version, their second, is still the one in Redis."""
+        """Store ``entry`` under ``target`` (and its vary record) for its lifetime,
+        and release the lease ``token`` of ``leased``, the key the caller looked
+        up. A data entry is stored only while its own version (its versions'
+        second, read by the caller's lookup) is still the one in Redis."""
         ...
 
     async def set_value(self, key: CacheKey, head: bytes, body: bytes, lifetime: float) -> None:

@@ -16,7 +16,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.cluster import LoadBalancingStrategy
 
 from asgi_redis_kit import Cache, NearCache
-from asgi_redis_kit.cache._entry import Entry, content_etag, encode
+from asgi_redis_kit.cache._entry import Entry, content_etag
 from asgi_redis_kit.cache._keys import CacheKey
 from tests.near.cache_app import http, make_app, near_ready
 from tests.scaleout.servers import HOST, SentinelDeployment, ServerProcess, _Deployment, wait_for
@@ -38,20 +38,18 @@ def page_key(cache: Cache, path: str = "/page") -> CacheKey:
     )
 
 
-def entry(body: bytes, versions: tuple[int, ...]) -> bytes:
-    return encode(
-        Entry(
-            status=200,
-            headers=((b"content-type", b"text/plain"),),
-            body=body,
-            etag=content_etag(body),
-            stored_at=time.time(),
-            fresh_for=60,
-            stale_while_revalidate=0,
-            stale_if_error=0,
-            versions=versions,
-            per_user=False,
-        )
+def entry(body: bytes, versions: tuple[int, ...]) -> Entry:
+    return Entry(
+        status=200,
+        headers=((b"content-type", b"text/plain"),),
+        body=body,
+        etag=content_etag(body),
+        stored_at=time.time(),
+        fresh_for=60,
+        stale_while_revalidate=0,
+        stale_if_error=0,
+        versions=versions,
+        per_user=False,
     )
 
 
@@ -59,7 +57,7 @@ async def stored_and_kept(cache: Cache, key: CacheKey, body: bytes) -> None:
     """Store ``body`` under ``key``, then look it up until memory answers."""
     found = await cache.lookup(key, lease=True)
     assert found.entry is None
-    await cache.store(key, entry(body, found.versions), 60, found.token, versions=found.versions)
+    await cache.store(key, entry(body, found.versions), found.token)
     for _ in range(200):
         hits = cache.stats.near_hits
         found = await cache.lookup(key)
@@ -187,9 +185,7 @@ async def test_reads_from_a_lagging_replica_are_never_kept(key_prefix: str) -> N
             await near_ready(cache, 20)
         key = page_key(cache)
         found = await cache.lookup(key, lease=True)
-        await cache.store(
-            key, entry(b"one", found.versions), 60, found.token, versions=found.versions
-        )
+        await cache.store(key, entry(b"one", found.versions), found.token)
         for _ in range(200):
             found = await cache.lookup(key)
             if found.entry is not None and (cache.near_cache is None or cache.stats.near_hits):

@@ -28,7 +28,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from asgi_redis_kit import Cache, CacheMiddleware, NearCache, SessionMiddleware, cached
-from asgi_redis_kit.cache._entry import Entry, content_etag, encode
+from asgi_redis_kit.cache._entry import Entry, content_etag
 from asgi_redis_kit.cache._storage import SessionProof
 from asgi_redis_kit.near import ABSENT, NearView
 from tests.near.cache_app import near_ready
@@ -160,9 +160,7 @@ async def test_a_gone_session_is_never_proved_alive_from_memory(
     await near_ready(cache)
     found = await cache.lookup(key, lease=True, session=proof)
     body = b"ann's page"
-    await cache.store(
-        key, encode(_entry(body, found.versions)), 60, found.token, versions=found.versions
-    )
+    await cache.store(key, _entry(body, found.versions), found.token)
     await know(sessions, redis, record)
     for _ in range(50):
         hits = cache.stats.near_hits

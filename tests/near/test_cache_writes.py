@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
 
 from asgi_redis_kit import Cache, NearCache
-from asgi_redis_kit.cache._entry import Entry, content_etag, encode
+from asgi_redis_kit.cache._entry import Entry, content_etag
 from asgi_redis_kit.cache._keys import CacheKey
 from tests.near.cache_app import layer, near_ready
 from tests.support import DelayProxy, http_scope
@@ -76,20 +76,18 @@ def page_key(cache: Cache, path: str = "/page") -> CacheKey:
     )
 
 
-def entry(body: bytes, versions: tuple[int, ...]) -> bytes:
-    return encode(
-        Entry(
-            status=200,
-            headers=((b"content-type", b"text/plain"),),
-            body=body,
-            etag=content_etag(body),
-            stored_at=time.time(),
-            fresh_for=60,
-            stale_while_revalidate=0,
-            stale_if_error=0,
-            versions=versions,
-            per_user=False,
-        )
+def entry(body: bytes, versions: tuple[int, ...]) -> Entry:
+    return Entry(
+        status=200,
+        headers=((b"content-type", b"text/plain"),),
+        body=body,
+        etag=content_etag(body),
+        stored_at=time.time(),
+        fresh_for=60,
+        stale_while_revalidate=0,
+        stale_if_error=0,
+        versions=versions,
+        per_user=False,
     )
 
 
@@ -110,7 +108,7 @@ async def kept(cache: Cache, key: CacheKey, body: bytes) -> None:
 async def stored(cache: Cache, key: CacheKey, body: bytes) -> None:
     found = await cache.lookup(key, lease=True)
     assert found.entry is None
-    await cache.store(key, entry(body, found.versions), 60, found.token, versions=found.versions)
+    await cache.store(key, entry(body, found.versions), found.token)
 
 
 async def test_a_store_replacing_a_kept_entry_is_read_back_at_once(cache: Cache) -> None:
@@ -118,7 +116,7 @@ async def test_a_store_replacing_a_kept_entry_is_read_back_at_once(cache: Cache)
     await stored(cache, key, b"one")
     await kept(cache, key, b"one")
     versions = (await cache.lookup(key)).versions
-    await cache.store(key, entry(b"two", versions), 60, None, versions=versions)
+    await cache.store(key, entry(b"two", versions), None)
     found = await cache.lookup(key)
     assert found.entry is not None
     assert found.entry.body == b"two"
