@@ -23,13 +23,6 @@ pytestmark = pytest.mark.real_redis
 
 
 @pytest.fixture
-async def cache(real_redis: Redis, key_prefix: str) -> AsyncIterator[Cache]:
-    async with Cache(real_redis, key_prefix=key_prefix) as made:
-        yield made
-        await made.wait_background()
-
-
-@pytest.fixture
 async def other(redis_url: str, key_prefix: str) -> AsyncIterator[Cache]:
     """A second instance: its own client and connections, as another process."""
     async with Cache(redis_url, key_prefix=key_prefix) as made:

@@ -10,21 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import traceback
-from collections.abc import AsyncIterator
 
 import pytest
-from redis.asyncio import Redis
 
 from asgi_redis_kit import Cache
 
 pytestmark = [pytest.mark.real_redis, pytest.mark.timeout(30)]
-
-
-@pytest.fixture
-async def cache(real_redis: Redis, key_prefix: str) -> AsyncIterator[Cache]:
-    async with Cache(real_redis, key_prefix=key_prefix) as made:
-        yield made
-        await made.wait_background()
 
 
 async def burst(cache: Cache, waiters: int) -> list[BaseException]:

@@ -11,7 +11,6 @@ import inspect
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -22,13 +21,6 @@ from redis.asyncio import Redis
 from asgi_redis_kit import Cache, Memoized, PydanticSerializer
 
 pytestmark = [pytest.mark.real_redis, pytest.mark.timeout(60)]
-
-
-@pytest.fixture
-async def cache(real_redis: Redis, key_prefix: str) -> AsyncIterator[Cache]:
-    async with Cache(real_redis, key_prefix=key_prefix) as made:
-        yield made
-        await made.wait_background()
 
 
 async def label_of(cls: str, n: int) -> str:

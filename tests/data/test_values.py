@@ -22,12 +22,6 @@ from tests.support import RedisSpy
 pytestmark = pytest.mark.real_redis
 
 
-@pytest.fixture
-async def cache(real_redis: Redis, key_prefix: str) -> Any:
-    async with Cache(real_redis, key_prefix=key_prefix) as made:
-        yield made
-
-
 async def until_gone(cache: Cache, key: str, within: float = 10.0) -> None:
     start = time.monotonic()
     while await cache.exists(key):
