@@ -9,8 +9,8 @@ Invalidation uses version counters, checked on read, not sets of entry keys:
 * a lookup reads the entry, its URL's vary record (``_keys``) and the current
   versions in one round trip (``_redis_layer`` says how on a single server
   and on Cluster), and an entry whose versions differ is a miss;
-* ``clear()``, ``invalidate(url)`` and ``invalidate_tags()`` are one INCR per
-  name - O(1), no KEYS/SCAN, no set that grows with cache-busting URLs.
+* ``clear()``, ``invalidate(url)`` and ``invalidate_tags()`` are one version bump
+  (``_scripts.BUMP``) per name - O(1), no KEYS/SCAN, no set that grows with cache-busting URLs.
 
 Compared with a Redis set of entry keys per tag, nothing has to be deleted
 entry by entry, and there is no race in which an invalidation landing between
@@ -58,7 +58,7 @@ from ._request import request_host
 from ._serializers import JsonSerializer, Serializer
 from ._stats import CacheStats
 from ._storage import Lookup, SessionProof, Storage
-from ._values import Values
+from ._values import Values, check_tags
 
 __all__ = ["DEFAULT_MAX_LIFETIME", "Cache", "CacheStats", "Lookup", "SessionProof"]
 
@@ -434,9 +434,9 @@ class Cache(Values):
 
     async def invalidate_tags(self, *tags: str) -> int:
         """Invalidate every entry stored with any of ``tags`` (filled templates, e.g.
-        ``"item:42"``), in every namespace. O(1) per tag: one INCR, no SCAN.
+        ``"item:42"``), in every namespace. O(1) per tag: one version bump, no SCAN.
         Returns the number of tags bumped (version counters, not entries)."""
-        if tags:
+        if check_tags(tags):
             await self.storage.bump([self.keys.tag_version(tag) for tag in tags])
             self.stats.invalidations["tag"] += len(tags)
         return len(tags)

@@ -80,7 +80,7 @@ lower-case, IDNA-encoded, ports 80 and 443 dropped; the key itself keeps
 the exact Host) and full path (not the query), so an entry
 and its lock live in one slot, and invalidating a URL reaches every entry of
 that path (every query string, HEAD/GET, per-user, every ``vary=`` or learned
-variant, and routes with a custom ``key=``) with one INCR; the key digest in
+variant, and routes with a custom ``key=``) with one version bump; the key digest in
 these names is the variant's. Names chosen
 by users (namespaces, tags) appear hashed, so a ``{`` or ``}`` in them can never
 change the hash slot.

@@ -37,6 +37,7 @@ import enum
 import functools
 import hashlib
 import inspect
+import itertools
 import logging
 import math
 import string
@@ -75,15 +76,21 @@ def _type_name(value: Any) -> str:
     return f"{kind.__module__}.{kind.__qualname__}"
 
 
-def _canonical(value: Any) -> Any:
+# What a value with no canonical form of its own becomes, where one is allowed
+# (inside a pydantic model: see _pydantic_leaf); None: it is refused.
+_Leaf = Callable[[Any], Any] | None
+
+
+def _canonical(value: Any, leaf: _Leaf = None) -> Any:
     """``value`` as a JSON tree that names every type, so that distinct arguments
     never share a key (``1``/``1.0``/``True``, ``None``/NaN, a list/tuple, a
     ``UUID`` and its string) and equal ones always do (dicts and sets in any
-    order). Lists stand for types: no user value can pass for one."""
+    order). Lists stand for types: no user value can pass for one. ``leaf``
+    encodes what has no form here, at any depth (the containers stay ours)."""
     if value is None or isinstance(value, bool | str):
         return value
     if isinstance(value, enum.Enum):
-        return ["enum", _type_name(value), _canonical(value.value)]
+        return ["enum", _type_name(value), _canonical(value.value, leaf)]
     if isinstance(value, int):
         return value if -(2**63) <= value < 2**64 else ["int", hex(value)]
     if isinstance(value, float):
@@ -91,11 +98,12 @@ def _canonical(value: Any) -> Any:
     if isinstance(value, bytes):
         return ["bytes", value.hex()]
     if isinstance(value, list | tuple):
-        return ["list" if isinstance(value, list) else "tuple", *map(_canonical, value)]
+        kind = "list" if isinstance(value, list) else "tuple"
+        return [kind, *(_canonical(item, leaf) for item in value)]
     if isinstance(value, dict):
-        return ["dict", *_sorted_items(value, _canonical)]
+        return ["dict", *_sorted_items(value, leaf)]
     if isinstance(value, set | frozenset):
-        return ["set", *sorted(orjson.dumps(_canonical(item)).decode() for item in value)]
+        return ["set", *sorted(orjson.dumps(_canonical(item, leaf)).decode() for item in value)]
     if isinstance(value, datetime.datetime | datetime.date | datetime.time):
         return [type(value).__name__, value.isoformat()]
     if isinstance(value, datetime.timedelta):
@@ -104,7 +112,7 @@ def _canonical(value: Any) -> Any:
         return [type(value).__name__, str(value)]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-        return ["dataclass", _type_name(value), _canonical(fields)]
+        return ["dataclass", _type_name(value), _canonical(fields, leaf)]
     declared = getattr(type(value), "model_fields", None)
     if isinstance(declared, dict) and callable(getattr(value, "model_dump", None)):
         # A pydantic model, by its attributes as a dataclass is: its JSON dump
@@ -112,30 +120,38 @@ def _canonical(value: Any) -> Any:
         # and writes a set in iteration order (another key in every process).
         attrs = {name: getattr(value, name) for name in declared}
         attrs.update(getattr(value, "model_extra", None) or {})
-        return ["model", _type_name(value), ["dict", *_sorted_items(attrs, _field)]]
+        return ["model", _type_name(value), _canonical(attrs, _pydantic_leaf)]
+    if leaf is not None:
+        return leaf(value)
     raise _Unencodable(type(value).__name__)
 
 
-def _field(value: Any) -> Any:
-    """A model field's value: canonical, or else as pydantic itself makes it JSON
-    (its own types: URLs, constrained and secret strings...), named with its type."""
+def _pydantic_leaf(value: Any) -> Any:
+    """A value inside a pydantic model with no form of ours (pydantic's own types:
+    URLs, paths, constrained strings...): as pydantic makes it JSON, named with
+    its type. Only ever a leaf: the containers around it are encoded as ours, so
+    a set is sorted, never written in iteration order."""
+    if hasattr(value, "get_secret_value"):
+        # A SecretStr's JSON is "**********": every secret would share a key.
+        raise _Unencodable(type(value).__name__)
+    from pydantic_core import to_jsonable_python  # present: the value is in a model
+
     try:
-        return _canonical(value)
-    except _Unencodable:
-        if hasattr(value, "get_secret_value"):
-            raise  # a SecretStr's JSON is "**********": every secret would share a key
-        from pydantic_core import to_jsonable_python  # present: the value is pydantic's
-
-        try:
-            plain = to_jsonable_python(value)
-        except Exception:  # pydantic_core's PydanticSerializationError, and others
-            raise _Unencodable(type(value).__name__) from None
-        return ["jsonable", _type_name(value), _canonical(plain)]
+        plain = to_jsonable_python(value)
+    except Exception:  # pydantic_core's PydanticSerializationError, and others
+        raise _Unencodable(type(value).__name__) from None
+    return ["jsonable", _type_name(value), _canonical(plain)]
 
 
-def _sorted_items(mapping: dict[Any, Any], encode: Callable[[Any], Any]) -> list[list[Any]]:
-    items = sorted((orjson.dumps(_canonical(k)), encode(v)) for k, v in mapping.items())
-    return [[k.decode(), v] for k, v in items]
+def _sorted_items(mapping: dict[Any, Any], leaf: _Leaf) -> list[list[Any]]:
+    """A dict's items in the order of their encoded keys; two keys that encode
+    alike (two NaNs) have no order, and no canonical form."""
+    items = sorted(
+        ((orjson.dumps(_canonical(k, leaf)), v) for k, v in mapping.items()), key=lambda kv: kv[0]
+    )
+    if any(a[0] == b[0] for a, b in itertools.pairwise(items)):
+        raise _Unencodable("a dict whose keys encode alike")
+    return [[k.decode(), _canonical(v, leaf)] for k, v in items]
 
 
 # A signature whose parameters are all plain (positional-or-keyword): its names
@@ -201,14 +217,17 @@ def canonical_arguments(qualname: str, arguments: dict[str, Any], *, method: boo
         if index == 0 and method:
             continue
         try:
-            parts.append([name, _canonical(value)])
-        except _Unencodable as exc:
+            # dumps() here, per argument, to name the one it cannot write (a str
+            # with a lone surrogate has no UTF-8).
+            parts.append(orjson.dumps([name, _canonical(value)]))
+        except (_Unencodable, orjson.JSONEncodeError, RecursionError) as exc:
+            why = exc if isinstance(exc, _Unencodable) else type(value).__name__
             raise TypeError(
-                f"{qualname}(): argument {name!r} ({exc}) has no canonical encoding for "
+                f"{qualname}(): argument {name!r} ({why}) has no canonical encoding for "
                 "a cache key; pass key= to @cache.memoize (a template such as "
                 f"'{qualname}:{{{name}.id}}' or a function of the arguments)"
             ) from None
-    return orjson.dumps(parts)
+    return b"[" + b",".join(parts) + b"]"
 
 
 def _defined(func: Callable[..., Any]) -> Callable[..., Any]:

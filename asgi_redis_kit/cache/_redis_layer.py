@@ -10,7 +10,7 @@ between a single Redis server and Redis Cluster, in this one module.
 * ``acquire``, ``release`` and ``store`` take, give back and store under the
   lease (``_scripts`` on a single server, single-key commands in one
   pipeline on Cluster);
-* ``bump`` and ``bump_generation`` are invalidation's INCRs;
+* ``bump`` and ``bump_generation`` are invalidation's version bumps (``BUMP``);
 * ``shares_server`` tells whether a session store is this very server.
 
 Every call goes through the circuit breaker (``_breaker``): a Redis that
@@ -528,7 +528,7 @@ class RedisLayer:
 
     async def bump_generation(self, name: str) -> int:
         async with self._redis("cache_bump") as client:
-            generation = await client.incr(name)
+            generation = await client.eval(BUMP, 1, name, 0)  # see bump(): EVAL
         return int(generation)
 
 

@@ -218,11 +218,13 @@ return {1, text}
 """
 )
 
-# ``invalidate_tags``/``invalidate``: bump one tag's or URL's version (KEYS[1];
-# ARGV[1]: its PX). A version key expires (its PX outlives every entry written
-# before the bump), and an INCR would then count 0 -> 1 again, the version an
-# entry stored late in the key's last life was written under: that entry would
-# be served again after this invalidation. So a key that is absent starts at
+# ``invalidate_tags``/``invalidate``/``clear``: bump one tag's or URL's version or
+# a namespace's generation (KEYS[1]; ARGV[1]: its PX, 0 for none: a generation
+# never expires). A version key expires (its PX outlives every entry written
+# before the bump), and a generation can be evicted or deleted by hand; an INCR
+# would then count 0 -> 1 again, the version an entry stored late in the key's
+# last life was written under: that entry would be served again after this
+# invalidation. So a key that is absent starts at
 # Redis's clock in ms instead: later than any number it held before, which
 # started at that clock too and grew by one per bump (more than a minute of ms
 # has passed since its last bump: fewer bumps than ms, unless a tag was bumped
@@ -234,8 +236,10 @@ if version == 1 then
   version = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
   redis.call('SET', KEYS[1], string.format('%d', version))
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-return 1
+if ARGV[1] ~= '0' then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+return version
 """
 
 # ``Cache.delete``: bump the value's version (a refill that read it before never
