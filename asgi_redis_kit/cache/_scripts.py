@@ -224,16 +224,16 @@ return {1, text}
 # before the bump), and a generation can be evicted or deleted by hand; an INCR
 # would then count 0 -> 1 again, the version an entry stored late in the key's
 # last life was written under: that entry would be served again after this
-# invalidation. So a key that is absent starts at
-# Redis's clock in ms instead: later than any number it held before, which
-# started at that clock too and grew by one per bump (more than a minute of ms
-# has passed since its last bump: fewer bumps than ms, unless a tag was bumped
-# over a thousand times a second all its life). Numbers stay far below 2**53.
+# invalidation. So a key that is absent starts at Redis's clock in microseconds
+# instead: later than any number it held before, which started at that clock too
+# and grew by one per bump, and Redis runs bumps one at a time, each longer than
+# a microsecond (lost and made again at once, a key still moves on). Numbers stay
+# below 2**53, exact in Lua's doubles, until the year 2255.
 BUMP = """
 local version = redis.call('INCR', KEYS[1])
 if version == 1 then
   local now = redis.call('TIME')
-  version = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  version = tonumber(now[1]) * 1000000 + tonumber(now[2])
   redis.call('SET', KEYS[1], string.format('%d', version))
 end
 if ARGV[1] ~= '0' then
