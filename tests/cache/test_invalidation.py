@@ -49,7 +49,7 @@ def _scope(path: str) -> dict[str, object]:
     return {"path": path, "query_string": b"", "headers": [(b"host", b"testserver")]}
 
 
-async def test_clear_is_one_incr_and_leaves_other_namespaces(
+async def test_clear_is_one_bump_and_leaves_other_namespaces(
     framework: Framework, real_redis: Redis, key_prefix: str, spy: RedisSpy
 ) -> None:
     one = Cache(real_redis, key_prefix=key_prefix, namespace="one")
